@@ -1,0 +1,152 @@
+"""build_machine(config): the one place that wires memory, buses, devices,
+firmware tables, the boot image and the engine together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from .boot import layout
+from .boot.result import BootResult
+from .bus import Bus
+from .config import MIB, VmConfig
+from .engines.base import Engine
+from .errors import ConfigError
+from .irq import IrqLine
+from .machine import EXIT_OK, Machine, StopReason
+from .memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# The PC board: where each legacy device sits and which ISA IRQ it drives.
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_BASE, I8042_IRQ_KBD, I8042_IRQ_AUX = 0x60, 1, 12
+RTC_PORT, RTC_IRQ = 0x70, 8
+POST_PORT = 0x80
+FW_CFG_PORT, FW_CFG_LENGTH = 0x510, 12
+
+Output = Callable[[bytes], None]
+
+
+def create_engine(machine: Machine) -> Engine:
+    """The engine named by machine.config.engine."""
+    name = machine.config.engine
+    if name == "hw":
+        from .engines.kvm.engine import KvmEngine
+        return KvmEngine(machine)
+    if name == "bt":
+        from .engines.bt.engine import BtEngine
+        return BtEngine(machine)
+    raise ConfigError(f"unknown engine {name!r}")
+
+
+def _irq(machine: Machine, gsi: int) -> IrqLine:
+    # The sink looks the engine up at call time: devices exist before it does.
+    return IrqLine(gsi, lambda g, level: machine.engine.set_irq(g, level) if machine.engine else None)
+
+
+def add_legacy_devices(machine: Machine, output: Output) -> None:
+    """UART, keyboard controller, RTC, POST port and the optional test devices."""
+    from .devices.legacy.debug_exit import DebugExit
+    from .devices.legacy.i8042 import I8042
+    from .devices.legacy.port80 import Port80
+    from .devices.legacy.rtc import Rtc
+    from .devices.legacy.serial8250 import Serial8250
+
+    cfg, io = machine.config, machine.io_bus
+    serial = Serial8250(_irq(machine, COM1_IRQ), output, lock=machine.lock)
+    io.insert(COM1_PORT, 8, serial, "serial0")
+
+    def on_reset() -> None:
+        machine.request_stop(StopReason.RESET, EXIT_OK, "i8042 reset")
+
+    kbd = I8042(on_reset, _irq(machine, I8042_IRQ_KBD), _irq(machine, I8042_IRQ_AUX))
+    for offset, length, part in kbd.ranges():  # two ports: 0x61 between them is the PIT's
+        io.insert(I8042_BASE + offset, length, part, "i8042")
+    rtc = Rtc(mem_size_bytes=cfg.mem_mib * MIB,
+              below_4g_bytes=sum(n for start, n in machine.memory.ram_ranges() if start < 1 << 32))
+    io.insert(RTC_PORT, 2, rtc, "rtc")
+    io.insert(POST_PORT, 1, Port80(), "post")
+    machine.devices.update(serial0=serial, i8042=kbd, rtc=rtc)
+    if cfg.debug_exit is not None:
+        base, size = cfg.debug_exit
+
+        def on_exit(code: int) -> None:
+            machine.request_stop(StopReason.DEBUG_EXIT, code, f"isa-debug-exit code {code}")
+
+        io.insert(base, size, DebugExit(on_exit, size), "debug-exit")
+
+
+def add_firmware(machine: Machine) -> None:
+    """Tables that tell the guest about CPUs and interrupt routing, plus fw_cfg
+    and the ACPI power-management block."""
+    from .boot import mptable
+    cfg = machine.config
+    mptable.write_mptable(machine.memory, cfg.cpus)
+    if True:  # TODO(lead): wire once the ACPI/fw_cfg work lands
+        return
+    try:
+        from .boot import acpi
+        from .devices import acpi_pm, fw_cfg
+    except ImportError:  # pragma: no cover - while the ACPI work is not in the tree
+        return
+    acpi.write_acpi_tables(machine.memory, cfg.cpus)
+
+    def on_poweroff() -> None:
+        machine.request_stop(StopReason.POWEROFF, EXIT_OK, "ACPI poweroff")
+
+    pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff)
+    machine.io_bus.insert(acpi_pm.PM_BASE, acpi_pm.PM_LENGTH, pm, "acpi-pm")
+    machine.devices["acpi_pm"] = pm
+    files = []
+    for name, path in cfg.fw_cfg_files:
+        try:
+            with open(path, "rb") as f:
+                files.append((name, f.read()))
+        except OSError as e:
+            raise ConfigError(f"--fw-cfg {name}: {path}: {e.strerror}") from None
+    fwc = fw_cfg.FwCfg(ram_size=cfg.mem_mib * MIB, cpus=cfg.cpus, cmdline=cfg.cmdline,
+                       files=files, memory=machine.memory)
+    machine.io_bus.insert(FW_CFG_PORT, FW_CFG_LENGTH, fwc, "fw_cfg")
+    machine.devices["fw_cfg"] = fwc
+
+
+def build_machine(config: VmConfig, output: Output,
+                  boot: Callable[[GuestMemory], BootResult] | None = None) -> Machine:
+    """Builds a ready-to-run Machine.
+
+    `boot` replaces the kernel loader (tests use it to place raw code).
+    Raises VmmError subclasses for bad configs, images or hosts."""
+    config.validate()
+    memory = GuestMemory(config.mem_mib * MIB)
+    lock = threading.RLock()
+    machine = Machine(config, memory, Bus("io", lock), Bus("mmio", lock), lock)
+    try:
+        add_legacy_devices(machine, output)
+        add_firmware(machine)
+        if boot is None:
+            from .boot.loader import load_guest
+            result = load_guest(memory, config)
+        else:
+            result = boot(memory)
+        machine.boot_protocol = result.protocol
+        log.info("boot: %s: %s", result.protocol, result.summary)
+        machine.engine = create_engine(machine)
+        machine.engine.prepare()
+        machine.engine.load_state(0, result.cpu)
+    except BaseException:
+        if machine.engine is not None:
+            machine.engine.close()
+        memory.close()
+        raise
+    return machine
+
+
+def destroy_machine(machine: Machine) -> None:
+    if machine.engine is not None:
+        machine.engine.close()
+    machine.memory.close()
+
+
+__all__ = ["build_machine", "destroy_machine", "create_engine", "layout"]

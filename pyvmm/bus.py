@@ -1,0 +1,131 @@
+"""One Bus class; a VM has one instance for I/O ports and one for MMIO.
+
+A device knows only offsets inside its own range; where it sits is decided by
+whoever inserts it (the builder)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import BusError
+
+log = logging.getLogger(__name__)
+
+ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass
+class _Mapping:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+    reads: int = 0
+    writes: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """Address space of devices. Refuses overlapping ranges.
+
+    Reads of unmapped addresses return all-ones and writes are dropped; both
+    are counted. Dispatch holds `lock`, which the VM shares with every other
+    path into the devices (console input, timers), so a device never sees two
+    callers at once."""
+
+    def __init__(self, name: str, lock: threading.RLock | None = None):
+        self.name = name
+        self.lock = lock or threading.RLock()
+        self._bases: list[int] = []
+        self._maps: list[_Mapping] = []
+        self.unmapped_reads = 0
+        self.unmapped_writes = 0
+
+    def __repr__(self) -> str:
+        return f"Bus({self.name}, {len(self._maps)} devices)"
+
+    def insert(self, base: int, length: int, device: BusDevice, name: str | None = None) -> None:
+        """Places device at [base, base+length). Raises BusError on overlap."""
+        if length <= 0:
+            raise BusError(f"{self.name}: zero-length range at 0x{base:x}")
+        i = bisect.bisect_right(self._bases, base)
+        if i > 0 and self._maps[i - 1].end > base:
+            other = self._maps[i - 1]
+            raise BusError(f"{self.name}: 0x{base:x}+0x{length:x} overlaps {other.name} at 0x{other.base:x}")
+        if i < len(self._maps) and base + length > self._maps[i].base:
+            other = self._maps[i]
+            raise BusError(f"{self.name}: 0x{base:x}+0x{length:x} overlaps {other.name} at 0x{other.base:x}")
+        self._bases.insert(i, base)
+        self._maps.insert(i, _Mapping(base, length, device, name or type(device).__name__))
+
+    def remove(self, base: int) -> None:
+        i = self._bases.index(base)
+        del self._bases[i]
+        del self._maps[i]
+
+    def find(self, addr: int) -> _Mapping | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if addr < m.end:
+                return m
+        return None
+
+    def devices(self) -> list[tuple[int, int, str]]:
+        return [(m.base, m.length, m.name) for m in self._maps]
+
+    def read(self, addr: int, size: int) -> int:
+        m = self.find(addr)
+        if m is None:
+            self.unmapped_reads += 1
+            return ALL_ONES[size]
+        with self.lock:
+            m.reads += 1
+            return m.device.read(addr - m.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        m = self.find(addr)
+        if m is None:
+            self.unmapped_writes += 1
+            return
+        with self.lock:
+            m.writes += 1
+            m.device.write(addr - m.base, size, value)
+
+    def stats(self) -> dict:
+        """Accesses per device name, plus unmapped counts."""
+        out = {m.name: {"reads": m.reads, "writes": m.writes} for m in self._maps}
+        out["unmapped"] = {"reads": self.unmapped_reads, "writes": self.unmapped_writes}
+        return out
+
+
+class OffsetView:
+    """Presents part of a device at another place: offsets are shifted by `delta`.
+
+    Lets one device with a hole in its range (the i8042 at 0x60 and 0x64,
+    with the PIT's port 0x61 between) sit on the bus as two ranges."""
+
+    def __init__(self, device: BusDevice, delta: int):
+        self.device = device
+        self.delta = delta
+
+    def __repr__(self) -> str:
+        return f"OffsetView({self.device!r}, +{self.delta})"
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.read(offset + self.delta, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.write(offset + self.delta, size, value)

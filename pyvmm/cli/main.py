@@ -1,0 +1,173 @@
+"""`pyvmm`: command-line front end. Every VmmError becomes one line on stderr
+and a non-zero exit code; nothing here prints a traceback for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+
+from ..config import VmConfig, parse_mem_size
+from ..errors import ConfigError, GuestCrash, VmmError
+from ..machine import EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE
+
+DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
+
+EXIT_CODES_HELP = """exit codes:
+  0    guest powered off, reset with --no-reboot, or the user quit (Ctrl-A x)
+  1    error: bad input or a host problem (one line on stderr)
+  2    bad command line
+  3    the guest crashed in a way the engine cannot go on from (register dump on stderr)
+  4    the guest halted with interrupts disabled (nothing can wake it)
+  (v<<1)|1  the guest wrote v to the --debug-exit port (as QEMU's isa-debug-exit)
+"""
+
+
+def default_kernel() -> str:
+    """The newest Debian cloud kernel in /boot. Raises ConfigError if none."""
+    found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64")) or sorted(glob.glob("/boot/vmlinuz-*"))
+    if not found:
+        raise ConfigError("no kernel given and none in /boot (install linux-image-cloud-amd64 or use --kernel)")
+    return found[-1]
+
+
+def _int(text: str) -> int:
+    return int(text, 0)
+
+
+def parse_debug_exit(text: str) -> tuple[int, int]:
+    """"iobase=0xf4,iosize=4" (QEMU's property syntax) -> (iobase, iosize)."""
+    values = {"iobase": 0xF4, "iosize": 1}
+    for part in filter(None, text.split(",")):
+        key, _, val = part.partition("=")
+        if key not in values or not val:
+            raise ConfigError(f"bad --debug-exit {text!r} (expected iobase=N,iosize=N)")
+        try:
+            values[key] = _int(val)
+        except ValueError:
+            raise ConfigError(f"bad --debug-exit value {val!r}") from None
+    if values["iosize"] not in (1, 2, 4) or not 0 <= values["iobase"] <= 0xFFFF - values["iosize"]:
+        raise ConfigError(f"bad --debug-exit {text!r} (iosize 1, 2 or 4 and iobase a port)")
+    return values["iobase"], values["iosize"]
+
+
+def parse_fw_cfg(text: str) -> tuple[str, str]:
+    """"name=opt/x,file=path" -> (name, path)."""
+    fields = dict(p.partition("=")[::2] for p in text.split(","))
+    if not fields.get("name") or not fields.get("file") or set(fields) - {"name", "file"}:
+        raise ConfigError(f"bad --fw-cfg {text!r} (expected name=NAME,file=PATH)")
+    if len(fields["name"]) > 55:
+        raise ConfigError(f"--fw-cfg name {fields['name']!r} is longer than 55 bytes")
+    return fields["name"], fields["file"]
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="boot a VM", epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Boot a guest. With no options: the Debian cloud kernel with pyvmm's busybox initramfs.")
+    p.add_argument("--kernel", "-kernel", help="bzImage, vmlinux ELF, Multiboot or PVH image (default: /boot/vmlinuz-*-cloud-amd64)")
+    p.add_argument("--initrd", "-initrd", help="initrd; for Multiboot, comma-separated modules (default: pyvmm's initramfs when booting the default kernel)")
+    p.add_argument("--append", "-append", help=f"kernel command line (default for Linux: {DEFAULT_CMDLINE!r})")
+    p.add_argument("--mem", "-m", default="512M", help="guest RAM: MiB or a QEMU-style size (256M, 1G); default 512M")
+    p.add_argument("--cpus", "--smp", "-smp", type=int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--engine", choices=["hw", "bt"], default="hw", help="CPU engine: hw (KVM) or bt (binary translation)")
+    p.add_argument("--no-reboot", "-no-reboot", action="store_true", help="exit when the guest resets instead of rebooting it")
+    p.add_argument("--cpuid-hide", default="", metavar="FEATURES", help="comma-separated CPUID features to hide, e.g. cx16,xsave")
+    p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=1", metavar="iobase=N,iosize=N",
+                   help="add QEMU's isa-debug-exit device (writing v exits with (v<<1)|1)")
+    p.add_argument("--fw-cfg", action="append", default=[], metavar="name=NAME,file=PATH", help="add a named fw_cfg file")
+    p.add_argument("--no-host-decompress", action="store_true",
+                   help="let a bzImage decompress itself in the guest instead of on the host")
+    p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
+    p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
+
+
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    """Turns `pyvmm run` options into a VmConfig. Raises ConfigError."""
+    kernel = args.kernel or default_kernel()
+    initrd = [s for s in (args.initrd or "").split(",") if s]
+    if not args.kernel and not initrd:
+        from ..guest.initramfs import ensure_default_initramfs
+        initrd = [str(ensure_default_initramfs())]
+    cfg = VmConfig(kernel=kernel, initrd=initrd,
+                   cmdline=args.append if args.append is not None else DEFAULT_CMDLINE,
+                   mem_mib=parse_mem_size(args.mem), cpus=args.cpus, engine=args.engine,
+                   no_reboot=args.no_reboot,
+                   cpuid_hide=[s for s in args.cpuid_hide.split(",") if s],
+                   debug_exit=parse_debug_exit(args.debug_exit) if args.debug_exit else None,
+                   fw_cfg_files=[parse_fw_cfg(t) for t in args.fw_cfg],
+                   host_decompress=not args.no_host_decompress, verbose=args.verbose)
+    for path in [cfg.kernel, *cfg.initrd]:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such file")
+    cfg.validate()
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..console import Console
+    from ..runner import run_vm, write_stats_json
+    cfg = config_from_args(args)
+
+    def announce(machine) -> None:
+        if cfg.verbose:
+            print(f"pyvmm: boot protocol: {machine.boot_protocol}; engine: {cfg.engine}; "
+                  f"{cfg.cpus} vCPU, {cfg.mem_mib} MiB", file=sys.stderr)
+
+    result = run_vm(cfg, Console(), on_machine=announce)
+    if args.stats:
+        print(json.dumps(result.stats, indent=2), file=sys.stderr)
+    if args.stats_json:
+        write_stats_json(args.stats_json, result, cfg)
+    if cfg.verbose:
+        print(f"pyvmm: guest stopped: {result.status.reason.value} {result.status.detail}", file=sys.stderr)
+    return result.status.code
+
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
+    from ..guest.initramfs import write_default_initramfs
+    path = write_default_initramfs(args.output)
+    print(f"pyvmm: default initramfs written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="A multi-mode x86 virtual machine monitor in Python.")
+    parser.add_argument("--log", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    guest = sub.add_parser("guest", help="default guest images").add_subparsers(dest="guest_command", required=True)
+    gb = guest.add_parser("build", help="write the default busybox initramfs")
+    gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else 0
+    logging.basicConfig(level=getattr(logging, args.log.upper()), format="pyvmm: %(name)s: %(message)s")
+    handlers = {"run": cmd_run, "guest": cmd_guest_build}
+    try:
+        return handlers[args.command](args)
+    except GuestCrash as e:
+        print(f"pyvmm: guest crash: {e}", file=sys.stderr)
+        return EXIT_GUEST_CRASH
+    except VmmError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:  # host trouble not wrapped deeper down: still one line
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

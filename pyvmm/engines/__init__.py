@@ -1,0 +1,1 @@
+"""CPU engines: `hw` (Linux KVM) and `bt` (binary translation)."""

@@ -1,0 +1,1 @@
+"""The `hw` engine: Linux KVM through /dev/kvm ioctls (ctypes, no bindings)."""

@@ -1,0 +1,261 @@
+"""The `hw` engine: one host thread per vCPU, each looping on KVM_RUN and
+sending the exits the VMM must see to the machine's buses."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import signal
+import threading
+import time
+
+from ...cpu import CpuState
+from ...errors import EngineError, GuestCrash
+from ...machine import EXIT_HALTED, EXIT_OK, StopReason
+from ...boot import layout
+from ..base import Engine
+from . import abi, cpuid, state
+from .device import Kvm, KvmVcpu, KvmVm, _ioctl
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _install_kick_handler() -> None:
+    # The handler does nothing: the signal exists only to interrupt a KVM_RUN
+    # blocked in another thread (it returns EINTR). Python's own handler is
+    # installed process-wide, so any thread's syscall is interrupted.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class KvmEngine(Engine):
+    name = "hw"
+
+    def __init__(self, machine):
+        super().__init__(machine)
+        self.irqchip = machine.config.irqchip
+        self.kvm: Kvm | None = None
+        self.vm: KvmVm | None = None
+        self.vcpus: list[KvmVcpu] = []
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
+        self.exit_counts: list[list[int]] = []
+        self.io_exits: dict[int, int] = {}
+        self.guest_time = 0.0
+
+    # -- setup ---------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg = self.machine.config
+        self.kvm = Kvm()
+        for cap, what in ((abi.CAP_USER_MEMORY, "user memory"), (abi.CAP_IMMEDIATE_EXIT, "immediate exit")):
+            if not self.kvm.check(cap):
+                raise EngineError(f"KVM lacks {what} support")
+        max_vcpus = self.kvm.check(abi.CAP_MAX_VCPUS) or self.kvm.check(abi.CAP_NR_VCPUS) or 4
+        if cfg.cpus > max_vcpus:
+            raise EngineError(f"KVM supports at most {max_vcpus} vCPUs, {cfg.cpus} asked")
+        hidden = cpuid.expand_hidden(cfg.cpuid_hide)
+        self.vm = self.kvm.create_vm()
+        for what, fn, arg in (("KVM_SET_IDENTITY_MAP_ADDR", self.vm.set_identity_map_addr, layout.KVM_IDENTITY_MAP_ADDR),
+                              ("KVM_SET_TSS_ADDR", self.vm.set_tss_addr, layout.KVM_TSS_ADDR)):
+            try:
+                fn(arg)
+            except OSError as e:  # not needed (or not offered) outside Intel VT-x
+                log.debug("%s: %s", what, e.strerror)
+        for region in self.machine.memory.regions:
+            self.vm.add_memory(region.gpa, region.size, region.host_address())
+        if self.irqchip:
+            try:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            except OSError as e:
+                raise EngineError(f"KVM in-kernel irqchip: {e.strerror}") from None
+        supported = self.kvm.supported_cpuid()
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            vcpu.set_cpuid(cpuid.guest_cpuid(supported, i, cfg.cpus, hidden))
+            vcpu.set_msrs(dict(state.BOOT_MSRS))
+            self.vcpus.append(vcpu)
+            self.exit_counts.append([0] * 32)
+        _install_kick_handler()
+
+    def load_state(self, cpu: int, st: CpuState) -> None:
+        state.load(self.vcpus[cpu], st)
+        if self.irqchip and cpu == 0:
+            self.vcpus[0].set_mp_state(abi.MP_STATE_RUNNABLE)
+
+    def save_state(self, cpu: int) -> CpuState:
+        return state.save(self.vcpus[cpu])
+
+    def set_irq(self, gsi: int, level: int) -> None:
+        if self.irqchip and self.vm is not None:
+            self.vm.irq_line(gsi, level)
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> None:
+        machine = self.machine
+        self._threads = [threading.Thread(target=self._thread_main, args=(v,), name=f"vcpu{v.index}", daemon=True)
+                         for v in self.vcpus]
+        start = time.perf_counter()
+        for t in self._threads:
+            t.start()
+        try:
+            machine.wait_stopped()
+        finally:
+            self.kick()
+            for t in self._threads:
+                while t.is_alive():
+                    t.join(0.05)
+                    if t.is_alive():
+                        self._kick_thread(t)
+            self.guest_time = time.perf_counter() - start
+        if self._error is not None:
+            raise self._error
+
+    def kick(self) -> None:
+        for v in self.vcpus:
+            v.run_mm[abi.RUN_IMMEDIATE_EXIT] = 1
+        for t in self._threads:
+            self._kick_thread(t)
+
+    @staticmethod
+    def _kick_thread(t: threading.Thread) -> None:
+        if t.ident is not None and t.is_alive() and t is not threading.current_thread():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def _thread_main(self, vcpu: KvmVcpu) -> None:
+        try:
+            self._loop(vcpu)
+        except BaseException as e:  # handed to run() in the main thread
+            if self._error is None:
+                self._error = e
+            self.machine.request_stop(StopReason.USER, 1, f"vcpu{vcpu.index}: {e}")
+
+    def _loop(self, vcpu: KvmVcpu) -> None:
+        """The exit loop: the hot path of the engine, kept flat on purpose."""
+        machine = self.machine
+        mm = vcpu.run_mm
+        fd = vcpu.fd
+        run = _ioctl
+        counts = self.exit_counts[vcpu.index]
+        io_read, io_write = machine.io_bus.read, machine.io_bus.write
+        mmio_read, mmio_write = machine.mmio_bus.read, machine.mmio_bus.write
+        unpack_io = abi.IO_EXIT.unpack_from
+        unpack_mmio = abi.MMIO_EXIT.unpack_from
+        io_exits = self.io_exits
+        EXIT_IO, EXIT_MMIO = abi.EXIT_IO, abi.EXIT_MMIO
+        while machine.stop_status is None:
+            if run(fd, abi.RUN, None) < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.EAGAIN):
+                    mm[abi.RUN_IMMEDIATE_EXIT] = 0
+                    continue
+                raise EngineError(f"KVM_RUN on vcpu{vcpu.index}: {errno.errorcode.get(err, err)}")
+            reason = mm[abi.RUN_EXIT_REASON]
+            counts[reason & 31] += 1
+            if reason == EXIT_IO:
+                direction, size, port, count, off = unpack_io(mm, abi.RUN_UNION)
+                io_exits[port] = io_exits.get(port, 0) + 1
+                if direction == abi.IO_OUT:
+                    for i in range(off, off + size * count, size):
+                        io_write(port, size, int.from_bytes(mm[i:i + size], "little"))
+                else:
+                    for i in range(off, off + size * count, size):
+                        mm[i:i + size] = io_read(port, size).to_bytes(size, "little")
+            elif reason == EXIT_MMIO:
+                addr, data, length, is_write = unpack_mmio(mm, abi.RUN_UNION)
+                if is_write:
+                    mmio_write(addr, length, int.from_bytes(data[:length], "little"))
+                else:
+                    value = mmio_read(addr, length)
+                    mm[abi.RUN_UNION + 8:abi.RUN_UNION + 8 + length] = value.to_bytes(length, "little")
+            else:
+                self._slow_exit(vcpu, reason)
+
+    def _slow_exit(self, vcpu: KvmVcpu, reason: int) -> None:
+        machine = self.machine
+        mm = vcpu.run_mm
+        if reason == abi.EXIT_HLT:
+            # Only without the in-kernel irqchip: nothing can ever wake the vCPU.
+            machine.request_stop(StopReason.HALTED, EXIT_HALTED, f"vcpu{vcpu.index} halted")
+        elif reason == abi.EXIT_SHUTDOWN:
+            machine.request_stop(StopReason.RESET, EXIT_OK, "triple fault")
+        elif reason == abi.EXIT_SYSTEM_EVENT:
+            kind = abi.SYSTEM_EVENT.unpack_from(mm, abi.RUN_UNION)[0]
+            if kind == abi.SYSTEM_EVENT_RESET:
+                machine.request_stop(StopReason.RESET, EXIT_OK, "system event: reset")
+            else:
+                machine.request_stop(StopReason.POWEROFF, EXIT_OK, f"system event {kind}")
+        elif reason == abi.EXIT_INTR:
+            pass
+        elif reason == abi.EXIT_INTERNAL_ERROR:
+            raise self._crash(vcpu)
+        elif reason == abi.EXIT_FAIL_ENTRY:
+            hw_reason = abi.FAIL_ENTRY.unpack_from(mm, abi.RUN_UNION)[0]
+            raise GuestCrash(f"KVM could not enter the guest (hardware reason 0x{hw_reason:x}) on vcpu{vcpu.index}\n"
+                             + state.describe(state.save(vcpu)))
+        else:
+            name = abi.EXIT_NAMES.get(reason, str(reason))
+            raise GuestCrash(f"unexpected KVM exit '{name}' on vcpu{vcpu.index}\n" + state.describe(state.save(vcpu)))
+
+    def _crash(self, vcpu: KvmVcpu) -> GuestCrash:
+        """Builds the report for KVM_EXIT_INTERNAL_ERROR: reason, RIP, bytes, registers."""
+        mm = vcpu.run_mm
+        suberror, ndata = abi.INTERNAL_EXIT.unpack_from(mm, abi.RUN_UNION)
+        what = abi.INTERNAL_ERROR_SUBERRORS.get(suberror, f"suberror {suberror}")
+        st = state.save(vcpu)
+        insn = b""
+        if suberror == abi.INTERNAL_ERROR_EMULATION and ndata >= 2:
+            _, _, flags, size, raw = abi.EMULATION_FAILURE.unpack_from(mm, abi.RUN_UNION)
+            if flags & 1:
+                insn = raw[:size]
+        if not insn:
+            insn = self.read_guest_virtual(vcpu, st.cs.base + st.rip, 15)
+        text = insn.hex(" ") if insn else "(unreadable)"
+        self.machine.crash_state = st
+        return GuestCrash(f"KVM internal error ({what}) on vcpu{vcpu.index} at RIP 0x{st.rip:x}, "
+                          f"instruction bytes: {text}\n" + state.describe(st))
+
+    def read_guest_virtual(self, vcpu: KvmVcpu, addr: int, size: int) -> bytes:
+        """Reads guest-virtual memory through the vCPU's page tables ("" if unmapped)."""
+        out = b""
+        while size > 0:
+            phys = vcpu.translate(addr)
+            if phys is None:
+                break
+            chunk = min(size, 0x1000 - (addr & 0xFFF))
+            try:
+                out += self.machine.memory.read(phys, chunk)
+            except Exception:
+                break
+            addr += chunk
+            size -= chunk
+        return out
+
+    def stats(self) -> dict:
+        exits: dict[str, int] = {}
+        for counts in self.exit_counts:
+            for reason, n in enumerate(counts):
+                if n:
+                    name = abi.EXIT_NAMES.get(reason, str(reason))
+                    exits[name] = exits.get(name, 0) + n
+        return {"engine": self.name, "exits": exits, "total_exits": sum(exits.values()),
+                "io_exits_by_port": {f"0x{p:x}": n for p, n in sorted(self.io_exits.items())},
+                "seconds_running": round(self.guest_time, 6)}
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            try:
+                v.close()
+            except (OSError, BufferError):
+                pass
+        self.vcpus = []
+        for obj in (self.vm, self.kvm):
+            if obj is not None:
+                obj.close()
+        self.vm = self.kvm = None

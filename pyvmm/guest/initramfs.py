@@ -1,0 +1,175 @@
+"""The default guest userland: a gzip-compressed newc initramfs holding a
+static busybox and an /init script that mounts the pseudo file systems,
+prints a marker and hands the console to an interactive shell.
+
+gzip is used because every kernel with initramfs support can unpack it
+(the Debian cloud kernel has CONFIG_RD_GZIP=y, like nearly all others).
+
+Kernel command-line switches the /init script understands:
+
+    pyvmm.poweroff   power off right after printing the marker (smoke tests)
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+from .cpio import CpioWriter
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "PYVMM-INIT-READY"
+DEFAULT_BUSYBOX = "/bin/busybox"
+
+DIRS = ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root", "usr", "usr/bin",
+        "usr/sbin", "mnt", "run", "var")
+# Linked in the archive so /init works before `busybox --install` runs.
+APPLETS = ("sh", "mount", "umount", "uname", "cat", "ls", "echo", "mkdir", "poweroff",
+           "reboot", "halt", "setsid", "cttyhack", "grep", "dmesg", "ps", "sleep")
+SBIN_APPLETS = ("poweroff", "reboot", "halt")
+
+INIT_SCRIPT = f"""#!/bin/busybox sh
+# pyvmm default init: mount the pseudo file systems, say we are ready, then
+# give the console to a shell.  Leaving the shell powers the VM off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export HOME=/root
+export TERM=linux
+/bin/busybox --install -s 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || echo "init: cannot mount devtmpfs"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+hostname pyvmm
+printf '\\n{READY_MARKER}\\n'
+case " $(cat /proc/cmdline) " in
+*" pyvmm.poweroff "*) poweroff -f ;;
+esac
+cd /root
+# cttyhack opens the real console device (e.g. /dev/ttyS0) so the shell gets
+# a controlling terminal: job control and Ctrl-C work.
+setsid cttyhack sh -l
+echo "init: shell exited, powering off"
+sync
+poweroff -f
+"""
+
+PROFILE = """PS1='\\w # '
+alias ll='ls -l'
+"""
+
+
+def _is_static_elf(data: bytes) -> bool | None:
+    """True for an ELF without an interpreter (PT_INTERP); None when `data` is
+    not a 64- or 32-bit little-endian ELF we can read."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[5] != 1:
+        return None
+    is64 = data[4] == 2
+    if is64:
+        phoff, = struct.unpack_from("<Q", data, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    else:
+        phoff, = struct.unpack_from("<I", data, 0x1C)
+        phentsize, phnum = struct.unpack_from("<HH", data, 0x2A)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 > len(data):
+            return None
+        p_type, = struct.unpack_from("<I", data, off)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _load_busybox(busybox_path: str) -> bytes:
+    """Raises ConfigError if busybox is missing, unreadable or not static."""
+    hint = "install busybox-static (Debian/Ubuntu: apt install busybox-static)"
+    try:
+        data = Path(busybox_path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"busybox not found at {busybox_path}: {hint}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read busybox at {busybox_path}: {e.strerror}") from None
+    static = _is_static_elf(data)
+    if static is None:
+        raise ConfigError(f"{busybox_path} is not an ELF executable: {hint}")
+    if not static:
+        raise ConfigError(f"{busybox_path} is dynamically linked and cannot run alone "
+                          f"in the guest: {hint}")
+    return data
+
+
+def build_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> bytes:
+    """The default initramfs as gzip-compressed newc cpio bytes. The result
+    depends only on the busybox binary (timestamps are zero).
+    Raises ConfigError when no usable static busybox is found."""
+    busybox = _load_busybox(busybox_path)
+    w = CpioWriter()
+    for d in DIRS:
+        w.add_dir(d, 0o700 if d == "root" else 0o1777 if d == "tmp" else 0o755)
+    w.add_char_device("dev/console", 5, 1, 0o600)
+    w.add_char_device("dev/null", 1, 3, 0o666)
+    w.add_file("bin/busybox", busybox, 0o755)
+    for applet in APPLETS:
+        if applet in SBIN_APPLETS:
+            w.add_symlink(f"sbin/{applet}", "../bin/busybox")
+        else:
+            w.add_symlink(f"bin/{applet}", "busybox")
+    w.add_file("etc/profile", PROFILE.encode(), 0o644)
+    w.add_file("etc/hostname", b"pyvmm\n", 0o644)
+    w.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
+    w.add_file("etc/group", b"root:x:0:\n", 0o644)
+    w.add_file("init", INIT_SCRIPT.encode(), 0o755)
+    archive = w.finish()
+    return gzip.compress(archive, compresslevel=9, mtime=0)
+
+
+def default_initramfs_path() -> Path:
+    """$XDG_CACHE_HOME/pyvmm/initramfs.cpio.gz (XDG_CACHE_HOME defaults to ~/.cache)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"
+    return base / "pyvmm" / "initramfs.cpio.gz"
+
+
+def write_default_initramfs(path: str | os.PathLike | None = None,
+                            busybox_path: str = DEFAULT_BUSYBOX) -> Path:
+    """Builds the default initramfs and writes it (atomically) to `path`,
+    default `default_initramfs_path()`. Returns the path.
+    Raises ConfigError when busybox is unusable or the file cannot be written."""
+    target = Path(path) if path is not None else default_initramfs_path()
+    data = build_default_initramfs(busybox_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise ConfigError(f"cannot write initramfs to {target}: {e.strerror or e}") from None
+    log.info("wrote default initramfs (%d bytes) to %s", len(data), target)
+    return target
+
+
+def ensure_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> Path:
+    """The cached default initramfs, rebuilt when missing or older than the
+    busybox binary or this module. Raises ConfigError as write_default_initramfs."""
+    target = default_initramfs_path()
+    try:
+        built = target.stat().st_mtime
+        newest_input = max(os.stat(busybox_path).st_mtime, os.stat(__file__).st_mtime)
+        if built >= newest_input:
+            return target
+    except OSError:
+        pass
+    return write_default_initramfs(target, busybox_path)

@@ -1,0 +1,89 @@
+"""Running a VM to its end: console wiring, reboots, stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .builder import build_machine, destroy_machine
+from .config import VmConfig
+from .errors import GuestCrash
+from .machine import EXIT_OK, Machine, StopReason, StopStatus
+
+log = logging.getLogger(__name__)
+
+MAX_REBOOTS = 100  # a guest that resets in a loop is ended, not run forever
+
+
+@dataclass
+class RunResult:
+    status: StopStatus
+    stats: dict = field(default_factory=dict)
+    reboots: int = 0
+
+
+def collect_stats(machine: Machine, seconds: float) -> dict:
+    return {
+        "engine": machine.engine.stats() if machine.engine else {},
+        "io": machine.io_bus.stats(),
+        "mmio": machine.mmio_bus.stats(),
+        "boot_protocol": machine.boot_protocol,
+        "wall_seconds": round(seconds, 6),
+        "stop": machine.stop_status.reason.value if machine.stop_status else None,
+    }
+
+
+def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | None = None) -> RunResult:
+    """Builds and runs the VM until it powers off, exits, crashes or the user
+    quits; a guest reset rebuilds the machine unless config.no_reboot.
+
+    `console` provides write(bytes), start(feed, on_quit) and close().
+    Raises VmmError subclasses (GuestCrash when the engine cannot go on)."""
+    current: list[Machine] = []
+
+    def feed(data: bytes) -> None:
+        if current:
+            current[0].devices["serial0"].receive(data)
+
+    def on_quit() -> None:
+        if current:
+            current[0].request_stop(StopReason.USER, EXIT_OK, "user quit")
+
+    reboots = 0
+    console_started = False
+    try:
+        while True:
+            machine = build_machine(config, console.write)
+            current[:] = [machine]
+            if on_machine is not None:
+                on_machine(machine)
+            if not console_started:
+                console.start(feed, on_quit)
+                console_started = True
+            start = time.perf_counter()
+            try:
+                machine.engine.run()
+            except GuestCrash:
+                raise
+            finally:
+                stats = collect_stats(machine, time.perf_counter() - start)
+                destroy_machine(machine)
+            status = machine.stop_status
+            if status.reason is StopReason.RESET and not config.no_reboot and reboots < MAX_REBOOTS:
+                reboots += 1
+                log.info("guest reset (%s): rebooting", status.detail)
+                continue
+            return RunResult(status, stats, reboots)
+    finally:
+        console.close()
+
+
+def write_stats_json(path: str, result: RunResult, config: VmConfig) -> None:
+    doc = {"config": config.to_dict(), "stop": {"reason": result.status.reason.value,
+                                                 "code": result.status.code, "detail": result.status.detail},
+           "reboots": result.reboots, **result.stats}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, default=str)
