@@ -84,19 +84,14 @@ def add_firmware(machine: Machine) -> None:
     from .boot import mptable
     cfg = machine.config
     mptable.write_mptable(machine.memory, cfg.cpus)
-    if True:  # TODO(lead): wire once the ACPI/fw_cfg work lands
-        return
-    try:
-        from .boot import acpi
-        from .devices import acpi_pm, fw_cfg
-    except ImportError:  # pragma: no cover - while the ACPI work is not in the tree
-        return
+    from .boot import acpi
+    from .devices import acpi_pm, fw_cfg
     acpi.write_acpi_tables(machine.memory, cfg.cpus)
 
     def on_poweroff() -> None:
         machine.request_stop(StopReason.POWEROFF, EXIT_OK, "ACPI poweroff")
 
-    pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff)
+    pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff, sci=_irq(machine, acpi.SCI_IRQ))
     machine.io_bus.insert(acpi_pm.PM_BASE, acpi_pm.PM_LENGTH, pm, "acpi-pm")
     machine.devices["acpi_pm"] = pm
     files = []
@@ -121,7 +116,8 @@ def build_machine(config: VmConfig, output: Output,
     config.validate()
     memory = GuestMemory(config.mem_mib * MIB)
     lock = threading.RLock()
-    machine = Machine(config, memory, Bus("io", lock), Bus("mmio", lock), lock)
+    several = config.cpus > 1
+    machine = Machine(config, memory, Bus("io", lock, several), Bus("mmio", lock, several), lock)
     try:
         add_legacy_devices(machine, output)
         add_firmware(machine)

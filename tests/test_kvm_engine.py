@@ -45,7 +45,7 @@ def test_entry_modes_print_and_halt(mode):
     assert run.status.code == EXIT_HALTED
     stats = run.machine.engine.stats()
     assert stats["exits"]["hlt"] == 1
-    assert stats["io_exits_by_port"]["0x3f8"] == len(f"hello from {mode} mode\n")
+    assert run.machine.io_bus.stats()["serial0"]["writes"] == len(f"hello from {mode} mode\n")
 
 
 def test_long_mode_state_after_run():

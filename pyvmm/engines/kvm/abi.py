@@ -186,6 +186,8 @@ RUN_VALID_REGS = 288
 RUN_DIRTY_REGS = 296
 RUN_SYNC_REGS = 304
 IO_EXIT = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
+# exit_reason (at 8) and the I/O fields (at RUN_UNION) in one unpack from offset 0
+IO_EXIT_WITH_REASON = struct.Struct("<8xI20xBBHIQ")
 MMIO_EXIT = struct.Struct("<Q8sIB")        # phys_addr, data, len, is_write
 INTERNAL_EXIT = struct.Struct("<II")       # suberror, ndata
 EMULATION_FAILURE = struct.Struct("<IIQB15s")  # suberror, ndata, flags, insn_size, insn_bytes

@@ -1,0 +1,1 @@
+"""The binary-translation CPU engine (pure Python)."""

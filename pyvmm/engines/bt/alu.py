@@ -1,0 +1,308 @@
+"""Integer ALU semantics: emitters that generate code for one instruction,
+generic over operand size."""
+
+from __future__ import annotations
+
+import iced_x86 as X
+
+from . import flags as F
+from .gen import GPR, MASK, SIGN, Gen, Unsupported
+
+M = X.Mnemonic
+Rg = X.Register
+
+
+def _binop(g: Gen) -> None:
+    m = g.ins.mnemonic
+    size = g.size(0)
+    mk = MASK[size]
+    x = g.read(0)
+    if m in (M.XOR, M.SUB, M.SBB) and g.is_reg(0) and g.is_reg(1) and g.ins.op0_register == g.ins.op1_register:
+        y = x
+    else:
+        y = g.read(1, size)
+    g.emit(f"x = {x}; y = {y}")
+    if m in (M.ADD, M.ADC):
+        g.emit(f"t = x + y" + (f" + {g.carry_expr()}" if m == M.ADC else ""))
+        g.write(0, f"t & {mk:#x}")
+        g.set_flags(F.ADD, size, "t", "x", "y")
+    elif m in (M.SUB, M.SBB, M.CMP):
+        g.emit(f"t = x - y" + (f" - {g.carry_expr()}" if m == M.SBB else ""))
+        if m != M.CMP:
+            g.write(0, f"t & {mk:#x}")
+        g.set_flags(F.SUB, size, "t", "x", "y", pure=m != M.SBB)
+    else:
+        op = {M.AND: "&", M.OR: "|", M.XOR: "^", M.TEST: "&"}[m]
+        g.emit(f"t = x {op} y")
+        if m != M.TEST:
+            g.write(0, "t")
+        g.set_flags(F.LOGIC, size, "t")
+
+
+def _incdec(g: Gen) -> None:
+    size = g.size(0)
+    inc = g.ins.mnemonic == M.INC
+    g.emit(f"x = {g.read(0)}; cf = {g.carry_expr()}")
+    g.emit(f"t = x {'+' if inc else '-'} 1")
+    g.write(0, f"t & {MASK[size]:#x}")
+    g.set_flags(F.INC if inc else F.DEC, size, "t", "x", "cf")
+
+
+def _neg(g: Gen) -> None:
+    size = g.size(0)
+    g.emit(f"x = {g.read(0)}; t = -x")
+    g.write(0, f"t & {MASK[size]:#x}")
+    g.set_flags(F.SUB, size, "t", "0", "x")
+
+
+def _not(g: Gen) -> None:
+    size = g.size(0)
+    g.emit(f"t = {g.read(0)} ^ {MASK[size]:#x}")
+    g.write(0, "t")
+
+
+def _mov(g: Gen) -> None:
+    if g.is_reg(0) and g.ins.op0_register not in GPR or g.is_reg(1) and g.ins.op1_register not in GPR:
+        raise Unsupported("mov with special register")
+    size = g.size(0)
+    g.emit(f"t = {g.read(1, size)}")
+    g.write(0, "t")
+
+
+def _movzx(g: Gen) -> None:
+    g.emit(f"t = {g.read(1)}")
+    g.write(0, "t")
+
+
+def _movsx(g: Gen) -> None:
+    s1, s0 = g.size(1), g.size(0)
+    g.emit(f"t = {g.read(1)}")
+    if s1 < s0:
+        g.emit(f"t = ((t ^ {SIGN[s1]:#x}) - {SIGN[s1]:#x}) & {MASK[s0]:#x}")
+    g.write(0, "t")
+
+
+def _lea(g: Gen) -> None:
+    g.write(0, f"({g.ea()}) & {MASK[g.size(0)]:#x}")
+
+
+def _xchg(g: Gen) -> None:
+    size = g.size(0)
+    g.emit(f"x = {g.read(0)}; y = {g.read(1, size)}")
+    if g.is_mem(1):
+        g.write(1, "x")
+        g.write(0, "y")
+    else:
+        g.write(0, "y")
+        g.write(1, "x")
+
+
+def _xadd(g: Gen) -> None:
+    size = g.size(0)
+    g.emit(f"x = {g.read(0)}; y = {g.read(1)}; t = x + y")
+    if g.is_mem(0):
+        g.write(0, f"t & {MASK[size]:#x}")
+        g.write(1, "x")
+    else:
+        g.write(1, "x")
+        g.write(0, f"t & {MASK[size]:#x}")
+    g.set_flags(F.ADD, size, "t", "x", "y")
+
+
+def _cmpxchg(g: Gen) -> None:
+    size = g.size(0)
+    acc = {1: Rg.AL, 2: Rg.AX, 4: Rg.EAX, 8: Rg.RAX}[size]
+    g.emit(f"x = {g.rreg(acc)}; y = {g.read(0)}; s = {g.read(1)}; t = x - y")
+    g.emit("if t == 0:")
+    g.ind += 1
+    g.write(0, "s")
+    g.ind -= 1
+    g.emit("else:")
+    g.ind += 1
+    g.write(0, "y")
+    g.wreg(acc, "y")
+    g.ind -= 1
+    g.set_flags(F.SUB, size, "t", "x", "y", pure=True)
+
+
+def _setcc(g: Gen) -> None:
+    g.write(0, f"(1 if {g.cond(g.ins.condition_code - 1)} else 0)")
+
+
+def _cmovcc(g: Gen) -> None:
+    size = g.size(0)
+    src = g.read(1)
+    g.emit(f"t = {src} if {g.cond(g.ins.condition_code - 1)} else {g.rreg(g.ins.op0_register)}")
+    g.write(0, "t", size)
+
+
+def _cbw(g: Gen) -> None:
+    m = g.ins.mnemonic
+    src, dst, s = {M.CBW: (Rg.AL, Rg.AX, 1), M.CWDE: (Rg.AX, Rg.EAX, 2),
+                   M.CDQE: (Rg.EAX, Rg.RAX, 4)}[m]
+    g.wreg(dst, f"(({g.rreg(src)} ^ {SIGN[s]:#x}) - {SIGN[s]:#x}) & {MASK[s * 2]:#x}")
+
+
+def _cwd(g: Gen) -> None:
+    src, dst, s = {M.CWD: (Rg.AX, Rg.DX, 2), M.CDQ: (Rg.EAX, Rg.EDX, 4),
+                   M.CQO: (Rg.RAX, Rg.RDX, 8)}[g.ins.mnemonic]
+    g.wreg(dst, f"({MASK[s]:#x} if {g.rreg(src)} & {SIGN[s]:#x} else 0)")
+
+
+def _acc(size: int):
+    return {1: (Rg.AL, Rg.AH), 2: (Rg.AX, Rg.DX), 4: (Rg.EAX, Rg.EDX), 8: (Rg.RAX, Rg.RDX)}[size]
+
+
+def _mul1(g: Gen) -> None:
+    """One-operand mul/imul: rDX:rAX = rAX * src."""
+    size = g.size(0)
+    lo_r, hi_r = _acc(size)
+    fn = "MUL" if g.ins.mnemonic == M.MUL else "IMUL"
+    g.emit(f"y = {g.read(0)}")
+    g.emit(f"lo, hi, fw = {fn}({size}, {g.rreg(lo_r)}, y)")
+    if size == 1:
+        g.wreg(Rg.AX, "lo | (hi << 8)")
+    else:
+        g.wreg(lo_r, "lo")
+        g.wreg(hi_r, "hi")
+    g.set_flags(F.RAW, size, "fw")
+
+
+def _imul(g: Gen) -> None:
+    if g.ins.op_count == 1:
+        return _mul1(g)
+    size = g.size(0)
+    if g.ins.op_count == 2:
+        a, b = g.read(0), g.read(1)
+    else:
+        a, b = g.read(1), f"{g.imm(2, size):#x}"
+    g.emit(f"lo, hi, fw = IMUL({size}, {a}, {b})")
+    g.write(0, "lo")
+    g.set_flags(F.RAW, size, "fw")
+
+
+def _div(g: Gen) -> None:
+    size = g.size(0)
+    fn = "DIV" if g.ins.mnemonic == M.DIV else "IDIV"
+    g.emit(f"y = {g.read(0)}")
+    g.fault()
+    if size == 1:
+        g.emit(f"q, r = {fn}(1, {g.rreg(Rg.AH)}, {g.rreg(Rg.AL)}, y)")
+        g.wreg(Rg.AX, "q | (r << 8)")
+    else:
+        lo_r, hi_r = _acc(size)
+        g.emit(f"q, r = {fn}({size}, {g.rreg(hi_r)}, {g.rreg(lo_r)}, y)")
+        g.wreg(lo_r, "q")
+        g.wreg(hi_r, "r")
+
+
+_SHIFT_KIND = {M.ROL: 0, M.ROR: 1, M.RCL: 2, M.RCR: 3, M.SHL: 4, M.SAL: 4, M.SHR: 5, M.SAR: 7,
+               M.SHLD: 8, M.SHRD: 9}
+
+
+def _shift(g: Gen) -> None:
+    kind = _SHIFT_KIND[g.ins.mnemonic]
+    size = g.size(0)
+    x = g.read(0)
+    g.emit(f"x = {x}")
+    if kind >= 8:
+        extra = g.read(1)
+        cnt = g.read(2, 1)
+    else:
+        extra = "0"
+        cnt = g.read(1, 1) if g.ins.op_count > 1 else "1"
+    g.emit(f"t, fo2, fr2, fa2, fb2 = SHIFT({kind}, {size}, x, {cnt}, fo, fr, fa, fb, {extra})")
+    g.write(0, "t")
+    g.emit("fo, fr, fa, fb = fo2, fr2, fa2, fb2")
+    g.unknown_flags()
+
+
+def _bt(g: Gen) -> None:
+    m = g.ins.mnemonic
+    size = g.size(0)
+    bits = size * 8
+    if g.is_mem(0) and g.is_reg(1):
+        g.addr()
+        off = g.read(1)
+        g.emit(f"o = SX({off}, {size})")
+        g.emit(f"a = (a + (o >> {bits.bit_length() - 1}) * {size}) & {0xFFFFFFFFFFFFFFFF if g.bits == 64 else 0xFFFFFFFF:#x}")
+        g.emit(f"b = o & {bits - 1}")
+        x = g.read(0)
+    else:
+        x = g.read(0)
+        y = g.read(1, 1 if g.is_imm(1) else size)
+        g.emit(f"b = {y} & {bits - 1}")
+    g.emit(f"x = {x}; cf = (x >> b) & 1")
+    if m == M.BTS:
+        g.write(0, "x | (1 << b)")
+    elif m == M.BTR:
+        g.write(0, f"x & ~(1 << b) & {MASK[size]:#x}")
+    elif m == M.BTC:
+        g.write(0, "x ^ (1 << b)")
+    g.set_flags(F.RAW, size, f"({g.flags_expr()} & ~1) | cf")
+
+
+def _bitscan(g: Gen) -> None:
+    m = g.ins.mnemonic
+    size = g.size(0)
+    g.emit(f"y = {g.read(1)}")
+    if m in (M.BSF, M.BSR):
+        g.emit(f"t, fw = {'BSF' if m == M.BSF else 'BSR'}({size}, y, {g.rreg(g.ins.op0_register)}, {g.flags_expr()})")
+    else:
+        g.emit(f"t, fw = {m == M.TZCNT and 'TZCNT' or m == M.LZCNT and 'LZCNT' or 'POPCNT'}({size}, y)")
+    g.write(0, "t")
+    g.set_flags(F.RAW, size, "fw")
+
+
+def _bswap(g: Gen) -> None:
+    size = g.size(0)
+    g.write(0, f"BSWAP({size}, {g.read(0)})")
+
+
+def _flagop(g: Gen) -> None:
+    m = g.ins.mnemonic
+    fw = g.flags_expr()
+    expr = {M.CLC: f"{fw} & ~1", M.STC: f"{fw} | 1", M.CMC: f"{fw} ^ 1"}[m]
+    g.set_flags(F.RAW, 1, expr)
+
+
+def _lahf(g: Gen) -> None:
+    g.wreg(Rg.AH, f"{g.flags_expr()} & 0xD5 | 2")
+
+
+def _sahf(g: Gen) -> None:
+    g.set_flags(F.RAW, 1, f"({g.flags_expr()} & ~0xD5) | ({g.rreg(Rg.AH)} & 0xD5)")
+
+
+def _dflag(g: Gen) -> None:
+    if g.ins.mnemonic == M.STD:
+        g.emit("c.rf |= 0x400")
+    else:
+        g.emit("c.rf &= ~0x400")
+
+
+def _nop(g: Gen) -> None:
+    pass
+
+
+EMITTERS = {
+    M.ADD: _binop, M.ADC: _binop, M.SUB: _binop, M.SBB: _binop, M.CMP: _binop,
+    M.AND: _binop, M.OR: _binop, M.XOR: _binop, M.TEST: _binop,
+    M.INC: _incdec, M.DEC: _incdec, M.NEG: _neg, M.NOT: _not,
+    M.MOV: _mov, M.MOVZX: _movzx, M.MOVSX: _movsx, M.MOVSXD: _movsx, M.LEA: _lea,
+    M.XCHG: _xchg, M.XADD: _xadd, M.CMPXCHG: _cmpxchg,
+    M.CBW: _cbw, M.CWDE: _cbw, M.CDQE: _cbw, M.CWD: _cwd, M.CDQ: _cwd, M.CQO: _cwd,
+    M.MUL: _mul1, M.IMUL: _imul, M.DIV: _div, M.IDIV: _div,
+    M.BT: _bt, M.BTS: _bt, M.BTR: _bt, M.BTC: _bt,
+    M.BSF: _bitscan, M.BSR: _bitscan, M.TZCNT: _bitscan, M.LZCNT: _bitscan, M.POPCNT: _bitscan,
+    M.BSWAP: _bswap, M.CLC: _flagop, M.STC: _flagop, M.CMC: _flagop,
+    M.CLD: _dflag, M.STD: _dflag, M.LAHF: _lahf, M.SAHF: _sahf, M.NOP: _nop, M.PAUSE: _nop, M.LFENCE: _nop,
+    M.MFENCE: _nop, M.SFENCE: _nop, M.PREFETCHNTA: _nop, M.PREFETCHT0: _nop,
+}
+for _m in _SHIFT_KIND:
+    EMITTERS[_m] = _shift
+for _n in dir(M):
+    if _n.startswith("SET") and len(_n) <= 6:
+        EMITTERS[getattr(M, _n)] = _setcc
+    elif _n.startswith("CMOV") and len(_n) <= 7:
+        EMITTERS[getattr(M, _n)] = _cmovcc

@@ -1,0 +1,422 @@
+"""The virtual CPU of the bt engine: architectural state and the slow,
+rarely-run operations (segment loads, exception delivery, control registers).
+
+Translated blocks keep the hot state in Python locals and write it back to
+this object at block exits: `R` (16 GPRs), `rip`, `lf` (lazy flags, see
+flags.py) and `rf` (the non-arithmetic RFLAGS bits)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from ...cpu import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,
+                    EFER_NXE, GPR_NAMES, CpuState, DescriptorTable, Segment)
+from . import flags as F
+from .faults import DF_, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault
+from .mmu import PG_32, PG_LONG, PG_NONE, PG_PAE, Mmu
+
+log = logging.getLogger(__name__)
+
+ES, CS, SS_, DS, FS, GS = range(6)
+SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
+M64 = 0xFFFFFFFFFFFFFFFF
+
+
+class TripleFault(Exception):
+    """Delivering #DF failed: the machine resets."""
+
+
+class VCpu:
+    """One virtual x86 CPU for the translator."""
+
+    def __init__(self, memory, io_bus, mmio_bus, on_code_write=lambda ppn: None):
+        self.memory = memory
+        self.io = io_bus
+        self.mmu = Mmu(memory, mmio_bus, on_code_write)
+        self.R = [0] * 16
+        self.rip = 0
+        self.lf = F.CLEAR
+        self.rf = 2
+        self.seg = [Segment() for _ in range(6)]
+        self.sb = [0] * 6
+        self.tr = Segment(type=0xB, s=0)
+        self.ldt = Segment(type=2, s=0)
+        self.gdt = DescriptorTable()
+        self.idt = DescriptorTable()
+        self.cr0 = 0x10
+        self.cr2 = self.cr3 = self.cr4 = self.cr8 = 0
+        self.efer = 0
+        self.dr = [0] * 8
+        self.msrs: dict[int, int] = {}
+        self.tsc_offset = 0
+        self.cpl = 0
+        self.mode = (16, 16, 0)
+        self.pending = False    # ask translated loops to return to the dispatcher
+        self.halted = False
+        self.icount = 0
+        self.xmm = [0] * 16
+        self.mxcsr = 0x1F80
+        self.fpu_env = bytes(512)
+        self.rip_back = False
+
+    def port_in(self, port: int, size: int) -> int:
+        return self.io.read(port, size) & ((1 << (8 * size)) - 1)
+
+    def port_out(self, port: int, size: int, v: int) -> None:
+        self.io.write(port, size, v & ((1 << (8 * size)) - 1))
+
+    # -- state transfer ----------------------------------------------------
+    def load(self, st: CpuState) -> None:
+        self.R = [st.regs.get(n, 0) & M64 for n in GPR_NAMES]
+        self.rip = st.rip
+        self.rf = (st.rflags & ~F.ARITH) | 2
+        self.lf = (F.RAW * 4, st.rflags & F.ARITH, 0, 0)
+        for i, name in enumerate(SEG_NAMES):
+            self.seg[i] = replace(getattr(st, name))
+        self.sb = [s.base for s in self.seg]
+        self.tr, self.ldt = replace(st.tr), replace(st.ldt)
+        self.gdt, self.idt = replace(st.gdt), replace(st.idt)
+        self.cr0, self.cr2, self.cr3, self.cr4, self.cr8 = st.cr0, st.cr2, st.cr3, st.cr4, st.cr8
+        self.efer = st.efer
+        self.msrs = dict(st.msrs)
+        self.cpl = self.seg[CS].dpl if self.cr0 & CR0_PE else 0
+        if self.cr0 & CR0_PE:
+            self.cpl = self.seg[CS].selector & 3 if self.seg[CS].selector else self.seg[CS].dpl
+        self.update_mode()
+
+    def save(self) -> CpuState:
+        st = CpuState()
+        st.regs = dict(zip(GPR_NAMES, self.R))
+        st.rip = self.rip
+        st.rflags = self.rflags
+        for i, name in enumerate(SEG_NAMES):
+            s = replace(self.seg[i])
+            s.base = self.sb[i]
+            setattr(st, name, s)
+        st.tr, st.ldt = replace(self.tr), replace(self.ldt)
+        st.gdt, st.idt = replace(self.gdt), replace(self.idt)
+        st.cr0, st.cr2, st.cr3, st.cr4, st.cr8 = self.cr0, self.cr2, self.cr3, self.cr4, self.cr8
+        st.efer = self.efer
+        st.msrs = dict(self.msrs)
+        return st
+
+    @property
+    def rflags(self) -> int:
+        return (self.rf & ~F.ARITH) | F.flags_word(*self.lf) | 2
+
+    def set_rflags(self, v: int) -> None:
+        self.rf = (v & ~F.ARITH & 0x3F7FD7) | 2
+        self.lf = (F.RAW * 4, v & F.ARITH, 0, 0)
+
+    # -- modes ----------------------------------------------------------------
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.efer & EFER_LMA)
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.cr0 & CR0_PE)
+
+    def update_mode(self) -> None:
+        """Recomputes the translation mode key and reconfigures the MMU."""
+        cs, ss = self.seg[CS], self.seg[SS_]
+        if self.long_mode and cs.l:
+            bits, sbits = 64, 64
+        else:
+            bits = 32 if (self.protected and cs.db) else 16
+            sbits = 32 if (self.protected and ss.db) else 16
+        self.mode = (bits, sbits, self.cpl)
+        if not self.cr0 & CR0_PG:
+            pg = PG_NONE
+        elif self.efer & EFER_LMA:
+            pg = PG_LONG
+        elif self.cr4 & CR4_PAE:
+            pg = PG_PAE
+        else:
+            pg = PG_32
+        self.mmu.configure(pg, self.cr3, bool(self.cr0 & CR0_WP), bool(self.efer & EFER_NXE),
+                           self.cpl == 3, bits == 64)
+
+    # -- memory helpers (linear addresses) -------------------------------
+    def rd(self, la: int, size: int) -> int:
+        return getattr(self.mmu, f"rd{size}")(la & M64)
+
+    def wr(self, la: int, size: int, v: int) -> None:
+        getattr(self.mmu, f"wr{size}")(la & M64, v & ((1 << (8 * size)) - 1))
+
+    def sp_mask(self) -> int:
+        return {64: M64, 32: 0xFFFFFFFF, 16: 0xFFFF}[self.mode[1]]
+
+    def push(self, v: int, size: int) -> None:
+        mask = self.sp_mask()
+        sp = (self.R[4] - size) & mask
+        self.wr(self.sb[SS_] + sp, size, v)
+        self.R[4] = (self.R[4] & ~mask) | sp
+
+    def pop(self, size: int) -> int:
+        mask = self.sp_mask()
+        sp = self.R[4] & mask
+        v = self.rd(self.sb[SS_] + sp, size)
+        self.R[4] = (self.R[4] & ~mask) | ((sp + size) & mask)
+        return v
+
+    # -- descriptors -----------------------------------------------------------
+    def read_descriptor(self, sel: int, vec: int = GP) -> tuple[int, int]:
+        """Returns (descriptor, its linear address). Raises #GP(sel) outside the table."""
+        table = self.ldt if sel & 4 else self.gdt
+        base, limit = (table.base, table.limit)
+        if (sel | 7) > limit:
+            raise GuestFault(vec, sel & 0xFFFC)
+        addr = base + (sel & ~7)
+        return self.rd(addr, 8), addr
+
+    @staticmethod
+    def segment_from(sel: int, d: int, hi: int = 0) -> Segment:
+        limit = (d & 0xFFFF) | ((d >> 32) & 0xF0000)
+        g = (d >> 55) & 1
+        if g:
+            limit = (limit << 12) | 0xFFF
+        base = ((d >> 16) & 0xFFFFFF) | (((d >> 56) & 0xFF) << 24) | (hi << 32)
+        return Segment(selector=sel, base=base, limit=limit, type=(d >> 40) & 0xF,
+                       s=(d >> 44) & 1, dpl=(d >> 45) & 3, present=(d >> 47) & 1,
+                       avl=(d >> 52) & 1, l=(d >> 53) & 1, db=(d >> 54) & 1, g=g)
+
+    def load_seg(self, idx: int, sel: int) -> None:
+        """mov/pop to a data or stack segment register, with the protected-mode
+        checks. Raises GuestFault(#GP/#NP/#SS)."""
+        sel &= 0xFFFF
+        if not self.protected or self.rf & F.VM:
+            self.seg[idx] = Segment.real_mode(sel, code=(idx == CS))
+            self.sb[idx] = sel << 4
+            if idx in (CS, SS_):
+                self.update_mode()
+            return
+        if sel & 0xFFFC == 0:
+            if idx == SS_ and not (self.mode[0] == 64 and self.cpl < 3):
+                raise GuestFault(GP, 0)
+            self.seg[idx] = Segment(selector=sel, unusable=1, present=0, db=self.seg[idx].db if idx == SS_ else 0)
+            self.sb[idx] = 0 if idx in (FS, GS) and self.mode[0] == 64 else 0
+            return
+        d, addr = self.read_descriptor(sel)
+        s = self.segment_from(sel, d)
+        rpl = sel & 3
+        if idx == SS_:
+            if rpl != self.cpl or s.dpl != self.cpl or not s.s or (s.type & 0xA) != 2:
+                raise GuestFault(GP, sel & 0xFFFC)
+            if not s.present:
+                raise GuestFault(SS, sel & 0xFFFC)
+        else:
+            code = bool(s.type & 8)
+            if not s.s or (code and not s.type & 2):
+                raise GuestFault(GP, sel & 0xFFFC)
+            conforming = code and s.type & 4
+            if not conforming and (rpl > s.dpl or self.cpl > s.dpl):
+                raise GuestFault(GP, sel & 0xFFFC)
+            if not s.present:
+                raise GuestFault(NP, sel & 0xFFFC)
+        if not d & (1 << 40):
+            self.wr(addr + 5, 1, ((d >> 40) & 0xFF) | 1)
+        self.seg[idx] = s
+        self.sb[idx] = s.base
+        if idx == SS_:
+            self.update_mode()
+
+    def load_cs(self, sel: int, new_cpl: int | None = None) -> None:
+        """Loads CS for a far transfer (checks: code segment, present).
+        Raises GuestFault(#GP/#NP)."""
+        sel &= 0xFFFF
+        if not self.protected or self.rf & F.VM:
+            self.seg[CS] = Segment.real_mode(sel, code=True)
+            self.sb[CS] = sel << 4
+            self.update_mode()
+            return
+        if sel & 0xFFFC == 0:
+            raise GuestFault(GP, 0)
+        d, addr = self.read_descriptor(sel)
+        s = self.segment_from(sel, d)
+        if not s.s or not s.type & 8:
+            raise GuestFault(GP, sel & 0xFFFC)
+        if not s.present:
+            raise GuestFault(NP, sel & 0xFFFC)
+        cpl = (sel & 3) if new_cpl is None else new_cpl
+        if s.type & 4:
+            cpl = self.cpl if new_cpl is None else new_cpl
+        s.selector = (sel & ~3) | cpl
+        self.seg[CS] = s
+        self.sb[CS] = s.base
+        if cpl != self.cpl:
+            self.cpl = cpl
+        self.update_mode()
+
+    # -- exceptions and interrupts --------------------------------------------
+    def deliver(self, f: GuestFault, next_rip: int | None = None, software: bool = False) -> None:
+        """Delivers an exception or interrupt through the IVT/IDT.
+
+        rip must point at the faulting instruction (or next_rip for traps and
+        int n). Raises TripleFault when even #DF cannot be delivered."""
+        if f.cr2 is not None:
+            self.cr2 = f.cr2
+        try:
+            self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software)
+        except GuestFault as g2:
+            if f.vector == DF_:
+                raise TripleFault() from None
+            contributory = {0, TS, NP, SS, GP}
+            if f.vector in contributory | {14} and g2.vector in contributory | {14}:
+                if g2.cr2 is not None:
+                    self.cr2 = g2.cr2
+                self.deliver(GuestFault(DF_, 0))
+            else:
+                self.deliver(g2)
+
+    def _deliver(self, vec: int, err: int | None, ret: int, software: bool) -> None:
+        old_flags = self.rflags
+        if not self.protected:
+            if vec * 4 + 3 > self.idt.limit:
+                raise GuestFault(DF_, 0)
+            off = self.rd(self.idt.base + vec * 4, 2)
+            sel = self.rd(self.idt.base + vec * 4 + 2, 2)
+            self.push(old_flags, 2)
+            self.push(self.seg[CS].selector, 2)
+            self.push(ret, 2)
+            self.rf &= ~(F.IF | F.TF | F.AC)
+            self.load_cs(sel)
+            self.rip = off
+            return
+        if err is None and not software and vec in WITH_ERROR_CODE:
+            err = 0
+        if software:
+            err = None
+        lm = self.long_mode
+        gsize = 16 if lm else 8
+        if vec * gsize + gsize - 1 > self.idt.limit:
+            raise GuestFault(GP, vec * 8 + 2)
+        lo = self.rd(self.idt.base + vec * gsize, 8)
+        hi = self.rd(self.idt.base + vec * gsize + 8, 8) if lm else 0
+        gtype = (lo >> 40) & 0x1F
+        dpl = (lo >> 45) & 3
+        if not (lo >> 47) & 1:
+            raise GuestFault(NP, vec * 8 + 2)
+        if gtype & 0x7 not in (6, 7) or (lm and gtype & 8 == 0):
+            raise GuestFault(GP, vec * 8 + 2)
+        if software and dpl < self.cpl:
+            raise GuestFault(GP, vec * 8 + 2)
+        gate32 = bool(gtype & 8)
+        sel = (lo >> 16) & 0xFFFF
+        off = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF0000) | ((hi & 0xFFFFFFFF) << 32)
+        d, _ = self.read_descriptor(sel)
+        cs = self.segment_from(sel, d)
+        if not cs.s or not cs.type & 8:
+            raise GuestFault(GP, sel & 0xFFFC)
+        new_cpl = self.cpl if cs.type & 4 else cs.dpl
+        old_ss, old_sp, old_cs = self.seg[SS_].selector, self.R[4], self.seg[CS].selector
+        ist = (lo >> 32) & 7 if lm else 0
+        if lm:
+            if new_cpl < self.cpl or ist:
+                tss = self.tr.base
+                sp = self.rd(tss + 0x24 + 8 * (ist - 1), 8) if ist else self.rd(tss + 4 + 8 * new_cpl, 8)
+                if new_cpl < self.cpl:
+                    self.seg[SS_] = Segment(selector=new_cpl, unusable=1, present=0)
+                    self.sb[SS_] = 0
+            else:
+                sp = self.R[4]
+            sp &= ~0xF
+            self.cpl = new_cpl
+            cs.selector = (sel & ~3) | new_cpl
+            self.seg[CS], self.sb[CS] = cs, cs.base
+            self.update_mode()
+            for v in (old_ss, old_sp, old_flags, old_cs, ret) + ((err,) if err is not None else ()):
+                sp = (sp - 8) & M64
+                self.wr(sp, 8, v)
+            self.R[4] = sp
+        else:
+            size = 4 if gate32 else 2
+            if new_cpl < self.cpl:
+                tss = self.tr.base
+                if self.tr.type & 8:
+                    nsp = self.rd(tss + 4 + 8 * new_cpl, 4)
+                    nss = self.rd(tss + 8 + 8 * new_cpl, 2)
+                else:
+                    nsp = self.rd(tss + 2 + 4 * new_cpl, 2)
+                    nss = self.rd(tss + 4 + 4 * new_cpl, 2)
+                self.cpl = new_cpl
+                self.load_seg(SS_, nss)
+                self.R[4] = nsp
+                push_stack = True
+            else:
+                push_stack = False
+            cs.selector = (sel & ~3) | new_cpl
+            self.seg[CS], self.sb[CS] = cs, cs.base
+            self.cpl = new_cpl
+            self.update_mode()
+            vals = ((old_ss, old_sp) if push_stack else ()) + (old_flags, old_cs, ret)
+            vals += (err,) if err is not None else ()
+            for v in vals:
+                self.push(v, size)
+        self.rip = off
+        self.rf &= ~(F.TF | F.NT | F.RF | F.VM)
+        if not gtype & 1:
+            self.rf &= ~F.IF
+
+    def iret(self, size: int) -> None:
+        """iret/iretd/iretq. Raises GuestFault(#GP) on a bad frame."""
+        if not self.protected:
+            ip = self.pop(size)
+            cs = self.pop(size)
+            fl = self.pop(size)
+            self.load_cs(cs)
+            self.rip = ip
+            mask = 0xFFFF if size == 2 else 0x257FD5
+            self.set_rflags((self.rflags & ~mask) | (fl & mask))
+            return
+        lm64 = self.mode[0] == 64
+        ip = self.pop(size)
+        cs = self.pop(size) & 0xFFFF
+        fl = self.pop(size)
+        rpl = cs & 3
+        if rpl < self.cpl:
+            raise GuestFault(GP, cs & 0xFFFC)
+        if lm64 or rpl > self.cpl:
+            sp = self.pop(size)
+            ss = self.pop(size) & 0xFFFF
+        else:
+            sp = ss = None
+        old_cpl = self.cpl
+        self._popf_value(fl, size, old_cpl)
+        self.load_cs(cs)
+        self.rip = ip if size != 2 else ip & 0xFFFF
+        if ss is not None:
+            if lm64 and ss & 0xFFFC == 0 and rpl < 3:
+                self.seg[SS_] = Segment(selector=ss, unusable=1, present=0)
+                self.sb[SS_] = 0
+                self.update_mode()
+            else:
+                self.load_seg(SS_, ss)
+            self.R[4] = sp
+        if self.cpl > old_cpl:
+            for i in (ES, DS, FS, GS):
+                s = self.seg[i]
+                if not (s.type & 8 and s.type & 4) and s.dpl < self.cpl:
+                    self.seg[i] = Segment(selector=0, unusable=1, present=0)
+                    if self.mode[0] != 64 or i in (ES, DS):
+                        self.sb[i] = 0
+
+    def _popf_value(self, v: int, size: int, cpl: int) -> None:
+        mask = 0x257FD5 if size >= 4 else 0x7FD5
+        if self.protected:
+            iopl = (self.rf >> 12) & 3
+            if cpl > 0:
+                mask &= ~F.IOPL
+            if cpl > iopl:
+                mask &= ~F.IF
+        if size >= 4:
+            mask &= ~(F.VM | F.VIF | F.VIP)
+        cur = self.rflags
+        self.set_rflags((cur & ~mask) | (v & mask))
+
+    def popf(self, v: int, size: int) -> None:
+        self._popf_value(v, size, self.cpl)
+
+    def pushf_value(self) -> int:
+        return self.rflags & ~(F.VM | F.RF)

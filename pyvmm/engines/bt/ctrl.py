@@ -1,0 +1,254 @@
+"""Control flow and stack: jmp/jcc/call/ret/loop, push/pop, enter/leave,
+int/iret and far transfers (the last through CPU helpers)."""
+
+from __future__ import annotations
+
+import iced_x86 as X
+
+from . import flags as F
+from .gen import MASK, SEG_INDEX, Gen, Unsupported
+
+M = X.Mnemonic
+Rg = X.Register
+
+
+def _exit(g: Gen, rip: str) -> None:
+    from .translator import Translator
+    Translator.exit(g, rip, g.k)
+    g.ends = True
+
+
+def _goto(g: Gen, target: int) -> None:
+    from .translator import Translator
+    Translator.branch(g, target, g.k)
+    g.ends = True
+
+
+def _ipmask(g: Gen) -> int:
+    return MASK[{16: 2, 32: 4, 64: 8}[g.bits]] if g.ins.code_size else 0xFFFFFFFF
+
+
+def _target(g: Gen) -> int:
+    ins = g.ins
+    t = ins.near_branch_target
+    osz = g.size(0) if ins.op_count else 0
+    return t
+
+
+def _spmask(g: Gen) -> int:
+    return MASK[g.sbits // 8]
+
+
+def push(g: Gen, v: str, size: int) -> None:
+    """Emits a push of expression v (size bytes)."""
+    spm = _spmask(g)
+    sp = g.reg(4)
+    g.emit(f"sp = ({sp} - {size}) & {spm:#x}")
+    la = "sp" if g.bits == 64 else f"(SB[2] + sp) & 0xFFFFFFFF"
+    g.bind("SB")
+    g.wmem(size, v, la)
+    if spm == MASK[8] or spm == MASK[4]:
+        g.emit(f"{sp} = sp")
+    else:
+        g.emit(f"{sp} = ({sp} & ~{spm:#x}) | sp")
+
+
+def pop_expr(g: Gen, size: int) -> None:
+    """Emits `p = <popped value>` and the stack pointer update."""
+    spm = _spmask(g)
+    sp = g.reg(4)
+    g.bind("SB")
+    g.emit(f"sp = {sp} & {spm:#x}" if spm != MASK[8] else f"sp = {sp}")
+    la = "sp" if g.bits == 64 else f"(SB[2] + sp) & 0xFFFFFFFF"
+    g.emit(f"p = {g.rmem(size, la)}")
+    g.emit(f"{sp} = ({sp} & ~{spm:#x}) | ((sp + {size}) & {spm:#x})" if spm != MASK[8]
+           else f"{sp} = (sp + {size}) & {spm:#x}")
+
+
+def _jmp(g: Gen) -> None:
+    if g.ins.op_kind(0) in (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64):
+        _goto(g, g.ins.near_branch_target)
+        return
+    if g.ins.op_kind(0) in (X.OpKind.REGISTER, X.OpKind.MEMORY) and not g.ins.is_jmp_far_indirect:
+        g.emit(f"t = {g.read(0)}")
+        _exit(g, "t")
+        return
+    _far(g)
+
+
+def _jcc(g: Gen) -> None:
+    cc = g.ins.condition_code - 1
+    g.emit(f"if {g.cond(cc)}:")
+    g.ind += 1
+    from .translator import Translator
+    Translator.branch(g, g.ins.near_branch_target, g.k)
+    g.ind -= 1
+    _exit(g, f"{g.ins.next_ip:#x}")
+
+
+def _loop(g: Gen) -> None:
+    m = g.ins.mnemonic
+    creg = g.ins.op1_register if g.ins.op_count > 1 else Rg.RCX
+    size = X.RegisterInfo(creg).size
+    if m in (M.JCXZ, M.JECXZ, M.JRCXZ):
+        cond = f"not {g.rreg(creg)}"
+    else:
+        g.wreg(creg, f"({g.rreg(creg)} - 1) & {MASK[size]:#x}")
+        cond = f"{g.rreg(creg)}"
+        if m == M.LOOPE:
+            cond += f" and {g.cond(4)}"
+        elif m == M.LOOPNE:
+            cond += f" and {g.cond(5)}"
+    g.emit(f"if {cond}:")
+    g.ind += 1
+    from .translator import Translator
+    Translator.branch(g, g.ins.near_branch_target, g.k)
+    g.ind -= 1
+    _exit(g, f"{g.ins.next_ip:#x}")
+
+
+def _opsize(g: Gen) -> int:
+    """Operand size of a stack instruction (push/pop/call/ret)."""
+    return X.OpCodeInfo(g.ins.code).operand_size // 8 or (8 if g.bits == 64 else g.bits // 8)
+
+
+def _call(g: Gen) -> None:
+    ins = g.ins
+    if ins.is_call_far or ins.is_call_far_indirect:
+        _far(g)
+        return
+    size = _opsize(g)
+    if ins.op_kind(0) in (X.OpKind.REGISTER, X.OpKind.MEMORY):
+        g.emit(f"t = {g.read(0)}")
+    else:
+        g.emit(f"t = {ins.near_branch_target:#x}")
+    push(g, f"{ins.next_ip & MASK[size]:#x}", size)
+    _exit(g, "t")
+
+
+def _ret(g: Gen) -> None:
+    if g.ins.mnemonic == M.RETF:
+        _far(g)
+        return
+    size = _opsize(g)
+    pop_expr(g, size)
+    if g.ins.op_count:
+        n = g.ins.immediate(0) & 0xFFFF
+        spm = _spmask(g)
+        g.emit(f"r4 = (r4 & ~{spm:#x}) | ((r4 + {n}) & {spm:#x})")
+    _exit(g, "p")
+
+
+def _push(g: Gen) -> None:
+    size = _opsize(g)
+    if g.is_reg(0) and g.ins.op0_register in SEG_INDEX:
+        g.bind("c")
+        v = f"c.seg[{SEG_INDEX[g.ins.op0_register]}].selector"
+    elif g.is_imm(0):
+        v = f"{g.ins.immediate(0) & MASK[size]:#x}"
+    else:
+        v = g.read(0, size)
+    g.emit(f"v = {v}")
+    push(g, "v", size)
+
+
+def _pop(g: Gen) -> None:
+    size = _opsize(g)
+    if g.is_reg(0) and g.ins.op0_register in SEG_INDEX:
+        idx = SEG_INDEX[g.ins.op0_register]
+        g.helper(f"c.load_seg({idx}, c.pop({size}))")
+        _exit(g, f"{g.ins.next_ip:#x}")
+        return
+    pop_expr(g, size)
+    if g.is_mem(0):
+        # The address uses RSP after the pop.
+        g.write(0, "p", size)
+    else:
+        g.write(0, "p", size)
+
+
+def _leave(g: Gen) -> None:
+    size = _opsize(g)
+    spm = _spmask(g)
+    g.emit(f"r4 = (r4 & ~{spm:#x}) | (r5 & {spm:#x})")
+    g.reg(4), g.reg(5)
+    pop_expr(g, size)
+    g.wreg({2: Rg.BP, 4: Rg.EBP, 8: Rg.RBP}[size], "p")
+
+
+def _enter(g: Gen) -> None:
+    size = _opsize(g)
+    alloc = g.ins.immediate(0) & 0xFFFF
+    level = g.ins.immediate(1) & 0x1F
+    if level:
+        g.helper(f"ENTER(c, {size}, {alloc}, {level})")
+        return
+    bp = {2: Rg.BP, 4: Rg.EBP, 8: Rg.RBP}[size]
+    push(g, g.rreg(bp), size)
+    spm = _spmask(g)
+    g.emit(f"fp = r4 & {spm:#x}")
+    g.wreg(bp, f"fp & {MASK[size]:#x}")
+    g.emit(f"r4 = (r4 & ~{spm:#x}) | ((fp - {alloc}) & {spm:#x})")
+
+
+def _pushf(g: Gen) -> None:
+    size = _opsize(g)
+    g.helper(f"PUSHF(c, {size})")
+
+
+def _popf(g: Gen) -> None:
+    size = _opsize(g)
+    g.helper(f"POPF(c, {size})")
+    _exit(g, f"{g.ins.next_ip:#x}")
+
+
+def _int(g: Gen) -> None:
+    m = g.ins.mnemonic
+    vec = 3 if m == M.INT3 else (4 if m == M.INTO else g.ins.immediate(0) & 0xFF)
+    if m == M.INTO:
+        g.emit(f"if {g.cond(0)}:")
+        g.ind += 1
+    g.helper(f"SOFTINT(c, {vec}, {g.ins.next_ip:#x})")
+    _exit(g, "c.rip")
+    if m == M.INTO:
+        g.ind -= 1
+        g.ends = False
+        _exit(g, f"{g.ins.next_ip:#x}")
+
+
+def _iret(g: Gen) -> None:
+    size = {M.IRET: 2, M.IRETD: 4, M.IRETQ: 8}[g.ins.mnemonic]
+    g.helper(f"c.iret({size})")
+    _exit(g, "c.rip")
+
+
+def _far(g: Gen) -> None:
+    """Far jmp/call/ret through a helper working on the CPU object."""
+    ins = g.ins
+    m = ins.mnemonic
+    size = X.OpCodeInfo(ins.code).operand_size // 8 or g.bits // 8
+    if m == M.RETF:
+        n = ins.immediate(0) & 0xFFFF if ins.op_count else 0
+        g.helper(f"FAR(c, 'ret', {size}, 0, 0, {n}, {ins.next_ip:#x})")
+    elif ins.op_kind(0) in (X.OpKind.FAR_BRANCH16, X.OpKind.FAR_BRANCH32):
+        sel, off = ins.far_branch_selector, ins.far_branch32 if ins.op_kind(0) == X.OpKind.FAR_BRANCH32 else ins.far_branch16
+        g.helper(f"FAR(c, {'call' if m == M.CALL else 'jmp'!r}, {size}, {sel}, {off}, 0, {ins.next_ip:#x})")
+    elif g.is_mem(0):
+        g.addr()
+        g.emit(f"off = {g.rmem(size)}; sel = {g.rmem(2, f'a + {size}')}")
+        g.helper(f"FAR(c, {'call' if m == M.CALL else 'jmp'!r}, {size}, sel, off, 0, {ins.next_ip:#x})")
+    else:
+        raise Unsupported("far transfer form")
+    _exit(g, "c.rip")
+
+
+EMITTERS = {
+    M.JMP: _jmp, M.CALL: _call, M.RET: _ret, M.RETF: _ret,
+    M.LOOP: _loop, M.LOOPE: _loop, M.LOOPNE: _loop, M.JCXZ: _loop, M.JECXZ: _loop, M.JRCXZ: _loop,
+    M.PUSH: _push, M.POP: _pop, M.LEAVE: _leave, M.ENTER: _enter,
+    M.PUSHF: _pushf, M.PUSHFD: _pushf, M.PUSHFQ: _pushf,
+    M.POPF: _popf, M.POPFD: _popf, M.POPFQ: _popf,
+    M.INT: _int, M.INT3: _int, M.INTO: _int, M.IRET: _iret, M.IRETD: _iret, M.IRETQ: _iret,
+}
+for _n in ("JO", "JNO", "JB", "JAE", "JE", "JNE", "JBE", "JA", "JS", "JNS", "JP", "JNP", "JL", "JGE", "JLE", "JG"):
+    EMITTERS[getattr(M, _n)] = _jcc

@@ -1,0 +1,33 @@
+"""Guest exceptions raised inside translated code and the helpers it calls."""
+
+from __future__ import annotations
+
+DE, DB, NMI, BP, OF_, BR, UD, NM, DF_, TS, NP, SS, GP, PF, MF, AC, MC, XM = (
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19)
+# Vectors that push an error code in protected mode.
+WITH_ERROR_CODE = frozenset({DF_, TS, NP, SS, GP, PF, AC})
+
+
+class GuestFault(Exception):
+    """An x86 exception to deliver to the guest (not a pyvmm error).
+
+    Raised before the faulting instruction changes any state."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        super().__init__(vector, error_code, cr2)
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+    def __repr__(self) -> str:
+        return f"GuestFault(vector={self.vector}, error={self.error_code}, cr2={self.cr2})"
+
+
+class SmcRestart(Exception):
+    """Translated code tried to write a page holding translated code: the
+    instruction is restarted on the single-instruction path."""
+
+
+class BlockExit(Exception):
+    """An instruction changed state the translation depends on (mode, CPL,
+    segment, interrupt flag): leave the block after it."""

@@ -1,0 +1,260 @@
+"""Soft-TLB MMU: linear -> guest physical, with direct access to guest RAM.
+
+Two dicts map a linear page number to (mmap, offset of the page in it):
+`tr` for reads, `tw` for writes.  A miss walks the guest page tables (none,
+32-bit, PAE or 4-level) and fills them; a page that is not RAM is never
+cached, so its accesses always reach the MMIO bus.  Pages holding translated
+code are kept out of `tw`, so writes to them take the slow path, which tells
+the translation cache (self-modifying code).
+
+The interface the translator uses is rd1/2/4/8(la), wr1/2/4/8(la, v),
+translate(la, access) and flush(); a later shadow-page-table MMU keeps it.
+Raises GuestFault(#PF / #GP) for inaccessible or non-canonical addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Callable
+
+from .faults import GP, PF, GuestFault, SmcRestart
+
+log = logging.getLogger(__name__)
+
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+U16, U32, U64 = _U16.unpack_from, _U32.unpack_from, _U64.unpack_from
+P16, P32, P64 = _U16.pack_into, _U32.pack_into, _U64.pack_into
+
+READ, WRITE, FETCH = 0, 1, 2
+PG_NONE, PG_32, PG_PAE, PG_LONG = 0, 1, 2, 3
+_P, _W, _U, _A, _D, _PS = 1, 2, 4, 0x20, 0x40, 0x80
+_NX = 1 << 63
+_ADDR = 0x000FFFFFFFFFF000
+
+
+class Mmu:
+    """Linear address translation for one vCPU."""
+
+    def __init__(self, memory, mmio_bus, on_code_write: Callable[[int], None]):
+        self.memory = memory
+        self.mmio = mmio_bus
+        self.on_code_write = on_code_write  # called with a physical page number
+        self.tr: dict[int, tuple] = {}
+        self.tw: dict[int, tuple] = {}
+        self.code_pages: set[int] = set()
+        self.mode = PG_NONE
+        self.cr3 = 0
+        self.wp = False
+        self.nxe = False
+        self.user = False      # CPL == 3
+        self.long = False      # canonical checks
+        self.smc_ok = False    # single-step path: let writes to code pages through
+        self.walks = 0
+
+    def configure(self, mode: int, cr3: int, wp: bool, nxe: bool, user: bool, long: bool) -> None:
+        self.mode, self.cr3, self.wp, self.nxe, self.user, self.long = mode, cr3, wp, nxe, user, long
+        self.flush()
+
+    def flush(self) -> None:
+        self.tr.clear()
+        self.tw.clear()
+
+    def invlpg(self, la: int) -> None:
+        self.tr.pop(la >> 12, None)
+        self.tw.pop(la >> 12, None)
+
+    def protect_code(self, ppn: int) -> None:
+        """Marks a physical page as holding translated code."""
+        if ppn not in self.code_pages:
+            self.code_pages.add(ppn)
+            for vpn in [v for v, e in self.tw.items() if e[2] == ppn]:
+                del self.tw[vpn]
+
+    def unprotect_code(self, ppn: int) -> None:
+        self.code_pages.discard(ppn)
+
+    # -- walk ---------------------------------------------------------------
+    def _pf(self, la: int, access: int, present: bool) -> GuestFault:
+        err = (1 if present else 0) | (2 if access == WRITE else 0) | (4 if self.user else 0)
+        if access == FETCH and self.nxe:
+            err |= 0x10
+        return GuestFault(PF, err, cr2=la)
+
+    def _rdpte(self, addr: int, size: int) -> int:
+        mem = self.memory
+        if not mem.is_ram(addr, size):
+            return 0
+        return mem.read_u64(addr) if size == 8 else mem.read_u32(addr)
+
+    def _setbits(self, addr: int, size: int, old: int, bits: int) -> None:
+        if old & bits != bits:
+            mm, off = self.memory.locate(addr, size)
+            if size == 8:
+                P64(mm, off, old | bits)
+            else:
+                P32(mm, off, (old | bits) & 0xFFFFFFFF)
+
+    def translate(self, la: int, access: int) -> tuple[int, bool]:
+        """Walks the page tables: returns (physical address, writable).
+
+        Raises GuestFault(#PF) when the access is not allowed."""
+        if self.long and not (la < 0x0000800000000000 or la >= 0xFFFF800000000000):
+            raise GuestFault(GP, 0)
+        if self.mode == PG_NONE:
+            return la & 0xFFFFFFFF, True
+        self.walks += 1
+        if self.mode == PG_32:
+            levels = [(self.cr3 & 0xFFFFF000) + ((la >> 22) & 0x3FF) * 4,
+                      None]
+            size, shifts = 4, (22, 12)
+        elif self.mode == PG_PAE:
+            pdpte = self._rdpte((self.cr3 & 0xFFFFFFE0) + ((la >> 30) & 3) * 8, 8)
+            if not pdpte & _P:
+                raise self._pf(la, access, False)
+            levels = [(pdpte & _ADDR) + ((la >> 21) & 0x1FF) * 8, None]
+            size, shifts = 8, (21, 12)
+        else:
+            levels = [(self.cr3 & _ADDR) + ((la >> 39) & 0x1FF) * 8, None, None, None]
+            size, shifts = 8, (39, 30, 21, 12)
+        writable, user, nx = True, True, False
+        entries = []
+        addr = levels[0]
+        for depth, shift in enumerate(shifts):
+            e = self._rdpte(addr, size)
+            if not e & _P:
+                raise self._pf(la, access, False)
+            entries.append((addr, e))
+            writable &= bool(e & _W)
+            user &= bool(e & _U)
+            if size == 8 and self.nxe and e & _NX:
+                nx = True
+            last = shift == 12 or (e & _PS and (shift in (21, 30) or (shift == 22)))
+            if shift == 39:
+                last = False
+            if last:
+                if shift == 22:  # 4 MiB page (PSE): bits 13-20 are PA 32-39
+                    base = (e & 0xFFC00000) | ((e >> 13) & 0xFF) << 32
+                else:
+                    base = e & _ADDR & ~((1 << shift) - 1)
+                pa = base + (la & ((1 << shift) - 1))
+                break
+            addr = (e & (_ADDR if size == 8 else 0xFFFFF000)) + ((la >> shifts[depth + 1]) & (0x3FF if size == 4 else 0x1FF)) * size
+        if self.user and not user:
+            raise self._pf(la, access, True)
+        if access == WRITE and not writable and (self.user or self.wp):
+            raise self._pf(la, access, True)
+        if access == FETCH and nx:
+            raise self._pf(la, access, True)
+        for i, (a, e) in enumerate(entries):
+            bits = _A | (_D if access == WRITE and i == len(entries) - 1 else 0)
+            self._setbits(a, size, e, bits)
+        ok_write = writable or not (self.user or self.wp)
+        dirty = access == WRITE or bool(entries[-1][1] & _D)
+        return pa, ok_write and dirty
+
+    # -- slow paths ---------------------------------------------------------
+    def _fill(self, la: int, access: int):
+        """Translates la; returns (mm, page offset) for RAM or (None, pa)."""
+        pa, writable = self.translate(la, access)
+        ppn = pa >> 12
+        mem = self.memory
+        page = pa & ~0xFFF
+        if not mem.is_ram(page, 0x1000):
+            return None, pa
+        mm, off = mem.locate(page, 0x1000)
+        entry = (mm, off, ppn)
+        vpn = la >> 12
+        self.tr[vpn] = entry
+        if writable and ppn not in self.code_pages:
+            self.tw[vpn] = entry
+        return entry, pa
+
+    def read_slow(self, la: int, size: int) -> int:
+        if (la & 0xFFF) + size > 0x1000:
+            v = 0
+            for i in range(size):
+                v |= self.read_slow((la + i) & 0xFFFFFFFFFFFFFFFF, 1) << (8 * i)
+            return v
+        entry, pa = self._fill(la, READ)
+        if entry is None:
+            return self.mmio.read(pa, size)
+        o = entry[1] + (la & 0xFFF)
+        return int.from_bytes(entry[0][o:o + size], "little")
+
+    def write_slow(self, la: int, size: int, v: int) -> None:
+        if (la & 0xFFF) + size > 0x1000:
+            # Check both pages first so a fault leaves memory untouched.
+            self.translate(la, WRITE)
+            self.translate((la + size - 1) & 0xFFFFFFFFFFFFFFFF, WRITE)
+            for i in range(size):
+                self.write_slow((la + i) & 0xFFFFFFFFFFFFFFFF, 1, (v >> (8 * i)) & 0xFF)
+            return
+        entry, pa = self._fill(la, WRITE)
+        if entry is None:
+            self.mmio.write(pa, size, v)
+            return
+        ppn = entry[2]
+        if ppn in self.code_pages:
+            if not self.smc_ok:
+                self.on_code_write(ppn)
+                raise SmcRestart()
+            self.on_code_write(ppn)
+        o = entry[1] + (la & 0xFFF)
+        entry[0][o:o + size] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    # -- fast paths (bound into translated blocks) ---------------------------
+    def rd1(self, la: int) -> int:
+        e = self.tr.get(la >> 12)
+        if e is not None:
+            return e[0][e[1] + (la & 0xFFF)]
+        return self.read_slow(la, 1)
+
+    def rd2(self, la: int) -> int:
+        e = self.tr.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFFE:
+            return U16(e[0], e[1] + (la & 0xFFF))[0]
+        return self.read_slow(la, 2)
+
+    def rd4(self, la: int) -> int:
+        e = self.tr.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFFC:
+            return U32(e[0], e[1] + (la & 0xFFF))[0]
+        return self.read_slow(la, 4)
+
+    def rd8(self, la: int) -> int:
+        e = self.tr.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFF8:
+            return U64(e[0], e[1] + (la & 0xFFF))[0]
+        return self.read_slow(la, 8)
+
+    def wr1(self, la: int, v: int) -> None:
+        e = self.tw.get(la >> 12)
+        if e is not None:
+            e[0][e[1] + (la & 0xFFF)] = v
+        else:
+            self.write_slow(la, 1, v)
+
+    def wr2(self, la: int, v: int) -> None:
+        e = self.tw.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFFE:
+            P16(e[0], e[1] + (la & 0xFFF), v)
+        else:
+            self.write_slow(la, 2, v)
+
+    def wr4(self, la: int, v: int) -> None:
+        e = self.tw.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFFC:
+            P32(e[0], e[1] + (la & 0xFFF), v)
+        else:
+            self.write_slow(la, 4, v)
+
+    def wr8(self, la: int, v: int) -> None:
+        e = self.tw.get(la >> 12)
+        if e is not None and la & 0xFFF <= 0xFF8:
+            P64(e[0], e[1] + (la & 0xFFF), v)
+        else:
+            self.write_slow(la, 8, v)
+
+    def read_bytes(self, la: int, n: int) -> bytes:
+        return bytes(self.rd1((la + i) & 0xFFFFFFFFFFFFFFFF) for i in range(n))

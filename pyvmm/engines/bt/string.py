@@ -1,0 +1,116 @@
+"""String instructions (movs/stos/lods/cmps/scas/ins/outs) with rep prefixes.
+
+They run as a helper over the CPU object: registers are updated after each
+iteration, so a fault in the middle leaves RSI/RDI/RCX where hardware would."""
+
+from __future__ import annotations
+
+import iced_x86 as X
+
+from . import flags as F
+from .gen import MASK, SEG_INDEX, Gen
+
+M = X.Mnemonic
+_KIND = {M.MOVSB: 1, M.MOVSW: 2, M.MOVSD: 4, M.MOVSQ: 8}
+
+
+def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
+    """rep: 0 none, 1 rep/repe, 2 repne. Raises GuestFault with state precise."""
+    R = c.R
+    am = MASK[asz]
+    step = -size if c.rf & F.DF else size
+    sb = c.sb
+    lam = 0xFFFFFFFFFFFFFFFF if c.mode[0] == 64 else 0xFFFFFFFF
+    es = 0 if c.mode[0] == 64 else sb[0]
+    src = sb[seg] if (c.mode[0] != 64 or seg >= 4) else 0
+    keep = ~am
+    while True:
+        if rep:
+            if R[1] & am == 0:
+                return
+        si, di = R[6] & am, R[7] & am
+        if op == "movs":
+            c.wr((es + di) & lam, size, c.rd((src + si) & lam, size))
+            R[6] = (R[6] & keep) | ((si + step) & am)
+            R[7] = (R[7] & keep) | ((di + step) & am)
+        elif op == "stos":
+            c.wr((es + di) & lam, size, R[0] & MASK[size])
+            R[7] = (R[7] & keep) | ((di + step) & am)
+        elif op == "lods":
+            v = c.rd((src + si) & lam, size)
+            R[0] = v if size >= 4 else (R[0] & ~MASK[size]) | v
+            R[6] = (R[6] & keep) | ((si + step) & am)
+        elif op in ("cmps", "scas"):
+            if op == "cmps":
+                a = c.rd((src + si) & lam, size)
+                b = c.rd((es + di) & lam, size)
+            else:
+                a = R[0] & MASK[size]
+                b = c.rd((es + di) & lam, size)
+            c.lf = (F.op(F.SUB, size), a - b, a, b)
+            if op == "cmps":
+                R[6] = (R[6] & keep) | ((si + step) & am)
+            R[7] = (R[7] & keep) | ((di + step) & am)
+        elif op == "ins":
+            c.wr((es + di) & lam, size, c.port_in(R[2] & 0xFFFF, size))
+            R[7] = (R[7] & keep) | ((di + step) & am)
+        elif op == "outs":
+            c.port_out(R[2] & 0xFFFF, size, c.rd((src + si) & lam, size))
+            R[6] = (R[6] & keep) | ((si + step) & am)
+        if not rep:
+            return
+        R[1] = (R[1] & keep) | ((R[1] - 1) & am)
+        if op in ("cmps", "scas"):
+            zf = (c.lf[1] & MASK[size]) == 0
+            if (rep == 1 and not zf) or (rep == 2 and zf):
+                return
+        if c.pending and R[1] & am:
+            c.rip_back = True  # resume this instruction after the interruption
+            return
+
+
+def _emit(g: Gen) -> None:
+    ins = g.ins
+    if not ins.is_string_instruction:
+        from .gen import Unsupported
+        raise Unsupported("SSE form of movsd/cmpsd")
+    m = ins.mnemonic
+    table = {M.MOVSB: ("movs", 1), M.MOVSW: ("movs", 2), M.MOVSD: ("movs", 4), M.MOVSQ: ("movs", 8),
+             M.STOSB: ("stos", 1), M.STOSW: ("stos", 2), M.STOSD: ("stos", 4), M.STOSQ: ("stos", 8),
+             M.LODSB: ("lods", 1), M.LODSW: ("lods", 2), M.LODSD: ("lods", 4), M.LODSQ: ("lods", 8),
+             M.CMPSB: ("cmps", 1), M.CMPSW: ("cmps", 2), M.CMPSD: ("cmps", 4), M.CMPSQ: ("cmps", 8),
+             M.SCASB: ("scas", 1), M.SCASW: ("scas", 2), M.SCASD: ("scas", 4), M.SCASQ: ("scas", 8),
+             M.INSB: ("ins", 1), M.INSW: ("ins", 2), M.INSD: ("ins", 4),
+             M.OUTSB: ("outs", 1), M.OUTSW: ("outs", 2), M.OUTSD: ("outs", 4)}
+    op, size = table[m]
+    if ins.op_count == 0:
+        pass
+    rep = 2 if ins.has_repne_prefix and op in ("cmps", "scas") else (1 if (ins.has_rep_prefix or ins.has_repne_prefix) else 0)
+    kinds = [ins.op_kind(i) for i in range(ins.op_count)]
+    asz = 8 if g.bits == 64 else g.bits // 8
+    for k in kinds:
+        if k in (X.OpKind.MEMORY_SEG_SI, X.OpKind.MEMORY_SEG_DI, X.OpKind.MEMORY_ESDI):
+            asz = 2
+        elif k in (X.OpKind.MEMORY_SEG_ESI, X.OpKind.MEMORY_SEG_EDI, X.OpKind.MEMORY_ESEDI):
+            asz = 4
+        elif k in (X.OpKind.MEMORY_SEG_RSI, X.OpKind.MEMORY_SEG_RDI, X.OpKind.MEMORY_ESRDI):
+            asz = 8
+    seg = SEG_INDEX.get(ins.memory_segment, 3)
+    if op in ("ins", "outs") and g.cpl > 0:
+        g.helper("IOCHECK(c)")
+    g.helper(f"STRING(c, {op!r}, {size}, {rep}, {asz}, {seg})")
+    if rep:
+        from .ctrl import _exit
+        g.emit("if c.rip_back:")
+        g.emit(f"    c.rip_back = False")
+        g.ind += 1
+        _exit(g, f"{ins.ip:#x}")
+        g.ind -= 1
+        g.ends = False
+
+
+EMITTERS = {}
+for _m in ("MOVS", "STOS", "LODS", "CMPS", "SCAS", "INS", "OUTS"):
+    for _s in "BWDQ":
+        if hasattr(M, _m + _s):
+            EMITTERS[getattr(M, _m + _s)] = _emit

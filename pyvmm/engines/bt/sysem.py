@@ -1,0 +1,181 @@
+"""Emitters for sensitive and privileged instructions (helpers in system.py)."""
+
+from __future__ import annotations
+
+import iced_x86 as X
+
+from .ctrl import _exit
+from .gen import GPR, MASK, SEG_INDEX, Gen, Unsupported
+
+M = X.Mnemonic
+Rg = X.Register
+_CR = {getattr(Rg, f"CR{i}"): i for i in (0, 2, 3, 4, 8)}
+_DR = {getattr(Rg, f"DR{i}"): i for i in range(8)}
+
+
+def _end(g: Gen) -> None:
+    _exit(g, f"{g.ins.next_ip:#x}")
+
+
+def _mov_special(g: Gen) -> bool:
+    """mov to/from CRn, DRn and segment registers; False if not one."""
+    ins = g.ins
+    r0 = ins.op0_register if g.is_reg(0) else None
+    r1 = ins.op1_register if g.is_reg(1) else None
+    if r0 in _CR:
+        g.helper(f"NEED_CPL0(c); WRITE_CR(c, {_CR[r0]}, R[{GPR[r1][0]}])")
+        _end(g)
+    elif r1 in _CR:
+        g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_CR(c, {_CR[r1]})")
+    elif r0 in _DR:
+        g.helper(f"NEED_CPL0(c); c.dr[{_DR[r0]}] = R[{GPR[r1][0]}]")
+    elif r1 in _DR:
+        g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = c.dr[{_DR[r1]}]")
+    elif r0 in SEG_INDEX:
+        if r0 == Rg.CS:
+            raise Unsupported("mov cs")
+        g.emit(f"v = {g.read(1, 2)}")
+        g.helper(f"c.load_seg({SEG_INDEX[r0]}, v)")
+        _end(g)
+    elif r1 in SEG_INDEX:
+        g.bind("c")
+        size = g.size(0) if g.is_reg(0) else 2
+        g.write(0, f"c.seg[{SEG_INDEX[r1]}].selector", size)
+    else:
+        return False
+    return True
+
+
+def _mov(g: Gen) -> None:
+    from .alu import _mov as plain
+    if not _mov_special(g):
+        plain(g)
+
+
+def _io(g: Gen) -> None:
+    ins = g.ins
+    m = ins.mnemonic
+    if m == M.IN:
+        size = g.size(0)
+        port = f"{ins.immediate(1) & 0xFF}" if g.is_imm(1) else "R[2] & 0xFFFF"
+        acc = {1: 0, 2: 0, 4: 0}[size]
+        keep = "" if size == 4 else f"(R[0] & ~{MASK[size]:#x}) | "
+        g.helper(f"IOCHECK(c); R[0] = {keep}PORT_IN(c, {port}, {size})")
+    else:
+        size = g.size(1)
+        port = f"{ins.immediate(0) & 0xFF}" if g.is_imm(0) else "R[2] & 0xFFFF"
+        g.helper(f"IOCHECK(c); PORT_OUT(c, {port}, {size}, R[0])")
+    _end(g)  # device side effects (stop requests, interrupts) are seen promptly
+
+
+def _hlt(g: Gen) -> None:
+    g.helper("HALT(c)")
+    _end(g)
+
+
+def _cli(g: Gen) -> None:
+    g.helper(f"CLI_STI(c, {g.ins.mnemonic == M.STI})")
+    _end(g)
+
+
+def _cpuid(g: Gen) -> None:
+    g.helper("CPUID(c)")
+
+
+def _rdtsc(g: Gen) -> None:
+    aux = g.ins.mnemonic == M.RDTSCP
+    g.helper("t = TSC(c); R[0] = t & 0xFFFFFFFF; R[2] = t >> 32"
+             + ("; R[1] = c.msrs.get(0xC0000103, 0) & 0xFFFFFFFF" if aux else ""))
+
+
+def _msr(g: Gen) -> None:
+    if g.ins.mnemonic == M.RDMSR:
+        g.helper("NEED_CPL0(c); t = RDMSR(c, R[1] & 0xFFFFFFFF); R[0] = t & 0xFFFFFFFF; R[2] = t >> 32")
+    else:
+        g.helper("NEED_CPL0(c); WRMSR(c, R[1] & 0xFFFFFFFF, (R[0] & 0xFFFFFFFF) | (R[2] & 0xFFFFFFFF) << 32)")
+        _end(g)
+
+
+def _dtr(g: Gen) -> None:
+    m = g.ins.mnemonic
+    which = "gdt" if m in (M.LGDT, M.SGDT) else "idt"
+    g.addr()
+    if m in (M.LGDT, M.LIDT):
+        osz = 4 if g.bits != 16 else 2
+        g.helper(f"NEED_CPL0(c); LOAD_DTR(c, {which!r}, a, {osz})")
+        _end(g)
+    else:
+        g.helper(f"STORE_DTR(c, {which!r}, a)")
+
+
+def _ldt_tr(g: Gen) -> None:
+    m = g.ins.mnemonic
+    if m in (M.LTR, M.LLDT):
+        g.emit(f"v = {g.read(0, 2)}")
+        g.helper(f"NEED_CPL0(c); {'LTR' if m == M.LTR else 'LLDT'}(c, v)")
+        _end(g)
+    else:
+        g.bind("c")
+        src = "c.tr.selector" if m == M.STR else "c.ldt.selector"
+        g.write(0, src, g.size(0) if g.is_reg(0) else 2)
+
+
+def _smsw(g: Gen) -> None:
+    g.bind("c")
+    size = g.size(0) if g.is_reg(0) else 2
+    g.write(0, f"c.cr0 & {MASK[size]:#x}", size)
+
+
+def _lmsw(g: Gen) -> None:
+    g.emit(f"v = {g.read(0, 2)}")
+    g.helper("NEED_CPL0(c); WRITE_CR(c, 0, (c.cr0 & ~0xE) | (v & 0xF) | (c.cr0 & 1))")
+    _end(g)
+
+
+def _clts(g: Gen) -> None:
+    g.helper("NEED_CPL0(c); c.cr0 &= ~8")
+
+
+def _invlpg(g: Gen) -> None:
+    g.addr()
+    g.helper("NEED_CPL0(c); c.mmu.invlpg(a)")
+    _end(g)
+
+
+def _wbinvd(g: Gen) -> None:
+    g.helper("NEED_CPL0(c)")
+
+
+def _cmpxchgw(g: Gen) -> None:
+    g.addr()
+    size = 8 if g.ins.mnemonic == M.CMPXCHG16B else 4
+    g.helper(f"CMPXCHGW(c, a, {size})")
+
+
+def _syscall(g: Gen) -> None:
+    m = g.ins.mnemonic
+    if m == M.SYSCALL:
+        g.helper(f"SYSCALL(c, {g.ins.next_ip:#x})")
+    elif m == M.SYSRETQ or m == M.SYSRET:
+        g.helper(f"SYSRET(c, {8 if m == M.SYSRETQ else 4})")
+    else:
+        g.helper("SWAPGS(c)")
+        _end(g)
+        return
+    _exit(g, "c.rip")
+
+
+def _ud(g: Gen) -> None:
+    raise Unsupported("ud2")
+
+
+EMITTERS = {
+    M.MOV: _mov, M.IN: _io, M.OUT: _io, M.HLT: _hlt, M.CLI: _cli, M.STI: _cli,
+    M.CPUID: _cpuid, M.RDTSC: _rdtsc, M.RDTSCP: _rdtsc, M.RDMSR: _msr, M.WRMSR: _msr,
+    M.LGDT: _dtr, M.LIDT: _dtr, M.SGDT: _dtr, M.SIDT: _dtr,
+    M.LTR: _ldt_tr, M.LLDT: _ldt_tr, M.STR: _ldt_tr, M.SLDT: _ldt_tr,
+    M.SMSW: _smsw, M.LMSW: _lmsw, M.CLTS: _clts, M.INVLPG: _invlpg, M.WBINVD: _wbinvd,
+    M.INVD: _wbinvd, M.CMPXCHG8B: _cmpxchgw, M.CMPXCHG16B: _cmpxchgw,
+    M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
+    M.UD2: _ud,
+}

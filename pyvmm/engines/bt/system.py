@@ -1,0 +1,297 @@
+"""Sensitive and privileged instructions: helpers that work on the virtual
+CPU and the buses, and the emitters that call them.
+
+Every helper runs with the CPU object fully up to date (see Gen.helper) and
+raises GuestFault (#GP at CPL > 0, #UD, ...) before changing state."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import iced_x86 as X
+
+from . import flags as F
+from .faults import GP, UD, GuestFault
+from .gen import MASK, SEG_INDEX, GPR, Gen, Unsupported
+from .string import run_string
+
+log = logging.getLogger(__name__)
+M = X.Mnemonic
+Rg = X.Register
+
+MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS = 0xC0000080, 0xC0000100, 0xC0000101, 0xC0000102
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+MSR_TSC, MSR_TSC_AUX = 0x10, 0xC0000103
+
+# CPUID: leaf -> (eax, ebx, ecx, edx). Features the translator implements
+# (integer ISA, cx8/cx16, cmov, tsc, msr, pae, pge, pse, popcnt, lm, nx, syscall).
+_VENDOR = b"GenuineIntel"
+CPUID = {
+    0: (0xD, int.from_bytes(_VENDOR[0:4], "little"), int.from_bytes(_VENDOR[8:12], "little"),
+        int.from_bytes(_VENDOR[4:8], "little")),
+    1: (0x000306A9, 0x00000800, (1 << 13) | (1 << 23),
+        (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 11) | (1 << 13)
+        | (1 << 15) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)),
+    0x80000000: (0x80000008, 0, 0, 0),
+    0x80000001: (0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),
+    0x80000008: (0x3028, 0, 0, 0),
+}
+
+
+def _need_cpl0(c) -> None:
+    if c.cpl > 0:
+        raise GuestFault(GP, 0)
+
+
+def _iopl_ok(c) -> bool:
+    return not c.protected or c.cpl <= (c.rf >> 12) & 3
+
+
+def iocheck(c) -> None:
+    if not _iopl_ok(c):
+        raise GuestFault(GP, 0)
+
+
+def port_in(c, port: int, size: int) -> int:
+    return c.io.read(port, size) & MASK[size]
+
+
+def port_out(c, port: int, size: int, v: int) -> None:
+    c.io.write(port, size, v & MASK[size])
+
+
+def cpuid(c) -> None:
+    leaf = c.R[0] & 0xFFFFFFFF
+    sub = c.R[1] & 0xFFFFFFFF
+    a, b, cc, d = CPUID.get(leaf, (0, 0, 0, 0))
+    c.R[0], c.R[3], c.R[1], c.R[2] = a, b, cc, d
+
+
+def tsc(c) -> int:
+    return (time.perf_counter_ns() + c.tsc_offset) & MASK[8]
+
+
+def rdmsr(c, idx: int) -> int:
+    if idx == MSR_EFER:
+        return c.efer
+    if idx == MSR_FS_BASE:
+        return c.sb[4]
+    if idx == MSR_GS_BASE:
+        return c.sb[5]
+    if idx == MSR_TSC:
+        return tsc(c)
+    return c.msrs.get(idx, 0)
+
+
+def wrmsr(c, idx: int, v: int) -> None:
+    if idx == MSR_EFER:
+        lma = c.efer & 0x400
+        c.efer = (v & ~0x400) | lma
+        c.update_mode()
+    elif idx == MSR_FS_BASE:
+        c.sb[4] = v
+    elif idx == MSR_GS_BASE:
+        c.sb[5] = v
+    elif idx == MSR_TSC:
+        c.tsc_offset = v - time.perf_counter_ns()
+    else:
+        c.msrs[idx] = v
+
+
+def write_cr(c, n: int, v: int) -> None:
+    """mov to CRn with the mode changes it implies. Raises #GP on bad values."""
+    if n == 0:
+        v |= 0x10
+        if v & (1 << 31) and not v & 1:
+            raise GuestFault(GP, 0)
+        old = c.cr0
+        c.cr0 = v & 0xFFFFFFFF
+        if (v ^ old) & (1 << 31):
+            if v & (1 << 31) and c.efer & 0x100:
+                c.efer |= 0x400   # LMA
+            elif not v & (1 << 31):
+                c.efer &= ~0x400
+        if not v & 1:
+            c.cpl = 0
+        c.update_mode()
+    elif n == 2:
+        c.cr2 = v
+    elif n == 3:
+        c.cr3 = v
+        c.update_mode()
+    elif n == 4:
+        c.cr4 = v
+        c.update_mode()
+    elif n == 8:
+        c.cr8 = v & 0xF
+    else:
+        raise GuestFault(UD)
+
+
+def read_cr(c, n: int) -> int:
+    return {0: c.cr0, 2: c.cr2, 3: c.cr3, 4: c.cr4, 8: c.cr8}[n]
+
+
+def load_dtr(c, which: str, la: int, opsize: int) -> None:
+    limit = c.rd(la, 2)
+    base = c.rd(la + 2, 8 if c.mode[0] == 64 else 4)
+    if c.mode[0] != 64 and opsize == 2:
+        base &= 0xFFFFFF
+    tbl = getattr(c, which)
+    tbl.base, tbl.limit = base, limit
+
+
+def store_dtr(c, which: str, la: int) -> None:
+    tbl = getattr(c, which)
+    c.wr(la, 2, tbl.limit)
+    c.wr(la + 2, 8 if c.mode[0] == 64 else 4, tbl.base)
+
+
+def ltr(c, sel: int) -> None:
+    if sel & 0xFFFC == 0 or sel & 4:
+        raise GuestFault(GP, sel & 0xFFFC)
+    d, addr = c.read_descriptor(sel)
+    hi = c.rd(addr + 8, 4) if c.mode[0] == 64 else 0
+    s = c.segment_from(sel, d, hi)
+    if s.s or s.type not in (1, 9):
+        raise GuestFault(GP, sel & 0xFFFC)
+    c.wr(addr + 5, 1, ((d >> 40) & 0xFF) | 2)  # busy
+    s.type |= 2
+    c.tr = s
+
+
+def lldt(c, sel: int) -> None:
+    if sel & 0xFFFC == 0:
+        c.ldt.selector, c.ldt.base, c.ldt.limit, c.ldt.unusable = sel, 0, 0, 1
+        return
+    d, addr = c.read_descriptor(sel)
+    hi = c.rd(addr + 8, 4) if c.mode[0] == 64 else 0
+    s = c.segment_from(sel, d, hi)
+    if s.s or s.type != 2:
+        raise GuestFault(GP, sel & 0xFFFC)
+    c.ldt = s
+
+
+def halt(c) -> None:
+    _need_cpl0(c)
+    c.halted = True
+
+
+def cli_sti(c, on: bool) -> None:
+    if not _iopl_ok(c):
+        raise GuestFault(GP, 0)
+    c.rf = (c.rf | F.IF) if on else (c.rf & ~F.IF)
+
+
+def softint(c, vec: int, next_rip: int) -> None:
+    c.deliver(GuestFault(vec), next_rip=next_rip, software=True)
+
+
+def pushf(c, size: int) -> None:
+    c.push(c.pushf_value() & MASK[size], size)
+
+
+def popf(c, size: int) -> None:
+    c.popf(c.pop(size), size)
+
+
+def enter(c, size: int, alloc: int, level: int) -> None:
+    sm = c.sp_mask()
+    bp_mask = MASK[size]
+    c.push(c.R[5] & bp_mask, size)
+    frame = c.R[4] & sm
+    for i in range(1, level):
+        c.R[5] = (c.R[5] & ~sm) | ((c.R[5] - size) & sm)
+        c.push(c.rd(c.sb[2] + (c.R[5] & sm), size), size)
+    if level:
+        c.push(frame, size)
+    c.R[5] = frame if size >= 4 else (c.R[5] & ~0xFFFF) | frame
+    c.R[4] = (c.R[4] & ~sm) | ((frame - alloc) & sm)
+
+
+def far(c, kind: str, size: int, sel: int, off: int, n: int, next_rip: int) -> None:
+    if kind == "ret":
+        ip = c.pop(size)
+        cs = c.pop(size) & 0xFFFF
+        c.load_cs(cs) if not c.protected or (cs & 3) == c.cpl else c.load_cs(cs, cs & 3)
+        sm = c.sp_mask()
+        c.R[4] = (c.R[4] & ~sm) | ((c.R[4] + n) & sm)
+        c.rip = ip
+        return
+    old_cs = c.seg[1].selector
+    c.load_cs(sel, c.cpl if c.protected else None)
+    if kind == "call":
+        c.push(old_cs, size)
+        c.push(next_rip, size)
+    c.rip = off & MASK[size]
+
+
+def cmpxchg_wide(c, la: int, size: int) -> None:
+    """cmpxchg8b (size 4) / cmpxchg16b (size 8) at linear address la."""
+    m = MASK[size]
+    bits = size * 8
+    if size == 8 and la & 15:
+        raise GuestFault(GP, 0)
+    cur = c.rd(la, size) | (c.rd(la + size, size) << bits)
+    exp = (c.R[0] & m) | ((c.R[2] & m) << bits)
+    fw = F.flags_word(*c.lf)
+    if cur == exp:
+        new = (c.R[3] & m) | ((c.R[1] & m) << bits)
+        c.wr(la, size, new & m)
+        c.wr(la + size, size, new >> bits)
+        c.lf = (F.RAW * 4, fw | F.ZF, 0, 0)
+    else:
+        c.wr(la, size, cur & m)
+        c.wr(la + size, size, cur >> bits)
+        c.R[0] = cur & m
+        c.R[2] = cur >> bits
+        c.lf = (F.RAW * 4, fw & ~F.ZF, 0, 0)
+
+
+def syscall(c, next_rip: int) -> None:
+    if not c.efer & 1:
+        raise GuestFault(UD)
+    star = c.msrs.get(MSR_STAR, 0)
+    c.R[1] = next_rip
+    c.R[11] = c.rflags & ~F.RF
+    c.set_rflags(c.rflags & ~c.msrs.get(MSR_FMASK, 0))
+    from ...cpu import Segment
+    sel = (star >> 32) & 0xFFFC
+    c.seg[1] = Segment(selector=sel, base=0, limit=0xFFFFFFFF, type=0xB, dpl=0, l=1, db=0, g=1)
+    c.seg[2] = Segment(selector=sel + 8, base=0, limit=0xFFFFFFFF, type=3, dpl=0, db=1, g=1)
+    c.sb[1] = c.sb[2] = 0
+    c.cpl = 0
+    c.update_mode()
+    c.rip = c.msrs.get(MSR_LSTAR, 0)
+
+
+def sysret(c, size: int) -> None:
+    _need_cpl0(c)
+    from ...cpu import Segment
+    star = c.msrs.get(MSR_STAR, 0)
+    base = (star >> 48) & 0xFFFF
+    if size == 8:
+        c.seg[1] = Segment(selector=(base + 16) | 3, base=0, limit=0xFFFFFFFF, type=0xB, dpl=3, l=1, db=0, g=1)
+        c.rip = c.R[1]
+    else:
+        c.seg[1] = Segment(selector=base | 3, base=0, limit=0xFFFFFFFF, type=0xB, dpl=3, db=1, g=1)
+        c.rip = c.R[1] & 0xFFFFFFFF
+    c.seg[2] = Segment(selector=(base + 8) | 3, base=0, limit=0xFFFFFFFF, type=3, dpl=3, db=1, g=1)
+    c.sb[1] = c.sb[2] = 0
+    c.set_rflags((c.R[11] & 0x3C7FD7) | 2)
+    c.cpl = 3
+    c.update_mode()
+
+
+def swapgs(c) -> None:
+    _need_cpl0(c)
+    c.sb[5], c.msrs[MSR_KERNEL_GS] = c.msrs.get(MSR_KERNEL_GS, 0), c.sb[5]
+
+
+HELPERS = {"IOCHECK": iocheck, "PORT_IN": port_in, "PORT_OUT": port_out, "CPUID": cpuid,
+           "RDMSR": rdmsr, "WRMSR": wrmsr, "WRITE_CR": write_cr, "READ_CR": read_cr,
+           "LOAD_DTR": load_dtr, "STORE_DTR": store_dtr, "LTR": ltr, "LLDT": lldt, "HALT": halt,
+           "CLI_STI": cli_sti, "SOFTINT": softint, "PUSHF": pushf, "POPF": popf, "ENTER": enter,
+           "FAR": far, "CMPXCHGW": cmpxchg_wide, "SYSCALL": syscall, "SYSRET": sysret,
+           "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0}

@@ -1,0 +1,204 @@
+"""ACPI tables parsed back from guest memory, and the PM device through a bus."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pyvmm.boot import acpi, layout
+from pyvmm.bus import Bus
+from pyvmm.devices.acpi_pm import (PM_TIMER_HZ, PWRBTN_STS, REGISTER_RANGE, SCI_EN, AcpiPm)
+from pyvmm.errors import ConfigError
+from pyvmm.irq import IrqLine
+from pyvmm.memory import GuestMemory
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory(32 * MIB)
+    yield m
+    m.close()
+
+
+def table(mem: GuestMemory, addr: int) -> tuple[bytes, bytes]:
+    """(signature, whole table) after checking length and checksum."""
+    sig, length = struct.unpack("<4sI", mem.read(addr, 8))
+    raw = mem.read(addr, length)
+    assert sum(raw) % 256 == 0, f"{sig} checksum"
+    assert layout.BIOS_AREA_ADDR <= addr and addr + length <= layout.BIOS_AREA_END
+    return sig, raw
+
+
+def tables(mem: GuestMemory, cpus: int = 2) -> dict[bytes, bytes]:
+    rsdp_addr = acpi.write_acpi_tables(mem, cpus)
+    assert rsdp_addr == acpi.RSDP_ADDR and rsdp_addr % 16 == 0
+    rsdp = mem.read(rsdp_addr, 36)
+    assert rsdp[:8] == b"RSD PTR "
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    sig, rev, rsdt_addr, length, xsdt_addr = struct.unpack_from("<8s7xBIIQ", rsdp)
+    assert rev == 2 and length == 36
+    _, rsdt = table(mem, rsdt_addr)
+    _, xsdt = table(mem, xsdt_addr)
+    rsdt_ptrs = struct.unpack_from(f"<{(len(rsdt) - 36) // 4}I", rsdt, 36)
+    xsdt_ptrs = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    assert list(rsdt_ptrs) == list(xsdt_ptrs)
+    out = {b"RSDT": rsdt, b"XSDT": xsdt}
+    for p in rsdt_ptrs:
+        sig, raw = table(mem, p)
+        out[sig] = raw
+    return out
+
+
+def test_rsdt_lists_fadt_and_madt(mem):
+    t = tables(mem)
+    assert set(t) == {b"RSDT", b"XSDT", b"FACP", b"APIC"}
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8])
+def test_madt_entries(mem, cpus):
+    madt = tables(mem, cpus)[b"APIC"]
+    lapic_addr, flags = struct.unpack_from("<II", madt, 36)
+    assert lapic_addr == layout.LAPIC_ADDR and flags & 1
+    off, entries = 44, []
+    while off < len(madt):
+        etype, elen = madt[off], madt[off + 1]
+        entries.append((etype, madt[off:off + elen]))
+        off += elen
+    assert off == len(madt)
+    lapics = [e for t, e in entries if t == 0]
+    assert len(lapics) == cpus
+    assert [(e[2], e[3], struct.unpack_from("<I", e, 4)[0]) for e in lapics] == \
+        [(i, i, 1) for i in range(cpus)]
+    (ioapic,) = [e for t, e in entries if t == 1]
+    assert struct.unpack("<BBBBII", ioapic) == (1, 12, cpus, 0, layout.IOAPIC_ADDR, 0)
+    overrides = {e[3]: struct.unpack_from("<IH", e, 4) for t, e in entries if t == 2}
+    assert overrides == {0: (2, 0x5), 9: (9, 0xD)}
+
+
+def test_fadt_fields(mem):
+    t = tables(mem)
+    fadt = t[b"FACP"]
+    assert len(fadt) == 244 and fadt[8] == 3
+    facs_addr, dsdt_addr = struct.unpack_from("<II", fadt, 36)
+    assert struct.unpack_from("<H", fadt, 46)[0] == 9          # SCI_INT
+    assert struct.unpack_from("<I", fadt, 48)[0] == 0          # SMI_CMD: none
+    assert struct.unpack_from("<I", fadt, 56)[0] == 0x600      # PM1a_EVT_BLK
+    assert struct.unpack_from("<I", fadt, 64)[0] == 0x604      # PM1a_CNT_BLK
+    assert struct.unpack_from("<I", fadt, 76)[0] == 0x608      # PM_TMR_BLK
+    assert struct.unpack_from("<BBBB", fadt, 88) == (4, 2, 0, 4)
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert flags & acpi.FADT_RESET_REG_SUP and flags & acpi.FADT_TMR_VAL_EXT
+    assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0x64) and fadt[128] == 0xFE
+    x_facs, x_dsdt = struct.unpack_from("<QQ", fadt, 132)
+    assert (x_facs, x_dsdt) == (0, dsdt_addr)     # one FACS pointer only
+    for off, port, length in ((148, 0x600, 4), (172, 0x604, 2), (208, 0x608, 4)):
+        space, bits, _o, _a, addr = struct.unpack_from("<BBBBQ", fadt, off)
+        assert (space, bits, addr) == (1, length * 8, port)
+    assert facs_addr % 64 == 0
+    facs = mem.read(facs_addr, 64)
+    assert facs[:4] == b"FACS" and struct.unpack_from("<I", facs, 4)[0] == 64
+    sig, dsdt = table(mem, dsdt_addr)
+    assert sig == b"DSDT"
+    # Name(_S5_, Package(){5, 5, 0, 0}) in AML.
+    assert bytes.fromhex("085f53355f1208040a050a050000") in dsdt[36:]
+
+
+def test_too_many_cpus(mem):
+    with pytest.raises(ConfigError):
+        acpi.write_acpi_tables(mem, 255)
+
+
+# ---------------------------------------------------------------- PM device
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def pm_bus(**kw) -> tuple[AcpiPm, Bus]:
+    dev = AcpiPm(**kw)
+    bus = Bus("io")
+    bus.insert(acpi.PM_BASE, REGISTER_RANGE, dev, "acpi-pm")
+    assert REGISTER_RANGE == acpi.PM_BLOCK_LEN
+    return dev, bus
+
+
+def test_pm_timer_counts_and_wraps():
+    clock = FakeClock()
+    _, bus = pm_bus(clock=clock)
+    assert bus.read(acpi.PM_TMR_BLK, 4) == 0
+    values = []
+    for _ in range(5):
+        clock.t += 0.25
+        values.append(bus.read(acpi.PM_TMR_BLK, 4))
+    assert values == sorted(values) and len(set(values)) == 5
+    assert values[-1] == int(1.25 * PM_TIMER_HZ)
+    clock.t = 100.0 + (1 << 32) / PM_TIMER_HZ + 1.0  # one full period plus a second
+    assert bus.read(acpi.PM_TMR_BLK, 4) in range(PM_TIMER_HZ - 2, PM_TIMER_HZ + 2)
+    # Byte reads see the same lanes.
+    clock.t = 100.0 + 0x123456 / PM_TIMER_HZ + 1e-9
+    assert bus.read(acpi.PM_TMR_BLK + 1, 1) == 0x34
+    # Writes to the timer are ignored.
+    bus.write(acpi.PM_TMR_BLK, 4, 0)
+    assert bus.read(acpi.PM_TMR_BLK, 4) == 0x123456
+
+
+def test_pm_timer_state_round_trip():
+    clock = FakeClock()
+    dev, _ = pm_bus(clock=clock)
+    clock.t += 2.0
+    state = dev.get_state()
+    other = AcpiPm(clock=clock)
+    other.set_state(state)
+    assert other.timer() == dev.timer() == 2 * PM_TIMER_HZ
+
+
+def test_sci_en_set_and_sticky():
+    _, bus = pm_bus()
+    assert bus.read(acpi.PM1A_CNT_BLK, 2) & SCI_EN
+    bus.write(acpi.PM1A_CNT_BLK, 2, 0)
+    assert bus.read(acpi.PM1A_CNT_BLK, 2) & SCI_EN
+
+
+def test_poweroff_on_s5():
+    calls = []
+    _, bus = pm_bus(on_poweroff=lambda: calls.append("off"))
+    bus.write(acpi.PM1A_CNT_BLK, 2, (5 << 10) | SCI_EN)   # SLP_TYP alone: nothing
+    assert calls == []
+    bus.write(acpi.PM1A_CNT_BLK, 2, (5 << 10) | (1 << 13) | SCI_EN)
+    assert calls == ["off"]
+    # SLP_EN reads back as 0; SLP_TYP is kept.
+    assert bus.read(acpi.PM1A_CNT_BLK, 2) == (5 << 10) | SCI_EN
+
+
+def test_poweroff_by_byte_write_and_other_sleep_states():
+    calls, sleeps = [], []
+    _, bus = pm_bus(on_poweroff=lambda: calls.append(1), on_sleep=sleeps.append)
+    bus.write(acpi.PM1A_CNT_BLK + 1, 1, ((5 << 10) | (1 << 13)) >> 8)
+    assert calls == [1]
+    bus.write(acpi.PM1A_CNT_BLK, 2, (3 << 10) | (1 << 13))
+    assert sleeps == [3] and calls == [1]
+
+
+def test_status_write_one_to_clear_and_sci():
+    sci = IrqLine(9)
+    dev, bus = pm_bus(sci=sci)
+    dev.press_power_button()
+    assert bus.read(acpi.PM1A_EVT_BLK, 2) & PWRBTN_STS
+    assert sci.level == 0                       # not enabled yet
+    bus.write(acpi.PM1A_EVT_BLK + 2, 2, PWRBTN_STS)
+    assert bus.read(acpi.PM1A_EVT_BLK + 2, 2) == PWRBTN_STS
+    assert sci.level == 1
+    bus.write(acpi.PM1A_EVT_BLK, 2, 0)          # writing 0 clears nothing
+    assert bus.read(acpi.PM1A_EVT_BLK, 2) & PWRBTN_STS
+    bus.write(acpi.PM1A_EVT_BLK, 2, PWRBTN_STS)
+    assert bus.read(acpi.PM1A_EVT_BLK, 2) == 0
+    assert sci.level == 0
+    # A 32-bit access covers STS and EN together.
+    dev.press_power_button()
+    assert bus.read(acpi.PM1A_EVT_BLK, 4) == PWRBTN_STS | (PWRBTN_STS << 16)
