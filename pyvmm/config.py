@@ -31,6 +31,8 @@ class VmConfig:
     # False: no in-kernel interrupt controller under KVM, so HLT exits to
     # pyvmm (raw test guests use it; Linux needs the irqchip).
     irqchip: bool = True
+    # hw: complete instructions KVM cannot emulate with pyvmm's own code.
+    complete_instructions: bool = True
     verbose: bool = False
 
     def validate(self) -> None:

@@ -134,6 +134,12 @@ SET_FPU = _iow(0x8D, ctypes.sizeof(Fpu))
 SET_CPUID2 = _iow(0x90, 8)
 GET_MP_STATE = _ior(0x98, 4)
 SET_MP_STATE = _iow(0x99, 4)
+GET_XSAVE = _ior(0xA4, 4096)
+SET_XSAVE = _iow(0xA5, 4096)
+GET_XCRS = _ior(0xA6, 392)
+XSAVE_AREA_SIZE = 4096  # what KVM_GET_XSAVE transfers (KVM_CAP_XSAVE2 reports more where AMX is on)
+
+
 GET_VCPU_EVENTS = _ior(0x9F, 64)
 SET_VCPU_EVENTS = _iow(0xA0, 64)
 
@@ -149,6 +155,9 @@ CAP_SET_IDENTITY_MAP_ADDR = 37
 CAP_MAX_VCPUS = 66
 CAP_SYNC_REGS = 74
 CAP_IMMEDIATE_EXIT = 136
+CAP_XSAVE = 55
+CAP_XCRS = 56
+CAP_XSAVE2 = 208
 
 # Exit reasons
 EXIT_UNKNOWN = 0

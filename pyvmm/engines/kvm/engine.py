@@ -44,6 +44,10 @@ class KvmEngine(Engine):
         self._error: BaseException | None = None
         self.exit_counts: list[list[int]] = []
         self.guest_time = 0.0
+        # Complete instructions KVM cannot emulate (completion.py); off, such
+        # an exit ends the VM with a crash report as before.
+        self.complete_instructions = machine.config.complete_instructions
+        self.completer = None
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -196,7 +200,7 @@ class KvmEngine(Engine):
         elif reason == abi.EXIT_INTR:
             pass
         elif reason == abi.EXIT_INTERNAL_ERROR:
-            raise self._crash(vcpu)
+            self._complete_or_crash(vcpu)
         elif reason == abi.EXIT_FAIL_ENTRY:
             hw_reason = abi.FAIL_ENTRY.unpack_from(mm, abi.RUN_UNION)[0]
             raise GuestCrash(f"KVM could not enter the guest (hardware reason 0x{hw_reason:x}) on vcpu{vcpu.index}\n"
@@ -205,7 +209,26 @@ class KvmEngine(Engine):
             name = abi.EXIT_NAMES.get(reason, str(reason))
             raise GuestCrash(f"unexpected KVM exit '{name}' on vcpu{vcpu.index}\n" + state.describe(state.save(vcpu)))
 
-    def _crash(self, vcpu: KvmVcpu) -> GuestCrash:
+    def _complete_or_crash(self, vcpu: KvmVcpu) -> None:
+        """Completes an instruction KVM could not emulate, or reports the crash."""
+        mm = vcpu.run_mm
+        suberror, ndata = abi.INTERNAL_EXIT.unpack_from(mm, abi.RUN_UNION)
+        if suberror != abi.INTERNAL_ERROR_EMULATION or not self.complete_instructions:
+            raise self._crash(vcpu)
+        insn = b""
+        if ndata >= 2:
+            _, _, flags, size, raw = abi.EMULATION_FAILURE.unpack_from(mm, abi.RUN_UNION)
+            insn = raw[:size] if flags & 1 else b""
+        if self.completer is None:
+            from .completion import Completer
+            self.completer = Completer(self)
+        try:
+            self.completer.complete(vcpu, insn)
+        except Exception as e:  # any failure to complete is the guest's crash, reported
+            log.debug("completion failed", exc_info=True)
+            raise self._crash(vcpu, f"; pyvmm could not complete it either: {e}") from None
+
+    def _crash(self, vcpu: KvmVcpu, note: str = "") -> GuestCrash:
         """Builds the report for KVM_EXIT_INTERNAL_ERROR: reason, RIP, bytes, registers."""
         mm = vcpu.run_mm
         suberror, ndata = abi.INTERNAL_EXIT.unpack_from(mm, abi.RUN_UNION)
@@ -221,7 +244,7 @@ class KvmEngine(Engine):
         text = insn.hex(" ") if insn else "(unreadable)"
         self.machine.crash_state = st
         return GuestCrash(f"KVM internal error ({what}) on vcpu{vcpu.index} at RIP 0x{st.rip:x}, "
-                          f"instruction bytes: {text}\n" + state.describe(st))
+                          f"instruction bytes: {text}{note}\n" + state.describe(st))
 
     def read_guest_virtual(self, vcpu: KvmVcpu, addr: int, size: int) -> bytes:
         """Reads guest-virtual memory through the vCPU's page tables ("" if unmapped)."""
@@ -247,7 +270,8 @@ class KvmEngine(Engine):
                     name = abi.EXIT_NAMES.get(reason, str(reason))
                     exits[name] = exits.get(name, 0) + n
         return {"engine": self.name, "exits": exits, "total_exits": sum(exits.values()),
-                "seconds_running": round(self.guest_time, 6)}
+                "seconds_running": round(self.guest_time, 6),
+                "completions": dict(self.completer.counts) if self.completer else {}}
 
     def close(self) -> None:
         for v in self.vcpus:

@@ -30,8 +30,9 @@ def _from_kvm_segment(k: abi.Segment) -> Segment:
     return Segment(**{a: getattr(k, a) for a in _SEG_ATTRS})
 
 
-def load(vcpu: KvmVcpu, st: CpuState) -> None:
-    """Writes the whole CpuState into a KVM vCPU."""
+def load(vcpu: KvmVcpu, st: CpuState, boot_msrs: bool = True) -> None:
+    """Writes the whole CpuState into a KVM vCPU (with the reset values of
+    MSRs a fresh PC has, unless boot_msrs is False)."""
     sregs = vcpu.get_sregs()  # keeps apic_base and the interrupt bitmap
     for name in CpuState.SEGMENT_NAMES:
         setattr(sregs, name, _to_kvm_segment(getattr(st, name)))
@@ -45,9 +46,10 @@ def load(vcpu: KvmVcpu, st: CpuState) -> None:
         setattr(regs, name, st.regs.get(name, 0))
     regs.rip, regs.rflags = st.rip, st.rflags
     vcpu.set_regs(regs)
-    msrs = dict(BOOT_MSRS)
+    msrs = dict(BOOT_MSRS) if boot_msrs else {}
     msrs.update(st.msrs)
-    vcpu.set_msrs(msrs)
+    if msrs:
+        vcpu.set_msrs(msrs)
 
 
 def save(vcpu: KvmVcpu) -> CpuState:

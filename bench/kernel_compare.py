@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The stock Debian cloud kernel against the kernel fitted to pyvmm
+(`pyvmm kernel build`): image size, wall seconds and guest instructions to
+PYVMM-INIT-READY on each engine that can run them here, and guest memory
+free after boot (read from /proc/meminfo in the guest).
+
+Each boot is a `python3 -m pyvmm run --engine E --kernel K --no-reboot`
+subprocess with pyvmm's default initramfs; once the marker appears the
+bench types `cat /proc/meminfo; reboot -f` (the i8042 reset ends the VM
+under --no-reboot, with or without ACPI in the kernel).  A boot that fails
+or times out is reported as "cannot run here: <reason>", never a crash.
+
+Goal (issue 5): the fitted kernel reaches the marker under --engine bt in
+at most 10 s.
+Ends with: RESULT fitted_bt_s=<s|na> stock_bt_s=<s|na> fitted_hw_s=<s|na>
+stock_hw_s=<s|na> fitted_size=<bytes> stock_size=<bytes>
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pyvmm.errors import VmmError  # noqa: E402
+from pyvmm.guest.initramfs import READY_MARKER, ensure_default_initramfs  # noqa: E402
+from pyvmm.kernel.build import IMAGE_PATH, check_image  # noqa: E402
+from pyvmm.kernel.source import cache_dir  # noqa: E402
+from tests.guest_session import GuestSession  # noqa: E402
+
+CMDLINE = "console=ttyS0 reboot=k panic=-1"
+MEMINFO_END = "PYVMM-MEMINFO-END"
+
+
+@dataclass
+class Boot:
+    """One boot's measurements, or why it could not run."""
+    seconds: float | None = None         # spawn -> marker, host wall clock
+    instructions: int | None = None      # guest instructions in the whole run (bt only)
+    mem_free_kib: int | None = None
+    mem_total_kib: int | None = None
+    failure: str = ""
+
+    def cell(self) -> str:
+        return f"cannot run here: {self.failure}" if self.failure else f"{self.seconds:.2f} s"
+
+
+def _failure_reason(session: GuestSession, default: str) -> str:
+    lines = [l for l in session.errors.splitlines() if l.startswith("pyvmm:")]
+    text = lines[0] if lines else default
+    return text.replace("pyvmm: ", "", 1)[:160]
+
+
+def boot(kernel: str, engine: str, mem: str, timeout: float) -> Boot:
+    """Boots `kernel` to the marker under `engine`; never raises for a guest
+    that does not get there."""
+    initrd = str(ensure_default_initramfs())
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats.json"
+        start = time.monotonic()
+        with GuestSession("run", "--engine", engine, "--kernel", kernel, "--initrd", initrd,
+                          "--append", CMDLINE, "--mem", mem, "--no-reboot",
+                          "--stats-json", str(stats)) as s:
+            try:
+                s.expect(READY_MARKER, timeout)
+            except AssertionError:
+                code = s.proc.poll()
+                why = f"exit {code}" if code is not None else f"no {READY_MARKER} in {timeout:.0f} s"
+                return Boot(failure=_failure_reason(s, why))
+            result = Boot(seconds=time.monotonic() - start)
+            s.send(f"cat /proc/meminfo; echo {MEMINFO_END}; reboot -f\n")
+            try:
+                s.expect(MEMINFO_END + r"\s", 30)
+                s.wait(60)
+            except Exception as e:  # noqa: BLE001 - the boot itself counted
+                result.failure = f"after the marker: {str(e).splitlines()[0][:120]}"
+                return result
+            tail = s.output.split(READY_MARKER, 1)[1]
+            for key, attr in (("MemFree", "mem_free_kib"), ("MemTotal", "mem_total_kib")):
+                m = re.search(rf"^{key}:\s+(\d+) kB", tail, re.M)
+                if m:
+                    setattr(result, attr, int(m.group(1)))
+        try:
+            doc = json.loads(stats.read_text())
+            result.instructions = doc.get("engine", {}).get("instructions")
+        except (OSError, ValueError):
+            pass
+        return result
+
+
+def default_stock() -> str | None:
+    found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    return found[-1] if found else None
+
+
+def default_fitted() -> str | None:
+    found = sorted(glob.glob(str(cache_dir() / "build-*" / IMAGE_PATH)))
+    return found[-1] if found else None
+
+
+def _fmt(v, unit: str = "", scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if v is None else f"{v / scale:.{digits}f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stock", default=default_stock(), help="stock kernel (default: /boot/vmlinuz-*-cloud-amd64)")
+    ap.add_argument("--fitted", default=default_fitted(),
+                    help="fitted bzImage (default: the newest `pyvmm kernel build` in the cache)")
+    ap.add_argument("--engines", default="hw,bt", help="comma-separated engines (default hw,bt)")
+    ap.add_argument("--mem", default="256M", help="guest RAM (default 256M)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the marker per boot")
+    args = ap.parse_args(argv)
+
+    kernels = {"stock": args.stock, "fitted": args.fitted}
+    sizes: dict[str, int | None] = {}
+    for name, path in kernels.items():
+        if not path:
+            print(f"{name}: no kernel found (fitted: run `pyvmm kernel build`)", file=sys.stderr)
+            return 1
+        try:
+            size, fmt, _ = check_image(Path(path))
+        except VmmError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return 1
+        sizes[name] = size
+        print(f"{name:6s} {path}: {size} bytes ({size / 2**20:.2f} MiB), payload {fmt}")
+
+    engines = [e for e in args.engines.split(",") if e]
+    results: dict[tuple[str, str], Boot] = {}
+    for engine in engines:
+        for name, path in kernels.items():
+            results[name, engine] = b = boot(path, engine, args.mem, args.timeout)
+            print(f"  {name:6s} --engine {engine}: {b.cell()}", flush=True)
+
+    print()
+    print(f"{'kernel':7s} {'engine':6s} {'to marker':>10s} {'guest instr':>12s} {'MemFree':>10s} "
+          f"{'MemTotal':>10s}  note")
+    for (name, engine), b in results.items():
+        ok = b.seconds is not None
+        print(f"{name:7s} {engine:6s} {_fmt(b.seconds, ' s', digits=2) if ok else '-':>10s} "
+              f"{_fmt(b.instructions, ' G', 1e9, 3):>12s} {_fmt(b.mem_free_kib, ' MiB', 1024, 1):>10s} "
+              f"{_fmt(b.mem_total_kib, ' MiB', 1024, 1):>10s}  "
+              f"{('cannot run here: ' + b.failure) if b.failure else ''}")
+
+    def sec(name: str, engine: str) -> str:
+        b = results.get((name, engine))
+        return f"{b.seconds:.2f}" if b and b.seconds is not None and not b.failure else "na"
+    print(f"RESULT fitted_bt_s={sec('fitted', 'bt')} stock_bt_s={sec('stock', 'bt')} "
+          f"fitted_hw_s={sec('fitted', 'hw')} stock_hw_s={sec('stock', 'hw')} "
+          f"fitted_size={sizes['fitted']} stock_size={sizes['stock']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
