@@ -53,10 +53,20 @@ class Boot:
         return f"cannot run here: {self.failure}" if self.failure else f"{self.seconds:.2f} s"
 
 
-def _failure_reason(session: GuestSession, default: str) -> str:
-    lines = [l for l in session.errors.splitlines() if l.startswith("pyvmm:")]
-    text = lines[0] if lines else default
-    return text.replace("pyvmm: ", "", 1)[:160]
+def _failure_reason(session: GuestSession, timeout: float) -> str:
+    """Why a boot did not reach the marker, in one line."""
+    errors = [l.strip() for l in session.errors.splitlines() if l.strip()]
+    code = session.proc.poll()
+    if code is None:
+        hint = f" (last message: {errors[-1][:100]})" if errors else ""
+        return f"no {READY_MARKER} in {timeout:.0f} s{hint}"
+    if code == 0:       # reset before the marker (panic=-1 under --no-reboot)
+        why = [l.strip() for l in session.output.splitlines() if "Kernel panic" in l or "segfault" in l]
+        return f"guest stopped before {READY_MARKER}: {' / '.join(why[:2])[:200] or 'no reason shown'}"
+    for line in errors:
+        if line.startswith(("pyvmm: error:", "pyvmm: guest crash:")):
+            return f"{line.split(': ', 1)[1][:160]} (exit {code})"
+    return f"{errors[-1][:160]} (exit {code})" if errors else f"exit {code}"
 
 
 def boot(kernel: str, engine: str, mem: str, timeout: float) -> Boot:
@@ -72,9 +82,7 @@ def boot(kernel: str, engine: str, mem: str, timeout: float) -> Boot:
             try:
                 s.expect(READY_MARKER, timeout)
             except AssertionError:
-                code = s.proc.poll()
-                why = f"exit {code}" if code is not None else f"no {READY_MARKER} in {timeout:.0f} s"
-                return Boot(failure=_failure_reason(s, why))
+                return Boot(failure=_failure_reason(s, timeout))
             result = Boot(seconds=time.monotonic() - start)
             s.send(f"cat /proc/meminfo; echo {MEMINFO_END}; reboot -f\n")
             try:

@@ -91,7 +91,9 @@ def add_firmware(machine: Machine) -> None:
     def on_poweroff() -> None:
         machine.request_stop(StopReason.POWEROFF, EXIT_OK, "ACPI poweroff")
 
-    pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff, sci=_irq(machine, acpi.SCI_IRQ))
+    clock = machine.devices.get("clock")   # the bt platform's guest clock
+    pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff, sci=_irq(machine, acpi.SCI_IRQ),
+                        **({"clock": (lambda: clock.now_ns() / 1e9)} if clock is not None else {}))
     machine.io_bus.insert(acpi_pm.PM_BASE, acpi_pm.PM_LENGTH, pm, "acpi-pm")
     machine.devices["acpi_pm"] = pm
     files = []
@@ -120,6 +122,9 @@ def build_machine(config: VmConfig, output: Output,
     machine = Machine(config, memory, Bus("io", lock, several), Bus("mmio", lock, several), lock)
     try:
         add_legacy_devices(machine, output)
+        if config.engine == "bt":
+            from .engines.bt.platform import make_platform
+            make_platform(machine)   # PIC, PIT, IOAPIC, local APICs and the guest clock
         add_firmware(machine)
         if boot is None:
             from .boot.loader import load_guest

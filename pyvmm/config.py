@@ -10,6 +10,7 @@ from .errors import ConfigError
 
 MIB = 1 << 20
 ENGINES = ("hw", "bt")
+MMU_MODES = ("shadow", "nested")
 
 
 @dataclass
@@ -33,6 +34,11 @@ class VmConfig:
     irqchip: bool = True
     # hw: complete instructions KVM cannot emulate with pyvmm's own code.
     complete_instructions: bool = True
+    # bt: "shadow" page tables kept coherent across guest page-table writes,
+    # or "nested": every TLB miss walks the guest tables (EPT/NPT cost model).
+    mmu: str = "shadow"
+    # bt: guest time from instructions retired instead of the host clock.
+    deterministic: bool = False
     verbose: bool = False
 
     def validate(self) -> None:
@@ -45,6 +51,8 @@ class VmConfig:
             raise ConfigError(f"cpus must be 1..64, not {self.cpus}")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
+        if self.mmu not in MMU_MODES:
+            raise ConfigError(f"unknown mmu {self.mmu!r} (choose from {', '.join(MMU_MODES)})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

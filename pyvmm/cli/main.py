@@ -81,6 +81,10 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--fw-cfg", action="append", default=[], metavar="name=NAME,file=PATH", help="add a named fw_cfg file")
     p.add_argument("--no-host-decompress", action="store_true",
                    help="let a bzImage decompress itself in the guest instead of on the host")
+    p.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
+                   help="bt: shadow page tables (default) or a walk on every TLB miss (nested-paging cost model)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bt: guest time from instructions retired instead of the host clock (reproducible runs)")
     p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
@@ -100,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    cpuid_hide=[s for s in args.cpuid_hide.split(",") if s],
                    debug_exit=parse_debug_exit(args.debug_exit) if args.debug_exit else None,
                    fw_cfg_files=[parse_fw_cfg(t) for t in args.fw_cfg],
-                   host_decompress=not args.no_host_decompress, verbose=args.verbose)
+                   host_decompress=not args.no_host_decompress, mmu=args.mmu,
+                   deterministic=args.deterministic, verbose=args.verbose)
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")

@@ -148,7 +148,8 @@ def default_jobs() -> int:
 
 def build_kernel(tree: Path, build_dir: Path, jobs: int | None = None, progress: Progress | None = None,
                  request: FragmentRequest | None = None) -> BuildResult:
-    """Builds <build_dir>/arch/x86/boot/bzImage from `tree`, configuring it
+    """Builds <build_dir>/arch/x86/boot/bzImage (and the modules, if the
+    config has CONFIG_MODULES) from `tree`, configuring it
     first (generate_config) if the build directory has no .config or
     `request` is given.  Raises ToolchainError, KernelBuildError,
     KernelConfigError."""
@@ -158,7 +159,8 @@ def build_kernel(tree: Path, build_dir: Path, jobs: int | None = None, progress:
     values = read_config(config)
     require_tools(tuple(t for t in BUILD_TOOLS if t != "lz4" or values.get("KERNEL_LZ4") == "y"))
     start = time.monotonic()
-    compiled = run_make(tree, build_dir, ["bzImage"], jobs or default_jobs(), progress)
+    targets = ["bzImage"] + (["modules"] if values.get("MODULES") == "y" else [])
+    compiled = run_make(tree, build_dir, targets, jobs or default_jobs(), progress)
     seconds = time.monotonic() - start
     image = build_dir / IMAGE_PATH
     size, fmt, payload = check_image(image)

@@ -20,6 +20,7 @@ Fragment = dict[str, str]
 CORE: Fragment = {
     "64BIT": "y",
     "SMP": "y",
+    "NR_CPUS": "64",               # pyvmm's --cpus limit (tinyconfig leaves 1, clamped to 2)
     "PRINTK": "y",
     "EARLY_PRINTK": "y",
     "BINFMT_ELF": "y",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
-from .gen import GPR, MASK, SIGN, Gen, Unsupported
+from .gen import GPR, MASK, SEG_INDEX, SIGN, Gen, Unsupported
 
 M = X.Mnemonic
 Rg = X.Register
@@ -119,7 +119,9 @@ def _cmpxchg(g: Gen) -> None:
     g.ind -= 1
     g.emit("else:")
     g.ind += 1
-    g.write(0, "y")
+    if g.is_mem(0):
+        g.write(0, "y")  # the locked cycle writes the old value back
+    # a register destination is left alone (no zero-extension)
     g.wreg(acc, "y")
     g.ind -= 1
     g.set_flags(F.SUB, size, "t", "x", "y", pure=True)
@@ -247,11 +249,28 @@ def _bitscan(g: Gen) -> None:
     size = g.size(0)
     g.emit(f"y = {g.read(1)}")
     if m in (M.BSF, M.BSR):
-        g.emit(f"t, fw = {'BSF' if m == M.BSF else 'BSR'}({size}, y, {g.rreg(g.ins.op0_register)}, {g.flags_expr()})")
+        # a zero source leaves the whole destination (upper half too) alone
+        g.emit(f"t, fw = {'BSF' if m == M.BSF else 'BSR'}({size}, y, 0, {g.flags_expr()})")
+        g.emit("if y:")
+        g.ind += 1
+        g.write(0, "t")
+        g.ind -= 1
     else:
         g.emit(f"t, fw = {m == M.TZCNT and 'TZCNT' or m == M.LZCNT and 'LZCNT' or 'POPCNT'}({size}, y)")
-    g.write(0, "t")
+        g.write(0, "t")
     g.set_flags(F.RAW, size, "fw")
+
+
+def _xlat(g: Gen) -> None:
+    """AL = [seg: rBX + AL] (the address size picks BX, EBX or RBX)."""
+    base = g.ins.memory_base
+    asz = GPR[base][1]
+    ea = f"(({g.rreg(base)} + {g.rreg(Rg.AL)}) & {MASK[asz]:#x})"
+    g.bind("SB")
+    g.emit(f"a = {g.la(ea, SEG_INDEX[g.ins.memory_segment])}")
+    g._have_a = True
+    g.emit(f"t = {g.rmem(1)}")
+    g.wreg(Rg.AL, "t")
 
 
 def _bswap(g: Gen) -> None:
@@ -285,6 +304,10 @@ def _nop(g: Gen) -> None:
     pass
 
 
+def _pause(g: Gen) -> None:
+    g.helper("PAUSE(c)")   # system.pause: guest time and vCPU yield on spin-waits
+
+
 EMITTERS = {
     M.ADD: _binop, M.ADC: _binop, M.SUB: _binop, M.SBB: _binop, M.CMP: _binop,
     M.AND: _binop, M.OR: _binop, M.XOR: _binop, M.TEST: _binop,
@@ -295,8 +318,8 @@ EMITTERS = {
     M.MUL: _mul1, M.IMUL: _imul, M.DIV: _div, M.IDIV: _div,
     M.BT: _bt, M.BTS: _bt, M.BTR: _bt, M.BTC: _bt,
     M.BSF: _bitscan, M.BSR: _bitscan, M.TZCNT: _bitscan, M.LZCNT: _bitscan, M.POPCNT: _bitscan,
-    M.BSWAP: _bswap, M.CLC: _flagop, M.STC: _flagop, M.CMC: _flagop,
-    M.CLD: _dflag, M.STD: _dflag, M.LAHF: _lahf, M.SAHF: _sahf, M.NOP: _nop, M.PAUSE: _nop, M.LFENCE: _nop,
+    M.BSWAP: _bswap, M.XLATB: _xlat, M.CLC: _flagop, M.STC: _flagop, M.CMC: _flagop,
+    M.CLD: _dflag, M.STD: _dflag, M.LAHF: _lahf, M.SAHF: _sahf, M.NOP: _nop, M.PAUSE: _pause, M.LFENCE: _nop,
     M.MFENCE: _nop, M.SFENCE: _nop, M.PREFETCHNTA: _nop, M.PREFETCHT0: _nop,
 }
 for _m in _SHIFT_KIND:

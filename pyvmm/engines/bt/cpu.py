@@ -30,10 +30,18 @@ class TripleFault(Exception):
 class VCpu:
     """One virtual x86 CPU for the translator."""
 
-    def __init__(self, memory, io_bus, mmio_bus, on_code_write=lambda ppn: None):
+    def __init__(self, memory, io_bus, mmio_bus, on_code_write=lambda ppn: None,
+                 guard=None, shadow: bool = False, index: int = 0):
         self.memory = memory
         self.io = io_bus
-        self.mmu = Mmu(memory, mmio_bus, on_code_write)
+        self.index = index
+        self.mmu = Mmu(memory, mmio_bus, on_code_write, guard, shadow)
+        self.jmp: dict[int, object] = {}   # fetch linear address -> block, for the current mode
+        self.mmu.jmp = self.jmp
+        self.clock = None       # GuestClock (RDTSC); None: host perf counter
+        self.lapic = None       # LocalApic for the APIC MSRs; None: no APIC
+        self.cpuid = None       # CpuidTable; None: the default table
+        self.shadow_int = False  # interrupt shadow (after sti / mov ss)
         self.R = [0] * 16
         self.rip = 0
         self.lf = F.CLEAR
@@ -52,7 +60,9 @@ class VCpu:
         self.tsc_offset = 0
         self.cpl = 0
         self.mode = (16, 16, 0)
+        self.ipmask = 0xFFFFFFFF
         self.pending = False    # ask translated loops to return to the dispatcher
+        self.yield_on_pause = False   # PAUSE ends the slice (set with several vCPUs)
         self.halted = False
         self.icount = 0
         self.xmm = [0] * 16
@@ -120,6 +130,7 @@ class VCpu:
 
     def update_mode(self) -> None:
         """Recomputes the translation mode key and reconfigures the MMU."""
+        self.jmp.clear()
         cs, ss = self.seg[CS], self.seg[SS_]
         if self.long_mode and cs.l:
             bits, sbits = 64, 64
@@ -127,6 +138,7 @@ class VCpu:
             bits = 32 if (self.protected and cs.db) else 16
             sbits = 32 if (self.protected and ss.db) else 16
         self.mode = (bits, sbits, self.cpl)
+        self.ipmask = M64 if bits == 64 else 0xFFFFFFFF
         if not self.cr0 & CR0_PG:
             pg = PG_NONE
         elif self.efer & EFER_LMA:
@@ -140,10 +152,13 @@ class VCpu:
 
     # -- memory helpers (linear addresses) -------------------------------
     def rd(self, la: int, size: int) -> int:
-        return getattr(self.mmu, f"rd{size}")(la & M64)
+        m = self.mmu
+        return (m.rd8 if size == 8 else m.rd4 if size == 4 else m.rd2 if size == 2 else m.rd1)(la & M64)
 
     def wr(self, la: int, size: int, v: int) -> None:
-        getattr(self.mmu, f"wr{size}")(la & M64, v & ((1 << (8 * size)) - 1))
+        m = self.mmu
+        (m.wr8 if size == 8 else m.wr4 if size == 4 else m.wr2 if size == 2 else m.wr1)(
+            la & M64, v & ((1 << (8 * size)) - 1))
 
     def sp_mask(self) -> int:
         return {64: M64, 32: 0xFFFFFFFF, 16: 0xFFFF}[self.mode[1]]
@@ -220,6 +235,7 @@ class VCpu:
         self.seg[idx] = s
         self.sb[idx] = s.base
         if idx == SS_:
+            self.shadow_int = True
             self.update_mode()
 
     def load_cs(self, sel: int, new_cpl: int | None = None) -> None:
@@ -250,15 +266,20 @@ class VCpu:
         self.update_mode()
 
     # -- exceptions and interrupts --------------------------------------------
-    def deliver(self, f: GuestFault, next_rip: int | None = None, software: bool = False) -> None:
+    def deliver(self, f: GuestFault, next_rip: int | None = None, software: bool = False,
+                external: bool = False) -> None:
         """Delivers an exception or interrupt through the IVT/IDT.
 
         rip must point at the faulting instruction (or next_rip for traps and
-        int n). Raises TripleFault when even #DF cannot be delivered."""
+        int n); `external` marks a hardware interrupt or NMI (no error code,
+        no gate DPL check). Raises TripleFault when even #DF cannot be
+        delivered."""
         if f.cr2 is not None:
             self.cr2 = f.cr2
+        self.halted = False
         try:
-            self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software)
+            self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software,
+                          external)
         except GuestFault as g2:
             if f.vector == DF_:
                 raise TripleFault() from None
@@ -270,7 +291,7 @@ class VCpu:
             else:
                 self.deliver(g2)
 
-    def _deliver(self, vec: int, err: int | None, ret: int, software: bool) -> None:
+    def _deliver(self, vec: int, err: int | None, ret: int, software: bool, external: bool = False) -> None:
         old_flags = self.rflags
         if not self.protected:
             if vec * 4 + 3 > self.idt.limit:
@@ -284,9 +305,9 @@ class VCpu:
             self.load_cs(sel)
             self.rip = off
             return
-        if err is None and not software and vec in WITH_ERROR_CODE:
+        if err is None and not software and not external and vec in WITH_ERROR_CODE:
             err = 0
-        if software:
+        if software or external:
             err = None
         lm = self.long_mode
         gsize = 16 if lm else 8

@@ -1,40 +1,53 @@
 """BtEngine: runs guest code through the binary translator.
 
-One vCPU (SMP comes later). The dispatcher looks up the block at CS:RIP,
-runs it, and handles what blocks hand back: guest exceptions (delivered
-through the IDT), writes to translated code (re-run on the single-instruction
-path), HLT and stop requests."""
+The dispatcher looks up the block at CS:RIP, runs it, and handles what
+blocks hand back: guest exceptions (delivered through the IDT), writes to
+translated code (re-run on the single-instruction path), HLT and stop
+requests.  Between slices of blocks it polls the platform timers and
+delivers NMIs and external interrupts (smp.py: scheduling, INIT/SIPI,
+halting and guest time)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 
 from ...cpu import CpuState
-from ...errors import EngineError, GuestCrash
-from ...machine import EXIT_HALTED, StopReason
+from ...errors import EngineError
 from ..base import Engine
-from . import flags as F
-from .cpu import TripleFault, VCpu
+from .cpu import VCpu
 from .faults import GuestFault, SmcRestart
+from .shadow import PageGuard
 from .translator import Translator
 
 log = logging.getLogger(__name__)
+
+MMU_MODES = ("shadow", "nested")
 
 
 class BtCpu(VCpu):
     """A VCpu with its translation cache and a single-instruction path."""
 
-    def __init__(self, memory, io_bus, mmio_bus):
-        super().__init__(memory, io_bus, mmio_bus, on_code_write=self._code_written)
+    def __init__(self, memory, io_bus, mmio_bus, guard: PageGuard | None = None,
+                 shadow: bool = False, index: int = 0):
+        super().__init__(memory, io_bus, mmio_bus, on_code_write=self._code_written,
+                         guard=guard, shadow=shadow, index=index)
         self.translator = Translator(self)
+        if guard is not None:
+            guard.code_listeners.append(self._code_written)
         memory.write_listeners.append(self._vmm_write)
+        self.faults = 0              # exceptions delivered (all vectors)
+        self.interrupts = 0          # external interrupts and NMIs delivered
 
     def _code_written(self, ppn: int) -> None:
         self.translator.invalidate_page(ppn)
+        self.jmp.clear()
 
     def _vmm_write(self, gpa: int, length: int) -> None:
-        self.translator.invalidate_range(gpa, length)
+        t = self.translator
+        before = t.invalidated
+        t.invalidate_range(gpa, length)
+        if t.invalidated != before:
+            self.jmp.clear()
 
     def detach(self) -> None:
         try:
@@ -47,18 +60,49 @@ class BtCpu(VCpu):
 
         Raises TripleFault when an exception cannot be delivered."""
         try:
-            fn = self.translator.lookup(single)
+            if single:
+                fn = self.translator.lookup(True)
+            else:
+                la = (self.sb[1] + self.rip) & self.ipmask
+                fn = self.jmp.get(la)
+                if fn is None:
+                    fn = self.jmp[la] = self.translator.lookup()
             fn(self)
         except GuestFault as f:
+            self.faults += 1
             self.deliver(f)
         except SmcRestart:
-            self.mmu.smc_ok = True
-            try:
-                self.translator.lookup(True)(self)
-            except GuestFault as f:
-                self.deliver(f)
-            finally:
-                self.mmu.smc_ok = False
+            self._smc_restart()
+
+    def _smc_restart(self) -> None:
+        """Re-runs, alone, an instruction that wrote to a page of translated code."""
+        self.mmu.smc_ok = True
+        try:
+            self.translator.lookup(True)(self)
+        except GuestFault as f:
+            self.faults += 1
+            self.deliver(f)
+        finally:
+            self.mmu.smc_ok = False
+
+    def run_blocks(self, count: int) -> None:
+        """Runs up to `count` blocks, stopping early at HLT or when asked
+        (pending). Guest exceptions are delivered; raises TripleFault."""
+        jmp, sb, lookup = self.jmp, self.sb, self.translator.lookup
+        try:
+            for _ in range(count):
+                la = (sb[1] + self.rip) & self.ipmask
+                fn = jmp.get(la)
+                if fn is None:
+                    fn = jmp[la] = lookup()
+                fn(self)
+                if self.halted or self.pending:
+                    return
+        except GuestFault as f:
+            self.faults += 1
+            self.deliver(f)
+        except SmcRestart:
+            self._smc_restart()
 
     def execute_one(self) -> None:
         """Executes exactly one instruction (exceptions are delivered)."""
@@ -82,71 +126,97 @@ def execute_one(state: CpuState, memory, io_bus, mmio_bus) -> CpuState:
 
 
 class BtEngine(Engine):
+    """The bt engine: vCPUs run in turn in the thread that calls run().
+
+    The machine's platform (machine.devices "intc" and "clock", placed by
+    the builder) supplies interrupts and time; without one (bare test
+    machines) a private platform is made and attached here."""
     name = "bt"
 
     def __init__(self, machine):
         super().__init__(machine)
         self.cpus: list[BtCpu] = []
-        self.irq_levels: dict[int, int] = {}
-        self._wake = threading.Event()
+        self.guard = PageGuard()
+        self.intc = None
+        self.clock = None
+        self.sched = None
 
     def prepare(self) -> None:
+        """Creates the vCPUs. Raises EngineError / ConfigError for a bad setup."""
+        from .cpuid import CpuidTable
+        from .smp import Scheduler
         m = self.machine
-        if m.config.cpus != 1:
-            raise EngineError("the bt engine runs one vCPU for now")
-        self.cpus = [BtCpu(m.memory, m.io_bus, m.mmio_bus)]
+        mode = getattr(m.config, "mmu", "shadow")
+        if mode not in MMU_MODES:
+            raise EngineError(f"bt: unknown MMU mode {mode!r} (choose from {', '.join(MMU_MODES)})")
+        self.intc = m.devices.get("intc")
+        self.clock = m.devices.get("clock")
+        if self.intc is None:
+            from .platform import make_platform
+            self.clock, self.intc = make_platform(m)
+        n = m.config.cpus
+        hide = list(getattr(m.config, "cpuid_hide", []) or [])
+        for i in range(n):
+            c = BtCpu(m.memory, m.io_bus, m.mmio_bus, self.guard, mode == "shadow", i)
+            c.clock = self.clock
+            c.lapic = self.intc.lapics[i]
+            c.cpuid = CpuidTable(i, n, hide)
+            self.cpus.append(c)
+        self.sched = Scheduler(self)
+        self.intc.on_init = self.sched.on_init
+        self.intc.on_sipi = self.sched.on_sipi
+        self.intc.on_wake = self.sched.on_wake
 
     def set_irq(self, gsi: int, level: int) -> None:
-        self.irq_levels[gsi] = level
-        if level:
-            self._wake.set()
-            for c in self.cpus:
-                c.pending = True
+        self.intc.set_irq(gsi, level)
 
     def load_state(self, cpu: int, state: CpuState) -> None:
         self.cpus[cpu].load(state)
+        self.cpus[cpu].halted = False
         self.cpus[cpu].translator.flush()
+        self.cpus[cpu].jmp.clear()
+        if self.sched is not None:
+            self.sched.started(cpu)
 
     def save_state(self, cpu: int) -> CpuState:
         return self.cpus[cpu].save()
 
     def kick(self) -> None:
-        for c in self.cpus:
-            c.pending = True
-        self._wake.set()
+        if self.sched is not None:
+            self.sched.kick()
 
     def run(self) -> None:
-        m = self.machine
-        c = self.cpus[0]
-        while m.stop_status is None:
-            c.pending = False
-            try:
-                for _ in range(256):
-                    c.step()
-                    if c.halted or c.pending:
-                        break
-            except TripleFault:
-                m.request_stop(StopReason.RESET, 0, "triple fault")
-                break
-            except (GuestFault, SmcRestart) as e:  # pragma: no cover - defensive
-                raise GuestCrash(f"bt: unhandled {e!r} at rip={c.rip:#x}") from None
-            if c.halted:
-                if not c.rf & F.IF:
-                    m.request_stop(StopReason.HALTED, EXIT_HALTED, f"hlt with interrupts off at {c.rip:#x}")
-                    break
-                # No interrupt controller yet: wait for set_irq/kick.
-                self._wake.wait(0.05)
-                self._wake.clear()
-                if any(self.irq_levels.values()) or m.stop_status is not None:
-                    c.halted = False
+        """Runs until a stop request. Raises GuestCrash if the engine cannot go on."""
+        self.sched.run()
 
     def stats(self) -> dict:
         if not self.cpus:
             return {}
-        c = self.cpus[0]
-        t = c.translator
-        return {"instructions": c.icount, "translations": t.translated, "invalidations": t.invalidated,
-                "cached_blocks": len(t.cache), "page_walks": c.mmu.walks}
+        cs = self.cpus
+        mm = [c.mmu for c in cs]
+        ts = [c.translator for c in cs]
+        out = {
+            "instructions": sum(c.icount for c in cs),
+            "blocks_translated": sum(t.translated for t in ts),
+            "cache_invalidations": sum(t.invalidated for t in ts),
+            "cached_blocks": sum(len(t.cache) for t in ts),
+            "translations": sum(t.translated for t in ts),       # older names of the two above
+            "invalidations": sum(t.invalidated for t in ts),
+            "mmu_mode": "shadow" if mm[0].shadow else "nested",
+            "page_walks": sum(m.walks for m in mm),
+            "shadow_fills": sum(m.shadow_fills for m in mm),
+            "shadow_resyncs": self.guard.resyncs,
+            "page_table_writes": self.guard.table_writes,
+            "tlb_flushes": sum(m.tlb_flushes for m in mm),
+            "guest_page_faults": sum(m.page_faults for m in mm),
+            "exceptions_delivered": sum(c.faults for c in cs),
+            "interrupts_delivered": sum(c.interrupts for c in cs),
+            "per_cpu_instructions": [c.icount for c in cs],
+            "guest_ns": self.clock.now_ns() if self.clock is not None else 0,
+        }
+        if self.intc is not None:
+            out["platform"] = self.intc.stats()
+        return out
 
     def close(self) -> None:
         for c in self.cpus:

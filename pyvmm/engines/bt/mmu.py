@@ -1,7 +1,13 @@
-"""Soft-TLB MMU: linear -> guest physical, with direct access to guest RAM.
+"""MMU: linear -> guest physical, with direct access to guest RAM.
 
 Two dicts map a linear page number to (mmap, offset of the page in it):
-`tr` for reads, `tw` for writes.  A miss walks the guest page tables (none,
+`tr` for reads, `tw` for writes (and `tx`, page number -> physical page,
+for instruction fetch).  In shadow mode these maps are kept per address
+space (CR3 and paging mode; supervisor and user apart) and stay valid
+across CR3 loads, because every page-table page a walk reads is
+write-guarded (shadow.PageGuard drops what was built from it when the
+guest writes it); in nested mode there is one set, dropped at every CR3
+load or paging change.  A miss walks the guest page tables (none,
 32-bit, PAE or 4-level) and fills them; a page that is not RAM is never
 cached, so its accesses always reach the MMIO bus.  Pages holding translated
 code are kept out of `tw`, so writes to them take the slow path, which tells
@@ -19,6 +25,7 @@ import struct
 from typing import Callable
 
 from .faults import GP, PF, GuestFault, SmcRestart
+from .shadow import MAX_SPACES, PageGuard
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +40,40 @@ _NX = 1 << 63
 _ADDR = 0x000FFFFFFFFFF000
 
 
-class Mmu:
-    """Linear address translation for one vCPU."""
+def _new_pairs() -> tuple:
+    return (({}, {}, {}), ({}, {}, {}))
 
-    def __init__(self, memory, mmio_bus, on_code_write: Callable[[int], None]):
+
+class Mmu:
+    """Linear address translation for one vCPU.
+
+    `shadow` True keeps one pair of maps (supervisor, user) per address
+    space, tagged by CR3 and the paging mode, across CR3 loads; entries
+    stay coherent because every page table a walk reads is write-guarded
+    (shadow.PageGuard).  False ("nested"): one pair of maps, dropped on
+    every CR3 load and paging-mode change, so every miss walks again."""
+
+    def __init__(self, memory, mmio_bus, on_code_write: Callable[[int], None],
+                 guard: PageGuard | None = None, shadow: bool = False):
         self.memory = memory
         self.mmio = mmio_bus
-        self.on_code_write = on_code_write  # called with a physical page number
-        self.tr: dict[int, tuple] = {}
-        self.tw: dict[int, tuple] = {}
-        self.code_pages: set[int] = set()
+        if guard is None:
+            guard = PageGuard()
+            guard.code_listeners.append(on_code_write)
+        self.guard = guard
+        self.on_code_write = guard.code_written  # called with a physical page number
+        guard.mmus.append(self)
+        self.code_pages = guard.code_pages
+        self.table_pages = guard.table_pages
+        self.shadow = shadow
+        self.spaces: dict[tuple, tuple] = {}
+        self.pairs = _new_pairs()           # (supervisor, user) x (tr, tw, tx)
+        self.tr: dict[int, tuple] = self.pairs[0][0]
+        self.tw: dict[int, tuple] = self.pairs[0][1]
+        self.tx: dict[int, int] = self.pairs[0][2]   # fetch: vpn -> ppn
+        self.maps = self.pairs[0]
+        self.jmp: dict = {}     # the vCPU's block lookup cache, cleared when fetch mappings change
+        self.key: tuple = ()
         self.mode = PG_NONE
         self.cr3 = 0
         self.wp = False
@@ -50,32 +81,76 @@ class Mmu:
         self.user = False      # CPL == 3
         self.long = False      # canonical checks
         self.smc_ok = False    # single-step path: let writes to code pages through
+        self._tables: list[int] = []
         self.walks = 0
+        self.tlb_flushes = 0
+        self.page_faults = 0
+        self.shadow_fills = 0
 
     def configure(self, mode: int, cr3: int, wp: bool, nxe: bool, user: bool, long: bool) -> None:
+        """Selects the address space for the current paging state and CPL
+        (switching between supervisor and user maps costs nothing)."""
+        key = (mode, (cr3 & _ADDR) if mode else 0, wp, nxe, long)
         self.mode, self.cr3, self.wp, self.nxe, self.user, self.long = mode, cr3, wp, nxe, user, long
-        self.flush()
+        if key != self.key:
+            self.key = key
+            if self.shadow:
+                pairs = self.spaces.get(key)
+                if pairs is None:
+                    if len(self.spaces) >= MAX_SPACES:
+                        self.flush()
+                    pairs = self.spaces[key] = _new_pairs()
+                self.pairs = pairs
+            else:
+                self._drop_pairs()
+        self.maps = self.pairs[1 if user else 0]
+        self.tr, self.tw, self.tx = self.maps
+
+    def _drop_pairs(self) -> None:
+        self.jmp.clear()
+        for maps in self.pairs:
+            for d in maps:
+                d.clear()
+        self.tlb_flushes += 1
+
+    def cr3_loaded(self) -> None:
+        """A mov to CR3 (same value or not): a TLB flush without PCIDs.
+        Shadow mode keeps its spaces (they are kept coherent)."""
+        if not self.shadow:
+            self._drop_pairs()
+        else:
+            self.tlb_flushes += 1
 
     def flush(self) -> None:
-        self.tr.clear()
-        self.tw.clear()
+        """Drops every translation of this vCPU (all spaces)."""
+        self._drop_pairs()
+        for pairs in self.spaces.values():
+            for maps in pairs:
+                for d in maps:
+                    d.clear()
+        if self.shadow:
+            self.spaces.clear()
+            self.spaces[self.key] = self.pairs
+            if all(m is self or not m.spaces for m in self.guard.mmus):
+                self.guard.forget_tables()
 
     def invlpg(self, la: int) -> None:
-        self.tr.pop(la >> 12, None)
-        self.tw.pop(la >> 12, None)
+        vpn = la >> 12
+        self.jmp.clear()
+        for maps in self.pairs:
+            for d in maps:
+                d.pop(vpn, None)
 
     def protect_code(self, ppn: int) -> None:
         """Marks a physical page as holding translated code."""
-        if ppn not in self.code_pages:
-            self.code_pages.add(ppn)
-            for vpn in [v for v, e in self.tw.items() if e[2] == ppn]:
-                del self.tw[vpn]
+        self.guard.protect_code(ppn)
 
     def unprotect_code(self, ppn: int) -> None:
-        self.code_pages.discard(ppn)
+        self.guard.unprotect_code(ppn)
 
     # -- walk ---------------------------------------------------------------
     def _pf(self, la: int, access: int, present: bool) -> GuestFault:
+        self.page_faults += 1
         err = (1 if present else 0) | (2 if access == WRITE else 0) | (4 if self.user else 0)
         if access == FETCH and self.nxe:
             err |= 0x10
@@ -119,6 +194,8 @@ class Mmu:
             size, shifts = 8, (39, 30, 21, 12)
         writable, user, nx = True, True, False
         entries = []
+        if self.mode == PG_PAE:
+            entries.append(((self.cr3 & 0xFFFFFFE0) + ((la >> 30) & 3) * 8, pdpte))
         addr = levels[0]
         for depth, shift in enumerate(shifts):
             e = self._rdpte(addr, size)
@@ -146,12 +223,51 @@ class Mmu:
             raise self._pf(la, access, True)
         if access == FETCH and nx:
             raise self._pf(la, access, True)
-        for i, (a, e) in enumerate(entries):
+        start = 1 if self.mode == PG_PAE else 0
+        for i in range(start, len(entries)):
+            a, e = entries[i]
             bits = _A | (_D if access == WRITE and i == len(entries) - 1 else 0)
             self._setbits(a, size, e, bits)
+        self._tables = [a >> 12 for a, _ in entries]
         ok_write = writable or not (self.user or self.wp)
         dirty = access == WRITE or bool(entries[-1][1] & _D)
         return pa, ok_write and dirty
+
+    def fetch(self, la: int) -> int:
+        """Physical address of an instruction fetch at la (cached per page).
+        Raises GuestFault(#PF/#GP)."""
+        ppn = self.tx.get(la >> 12)
+        if ppn is not None:
+            return (ppn << 12) | (la & 0xFFF)
+        pa, _ = self.translate(la, FETCH)
+        if self.mode != PG_NONE:
+            vpn = la >> 12
+            self.tx[vpn] = pa >> 12
+            if self.shadow:
+                self.guard.watch_tables(self._tables, self.maps, vpn)
+        return pa
+
+    def wspan(self, la: int):
+        """(mmap, offset of la) when la's page is plain writable RAM, else
+        None (code, page tables, MMIO: the caller takes the slow path).
+        Raises GuestFault(#PF/#GP)."""
+        e = self.tw.get(la >> 12)
+        if e is None:
+            entry, _ = self._fill(la, WRITE)
+            e = self.tw.get(la >> 12)
+            if e is None:
+                return None
+        return e[0], e[1] + (la & 0xFFF)
+
+    def rspan(self, la: int):
+        """(mmap, offset of la) when la's page is RAM, else None. Raises GuestFault."""
+        e = self.tr.get(la >> 12)
+        if e is None:
+            entry, _ = self._fill(la, READ)
+            if entry is None:
+                return None
+            e = entry
+        return e[0], e[1] + (la & 0xFFF)
 
     # -- slow paths ---------------------------------------------------------
     def _fill(self, la: int, access: int):
@@ -165,9 +281,14 @@ class Mmu:
         mm, off = mem.locate(page, 0x1000)
         entry = (mm, off, ppn)
         vpn = la >> 12
-        self.tr[vpn] = entry
-        if writable and ppn not in self.code_pages:
-            self.tw[vpn] = entry
+        tr, tw = self.tr, self.tw
+        tr[vpn] = entry
+        if self.shadow and self.mode != PG_NONE:
+            self.shadow_fills += 1
+            self.guard.watch_tables(self._tables, self.maps, vpn)
+        if writable and ppn not in self.code_pages and ppn not in self.table_pages:
+            tw[vpn] = entry
+            self.guard.map_writable(tw, vpn, ppn)
         return entry, pa
 
     def read_slow(self, la: int, size: int) -> int:
@@ -202,6 +323,8 @@ class Mmu:
             self.on_code_write(ppn)
         o = entry[1] + (la & 0xFFF)
         entry[0][o:o + size] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if ppn in self.table_pages:
+            self.guard.table_written(ppn)
 
     # -- fast paths (bound into translated blocks) ---------------------------
     def rd1(self, la: int) -> int:

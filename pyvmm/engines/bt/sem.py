@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import iced_x86 as X
 
-from . import alu, ctrl, string, sysem
+from . import alu, ctrl, fxsave, simd, sse, ssefp, string, sysem, sysext, x87
 
 M = X.Mnemonic
 
 EMITTERS: dict = {}
 for _family in (alu, ctrl, string, sysem):
     EMITTERS.update(_family.EMITTERS)
+
+# SSE/x87 families: their emitters, the runtime helpers their generated code
+# calls (merged into the translator's namespace), and the string/SSE twins.
+_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext)
+EXPORTS: dict = dict(simd.HELPERS)
+FP_MNEMONICS: set = set()
+for _family in _FP_FAMILIES:
+    EMITTERS.update(_family.EMITTERS)
+    EXPORTS.update(_family.EXPORTS)
+    FP_MNEMONICS |= set(_family.EMITTERS) - getattr(_family, "PURE", frozenset())
+for _m, _em in ssefp.SSE_STRING_TWINS.items():
+    EMITTERS[_m] = simd.string_or_sse(string.EMITTERS[_m], _em)
 
 # Instructions after which the block ends (they change the mode, CPL,
 # interrupt flag or segment state that the translation depends on).
@@ -24,4 +36,5 @@ ENDS_BLOCK = frozenset({
 HELPER_MNEMONICS = frozenset(
     set(sysem.EMITTERS) | set(string.EMITTERS) - {M.MOV}
     | {M.PUSHF, M.PUSHFD, M.PUSHFQ, M.INT, M.INT3, M.INTO, M.IRET, M.IRETD, M.IRETQ,
-       M.ENTER, M.DIV, M.IDIV})
+       M.ENTER, M.DIV, M.IDIV}
+    | FP_MNEMONICS)

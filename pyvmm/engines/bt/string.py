@@ -8,6 +8,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
+from .bulk import rep_fast
 from .gen import MASK, SEG_INDEX, Gen
 
 M = X.Mnemonic
@@ -24,6 +25,8 @@ def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
     es = 0 if c.mode[0] == 64 else sb[0]
     src = sb[seg] if (c.mode[0] != 64 or seg >= 4) else 0
     keep = ~am
+    if rep and step > 0 and op in ("stos", "movs"):
+        rep_fast(c, op, size, am, es, src, lam)   # whole in-page runs at once
     while True:
         if rep:
             if R[1] & am == 0:

@@ -24,20 +24,29 @@ MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS = 0xC0000080, 0xC0000100, 0xC0
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 MSR_TSC, MSR_TSC_AUX = 0x10, 0xC0000103
 
-# CPUID: leaf -> (eax, ebx, ecx, edx). Features the translator implements
-# (integer ISA, cx8/cx16, cmov, tsc, msr, pae, pge, pse, popcnt, lm, nx, syscall).
-_VENDOR = b"GenuineIntel"
-CPUID = {
-    0: (0xD, int.from_bytes(_VENDOR[0:4], "little"), int.from_bytes(_VENDOR[8:12], "little"),
-        int.from_bytes(_VENDOR[4:8], "little")),
-    1: (0x000306A9, 0x00000800, (1 << 13) | (1 << 23),
-        (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 11) | (1 << 13)
-        | (1 << 15) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)),
-    0x80000000: (0x80000008, 0, 0, 0),
-    0x80000001: (0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),
-    0x80000008: (0x3028, 0, 0, 0),
-}
+MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
+MSR_PAT, MSR_MISC_ENABLE, MSR_MTRRCAP, MSR_MTRR_DEF = 0x277, 0x1A0, 0xFE, 0x2FF
+MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_TSC_ADJUST = 0x1B, 0x6E0, 0x3B
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 0x1, 0x100, 0x400, 0x800
 
+# MSRs kept as plain storage: index -> value at reset. Everything else that
+# is not handled below raises #GP, as on a CPU without it.
+STORED_MSRS = {
+    MSR_STAR: 0, MSR_LSTAR: 0, MSR_CSTAR: 0, MSR_FMASK: 0, MSR_KERNEL_GS: 0, MSR_TSC_AUX: 0,
+    MSR_SYSENTER_CS: 0, MSR_SYSENTER_ESP: 0, MSR_SYSENTER_EIP: 0,
+    MSR_PAT: 0x0007040600070406, MSR_MISC_ENABLE: 0x1,    # fast strings enabled
+    MSR_MTRR_DEF: 0xC06,                                     # MTRRs and fixed MTRRs on, WB
+    0x250: 0x0606060606060606, 0x258: 0x0606060606060606, 0x259: 0x0606060606060606,
+    **{i: 0x0606060606060606 for i in range(0x268, 0x270)},  # fixed-range MTRRs: WB
+    **{i: 0 for i in range(0x200, 0x210)},                   # variable MTRRs (none in use)
+    0x8B: 0,        # IA32_BIOS_SIGN_ID (microcode revision)
+    0x1D9: 0,       # IA32_DEBUGCTL
+}
+READ_ONLY_MSRS = {
+    MSR_MTRRCAP: 0x100 | 0x400,    # fixed MTRRs and write-combining, 0 variable ranges
+    0x17: 0,                        # IA32_PLATFORM_ID
+    0x3A: 1,                        # IA32_FEATURE_CONTROL: locked, no VMX
+}
 
 def _need_cpl0(c) -> None:
     if c.cpl > 0:
@@ -64,15 +73,43 @@ def port_out(c, port: int, size: int, v: int) -> None:
 def cpuid(c) -> None:
     leaf = c.R[0] & 0xFFFFFFFF
     sub = c.R[1] & 0xFFFFFFFF
-    a, b, cc, d = CPUID.get(leaf, (0, 0, 0, 0))
+    table = c.cpuid
+    if table is None:
+        from .cpuid import CpuidTable
+        table = c.cpuid = CpuidTable(c.index)
+    a, b, cc, d = table.lookup(leaf, sub)
     c.R[0], c.R[3], c.R[1], c.R[2] = a, b, cc, d
 
 
 def tsc(c) -> int:
+    """The guest TSC: the GuestClock's (2 GHz) plus this vCPU's offset."""
+    if c.clock is not None:
+        return (c.clock.tsc() + c.tsc_offset) & MASK[8]
     return (time.perf_counter_ns() + c.tsc_offset) & MASK[8]
 
 
+PAUSE_NS = 1000   # deterministic guest time one PAUSE takes (a spin-wait skips ahead)
+
+
+def pause(c) -> None:
+    """PAUSE: the spin-wait hint.  Under deterministic time the guest clock
+    jumps PAUSE_NS, so delay loops (delay_tsc spins on RDTSC with PAUSE)
+    finish in few iterations; with several vCPUs the spinning one yields
+    its slice (pause-loop exiting), so the one it waits for can run."""
+    clk = c.clock
+    if clk is not None and clk.deterministic:
+        clk.advance_ns(PAUSE_NS)
+    if c.yield_on_pause:
+        c.pending = True
+
+
+def _stored(c, idx: int) -> int:
+    v = c.msrs.get(idx)
+    return STORED_MSRS[idx] if v is None else v
+
+
 def rdmsr(c, idx: int) -> int:
+    """rdmsr. Raises GuestFault(#GP) for an MSR this CPU does not have."""
     if idx == MSR_EFER:
         return c.efer
     if idx == MSR_FS_BASE:
@@ -81,22 +118,51 @@ def rdmsr(c, idx: int) -> int:
         return c.sb[5]
     if idx == MSR_TSC:
         return tsc(c)
-    return c.msrs.get(idx, 0)
+    if idx == MSR_TSC_ADJUST:
+        return c.msrs.get(MSR_TSC_ADJUST, 0)
+    if idx in STORED_MSRS:
+        return _stored(c, idx)
+    if idx in READ_ONLY_MSRS:
+        return READ_ONLY_MSRS[idx]
+    if c.lapic is not None:
+        v = c.lapic.read_msr(idx)
+        if v is not None:
+            return v
+    log.debug("bt: rdmsr %#x: #GP", idx)
+    raise GuestFault(GP, 0)
 
 
 def wrmsr(c, idx: int, v: int) -> None:
+    """wrmsr. Raises GuestFault(#GP) for an unknown MSR or a bad value."""
     if idx == MSR_EFER:
-        lma = c.efer & 0x400
-        c.efer = (v & ~0x400) | lma
+        if v & ~(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE):
+            raise GuestFault(GP, 0)
+        if (v ^ c.efer) & EFER_LME and c.cr0 & (1 << 31):
+            raise GuestFault(GP, 0)
+        c.efer = (v & ~EFER_LMA) | (c.efer & EFER_LMA)
         c.update_mode()
     elif idx == MSR_FS_BASE:
         c.sb[4] = v
     elif idx == MSR_GS_BASE:
         c.sb[5] = v
     elif idx == MSR_TSC:
-        c.tsc_offset = v - time.perf_counter_ns()
-    else:
+        old = tsc(c)
+        c.tsc_offset += v - old
+        c.msrs[MSR_TSC_ADJUST] = (c.msrs.get(MSR_TSC_ADJUST, 0) + v - old) & MASK[8]
+    elif idx == MSR_TSC_ADJUST:
+        c.tsc_offset += v - c.msrs.get(MSR_TSC_ADJUST, 0)
+        c.msrs[MSR_TSC_ADJUST] = v
+    elif idx in STORED_MSRS:
+        if idx in (MSR_LSTAR, MSR_CSTAR, MSR_KERNEL_GS) and not (v < 1 << 47 or v >= 0xFFFF800000000000):
+            raise GuestFault(GP, 0)
         c.msrs[idx] = v
+    elif idx in READ_ONLY_MSRS and idx != MSR_MTRRCAP:
+        pass                            # writes ignored (microcode loaders, feature locks)
+    elif c.lapic is not None and c.lapic.write_msr(idx, v):
+        pass
+    else:
+        log.debug("bt: wrmsr %#x <- %#x: #GP", idx, v)
+        raise GuestFault(GP, 0)
 
 
 def write_cr(c, n: int, v: int) -> None:
@@ -118,7 +184,8 @@ def write_cr(c, n: int, v: int) -> None:
     elif n == 2:
         c.cr2 = v
     elif n == 3:
-        c.cr3 = v
+        c.cr3 = v & 0x000FFFFFFFFFFFFF
+        c.mmu.cr3_loaded()
         c.update_mode()
     elif n == 4:
         c.cr4 = v
@@ -181,6 +248,8 @@ def halt(c) -> None:
 def cli_sti(c, on: bool) -> None:
     if not _iopl_ok(c):
         raise GuestFault(GP, 0)
+    if on and not c.rf & F.IF:
+        c.shadow_int = True             # no interrupt before the next instruction
     c.rf = (c.rf | F.IF) if on else (c.rf & ~F.IF)
 
 
@@ -286,6 +355,8 @@ def sysret(c, size: int) -> None:
 
 def swapgs(c) -> None:
     _need_cpl0(c)
+    if c.mode[0] != 64:
+        raise GuestFault(UD)
     c.sb[5], c.msrs[MSR_KERNEL_GS] = c.msrs.get(MSR_KERNEL_GS, 0), c.sb[5]
 
 
@@ -294,4 +365,5 @@ HELPERS = {"IOCHECK": iocheck, "PORT_IN": port_in, "PORT_OUT": port_out, "CPUID"
            "LOAD_DTR": load_dtr, "STORE_DTR": store_dtr, "LTR": ltr, "LLDT": lldt, "HALT": halt,
            "CLI_STI": cli_sti, "SOFTINT": softint, "PUSHF": pushf, "POPF": popf, "ENTER": enter,
            "FAR": far, "CMPXCHGW": cmpxchg_wide, "SYSCALL": syscall, "SYSRET": sysret,
-           "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0}
+           "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0,
+           "PAUSE": pause}

@@ -15,7 +15,7 @@ from . import flags as F
 from .faults import UD, GuestFault
 from .gen import Gen, Unsupported
 from .mmu import FETCH
-from .sem import EMITTERS, ENDS_BLOCK, HELPER_MNEMONICS
+from .sem import EMITTERS, ENDS_BLOCK, EXPORTS, HELPER_MNEMONICS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def _namespace() -> dict:
     ns = {"FW": F.flags_word, "CARRY": F.carry, "COND": F.cond, "GuestFault": GuestFault}
     ns.update(ops.EXPORTS)
     ns.update(system.HELPERS)
+    ns.update(EXPORTS)
     return ns
 
 
@@ -81,7 +82,7 @@ class Translator:
         if needed). Raises GuestFault for a fetch fault."""
         c = self.cpu
         la = self.fetch_la()
-        pa, _ = c.mmu.translate(la, FETCH)
+        pa = c.mmu.fetch(la)
         key = (la, pa, c.mode, single)
         fn = self.cache.get(key)
         if fn is None:
@@ -136,23 +137,23 @@ class Translator:
 
     def _liveness(self, insns: list) -> list[bool]:
         """Per instruction: are the flags it writes read later (or visible
-        at an exit or a possible fault)?"""
+        at an exit or a possible fault)?  Flags before an instruction that
+        may fault are live: a fault shows them to the guest."""
         live = True
         out = [True] * len(insns)
         for k in range(len(insns) - 1, -1, -1):
             ins = insns[k]
             mod = ins.rflags_modified & _ARITH6
             rd = ins.rflags_read & _ARITH6
-            barrier = (ins.flow_control != FC.NEXT or k == len(insns) - 1
-                       or any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count))
-                       or ins.mnemonic in HELPER_MNEMONICS or ins.is_stack_instruction
-                       or ins.is_string_instruction)
-            if barrier:
+            faults = (any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count))
+                      or ins.mnemonic in HELPER_MNEMONICS or ins.is_stack_instruction
+                      or ins.is_string_instruction or ins.mnemonic not in EMITTERS)
+            if faults or ins.flow_control != FC.NEXT or k == len(insns) - 1:
                 live = True
             out[k] = live
             if mod == _ARITH6 and not rd:
                 live = False
-            if rd or (mod and mod != _ARITH6) or ins.mnemonic in _READS_LAZY:
+            if rd or (mod and mod != _ARITH6) or ins.mnemonic in _READS_LAZY or faults:
                 live = True
         return out
 
@@ -224,7 +225,7 @@ class Translator:
     def branch(g: Gen, target: int, k: int) -> None:
         """Jumps to a constant target: loops when it is the block start."""
         if target == g.start:
-            g.emit("if not c.pending:")
+            g.emit("if not c.pending and ic < 4096:")  # bounded: timers are polled between blocks
             g.emit(f"    ic += {k + 1}")
             g.emit("    continue")
         Translator.exit(g, f"{target:#x}", k)

@@ -72,10 +72,27 @@ class Completer:
 
     # -- the translator's single-instruction path ---------------------------
     def _via_translator(self, vcpu: KvmVcpu, st: CpuState) -> None:
-        from ..bt.engine import execute_one
+        """One instruction on a fresh translator vCPU: GPRs, segments, control
+        registers and MSRs through CpuState, the SSE registers through KVM_GET_FPU
+        (the kernel's SIMD code is what KVM fails on most)."""
+        from ..bt.engine import BtCpu
         m = self.engine.machine
-        new = execute_one(st, m.memory, m.io_bus, m.mmio_bus)
-        state.load(vcpu, new, boot_msrs=False)
+        cpu = BtCpu(m.memory, m.io_bus, m.mmio_bus)
+        try:
+            cpu.load(st)
+            fpu = vcpu.get_fpu()
+            raw = bytes(fpu.xmm)
+            xmm = [int.from_bytes(raw[i:i + 16], "little") for i in range(0, 256, 16)]
+            cpu.xmm[:] = xmm
+            cpu.mxcsr = fpu.mxcsr
+            cpu.execute_one()
+            if cpu.xmm != xmm or cpu.mxcsr != fpu.mxcsr:
+                ctypes.memmove(fpu.xmm, b"".join(v.to_bytes(16, "little") for v in cpu.xmm), 256)
+                fpu.mxcsr = cpu.mxcsr
+                vcpu.set_fpu(fpu)
+            state.load(vcpu, cpu.save(), boot_msrs=False)
+        finally:
+            cpu.detach()
 
     # -- XSAVE family ---------------------------------------------------------
     def _xsave_family(self, vcpu: KvmVcpu, st: CpuState, instr: iced.Instruction) -> None:

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Seconds and guest instructions from starting the VM to PYVMM-INIT-READY,
+stock Debian cloud kernel + pyvmm's default initramfs, under --engine bt
+with shadow page tables and with --mmu nested; QEMU TCG boots the same
+kernel and initramfs in the same run as the reference (installed with
+apt-get when missing, unless --no-install; pyvmm itself never uses QEMU).
+
+Guest instructions for bt come from the engine's counter (--stats-json);
+for QEMU from its "insn" TCG plugin when the package ships it, else n/a.
+
+Ends with one line:
+RESULT bt_shadow_s=<s> bt_shadow_insns=<n> bt_nested_s=<s> bt_nested_insns=<n>
+       qemu_tcg_s=<s> qemu_tcg_insns=<n|na> goal_120s=<met|missed>"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MARK = b"PYVMM-INIT-READY"
+CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 pyvmm.poweroff"
+QEMU = "qemu-system-x86_64"
+
+
+def wait_marker(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float | None, int | None]:
+    """Runs cmd; returns (seconds until MARK appeared or None, exit code or None)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+    seen = b""
+    at = None
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        while time.perf_counter() - start < timeout:
+            chunk = proc.stdout.read(65536)
+            if chunk:
+                seen = (seen + chunk)[-4096:]
+                if at is None and MARK in seen:
+                    at = time.perf_counter() - start
+            elif proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)
+        try:
+            code = proc.wait(timeout=60 if at is not None else 0.1)
+        except subprocess.TimeoutExpired:
+            code = None
+        return at, code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_bt(mmu: str, timeout: float, extra_append: str) -> tuple[float | None, int | None]:
+    with tempfile.TemporaryDirectory() as d:
+        stats = os.path.join(d, "stats.json")
+        cmd = [sys.executable, "-m", "pyvmm", "run", "--engine", "bt", "--mmu", mmu, "--no-reboot",
+               "--mem", "512M", "--append", f"{CMDLINE} {extra_append}".strip(), "--stats-json", stats]
+        secs, _ = wait_marker(cmd, timeout)
+        insns = None
+        if os.path.exists(stats):
+            with open(stats) as f:
+                insns = json.load(f).get("engine", {}).get("instructions")
+        return secs, insns
+
+
+def ensure_qemu(install: bool) -> str | None:
+    path = shutil.which(QEMU)
+    if path is None and install:
+        subprocess.run(["apt-get", "install", "-y", "qemu-system-x86"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        path = shutil.which(QEMU)
+    return path
+
+
+def insn_plugin() -> str | None:
+    found = glob.glob("/usr/lib/*/qemu/plugins/libinsn.so") + glob.glob("/usr/lib/qemu/plugins/libinsn.so")
+    return found[0] if found else None
+
+
+def run_qemu(qemu: str, kernel: str, initrd: str, timeout: float) -> tuple[float | None, int | None]:
+    base = [qemu, "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+            "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE]
+    secs, _ = wait_marker(base, timeout)
+    plugin = insn_plugin()
+    insns = None
+    if plugin is not None:
+        with tempfile.TemporaryDirectory() as d:
+            log = os.path.join(d, "insn.log")
+            wait_marker(base + ["-plugin", plugin, "-d", "plugin", "-D", log], timeout)
+            try:
+                text = Path(log).read_text()
+                insns = int(text.split("insns:")[-1].split()[0])
+            except (OSError, ValueError, IndexError):
+                insns = None
+    return secs, insns
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "na"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per boot (default 3600)")
+    ap.add_argument("--modes", default="shadow,nested", help="bt MMU modes to measure")
+    ap.add_argument("--append", default="", help="extra kernel command line for the bt boots")
+    ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU TCG reference")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get install QEMU")
+    args = ap.parse_args()
+    from pyvmm.cli.main import default_kernel
+    from pyvmm.guest.initramfs import ensure_default_initramfs
+    kernel = default_kernel()
+    initrd = str(ensure_default_initramfs())
+    res: dict[str, object] = {}
+    for mode in [m for m in args.modes.split(",") if m]:
+        secs, insns = run_bt(mode, args.timeout, args.append)
+        print(f"bt --mmu {mode}: {fmt(secs)} s to the marker, {fmt(insns)} guest instructions", flush=True)
+        res[f"bt_{mode}_s"], res[f"bt_{mode}_insns"] = secs, insns
+    if not args.no_qemu:
+        qemu = ensure_qemu(not args.no_install)
+        if qemu is None:
+            print("qemu-system-x86_64 is not available: no TCG reference", flush=True)
+            res["qemu_tcg_s"] = res["qemu_tcg_insns"] = None
+        else:
+            secs, insns = run_qemu(qemu, kernel, initrd, args.timeout)
+            print(f"QEMU TCG: {fmt(secs)} s to the marker, {fmt(insns)} guest instructions", flush=True)
+            res["qemu_tcg_s"], res["qemu_tcg_insns"] = secs, insns
+    shadow = res.get("bt_shadow_s")
+    res["goal_120s"] = "met" if isinstance(shadow, float) and shadow <= 120 else "missed"
+    print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in res.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""KvmOracle: the real CPU as a differential-test oracle.
+
+The snippet runs at CPL3 in a tiny 64-bit KVM guest. On this host (kvm_pvm)
+guest user-mode code executes natively on the host CPU, so what comes back is
+what the silicon does; the few CPL0 instructions of the exception handlers
+are emulated by the host kernel.
+
+Guest physical layout (one memory slot, identity-mapped):
+
+    0x1000 GDT   0x2000 IDT   0x3000 TSS   0x4000 handler stubs
+    0x5000 the vector slot the stubs write
+    0x8000 PML4  0x9000 PDPT  0xA000 PD (2 MiB pages: 0-2M supervisor, 2-4M user)
+    0x1F000 top of the CPL0 stack (TSS.RSP0)
+    harness.CODE_ADDR code, harness.DATA_ADDR data, harness.STACK_TOP stack (user)
+
+The snippet is followed by `int3`; every vector's handler stores its vector
+number in the slot and executes `hlt`, which (no in-kernel irqchip) returns
+KVM_EXIT_HLT. The GPRs other than RSP are untouched by the handler; RIP,
+RFLAGS and the user RSP come from the interrupt frame on the CPL0 stack.
+One VM and vCPU serve every run: a run rewrites memory and registers."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+
+from pyvmm.cpu import GPR_NAMES
+from pyvmm.engines.kvm import abi
+from pyvmm.engines.kvm.device import Kvm, _ioctl
+from pyvmm.errors import EngineError
+
+import harness
+
+MEM_SIZE = 4 << 20
+GDT, IDT, TSS, STUBS, SLOT = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+PML4, PDPT, PD = 0x8000, 0x9000, 0xA000
+KSTACK_TOP = 0x1F000
+NVEC = 32
+STUB_SIZE = 16
+NO_VECTOR = 0xFFFFFFFF
+# Selectors: kernel code/data, then user data/code (the SYSRET order), TSS.
+KCODE, KDATA, UDATA, UCODE, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
+BP = 3
+WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+_P, _W, _U, _PS = 1, 2, 4, 0x80
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
+EFER_LME, EFER_LMA = 0x100, 0x400
+_KVM_REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+# Index into harness regs (GPR_NAMES order) for each KVM register slot.
+_FROM_HARNESS = [GPR_NAMES.index(n) for n in _KVM_REG_ORDER[:16]]
+
+
+def kvm_usable(path: str = "/dev/kvm") -> str | None:
+    """None when KVM can run the oracle here, else the reason it cannot."""
+    if not os.path.exists(path):
+        return f"{path} is absent"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not accessible (not root, not in the kvm group)"
+    return None
+
+
+def _segment(selector: int, code: bool, dpl: int) -> abi.Segment:
+    return abi.Segment(base=0, limit=0xFFFFFFFF, selector=selector, type=0xB if code else 0x3,
+                       present=1, dpl=dpl, db=0 if code else 1, s=1, l=1 if code else 0, g=1)
+
+
+def _descriptor(seg: abi.Segment) -> int:
+    access = seg.type | (seg.s << 4) | (seg.dpl << 5) | (seg.present << 7)
+    flags = (seg.l << 1) | (seg.db << 2) | (seg.g << 3)
+    return 0xFFFF | (access << 40) | (0xF << 48) | (flags << 52)
+
+
+def _tss_descriptor(base: int, limit: int) -> tuple[int, int]:
+    lo = ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89 << 40)
+          | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56))
+    return lo, base >> 32
+
+
+def _gate(handler: int, dpl: int) -> bytes:
+    """A 64-bit interrupt gate (type 0xE) to KCODE:handler."""
+    return struct.pack("<HHBBHII", handler & 0xFFFF, KCODE, 0, 0x80 | (dpl << 5) | 0xE,
+                       (handler >> 16) & 0xFFFF, handler >> 32, 0)
+
+
+def _stub(vector: int) -> bytes:
+    """mov dword [SLOT], vector ; hlt ; jmp $ (padded)."""
+    code = b"\xC7\x04\x25" + struct.pack("<Ii", SLOT, vector) + b"\xF4" + b"\xEB\xFE"
+    return code.ljust(STUB_SIZE, b"\xCC")
+
+
+class KvmOracle:
+    """Runs snippets at CPL3 on the host CPU through KVM (harness interface).
+
+    Raises EngineError from the constructor when KVM cannot be opened or set up."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        self.kvm = Kvm(path)
+        self.vm = self.kvm.create_vm()
+        self.mem = mmap.mmap(-1, MEM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.vm.add_memory(0, MEM_SIZE, host)
+        self.vcpu = self.vm.create_vcpu(0)
+        self._fd = self.vcpu.fd
+        self._run_mm = self.vcpu.run_mm
+        self._write_tables()
+        self.sregs = self._sregs()
+        self.regs = abi.Regs()
+        self.runs = 0
+
+    # -- setup ------------------------------------------------------------------
+    def _write_tables(self) -> None:
+        m = self.mem
+        kcode, kdata = _segment(KCODE, True, 0), _segment(KDATA, False, 0)
+        udata, ucode = _segment(UDATA, False, 3), _segment(UCODE, True, 3)
+        tss_lo, tss_hi = _tss_descriptor(TSS, 0x67)
+        gdt = [0, _descriptor(kcode), _descriptor(kdata), _descriptor(udata), _descriptor(ucode), tss_lo, tss_hi]
+        m[GDT:GDT + 8 * len(gdt)] = struct.pack(f"<{len(gdt)}Q", *gdt)
+        for v in range(NVEC):
+            h = STUBS + v * STUB_SIZE
+            m[IDT + 16 * v:IDT + 16 * v + 16] = _gate(h, 3 if v == BP else 0)
+            m[h:h + STUB_SIZE] = _stub(v)
+        # 64-bit TSS: RSP0 at offset 4, I/O map base beyond the limit (no bitmap).
+        m[TSS:TSS + 0x68] = struct.pack("<IQ", 0, KSTACK_TOP).ljust(0x66, b"\0") + struct.pack("<H", 0x68)
+        m[PML4:PML4 + 8] = struct.pack("<Q", PDPT | _P | _W | _U)
+        m[PDPT:PDPT + 8] = struct.pack("<Q", PD | _P | _W | _U)
+        m[PD:PD + 16] = struct.pack("<QQ", 0 | _P | _W | _PS, 0x200000 | _P | _W | _U | _PS)
+
+    def _sregs(self) -> abi.Sregs:
+        s = self.vcpu.get_sregs()
+        ucode, udata = _segment(UCODE, True, 3), _segment(UDATA, False, 3)
+        s.cs = ucode
+        for name in ("ds", "es", "ss", "fs", "gs"):
+            setattr(s, name, _segment(UDATA, False, 3))
+        s.ss = udata
+        s.tr = abi.Segment(base=TSS, limit=0x67, selector=TSS_SEL, type=0xB, present=1, s=0)
+        s.ldt = abi.Segment(selector=0, type=0x2, present=1, s=0, limit=0xFFFF, unusable=1)
+        s.gdt.base, s.gdt.limit = GDT, 7 * 8 - 1
+        s.idt.base, s.idt.limit = IDT, NVEC * 16 - 1
+        s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        s.cr3 = PML4
+        s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+        s.efer = EFER_LME | EFER_LMA
+        return s
+
+    def close(self) -> None:
+        """Releases the vCPU, the VM and guest memory."""
+        self.vcpu.close()
+        self.vm.close()
+        self.kvm.close()
+        self.mem.close()
+
+    # -- one run ----------------------------------------------------------------
+    def run(self, code: bytes, regs: list[int], rflags: int, data: bytes) -> harness.Outcome:
+        """Runs `code` (then int3) from the given state; returns the state at
+        the end or at the first exception the snippet raised.
+
+        Raises EngineError when KVM fails or the guest exits unexpectedly."""
+        m = self.mem
+        start = harness.CODE_ADDR
+        end = start + len(code)
+        m[start:end + 1] = code + b"\xCC"
+        m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)] = data
+        m[SLOT:SLOT + 4] = struct.pack("<I", NO_VECTOR)
+        r = self.regs
+        for name, i in zip(_KVM_REG_ORDER, _FROM_HARNESS):
+            setattr(r, name, regs[i])
+        r.rip, r.rflags = start, rflags
+        self.vcpu.set_sregs(self.sregs)
+        self.vcpu.set_regs(r)
+        reason = self._enter()
+        self.runs += 1
+        out = self.vcpu.get_regs()
+        if reason == abi.EXIT_SHUTDOWN:
+            values = [getattr(out, n) for n in GPR_NAMES]
+            return harness.Outcome(values, out.rflags, bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)]),
+                                   -1, out.rip)
+        if reason != abi.EXIT_HLT:
+            raise EngineError(f"oracle: unexpected KVM exit {abi.EXIT_NAMES.get(reason, reason)} at rip={out.rip:#x}")
+        vector = struct.unpack_from("<I", m, SLOT)[0]
+        if vector == NO_VECTOR:
+            raise EngineError(f"oracle: hlt without a vector at rip={out.rip:#x}")
+        frame = out.rsp + (8 if vector in WITH_ERROR_CODE else 0)
+        rip, _cs, rf, rsp, _ss = struct.unpack_from("<5Q", m, frame)
+        values = [getattr(out, n) for n in GPR_NAMES]
+        values[4] = rsp
+        if vector == BP and rip == end + 1:
+            return harness.Outcome(values, rf, bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)]), None, end)
+        return harness.Outcome(values, rf, bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)]), vector, rip)
+
+    def _enter(self) -> int:
+        while True:
+            if _ioctl(self._fd, abi.RUN, None) < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.EAGAIN):
+                    continue
+                raise EngineError(f"oracle: KVM_RUN: {errno.errorcode.get(err, err)}")
+            reason = struct.unpack_from("<I", self._run_mm, abi.RUN_EXIT_REASON)[0]
+            if reason != abi.EXIT_INTR:
+                return reason

@@ -1,0 +1,62 @@
+"""The stock Debian kernel under the bt engine (pure-Python binary
+translation): boots to the initramfs marker, then answers `uname -a` and
+`cat /proc/cpuinfo` in the shell; on 1 and on 2 vCPUs.
+
+These boots take many minutes of host time (every guest instruction runs
+through the translator); PYVMM_BT_BOOT_TIMEOUT (seconds, default 5400)
+bounds each wait."""
+
+import glob
+import os
+
+import pytest
+
+from .guest_session import GuestSession
+
+pytestmark = [pytest.mark.slow]
+
+TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
+CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
+
+
+@pytest.fixture
+def kernel():
+    found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    if not found:
+        pytest.skip("linux-image-cloud-amd64 is not installed")
+    return found[-1]
+
+
+def _boot_and_check(kernel: str, cpus: int, mmu: str) -> None:
+    with GuestSession("run", "--engine", "bt", "--mmu", mmu, "--cpus", str(cpus), "--no-reboot",
+                      "--mem", "512M", "--append", CMDLINE) as g:
+        g.expect(r"Linux version \d+\.\d+", timeout=600)
+        g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
+        g.send("uname -a\n")
+        m = g.expect(r"Linux \S+ (\d+\.\d+\.\d+-\d+-cloud-amd64) #\d+ SMP .* x86_64", timeout=600)
+        assert m.group(1) in kernel  # the default kernel: the newest in /boot
+        g.send("cat /proc/cpuinfo; echo CPUINFO-END\n")
+        g.expect("CPUINFO-END\r?\n", timeout=600)
+        info = g.output.split("cat /proc/cpuinfo", 1)[-1]
+        assert "GenuineIntel" in info
+        assert "pyvmm bt virtual CPU" in info
+        for flag in ("fpu", "tsc", "pae", "cx8", "apic", "cmov", "pat", "sse2", "syscall", "nx", "lm",
+                     "constant_tsc", "nonstop_tsc", "tsc_deadline_timer"):
+            assert f" {flag}" in info, flag
+        for absent in (" avx", " xsave", " x2apic"):
+            assert absent not in info, absent
+        assert info.count("processor\t:") == cpus
+        g.send("poweroff -f\n")
+        assert g.wait(timeout=600) == 0
+
+
+def test_stock_kernel_boots_under_bt(kernel):
+    _boot_and_check(kernel, 1, "shadow")
+
+
+def test_stock_kernel_boots_under_bt_with_two_vcpus(kernel):
+    _boot_and_check(kernel, 2, "shadow")
+
+
+def test_stock_kernel_boots_under_bt_nested_mmu(kernel):
+    _boot_and_check(kernel, 1, "nested")
