@@ -4,21 +4,29 @@ stock Debian cloud kernel + pyvmm's default initramfs, under --engine bt
 with shadow page tables and with --mmu nested; QEMU TCG boots the same
 kernel and initramfs in the same run as the reference (installed with
 apt-get when missing, unless --no-install; pyvmm itself never uses QEMU).
+Then, in each bt guest's shell, a fork/exec-heavy loop (forkwait: N times
+fork + exec of /bin/uname and wait) timed under shadow vs nested.
 
-Guest instructions for bt come from the engine's counter (--stats-json);
-for QEMU from its "insn" TCG plugin when the package ships it, else n/a.
+Guest instructions for bt come from the engine's counter, read with
+SIGUSR2 (the probe line "pyvmm-probe: N insns" on stderr) when the marker
+appears and around forkwait; for QEMU from its "insn" TCG plugin when the
+package ships it, else n/a.  bt runs use --deterministic unless
+--host-clock (guest time from instructions: the counts do not depend on
+how busy the host is).
 
 Ends with one line:
 RESULT bt_shadow_s=<s> bt_shadow_insns=<n> bt_nested_s=<s> bt_nested_insns=<n>
-       qemu_tcg_s=<s> qemu_tcg_insns=<n|na> goal_120s=<met|missed>"""
+       forkwait_shadow_s=<s> forkwait_nested_s=<s> qemu_tcg_s=<s> qemu_tcg_insns=<n|na>
+       goal_120s=<met|missed> shadow_beats_nested=<yes|no|na>"""
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,9 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.guest_session import GuestSession  # noqa: E402
+
 MARK = b"PYVMM-INIT-READY"
-CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 pyvmm.poweroff"
+CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 QEMU = "qemu-system-x86_64"
+PROBE_RX = re.compile(r"pyvmm-probe: (\d+) insns")
 
 
 def wait_marker(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float | None, int | None]:
@@ -63,17 +74,56 @@ def wait_marker(cmd: list[str], timeout: float, env: dict | None = None) -> tupl
             proc.wait()
 
 
-def run_bt(mmu: str, timeout: float, extra_append: str) -> tuple[float | None, int | None]:
-    with tempfile.TemporaryDirectory() as d:
-        stats = os.path.join(d, "stats.json")
-        cmd = [sys.executable, "-m", "pyvmm", "run", "--engine", "bt", "--mmu", mmu, "--no-reboot",
-               "--mem", "512M", "--append", f"{CMDLINE} {extra_append}".strip(), "--stats-json", stats]
-        secs, _ = wait_marker(cmd, timeout)
-        insns = None
-        if os.path.exists(stats):
-            with open(stats) as f:
-                insns = json.load(f).get("engine", {}).get("instructions")
-        return secs, insns
+def probe_insns(g: GuestSession, timeout: float = 30) -> int | None:
+    """Asks the bt engine (SIGUSR2) for its instruction count."""
+    before = len(PROBE_RX.findall(g.errors))
+    g.proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = PROBE_RX.findall(g.errors)
+        if len(found) > before:
+            return int(found[-1])
+        time.sleep(0.05)
+    return None
+
+
+def run_bt(mmu: str, timeout: float, extra_append: str, deterministic: bool,
+           forkwait: int) -> dict[str, object]:
+    """One bt boot: seconds and instructions to the marker, then forkwait."""
+    cmd = ["run", "--engine", "bt", "--mmu", mmu, "--no-reboot", "--mem", "512M",
+           "--append", f"{CMDLINE} {extra_append}".strip()]
+    if deterministic:
+        cmd.append("--deterministic")
+    out: dict[str, object] = {"s": None, "insns": None, "forkwait_s": None, "forkwait_insns": None}
+    start = time.perf_counter()
+    with GuestSession(*cmd) as g:
+        try:
+            g.expect("PYVMM-INIT-READY", timeout=timeout)
+        except AssertionError:
+            g.kill()
+            return out
+        out["s"] = time.perf_counter() - start
+        out["insns"] = probe_insns(g)
+        if forkwait > 0:
+            g.expect(r"[#$] $", timeout=600)
+            loop = (f"i=0; while [ $i -lt {forkwait} ]; do /bin/uname >/dev/null; i=$((i+1)); done; "
+                    "echo FORKWAIT-DONE\n")
+            n0 = probe_insns(g)
+            t0 = time.perf_counter()
+            g.send(loop)
+            try:
+                g.expect("FORKWAIT-DONE\r?\n", timeout=timeout)
+                out["forkwait_s"] = time.perf_counter() - t0
+                n1 = probe_insns(g)
+                out["forkwait_insns"] = n1 - n0 if n0 is not None and n1 is not None else None
+            except AssertionError:
+                pass
+        g.send("poweroff -f\n")
+        try:
+            g.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            g.kill()
+    return out
 
 
 def ensure_qemu(install: bool) -> str | None:
@@ -90,9 +140,16 @@ def insn_plugin() -> str | None:
     return found[0] if found else None
 
 
+def qemu_cmdline() -> str:
+    """The bt boots' command line (with the parameters pyvmm adds under bt),
+    plus pyvmm.poweroff so QEMU exits at the marker."""
+    from pyvmm.engines.bt.bootprep import kernel_args
+    return f"{CMDLINE} {kernel_args(CMDLINE)} pyvmm.poweroff"
+
+
 def run_qemu(qemu: str, kernel: str, initrd: str, timeout: float) -> tuple[float | None, int | None]:
     base = [qemu, "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-            "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE]
+            "-kernel", kernel, "-initrd", initrd, "-append", qemu_cmdline()]
     secs, _ = wait_marker(base, timeout)
     plugin = insn_plugin()
     insns = None
@@ -119,6 +176,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per boot (default 3600)")
     ap.add_argument("--modes", default="shadow,nested", help="bt MMU modes to measure")
     ap.add_argument("--append", default="", help="extra kernel command line for the bt boots")
+    ap.add_argument("--forkwait", type=int, default=100, help="fork+exec iterations in the guest (0: skip)")
+    ap.add_argument("--host-clock", action="store_true", help="bt guest time from the host clock")
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU TCG reference")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install QEMU")
     args = ap.parse_args()
@@ -128,9 +187,12 @@ def main() -> int:
     initrd = str(ensure_default_initramfs())
     res: dict[str, object] = {}
     for mode in [m for m in args.modes.split(",") if m]:
-        secs, insns = run_bt(mode, args.timeout, args.append)
-        print(f"bt --mmu {mode}: {fmt(secs)} s to the marker, {fmt(insns)} guest instructions", flush=True)
-        res[f"bt_{mode}_s"], res[f"bt_{mode}_insns"] = secs, insns
+        r = run_bt(mode, args.timeout, args.append, not args.host_clock, args.forkwait)
+        print(f"bt --mmu {mode}: {fmt(r['s'])} s to the marker, {fmt(r['insns'])} guest instructions; "
+              f"forkwait x{args.forkwait}: {fmt(r['forkwait_s'])} s, {fmt(r['forkwait_insns'])} instructions",
+              flush=True)
+        res[f"bt_{mode}_s"], res[f"bt_{mode}_insns"] = r["s"], r["insns"]
+        res[f"forkwait_{mode}_s"] = r["forkwait_s"]
     if not args.no_qemu:
         qemu = ensure_qemu(not args.no_install)
         if qemu is None:
@@ -142,6 +204,8 @@ def main() -> int:
             res["qemu_tcg_s"], res["qemu_tcg_insns"] = secs, insns
     shadow = res.get("bt_shadow_s")
     res["goal_120s"] = "met" if isinstance(shadow, float) and shadow <= 120 else "missed"
+    fs, fn = res.get("forkwait_shadow_s"), res.get("forkwait_nested_s")
+    res["shadow_beats_nested"] = "na" if fs is None or fn is None else ("yes" if fs < fn else "no")
     print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in res.items()), flush=True)
     return 0
 

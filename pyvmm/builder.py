@@ -3,6 +3,7 @@ firmware tables, the boot image and the engine together."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Callable
@@ -109,6 +110,18 @@ def add_firmware(machine: Machine) -> None:
     machine.devices["fw_cfg"] = fwc
 
 
+def fit_guest(config: VmConfig) -> VmConfig:
+    """A copy of config adjusted to what this host's engine can run."""
+    if config.engine != "hw" or not config.fit_guest_to_host:
+        return config
+    from .engines.kvm import hostfit
+    if not hostfit.kernel_mode_emulated():
+        return config
+    hide = list(config.cpuid_hide) + [f for f in hostfit.CPUID_HIDE if f not in config.cpuid_hide]
+    extra = " ".join(filter(None, (config.linux_cmdline_extra, hostfit.LINUX_PARAMS)))
+    return dataclasses.replace(config, cpuid_hide=hide, linux_cmdline_extra=extra)
+
+
 def build_machine(config: VmConfig, output: Output,
                   boot: Callable[[GuestMemory], BootResult] | None = None) -> Machine:
     """Builds a ready-to-run Machine.
@@ -116,6 +129,11 @@ def build_machine(config: VmConfig, output: Output,
     `boot` replaces the kernel loader (tests use it to place raw code).
     Raises VmmError subclasses for bad configs, images or hosts."""
     config.validate()
+    config = fit_guest(config)
+    cleanup = None
+    if config.engine == "bt":
+        from .engines.bt.bootprep import prepare
+        config, cleanup = prepare(config)   # kernel parameters, host-side initrd inflate
     memory = GuestMemory(config.mem_mib * MIB)
     lock = threading.RLock()
     several = config.cpus > 1
@@ -141,6 +159,9 @@ def build_machine(config: VmConfig, output: Output,
             machine.engine.close()
         memory.close()
         raise
+    finally:
+        if cleanup is not None:
+            cleanup()
     return machine
 
 

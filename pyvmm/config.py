@@ -34,6 +34,11 @@ class VmConfig:
     irqchip: bool = True
     # hw: complete instructions KVM cannot emulate with pyvmm's own code.
     complete_instructions: bool = True
+    # hw on hosts that emulate guest kernel mode: keep a Linux guest off the
+    # features the host cannot run (engines/kvm/hostfit.py).
+    fit_guest_to_host: bool = True
+    # Appended to a Linux kernel's command line by pyvmm (not by the user).
+    linux_cmdline_extra: str = ""
     # bt: "shadow" page tables kept coherent across guest page-table writes,
     # or "nested": every TLB miss walks the guest tables (EPT/NPT cost model).
     mmu: str = "shadow"

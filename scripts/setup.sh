@@ -27,5 +27,6 @@ if ! python3 -c "import pyvmm, iced_x86, lz4, zstandard, pytest, hypothesis, uni
     python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 fi
 
+bash scripts/install-kernel-build-deps.sh
 python3 -m pyvmm guest build >/dev/null
 echo "setup: ready"

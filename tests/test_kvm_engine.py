@@ -143,3 +143,15 @@ def test_two_vcpus_both_run():
     assert run.status.reason is StopReason.DEBUG_EXIT, run.status
     assert run.status.code == (0x10 << 1) | 1
     assert run.output == b"A1"  # the AP printed, and the BSP saw one AP check in
+
+
+@pytest.mark.parametrize("mode", ["real", "prot", "long"])
+def test_same_output_under_bt_and_hw(mode):
+    """The mode-entry guests print the same bytes and stop the same way on both engines."""
+    code = build_guest(printer(mode, f"{mode}: 0123456789abcdef\\n"), mode)
+    hw = run_raw(code, mode)
+    bt = run_raw(code, mode, engine="bt")
+    assert hw.output == bt.output == f"{mode}: 0123456789abcdef\n".encode()
+    assert hw.status.reason is bt.status.reason is StopReason.HALTED
+    assert hw.state.rip == bt.state.rip
+    assert hw.state.regs == bt.state.regs

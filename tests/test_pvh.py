@@ -16,7 +16,7 @@ from pyvmm.devices.fw_cfg import PORT_RANGE, FwCfg
 from pyvmm.errors import ImageError
 from pyvmm.memory import GuestMemory
 from tests.asm import assemble, elf_image, emulate32
-from tests.test_multiboot import run_vm
+from tests.test_multiboot import ENGINES, run_vm
 
 GUESTS = Path(__file__).parent / "guests"
 MIB = 1 << 20
@@ -147,10 +147,11 @@ def test_guest_runs_in_unicorn(mem, guest, tmp_path):
     assert fw_cfg.dma_transfers == 1
 
 
-def test_guest_end_to_end_kvm(guest, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_guest_end_to_end(guest, tmp_path, engine):
     module = tmp_path / "module.txt"
     module.write_bytes(b"HELLO-PVH module")
-    proc = run_vm(guest, [module], "exit=5")
+    proc = run_vm(guest, [module], "exit=5", engine)
     out = proc.stdout.decode("latin-1")
     assert proc.returncode == (5 << 1) | 1, out + proc.stderr.decode("latin-1")
     for line in ("magic=ok", "version=1", "cmdline=exit=5", "mods=1", "mod0=HELLO-PV",

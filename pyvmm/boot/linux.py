@@ -160,7 +160,7 @@ def load_linux(memory: GuestMemory, config: VmConfig, image: bytes | None = None
     k = _load_kernel(memory, config, path, image)
     hdr = k.header
 
-    cmdline = config.cmdline.encode()
+    cmdline = " ".join(filter(None, (config.cmdline, config.linux_cmdline_extra))).encode()
     limit = min(hdr.cmdline_size or 255, layout.CMDLINE_MAX - 1)
     if len(cmdline) > limit:
         raise ImageError(f"{path}: command line is {len(cmdline)} bytes, the kernel takes at most {limit}")

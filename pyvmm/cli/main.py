@@ -79,6 +79,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=1", metavar="iobase=N,iosize=N",
                    help="add QEMU's isa-debug-exit device (writing v exits with (v<<1)|1)")
     p.add_argument("--fw-cfg", action="append", default=[], metavar="name=NAME,file=PATH", help="add a named fw_cfg file")
+    p.add_argument("--no-guest-fit", action="store_true",
+                   help="hw on hosts that emulate guest kernel mode: do not hide the CPU features "
+                        "the host cannot emulate from a Linux guest (see engines/kvm/hostfit.py)")
     p.add_argument("--no-host-decompress", action="store_true",
                    help="let a bzImage decompress itself in the guest instead of on the host")
     p.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
@@ -105,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    debug_exit=parse_debug_exit(args.debug_exit) if args.debug_exit else None,
                    fw_cfg_files=[parse_fw_cfg(t) for t in args.fw_cfg],
                    host_decompress=not args.no_host_decompress, mmu=args.mmu,
-                   deterministic=args.deterministic, verbose=args.verbose)
+                   deterministic=args.deterministic, verbose=args.verbose,
+                   fit_guest_to_host=not args.no_guest_fit)
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")
@@ -148,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="default guest images").add_subparsers(dest="guest_command", required=True)
     gb = guest.add_parser("build", help="write the default busybox initramfs")
     gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
+    from ..kernel.cli import add_kernel_parser
+    add_kernel_parser(sub)
     return parser
 
 
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
     logging.basicConfig(level=getattr(logging, args.log.upper()), format="pyvmm: %(name)s: %(message)s")
-    handlers = {"run": cmd_run, "guest": cmd_guest_build}
+    from ..kernel.cli import cmd_kernel
+    handlers = {"run": cmd_run, "guest": cmd_guest_build, "kernel": cmd_kernel}
     try:
         return handlers[args.command](args)
     except GuestCrash as e:

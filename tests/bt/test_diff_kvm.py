@@ -210,14 +210,8 @@ def repro(text: str, regs: list[int], rflags: int, data64: bytes, what: str) -> 
 # random tests keep looking for new ones. Remove a class once it is fixed.
 _R32 = r"(e[a-d]x|e[sd]i|r\d+d)"
 KNOWN_BUGS: dict[str, object] = {
-    # hw: a failed compare leaves a register destination untouched (no zero-extension)
-    "cmpxchg-r32-zero-extends": lambda text, vec, d: re.search(rf"cmpxchg {_R32}, ", text) is not None,
-    # hw: a zero source leaves the destination untouched, upper half included
-    "bsf-bsr-r32-zero-source": lambda text, vec, d: re.search(rf"\bbs[fr] {_R32}, ", text) is not None,
-    # hw: a div/idiv that raises #DE leaves RFLAGS as they were
-    "div-de-clobbers-flags": lambda text, vec, d: vec == 0 and d.startswith("rflags"),
-    # xlat is not implemented: bt raises #UD
-    "xlat-unsupported": lambda text, vec, d: "xlat" in text and d.startswith("exception bt=6"),
+    # (none open: cmpxchg r32 on failure, bsf/bsr r32 with a zero source,
+    # flags at a div #DE and xlat were fixed; their cases stay in REGRESSIONS)
 }
 
 
@@ -231,8 +225,10 @@ def known_bug(text: str, vector: int | None, d: str) -> str | None:
 
 # Where Unicorn (QEMU 5 TCG) differs from the CPU.
 UNICORN_QUIRKS: dict[str, object] = {
-    "cmpxchg-r32-zero-extends": KNOWN_BUGS["cmpxchg-r32-zero-extends"],
-    "bsf-bsr-r32-zero-source": KNOWN_BUGS["bsf-bsr-r32-zero-source"],
+    # a failed compare zero-extends a 32-bit register destination (the CPU leaves it)
+    "cmpxchg-r32-zero-extends": lambda text, vec, d: re.search(rf"cmpxchg {_R32}, ", text) is not None,
+    # a zero source zero-extends a 32-bit bsf/bsr destination (the CPU leaves it)
+    "bsf-bsr-r32-zero-source": lambda text, vec, d: re.search(rf"\bbs[fr] {_R32}, ", text) is not None,
     # lock neg byte [m] with a zero operand: unicorn 0x11, cpu 0x95 (flags of a non-zero result)
     "lock-neg-flags": lambda text, vec, d: "lock neg" in text and d.startswith("rflags"),
     # cmpxchg8b/16b write only ZF on the CPU; unicorn recomputes the others
@@ -250,7 +246,8 @@ def unicorn_quirk(text: str, vector: int | None, d: str) -> str | None:
 
 
 # Known translator bugs found by this oracle: (source, regs (hex strings),
-# rflags, the 64 data bytes, the mismatch seen). Each runs as xfail until fixed.
+# rflags, the 64 data bytes, the mismatch seen). New entries may run as xfail
+# until fixed; the ones listed here are fixed and must pass.
 REGRESSIONS: list[tuple[str, list[str], int, bytes, str]] = [
     ("cmpxchg ebx, esi",
      ["0x1", "0x0", "0x0", "0x596de210d9ea4640", "0x0", "0x0", "0x5"] + ["0x0"] * 9,
@@ -362,7 +359,7 @@ if __name__ != "__main__":
         assert out.rip == harness.CODE_ADDR + len(code)
 
     @pytest.mark.parametrize("src,regs,rflags,data,what", [
-        pytest.param(*r, marks=pytest.mark.xfail(reason=f"bt bug: {r[4]}", strict=False)) for r in REGRESSIONS])
+        pytest.param(*r, id=r[0].split()[0]) for r in REGRESSIONS])
     def test_regression(src, regs, rflags, data, what):
         regs, page = initial([int(r, 16) for r in regs], data)
         d = _checker.bt_vs_kvm(harness.assemble(src), regs, rflags, page)

@@ -21,6 +21,16 @@ def _binop(g: Gen) -> None:
         y = x
     else:
         y = g.read(1, size)
+    if not g.flags_live and m not in (M.ADC, M.SBB):
+        # dead flags: one statement, no temporaries
+        if m in (M.CMP, M.TEST):
+            return
+        if m == M.XOR and y is x:
+            g.write(0, "0")
+            return
+        op = {M.ADD: "+", M.SUB: "-", M.AND: "&", M.OR: "|", M.XOR: "^"}[m]
+        g.write(0, f"({x} {op} {y}) & {mk:#x}" if m in (M.ADD, M.SUB) else f"{x} {op} {y}")
+        return
     g.emit(f"x = {x}; y = {y}")
     if m in (M.ADD, M.ADC):
         g.emit(f"t = x + y" + (f" + {g.carry_expr()}" if m == M.ADC else ""))
@@ -65,13 +75,11 @@ def _mov(g: Gen) -> None:
     if g.is_reg(0) and g.ins.op0_register not in GPR or g.is_reg(1) and g.ins.op1_register not in GPR:
         raise Unsupported("mov with special register")
     size = g.size(0)
-    g.emit(f"t = {g.read(1, size)}")
-    g.write(0, "t")
+    g.write(0, g.read(1, size))
 
 
 def _movzx(g: Gen) -> None:
-    g.emit(f"t = {g.read(1)}")
-    g.write(0, "t")
+    g.write(0, g.read(1))
 
 
 def _movsx(g: Gen) -> None:
@@ -178,6 +186,11 @@ def _imul(g: Gen) -> None:
         a, b = g.read(0), g.read(1)
     else:
         a, b = g.read(1), f"{g.imm(2, size):#x}"
+    if not g.flags_live:
+        # the low half of a product does not depend on signedness
+        g.write(0, f"({a} * {b}) & {MASK[size]:#x}")
+        g.unknown_flags()
+        return
     g.emit(f"lo, hi, fw = IMUL({size}, {a}, {b})")
     g.write(0, "lo")
     g.set_flags(F.RAW, size, "fw")
@@ -202,10 +215,32 @@ _SHIFT_KIND = {M.ROL: 0, M.ROR: 1, M.RCL: 2, M.RCR: 3, M.SHL: 4, M.SAL: 4, M.SHR
                M.SHLD: 8, M.SHRD: 9}
 
 
+def shift_count(g: Gen) -> int | None:
+    """The masked constant count of a shift/rotate, None when it is in CL."""
+    ins = g.ins
+    last = ins.op_count - 1
+    if ins.op_count == 1 or (ins.mnemonic in (M.SHLD, M.SHRD) and ins.op_count == 2):
+        return 1
+    if g.is_imm(last):
+        return ins.immediate(last) & (0x3F if g.size(0) == 8 else 0x1F)
+    return None
+
+
 def _shift(g: Gen) -> None:
     kind = _SHIFT_KIND[g.ins.mnemonic]
     size = g.size(0)
     x = g.read(0)
+    cnt_k = shift_count(g)
+    if kind in (4, 5, 7) and cnt_k and not g.flags_live:
+        mk, sg = MASK[size], SIGN[size]
+        if kind == 4:
+            g.write(0, f"({x} << {cnt_k}) & {mk:#x}")
+        elif kind == 5:
+            g.write(0, f"{x} >> {cnt_k}")
+        else:
+            g.write(0, f"((({x} ^ {sg:#x}) - {sg:#x}) >> {cnt_k}) & {mk:#x}")
+        g.unknown_flags()
+        return
     g.emit(f"x = {x}")
     if kind >= 8:
         extra = g.read(1)

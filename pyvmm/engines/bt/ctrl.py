@@ -67,6 +67,8 @@ def pop_expr(g: Gen, size: int) -> None:
 
 def _jmp(g: Gen) -> None:
     if g.ins.op_kind(0) in (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64):
+        if g.ins.near_branch_target == g.next_ip:
+            return  # the trace goes on at the target
         _goto(g, g.ins.near_branch_target)
         return
     if g.ins.op_kind(0) in (X.OpKind.REGISTER, X.OpKind.MEMORY) and not g.ins.is_jmp_far_indirect:
@@ -123,6 +125,8 @@ def _call(g: Gen) -> None:
     else:
         g.emit(f"t = {ins.near_branch_target:#x}")
     push(g, f"{ins.next_ip & MASK[size]:#x}", size)
+    if ins.op_kind(0) not in (X.OpKind.REGISTER, X.OpKind.MEMORY) and ins.near_branch_target == g.next_ip:
+        return  # inlined: the trace goes on at the target
     _exit(g, "t")
 
 
@@ -136,6 +140,14 @@ def _ret(g: Gen) -> None:
         n = g.ins.immediate(0) & 0xFFFF
         spm = _spmask(g)
         g.emit(f"r4 = (r4 & ~{spm:#x}) | ((r4 + {n}) & {spm:#x})")
+    if g.next_ip is not None:
+        # the trace predicted the return address a call of its own pushed
+        g.emit(f"if p != {g.next_ip:#x}:")
+        g.ind += 1
+        _exit(g, "p")
+        g.ind -= 1
+        g.ends = False
+        return
     _exit(g, "p")
 
 
@@ -193,11 +205,29 @@ def _enter(g: Gen) -> None:
 
 def _pushf(g: Gen) -> None:
     size = _opsize(g)
+    if g.cpl == 0:
+        g.emit(f"v = ((c.rf & ~0x308D5) | {g.flags_expr()} | 2) & {MASK[size]:#x}")
+        push(g, "v", size)
+        return
     g.helper(f"PUSHF(c, {size})")
 
 
 def _popf(g: Gen) -> None:
     size = _opsize(g)
+    if g.cpl == 0:
+        # CPL0: no IOPL/IF restrictions; the block ends only when IF or TF
+        # went up (an interrupt may be due) or the dispatcher is wanted.
+        mask = 0x257FD5 if size >= 4 else 0x7FD5
+        g.emit("o = c.rf")
+        pop_expr(g, size)
+        g.emit(f"c.rf = (((o & ~{mask:#x}) | (p & {mask:#x})) & {0x3F7FD7 & ~F.ARITH:#x}) | 2")
+        g.set_flags(F.RAW, 1, f"p & {F.ARITH:#x}")
+        g.emit("if (c.rf & ~o) & 0x300 or c.pending:")
+        g.ind += 1
+        _exit(g, f"{g.ins.next_ip:#x}")
+        g.ind -= 1
+        g.ends = False
+        return
     g.helper(f"POPF(c, {size})")
     _exit(g, f"{g.ins.next_ip:#x}")
 

@@ -38,6 +38,22 @@ class BtCpu(VCpu):
         self.faults = 0              # exceptions delivered (all vectors)
         self.interrupts = 0          # external interrupts and NMIs delivered
 
+    def update_mode(self) -> None:
+        """VCpu.update_mode, keeping the block lookup cache when neither the
+        mode nor the address space changed (a mov to CR3 of the same value in
+        shadow mode, cli/sti-free popf...): its entries stay valid then, since
+        code writes, page-table writes and invlpg clear it themselves."""
+        keep = self.jmp
+        mode, maps, flushes = self.mode, self.mmu.maps, self.mmu.tlb_flushes
+        self.jmp = self.mmu.jmp = {}       # what the base class clears
+        try:
+            super().update_mode()
+        finally:
+            if not (self.mode == mode and self.mmu.maps is maps and self.mmu.shadow
+                    and self.mmu.tlb_flushes == flushes):
+                keep.clear()
+            self.jmp = self.mmu.jmp = keep
+
     def _code_written(self, ppn: int) -> None:
         self.translator.invalidate_page(ppn)
         self.jmp.clear()

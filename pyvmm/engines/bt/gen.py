@@ -31,6 +31,10 @@ _IMM = {OK.IMMEDIATE8, OK.IMMEDIATE16, OK.IMMEDIATE32, OK.IMMEDIATE64, OK.IMMEDI
         OK.IMMEDIATE8TO32, OK.IMMEDIATE8TO64, OK.IMMEDIATE32TO64, OK.IMMEDIATE8_2ND}
 
 
+_UNPACK = {2: ("U16", 0xFFE), 4: ("U32", 0xFFC), 8: ("U64", 0xFF8)}
+_PACK = {2: ("P16", 0xFFE), 4: ("P32", 0xFFC), 8: ("P64", 0xFF8)}
+
+
 class Unsupported(Exception):
     """The translator has no semantics for this instruction (becomes #UD)."""
 
@@ -52,6 +56,7 @@ class Gen:
         self.ends = False       # instruction ended the block itself
         self.start = 0
         self.count = 0
+        self.next_ip: int | None = None   # the trace's next instruction (None: block end)
 
     # -- output -------------------------------------------------------------
     def emit(self, line: str) -> None:
@@ -168,12 +173,36 @@ class Gen:
         return "a"
 
     def rmem(self, size: int, la: str = "a") -> str:
+        """Expression loading `size` bytes at linear address `la`: a soft-TLB
+        hit (one dict lookup) reads the RAM mapping in place, anything else
+        calls the MMU's slow path (which may raise GuestFault)."""
         self.fault()
-        return f"{self.bind(f'rd{size}')}({la})"
+        slow = f"{self.bind(f'rd{size}')}({la})"
+        if not la.isidentifier():
+            return slow
+        self.bind("TR")
+        if size == 1:
+            return f"(_e[0][_e[1] + ({la} & 0xFFF)] if (_e := TR.get({la} >> 12)) else {slow})"
+        fn, lim = _UNPACK[size]
+        return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TR.get({la} >> 12)) "
+                f"and {la} & 0xFFF <= {lim:#x} else {slow})")
 
     def wmem(self, size: int, v: str, la: str = "a") -> None:
+        """Emits a store; the fast path mirrors rmem (pages holding code or
+        page tables are never in TW, so their stores take the slow path)."""
         self.fault()
-        self.emit(f"{self.bind(f'wr{size}')}({la}, {v})")
+        slow = f"{self.bind(f'wr{size}')}({la}, {v})"
+        if not la.isidentifier():
+            self.emit(slow)
+            return
+        self.bind("TW")
+        if size == 1:
+            self.emit(f"if (_e := TW.get({la} >> 12)): _e[0][_e[1] + ({la} & 0xFFF)] = {v}")
+            self.emit(f"else: {slow}")
+            return
+        fn, lim = _PACK[size]
+        self.emit(f"{fn}(_e[0], _e[1] + ({la} & 0xFFF), {v}) if (_e := TW.get({la} >> 12)) "
+                  f"and {la} & 0xFFF <= {lim:#x} else {slow}")
 
     def imm(self, i: int, size: int | None = None) -> int:
         size = size or self.size(i)

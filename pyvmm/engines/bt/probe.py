@@ -4,14 +4,18 @@
 every that many seconds, one line per vCPU to stderr: RIP, the nearest
 kernel symbol from PYVMM_BT_SYMBOLS or /boot/System.map-* (when it is a
 real map, not Debian's stub; KASLR shifts addresses, so boot with nokaslr), instructions
-retired and the guest-instruction rate since the last line.  The
-scheduler calls `tick()` between rounds; it costs one attribute test.
+retired and the guest-instruction rate since the last line.  With
+PYVMM_BT_PROFILE=<file> it also samples every vCPU's RIP once per
+scheduler round and writes "count rip" lines, most frequent first, to
+that file on SIGUSR2 and when the run ends (`finish()`).  The scheduler
+calls `tick()` between rounds.
 
 Nothing here raises: an unreadable System.map just means no symbols."""
 
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
 import logging
 import os
@@ -70,6 +74,8 @@ class Probe:
         except ValueError:
             self.period = 0.0
         self._next = time.monotonic() + self.period if self.period > 0 else None
+        self.profile_path = os.environ.get("PYVMM_BT_PROFILE") or None
+        self.samples: collections.Counter = collections.Counter()
         if threading.current_thread() is threading.main_thread():
             try:
                 signal.signal(signal.SIGUSR2, self._on_signal)
@@ -80,7 +86,11 @@ class Probe:
         self.armed = True
 
     def tick(self) -> None:
-        """Dumps if a signal came or the period passed."""
+        """Samples RIPs when profiling; dumps if a signal came or the period passed."""
+        if self.profile_path is not None:
+            for c in self.cpus:
+                if not c.halted:
+                    self.samples[(c.sb[1] + c.rip) & c.ipmask] += 1
         if self._next is not None and time.monotonic() >= self._next:
             self._next = time.monotonic() + self.period
             self.armed = True
@@ -88,7 +98,19 @@ class Probe:
             self.armed = False
             self.dump()
 
+    def finish(self) -> None:
+        """Writes the profile, if one is being taken."""
+        if self.profile_path is None:
+            return
+        try:
+            with open(self.profile_path, "w") as f:
+                for rip, n in self.samples.most_common():
+                    f.write(f"{n} {rip:#x}\n")
+        except OSError as e:
+            log.warning("bt profile %s: %s", self.profile_path, e.strerror)
+
     def dump(self) -> None:
+        self.finish()
         if self._symbols is None:
             self._symbols = SymbolMap()
         now = time.monotonic()

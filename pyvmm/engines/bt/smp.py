@@ -146,18 +146,21 @@ class Scheduler:
         intc = self.intc
         cpus = self.cpus
         probe = self.probe
-        while m.stop_status is None:
-            probe.tick()
-            ran = False
-            for c in cpus:
-                if self.waiting_sipi[c.index]:
-                    continue
-                intc.poll()
-                ran = self._slice(c) or ran
-                if m.stop_status is not None:
-                    return
-            if not ran:
-                self._idle()
+        try:
+            while m.stop_status is None:
+                probe.tick()
+                ran = False
+                for c in cpus:
+                    if self.waiting_sipi[c.index]:
+                        continue
+                    intc.poll()
+                    ran = self._slice(c) or ran
+                    if m.stop_status is not None:
+                        return
+                if not ran:
+                    self._idle()
+        finally:
+            probe.finish()
 
     def _idle(self) -> None:
         """Every vCPU is halted or waiting for a SIPI: wait for an event."""

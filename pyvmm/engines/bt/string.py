@@ -99,6 +99,9 @@ def _emit(g: Gen) -> None:
         elif k in (X.OpKind.MEMORY_SEG_RSI, X.OpKind.MEMORY_SEG_RDI, X.OpKind.MEMORY_ESRDI):
             asz = 8
     seg = SEG_INDEX.get(ins.memory_segment, 3)
+    if not rep and g.bits == 64 and asz == 8 and seg < 4 and op in _INLINE:
+        _inline(g, op, size)
+        return
     if op in ("ins", "outs") and g.cpl > 0:
         g.helper("IOCHECK(c)")
     g.helper(f"STRING(c, {op!r}, {size}, {rep}, {asz}, {seg})")
@@ -110,6 +113,41 @@ def _emit(g: Gen) -> None:
         _exit(g, f"{ins.ip:#x}")
         g.ind -= 1
         g.ends = False
+
+
+_INLINE = ("movs", "stos", "lods", "cmps", "scas")
+_ACC = {1: X.Register.AL, 2: X.Register.AX, 4: X.Register.EAX, 8: X.Register.RAX}
+
+
+def _inline(g: Gen, op: str, size: int) -> None:
+    """One un-prefixed 64-bit string instruction as straight-line code:
+    memory first, then RSI/RDI, so a fault leaves the registers as they were."""
+    g.emit(f"d = {-size} if c.rf & 0x400 else {size}")
+    rsi, rdi = g.reg(6), g.reg(7)
+    acc = _ACC[size]
+    if op == "movs":
+        g.emit(f"a = {rsi}; a2 = {rdi}")
+        g.emit(f"v = {g.rmem(size, 'a')}")
+        g.wmem(size, "v", "a2")
+    elif op == "stos":
+        g.emit(f"a2 = {rdi}")
+        g.wmem(size, g.rreg(acc), "a2")
+    elif op == "lods":
+        g.emit(f"a = {rsi}")
+        g.emit(f"v = {g.rmem(size, 'a')}")
+        g.wreg(acc, "v")
+    else:
+        if op == "cmps":
+            g.emit(f"a = {rsi}; a2 = {rdi}")
+            g.emit(f"x = {g.rmem(size, 'a')}")
+        else:
+            g.emit(f"a2 = {rdi}; x = {g.rreg(acc)}")
+        g.emit(f"y = {g.rmem(size, 'a2')}; t = x - y")
+        g.set_flags(F.SUB, size, "t", "x", "y", pure=True)
+    if op in ("movs", "lods", "cmps"):
+        g.emit(f"{rsi} = ({rsi} + d) & 0xFFFFFFFFFFFFFFFF")
+    if op != "lods":
+        g.emit(f"{rdi} = ({rdi} + d) & 0xFFFFFFFFFFFFFFFF")
 
 
 EMITTERS = {}

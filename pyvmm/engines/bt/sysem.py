@@ -23,8 +23,24 @@ def _mov_special(g: Gen) -> bool:
     r0 = ins.op0_register if g.is_reg(0) else None
     r1 = ins.op1_register if g.is_reg(1) else None
     if r0 in _CR:
-        g.helper(f"NEED_CPL0(c); WRITE_CR(c, {_CR[r0]}, R[{GPR[r1][0]}])")
+        n = _CR[r0]
+        if n == 3 and g.cpl == 0:
+            # same mode and (shadow) address space afterwards: the block goes on
+            # write_cr reads no GPR, flag or RIP: no state sync; a fault
+            # (n >= 0) writes the locals back.  Same maps: TR/TW still valid.
+            g.emit("mp = c.mmu.maps")
+            g.fault()
+            g.emit(f"WRITE_CR(c, 3, {g.rreg(r1)})")
+            g.emit(f"if c.mmu.maps is not mp or not c.mmu.shadow or c.mode != {tuple(c_mode(g))!r} or c.pending:")
+            g.ind += 1
+            _end(g)
+            g.ind -= 1
+            g.ends = False
+            return True
+        g.helper(f"NEED_CPL0(c); WRITE_CR(c, {n}, R[{GPR[r1][0]}])")
         _end(g)
+    elif r1 in _CR and g.cpl == 0 and _CR[r1] != 8:
+        g.wreg(r0, f"c.cr{_CR[r1]}")     # CPL0 is part of the translation key
     elif r1 in _CR:
         g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_CR(c, {_CR[r1]})")
     elif r0 in _DR:
@@ -73,7 +89,24 @@ def _hlt(g: Gen) -> None:
     _end(g)
 
 
+def c_mode(g: Gen) -> tuple[int, int, int]:
+    return (g.bits, g.sbits, g.cpl)
+
+
 def _cli(g: Gen) -> None:
+    if g.cpl == 0:
+        # CPL0 always passes the IOPL check (the CPL is part of the key)
+        if g.ins.mnemonic == M.CLI:
+            g.emit("c.rf &= ~0x200")
+            return
+        g.emit("if not c.rf & 0x200: c.shadow_int = True")
+        g.emit("c.rf |= 0x200")
+        g.emit("if c.pending:")
+        g.ind += 1
+        _end(g)
+        g.ind -= 1
+        g.ends = False
+        return
     g.helper(f"CLI_STI(c, {g.ins.mnemonic == M.STI})")
     _end(g)
 

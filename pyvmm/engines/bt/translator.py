@@ -13,8 +13,8 @@ import iced_x86 as X
 
 from . import flags as F
 from .faults import UD, GuestFault
-from .gen import Gen, Unsupported
-from .mmu import FETCH
+from .gen import GPR, Gen, Unsupported
+from .mmu import FETCH, P16, P32, P64, U16, U32, U64
 from .sem import EMITTERS, ENDS_BLOCK, EXPORTS, HELPER_MNEMONICS
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,29 @@ _M = X.Mnemonic
 # (a shift by zero leaves the flags alone; bsf/bsr keep them for a zero source).
 _READS_LAZY = frozenset({_M.SHL, _M.SAL, _M.SHR, _M.SAR, _M.ROL, _M.ROR, _M.RCL, _M.RCR,
                          _M.SHLD, _M.SHRD, _M.BSF, _M.BSR, _M.BT, _M.BTS, _M.BTR, _M.BTC})
+# Ending instructions inlined at CPL0 that leave the block only when needed.
+_CPL0_GOES_ON = frozenset({_M.CLI, _M.STI, _M.POPF, _M.POPFD, _M.POPFQ})
+_NEAR = (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64)
 _SYNC_OUT = "#SYNC_OUT"
 _SYNC_IN = "#SYNC_IN"
 
 
+def _sets_all(ins) -> bool:
+    """A shift by a non-zero constant writes every arithmetic flag."""
+    if ins.mnemonic not in (_M.SHL, _M.SAL, _M.SHR, _M.SAR):
+        return False
+    last = ins.op_count - 1
+    if ins.op_count == 1:
+        return True
+    if ins.op_kind(last) in (X.OpKind.IMMEDIATE8, X.OpKind.IMMEDIATE8_2ND):
+        return ins.immediate(last) & (0x3F if ins.op_code().operand_size == 64 else 0x1F) != 0
+    return False
+
+
 def _namespace() -> dict:
     from . import ops, system
-    ns = {"FW": F.flags_word, "CARRY": F.carry, "COND": F.cond, "GuestFault": GuestFault}
+    ns = {"FW": F.flags_word, "CARRY": F.carry, "COND": F.cond, "GuestFault": GuestFault,
+          "U16": U16, "U32": U32, "U64": U64, "P16": P16, "P32": P32, "P64": P64}
     ns.update(ops.EXPORTS)
     ns.update(system.HELPERS)
     ns.update(EXPORTS)
@@ -88,52 +104,88 @@ class Translator:
         if fn is None:
             fn = self._translate(la, pa, single)
             self.cache[key] = fn
-            ppns = {pa >> 12, (pa + fn.span - 1) >> 12}
+            ppns = {pa >> 12}
+            if fn.next_frame is not None:
+                ppns.add(fn.next_frame)
             for p in ppns:
                 self.pages.setdefault(p, set()).add(key)
                 c.mmu.protect_code(p)
         return fn
 
     # -- translation ---------------------------------------------------------
-    def _code_bytes(self, la: int, pa: int) -> bytes:
+    def _code_bytes(self, la: int, pa: int) -> tuple[bytes, int | None]:
+        """The whole code page of la (and up to 15 bytes of the next one, for
+        an instruction that crosses the end): (bytes, next page's frame or None)."""
         mem = self.cpu.memory
-        n = 0x1000 - (pa & 0xFFF)
-        if not mem.is_ram(pa, n):
+        page = pa & ~0xFFF
+        if not mem.is_ram(page, 0x1000):
             raise GuestFault(UD)  # executing MMIO is not supported
-        data = mem.read(pa, n)
-        if n < 15:
-            try:
-                pa2, _ = self.cpu.mmu.translate((la + n) & 0xFFFFFFFFFFFFFFFF, FETCH)
-                if mem.is_ram(pa2, 15 - n):
-                    data += mem.read(pa2, 15 - n)
-            except GuestFault:
-                pass
-        return data
+        data = mem.read(page, 0x1000)
+        try:
+            pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
+            if mem.is_ram(pa2, 15):
+                return data + mem.read(pa2, 15), pa2 >> 12
+        except GuestFault:
+            pass
+        return data, None
 
     def decode(self, la: int, pa: int, single: bool) -> list:
+        """The instructions of a block, in execution order.  The trace goes
+        on through direct jmp/call to a target on the same page, and through
+        a ret whose return address a call of this trace pushed (the
+        generated code checks that prediction); it ends at other control
+        flow, at a mode-changing instruction or at the page end."""
         c = self.cpu
         bits = c.mode[0]
-        data = self._code_bytes(la, pa)
+        data, self._next_frame = self._code_bytes(la, pa)
         rip = c.rip
-        dec = X.Decoder(bits, data, ip=rip)
-        out = []
-        page_left = 0x1000 - (pa & 0xFFF)
-        for ins in dec:
-            off = ins.ip - rip
-            if off >= page_left and out:
-                break
-            if ins.code == X.Code.INVALID:
-                if out and off + 15 > len(data):
-                    break  # may just be cut at the page end
+        base = (la & 0xFFF) - rip      # page offset of an ip: ip + base
+        out: list = []
+        rets: list[int] = []
+        ip = rip
+        self._crosses = False
+        while True:
+            dec = X.Decoder(bits, data[ip + base:], ip=ip)
+            nxt = None
+            for ins in dec:
+                off = ins.ip + base
+                if ins.code == X.Code.INVALID:
+                    if out and off + 15 > len(data):
+                        return out  # may just be cut at the page end
+                    out.append(ins)
+                    return out
+                if off + ins.len > 0x1000:
+                    self._crosses = True
                 out.append(ins)
+                m = ins.mnemonic
+                if single or len(out) >= MAX_INSNS or off + ins.len >= 0x1000 or (
+                        m in ENDS_BLOCK and not (c.mode[2] == 0 and m in _CPL0_GOES_ON)):
+                    return out
+                if ins.flow_control == FC.NEXT:
+                    continue
+                nxt = self._follow(ins, rets, base, rip)
                 break
-            out.append(ins)
-            m = ins.mnemonic
-            if single or len(out) >= MAX_INSNS or m in ENDS_BLOCK or ins.flow_control != FC.NEXT:
-                break
-            if off + ins.len >= page_left:
-                break
-        return out
+            if nxt is None:
+                return out
+            ip = nxt
+
+    @staticmethod
+    def _follow(ins, rets: list, base: int, start: int) -> int | None:
+        """Where the trace goes on after a control transfer (None: it ends)."""
+        m = ins.mnemonic
+        on_page = lambda t: 0 <= t + base < 0x1000 - 15  # noqa: E731
+        if m in (_M.JMP, _M.CALL) and ins.op_kind(0) in _NEAR:
+            t = ins.near_branch_target
+            if not on_page(t) or t == start:
+                return None
+            if m == _M.CALL:
+                if not on_page(ins.next_ip):
+                    return None
+                rets.append(ins.next_ip)
+            return t
+        if m == _M.RET and rets:
+            return rets.pop()
+        return None
 
     def _liveness(self, insns: list) -> list[bool]:
         """Per instruction: are the flags it writes read later (or visible
@@ -147,13 +199,15 @@ class Translator:
             rd = ins.rflags_read & _ARITH6
             faults = (any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count))
                       or ins.mnemonic in HELPER_MNEMONICS or ins.is_stack_instruction
-                      or ins.is_string_instruction or ins.mnemonic not in EMITTERS)
+                      or ins.is_string_instruction or ins.mnemonic not in EMITTERS
+                      or any(ins.op_kind(i) == X.OpKind.REGISTER and ins.op_register(i) not in GPR
+                             for i in range(ins.op_count)))
             if faults or ins.flow_control != FC.NEXT or k == len(insns) - 1:
                 live = True
             out[k] = live
             if mod == _ARITH6 and not rd:
                 live = False
-            if rd or (mod and mod != _ARITH6) or ins.mnemonic in _READS_LAZY or faults:
+            if rd or (mod and mod != _ARITH6) or faults or (ins.mnemonic in _READS_LAZY and not _sets_all(ins)):
                 live = True
         return out
 
@@ -169,6 +223,7 @@ class Translator:
             g.ins, g.k, g.flags_live, g.faultable, g.ends = ins, k, live[k], False, False
             g._have_a = False
             g.count = k + 1
+            g.next_ip = insns[k + 1].ip if k + 1 < len(insns) else None
             mark = len(g.lines)
             saved_lazy, saved_regs = g.lazy, set(g.regs)
             try:
@@ -202,7 +257,7 @@ class Translator:
         exec(code, ns)
         fn = ns["blk"]
         last = insns[n_ok - 1] if insns else None
-        fn.span = (last.next_ip - c.rip) if last is not None else 1
+        fn.next_frame = self._next_frame if self._crosses else None
         fn.src = src
         return fn
 
@@ -237,9 +292,12 @@ class Translator:
         if "SB" in binds:
             out.append("    SB = c.sb")
         mm = [b for b in binds if b[:2] in ("rd", "wr")]
+        tlb = "; ".join(f"{b} = c.mmu.{b.lower()}" for b in ("TR", "TW") if b in binds)
         if mm:
             out.append("    m = c.mmu")
             out.append("    " + "; ".join(f"{b} = m.{b}" for b in mm))
+        if tlb:
+            out.append("    " + tlb)
         for n in regs:
             out.append(f"    r{n} = R[{n}]")
         out += ["    fo, fr, fa, fb = c.lf", "    n = 0", "    ic = 0", "    try:", "        while True:"]
@@ -254,6 +312,8 @@ class Translator:
                 for n in regs:
                     out.append(f"{ind}r{n} = R[{n}]")
                 out.append(f"{ind}fo, fr, fa, fb = c.lf")
+                if tlb:
+                    out.append(ind + tlb)   # a helper may have switched address space
             else:
                 out.append(line)
         out.append("    except BaseException:")

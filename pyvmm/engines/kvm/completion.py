@@ -39,6 +39,17 @@ _SEG = {iced.Register.ES: "es", iced.Register.CS: "cs", iced.Register.SS: "ss",
 _MNEMONIC_NAMES = {v: k for k, v in vars(iced.Mnemonic).items() if not k.startswith("_") and isinstance(v, int)}
 
 
+def _overlay_legacy(buf: bytearray, fpu: abi.Fpu) -> None:
+    """Puts KVM_GET_FPU's x87/SSE registers into an XSAVE buffer's legacy region.
+
+    KVM's XSAVE header can call SSE "initial" (and the buffer zeros) after
+    KVM_SET_FPU wrote the registers; KVM_GET_FPU always has the live values."""
+    struct.pack_into("<HHBxHQQI", buf, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode,
+                     fpu.last_ip, fpu.last_dp, fpu.mxcsr)
+    buf[32:160] = bytes(fpu.fpr)
+    buf[160:416] = bytes(fpu.xmm)
+
+
 class CompletionError(Exception):
     """The instruction could not be completed by pyvmm either."""
 
@@ -102,6 +113,7 @@ class Completer:
         kvm_buf = bytearray(abi.XSAVE_AREA_SIZE)
         raw = (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(kvm_buf)
         ioctl(vcpu.fd, abi.GET_XSAVE, raw)
+        _overlay_legacy(kvm_buf, vcpu.get_fpu())
         if instr.mnemonic in _XRSTOR:
             compacted = instr.mnemonic in (iced.Mnemonic.XRSTORS, iced.Mnemonic.XRSTORS64)
             header = self._read(vcpu, addr + xsave.HEADER_OFFSET, 16)

@@ -48,6 +48,9 @@ class KvmEngine(Engine):
         # an exit ends the VM with a crash report as before.
         self.complete_instructions = machine.config.complete_instructions
         self.completer = None
+        # Called in the vCPU's thread after a kick interrupted KVM_RUN: the one
+        # place another thread can have the vCPU's registers read (profiling).
+        self.on_kick = None
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -123,6 +126,10 @@ class KvmEngine(Engine):
         for t in self._threads:
             self._kick_thread(t)
 
+    def interrupt(self) -> None:
+        """Makes every vCPU leave KVM_RUN once (on_kick runs) without stopping."""
+        self.kick()
+
     @staticmethod
     def _kick_thread(t: threading.Thread) -> None:
         if t.ident is not None and t.is_alive() and t is not threading.current_thread():
@@ -158,6 +165,8 @@ class KvmEngine(Engine):
                 err = get_errno()
                 if err in (errno.EINTR, errno.EAGAIN):
                     mm[abi.RUN_IMMEDIATE_EXIT] = 0
+                    if self.on_kick is not None:
+                        self.on_kick(vcpu)
                     continue
                 raise EngineError(f"KVM_RUN on vcpu{vcpu.index}: {errno.errorcode.get(err, err)}")
             reason, direction, size, port, count, off = unpack_exit(mm, 0)

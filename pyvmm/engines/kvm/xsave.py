@@ -95,7 +95,9 @@ def xsave(kvm_buf: bytes, area: bytes, rfbm: int, comps: dict[int, Component],
     """The memory image after XSAVE/XSAVEOPT (standard) or XSAVEC/XSAVES
     (compacted) of KVM's state into `area`. Returns the new area bytes."""
     out = bytearray(area)
-    state_bv = struct.unpack_from("<Q", kvm_buf, HEADER_OFFSET)[0]
+    # x87 and SSE are always reported in use: XINUSE may be 1 for a component
+    # in its initial state, and KVM_SET_FPU does not mark them in KVM's header.
+    state_bv = struct.unpack_from("<Q", kvm_buf, HEADER_OFFSET)[0] | 3
     if rfbm & 1:
         out[0:24] = kvm_buf[0:24]
         out[32:160] = kvm_buf[32:160]

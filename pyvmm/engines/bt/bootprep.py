@@ -1,0 +1,105 @@
+"""What pyvmm changes in a Linux boot under `--engine bt` to save emulated
+time, none of which changes what the guest ends up doing:
+
+* kernel parameters (`KERNEL_ARGS`), appended through
+  config.linux_cmdline_extra, each only when the command line does not
+  already name that parameter, so a user's own value wins;
+* a gzip-compressed initramfs is decompressed on the host (as the bzImage
+  already is, config.host_decompress), so the guest copies the cpio
+  instead of inflating it instruction by instruction.
+
+`prepare(config)` returns the config to boot from and a cleanup callable
+(removes the temporary initrd).  Raises ConfigError when an initrd cannot
+be read or written."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import os
+import tempfile
+import zlib
+from typing import Callable
+
+from ...config import VmConfig
+from ...errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Each entry: (parameter, why).  Numbers are guest instructions to the
+# init marker, measured with --deterministic (bench/bt_boot.py notes).
+KERNEL_ARGS: tuple[tuple[str, str], ...] = (
+    ("mitigations=off", "no speculative-execution workarounds to patch in or run on every entry"),
+    ("tsc=reliable", "no TSC watchdog against other clocksources"),
+    ("no_timer_check", "no check that the timer interrupt works through the IOAPIC"),
+    ("i8042.noaux", "no probing for a PS/2 mouse pyvmm does not have"),
+    ("random.trust_cpu=on", "the CRNG is ready at once from RDRAND-free seeding paths"),
+    ("cryptomgr.notests", "no self-tests of every crypto algorithm at registration"),
+    ("init_on_alloc=0", "no zeroing of every allocated page (Debian turns it on)"),
+)
+
+
+def kernel_args(cmdline: str, extra: str = "") -> str:
+    """`extra` plus each KERNEL_ARGS parameter whose name neither cmdline
+    nor extra has (the words pyvmm appends to a Linux command line)."""
+    have = {w.split("=", 1)[0] for w in f"{cmdline} {extra}".split()}
+    add = [a for a, _ in KERNEL_ARGS if a.split("=", 1)[0] not in have]
+    return " ".join([extra.strip(), *add]).strip()
+
+
+def _is_linux(path: str) -> bool:
+    from ...boot.bzimage import looks_like_bzimage
+    from ...boot.elf import is_linux_elf
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return looks_like_bzimage(data) or is_linux_elf(data)
+
+
+def _inflate_initrd(path: str) -> str | None:
+    """A temporary file holding the decompressed initrd, or None when it is
+    not a (whole) gzip file. Raises ConfigError on I/O errors."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    if data[:2] != b"\x1f\x8b":
+        return None
+    try:
+        raw = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
+        return None          # not all gzip (e.g. concatenated archives): leave it to the guest
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="pyvmm-bt-initrd-", suffix=".cpio")
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+    except OSError as e:
+        raise ConfigError(f"temporary initrd: {e.strerror}") from None
+    log.debug("bt: initrd %s decompressed on the host (%d -> %d bytes)", path, len(data), len(raw))
+    return tmp
+
+
+def prepare(config: VmConfig) -> tuple[VmConfig, Callable[[], None]]:
+    """The config a bt Linux boot uses, and a cleanup to call once loaded."""
+    if config.engine != "bt" or not config.kernel or not _is_linux(os.fspath(config.kernel)):
+        return config, lambda: None
+    changes: dict = {"linux_cmdline_extra": kernel_args(config.cmdline, config.linux_cmdline_extra)}
+    temps: list[str] = []
+    if config.host_decompress and len(config.initrd) == 1:
+        tmp = _inflate_initrd(config.initrd[0])
+        if tmp is not None:
+            temps.append(tmp)
+            changes["initrd"] = [tmp]
+
+    def cleanup() -> None:
+        for t in temps:
+            try:
+                os.unlink(t)
+            except OSError:
+                pass
+
+    return dataclasses.replace(config, **changes), cleanup
