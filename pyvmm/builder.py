@@ -153,6 +153,8 @@ def build_machine(config: VmConfig, output: Output,
         log.info("boot: %s: %s", result.protocol, result.summary)
         machine.engine = create_engine(machine)
         machine.engine.prepare()
+        from .paravirt.install import attach as attach_paravirt
+        attach_paravirt(machine)
         machine.engine.load_state(0, result.cpu)
     except BaseException:
         if machine.engine is not None:

@@ -44,6 +44,9 @@ class VmConfig:
     mmu: str = "shadow"
     # bt: guest time from instructions retired instead of the host clock.
     deterministic: bool = False
+    # pyvmm's paravirtual interface (paravirt/, docs/paravirt.md): CPUID
+    # signature, hypercall page MSR, doorbell. False: a plain PC.
+    paravirt: bool = True
     verbose: bool = False
 
     def validate(self) -> None:

@@ -101,6 +101,9 @@ class CpuState:
     efer: int = 0
     # Other MSRs by index (e.g. 0xC0000100 FS base); engines apply what they know.
     msrs: dict[int, int] = field(default_factory=dict)
+    # x87/SSE state as the 512-byte FXSAVE image (SDM vol. 1, 10.5.1); None:
+    # not captured (a boot state), the engine keeps its reset values.
+    fxsave: bytes | None = None
 
     SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 

@@ -65,6 +65,13 @@ class Machine:
         if self.engine is not None:
             self.engine.kick()
 
+    def clear_stop(self) -> None:
+        """Forgets a handled stop request so the engine can run again
+        (engine switching, migrate.py). Call only while no engine runs."""
+        with self.lock:
+            self.stop_status = None
+        self._stop_event.clear()
+
     @property
     def stopping(self) -> bool:
         return self.stop_status is not None

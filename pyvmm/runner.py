@@ -10,6 +10,7 @@ from typing import Callable
 
 from .builder import build_machine, destroy_machine
 from .config import VmConfig
+from .costs import Costs, machine_report
 from .errors import GuestCrash
 from .machine import EXIT_OK, Machine, StopReason, StopStatus
 
@@ -26,10 +27,17 @@ class RunResult:
 
 
 def collect_stats(machine: Machine, seconds: float) -> dict:
+    """The --stats report: "costs" has the same keys under every engine
+    (costs.py); "engine" keeps the engine's own counters."""
+    io, mmio = machine.io_bus.stats(), machine.mmio_bus.stats()
+    engine = machine.engine
+    costs = engine.costs() if engine is not None else Costs()
     return {
-        "engine": machine.engine.stats() if machine.engine else {},
-        "io": machine.io_bus.stats(),
-        "mmio": machine.mmio_bus.stats(),
+        "mode": getattr(machine, "mode", None) or machine.config.engine,
+        "costs": machine_report(costs, io, mmio, seconds),
+        "engine": engine.stats() if engine else {},
+        "io": io,
+        "mmio": mmio,
         "boot_protocol": machine.boot_protocol,
         "wall_seconds": round(seconds, 6),
         "stop": machine.stop_status.reason.value if machine.stop_status else None,

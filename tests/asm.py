@@ -44,12 +44,15 @@ def require_toolchain() -> None:
         pytest.skip(f"GNU binutils missing ({', '.join(missing)}): cannot build test guests")
 
 
-def _source_text(source: str | Path) -> tuple[str, str]:
-    """(text, stem) of a source given as a path or as the assembly text itself."""
+GUESTS_DIR = Path(__file__).resolve().parent / "guests"
+
+
+def _source_text(source: str | Path) -> tuple[str, str, Path]:
+    """(text, stem, include dir) of a source given as a path or as the text itself."""
     if isinstance(source, Path) or ("\n" not in source and Path(source).is_file()):
         path = Path(source)
-        return path.read_text(), path.stem
-    return source, "guest"
+        return path.read_text(), path.stem, path.resolve().parent
+    return source, "guest", GUESTS_DIR
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -74,14 +77,14 @@ def assemble(source: str | Path, *, fmt: str = "elf32", org: int = 0x100000,
     if fmt not in _FORMATS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(_FORMATS)})")
     require_toolchain()
-    text, stem = _source_text(source)
+    text, stem, include_dir = _source_text(source)
     as_flags, emulation = _FORMATS[fmt]
     work = Path(outdir) if outdir is not None else Path(tempfile.mkdtemp(prefix="pyvmm-guest-"))
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"{stem}.s"
     src.write_text(text)
     obj = work / f"{stem}.o"
-    _run(["as", *as_flags, "-o", str(obj), str(src)], work)
+    _run(["as", *as_flags, "-I", str(include_dir), "-o", str(obj), str(src)], work)
 
     out = work / (f"{stem}.bin" if fmt == "bin" else f"{stem}.elf")
     ld = ["ld", "-m", emulation, "-n", "--build-id=none", "-e", entry]

@@ -73,7 +73,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--append", "-append", help=f"kernel command line (default for Linux: {DEFAULT_CMDLINE!r})")
     p.add_argument("--mem", "-m", default="512M", help="guest RAM: MiB or a QEMU-style size (256M, 1G); default 512M")
     p.add_argument("--cpus", "--smp", "-smp", type=int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--engine", choices=["hw", "bt"], default="hw", help="CPU engine: hw (KVM) or bt (binary translation)")
+    p.add_argument("--engine", choices=["hw", "bt", "auto"], default="hw",
+                   help="CPU engine: hw (KVM), bt (binary translation) or auto (chosen for this host and "
+                        "guest, the choice and its reason printed; see pyvmm/autoselect.py)")
     p.add_argument("--no-reboot", "-no-reboot", action="store_true", help="exit when the guest resets instead of rebooting it")
     p.add_argument("--cpuid-hide", default="", metavar="FEATURES", help="comma-separated CPUID features to hide, e.g. cx16,xsave")
     p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=1", metavar="iobase=N,iosize=N",
@@ -82,12 +84,16 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--no-guest-fit", action="store_true",
                    help="hw on hosts that emulate guest kernel mode: do not hide the CPU features "
                         "the host cannot emulate from a Linux guest (see engines/kvm/hostfit.py)")
+    p.add_argument("--no-completion", action="store_true",
+                   help="hw: end the VM on an instruction KVM cannot emulate instead of completing it")
     p.add_argument("--no-host-decompress", action="store_true",
                    help="let a bzImage decompress itself in the guest instead of on the host")
     p.add_argument("--mmu", choices=["shadow", "nested"], default="shadow",
                    help="bt: shadow page tables (default) or a walk on every TLB miss (nested-paging cost model)")
     p.add_argument("--deterministic", action="store_true",
                    help="bt: guest time from instructions retired instead of the host clock (reproducible runs)")
+    p.add_argument("--no-paravirt", action="store_true",
+                   help="hide pyvmm's paravirtual interface (CPUID signature, hypercall page; docs/paravirt.md)")
     p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
@@ -96,20 +102,28 @@ def _add_run_parser(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     """Turns `pyvmm run` options into a VmConfig. Raises ConfigError."""
     kernel = args.kernel or default_kernel()
+    engine = args.engine
+    if engine == "auto":
+        from ..autoselect import choose
+        decision = choose(kernel)
+        print(decision.line(), file=sys.stderr)
+        engine = decision.engine
     initrd = [s for s in (args.initrd or "").split(",") if s]
     if not args.kernel and not initrd:
         from ..guest.initramfs import ensure_default_initramfs
         initrd = [str(ensure_default_initramfs())]
     cfg = VmConfig(kernel=kernel, initrd=initrd,
                    cmdline=args.append if args.append is not None else DEFAULT_CMDLINE,
-                   mem_mib=parse_mem_size(args.mem), cpus=args.cpus, engine=args.engine,
+                   mem_mib=parse_mem_size(args.mem), cpus=args.cpus, engine=engine,
                    no_reboot=args.no_reboot,
                    cpuid_hide=[s for s in args.cpuid_hide.split(",") if s],
                    debug_exit=parse_debug_exit(args.debug_exit) if args.debug_exit else None,
                    fw_cfg_files=[parse_fw_cfg(t) for t in args.fw_cfg],
                    host_decompress=not args.no_host_decompress, mmu=args.mmu,
                    deterministic=args.deterministic, verbose=args.verbose,
-                   fit_guest_to_host=not args.no_guest_fit)
+                   fit_guest_to_host=not args.no_guest_fit,
+                   complete_instructions=not args.no_completion,
+                   paravirt=not getattr(args, "no_paravirt", False))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")
@@ -128,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{cfg.cpus} vCPU, {cfg.mem_mib} MiB", file=sys.stderr)
 
     result = run_vm(cfg, Console(), on_machine=announce)
+    if args.engine != cfg.engine:
+        result.stats["mode"] = f"{args.engine}->{cfg.engine}"
     if args.stats:
         print(json.dumps(result.stats, indent=2), file=sys.stderr)
     if args.stats_json:
@@ -144,11 +160,28 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import main as report_main
+    print(report_main(args.reports, args.png))
+    if args.png:
+        print(f"pyvmm: chart written to {args.png}", file=sys.stderr)
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="compare --stats-json reports side by side",
+                       description="Print a side-by-side table of the costs in several `pyvmm run --stats-json` "
+                                   "reports (e.g. the same workload under bt, hw and auto) and draw a chart.")
+    p.add_argument("reports", nargs="+", metavar="REPORT.json")
+    p.add_argument("--png", metavar="FILE", help="write a PNG chart (needs matplotlib)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvmm", description="A multi-mode x86 virtual machine monitor in Python.")
     parser.add_argument("--log", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_report_parser(sub)
     guest = sub.add_parser("guest", help="default guest images").add_subparsers(dest="guest_command", required=True)
     gb = guest.add_parser("build", help="write the default busybox initramfs")
     gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
@@ -165,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if e.code else 0
     logging.basicConfig(level=getattr(logging, args.log.upper()), format="pyvmm: %(name)s: %(message)s")
     from ..kernel.cli import cmd_kernel
-    handlers = {"run": cmd_run, "guest": cmd_guest_build, "kernel": cmd_kernel}
+    handlers = {"run": cmd_run, "guest": cmd_guest_build, "kernel": cmd_kernel, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except GuestCrash as e:

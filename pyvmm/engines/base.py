@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+from ..costs import Costs
 from ..cpu import CpuState
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ class Engine(ABC):
     def stats(self) -> dict:
         """Counters for --stats (exits by reason, translations, ...)."""
         return {}
+
+    def costs(self) -> Costs:
+        """The engine-neutral cost counters and times (costs.py) of the run so far."""
+        return Costs(engine=self.name)
 
     def close(self) -> None:
         """Releases host resources (file descriptors, threads)."""

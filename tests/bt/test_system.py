@@ -51,10 +51,13 @@ def gate(handler: int, ist: int = 0, dpl: int = 0) -> bytes:
 
 
 def run(asm: str, handlers: dict[int, tuple[int, int]], mmu: str = "shadow", user_pages: bool = False,
-        cpus: int = 1, extra: dict[int, bytes] | None = None):
+        cpus: int = 1, extra: dict[int, bytes] | None = None, tables: int = 0):
     """Runs `asm` (at CODE) in 64-bit mode with an IDT of `handlers`
     (vector -> (offset in the code, IST)) and `extra` bytes placed in
-    memory; returns (uart bytes, stop reason, engine stats)."""
+    memory; returns (uart bytes, stop reason, engine stats).  `tables`
+    moves the IDT, GDT and TSS up by that many bytes (user_pages makes
+    only the first 2 MiB user-accessible)."""
+    IDT, GDT, TSS = globals()["IDT"] + tables, globals()["GDT"] + tables, globals()["TSS"] + tables
     cfg = VmConfig(engine="bt", mem_mib=16, cpus=cpus, mmu=mmu, deterministic=True)
     lock = threading.RLock()
     m = Machine(cfg, GuestMemory(16 << 20), Bus("io", lock), Bus("mmio", lock), lock)
@@ -198,6 +201,16 @@ SYSCALL_GUEST = """
 
 def test_syscall_sysret_and_fault_on_an_ist_stack():
     out, reason, stats = run(SYSCALL_GUEST, {0: (0x300, 1)}, user_pages=True)
+    assert out == b"U0S3"
+    assert reason is StopReason.HALTED
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "nested"])
+def test_fault_from_user_mode_with_supervisor_only_tables(mmu):
+    # IDT, GDT and TSS on supervisor pages (as Linux's cpu_entry_area is):
+    # delivering a fault from CPL 3 reads them as implicit supervisor
+    # accesses, which must not fault.
+    out, reason, stats = run(SYSCALL_GUEST, {0: (0x300, 1)}, mmu=mmu, user_pages=True, tables=0x200000)
     assert out == b"U0S3"
     assert reason is StopReason.HALTED
 

@@ -7,6 +7,7 @@ flags.py) and `rf` (the non-arithmetic RFLAGS bits)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import replace
 
@@ -63,6 +64,9 @@ class VCpu:
         self.ipmask = 0xFFFFFFFF
         self.pending = False    # ask translated loops to return to the dispatcher
         self.yield_on_pause = False   # PAUSE ends the slice (set with several vCPUs)
+        # The last deliveries (vector, error code, rip, cpl, cr2, external), for the
+        # report when a triple fault resets the machine.
+        self.trail: collections.deque = collections.deque(maxlen=12)
         self.halted = False
         self.icount = 0
         self.xmm = [0] * 16
@@ -160,6 +164,29 @@ class VCpu:
         (m.wr8 if size == 8 else m.wr4 if size == 4 else m.wr2 if size == 2 else m.wr1)(
             la & M64, v & ((1 << (8 * size)) - 1))
 
+    def sys_rd(self, la: int, size: int) -> int:
+        """An implicit supervisor-mode read (IDT, GDT/LDT, TSS): allowed on
+        supervisor pages even at CPL 3, as the CPU's own accesses are."""
+        m = self.mmu
+        if not m.user:
+            return self.rd(la, size)
+        m.configure(m.mode, m.cr3, m.wp, m.nxe, False, m.long)
+        try:
+            return self.rd(la, size)
+        finally:
+            m.configure(m.mode, m.cr3, m.wp, m.nxe, True, m.long)
+
+    def sys_wr(self, la: int, size: int, v: int) -> None:
+        """An implicit supervisor-mode write (descriptor accessed/busy bits)."""
+        m = self.mmu
+        if not m.user:
+            return self.wr(la, size, v)
+        m.configure(m.mode, m.cr3, m.wp, m.nxe, False, m.long)
+        try:
+            self.wr(la, size, v)
+        finally:
+            m.configure(m.mode, m.cr3, m.wp, m.nxe, True, m.long)
+
     def sp_mask(self) -> int:
         return {64: M64, 32: 0xFFFFFFFF, 16: 0xFFFF}[self.mode[1]]
 
@@ -184,7 +211,7 @@ class VCpu:
         if (sel | 7) > limit:
             raise GuestFault(vec, sel & 0xFFFC)
         addr = base + (sel & ~7)
-        return self.rd(addr, 8), addr
+        return self.sys_rd(addr, 8), addr
 
     @staticmethod
     def segment_from(sel: int, d: int, hi: int = 0) -> Segment:
@@ -231,7 +258,7 @@ class VCpu:
             if not s.present:
                 raise GuestFault(NP, sel & 0xFFFC)
         if not d & (1 << 40):
-            self.wr(addr + 5, 1, ((d >> 40) & 0xFF) | 1)
+            self.sys_wr(addr + 5, 1, ((d >> 40) & 0xFF) | 1)
         self.seg[idx] = s
         self.sb[idx] = s.base
         if idx == SS_:
@@ -277,6 +304,7 @@ class VCpu:
         if f.cr2 is not None:
             self.cr2 = f.cr2
         self.halted = False
+        self.trail.append((f.vector, f.error_code, self.rip, self.cpl, f.cr2, external))
         try:
             self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software,
                           external)
@@ -296,8 +324,8 @@ class VCpu:
         if not self.protected:
             if vec * 4 + 3 > self.idt.limit:
                 raise GuestFault(DF_, 0)
-            off = self.rd(self.idt.base + vec * 4, 2)
-            sel = self.rd(self.idt.base + vec * 4 + 2, 2)
+            off = self.sys_rd(self.idt.base + vec * 4, 2)
+            sel = self.sys_rd(self.idt.base + vec * 4 + 2, 2)
             self.push(old_flags, 2)
             self.push(self.seg[CS].selector, 2)
             self.push(ret, 2)
@@ -313,8 +341,8 @@ class VCpu:
         gsize = 16 if lm else 8
         if vec * gsize + gsize - 1 > self.idt.limit:
             raise GuestFault(GP, vec * 8 + 2)
-        lo = self.rd(self.idt.base + vec * gsize, 8)
-        hi = self.rd(self.idt.base + vec * gsize + 8, 8) if lm else 0
+        lo = self.sys_rd(self.idt.base + vec * gsize, 8)
+        hi = self.sys_rd(self.idt.base + vec * gsize + 8, 8) if lm else 0
         gtype = (lo >> 40) & 0x1F
         dpl = (lo >> 45) & 3
         if not (lo >> 47) & 1:
@@ -336,7 +364,7 @@ class VCpu:
         if lm:
             if new_cpl < self.cpl or ist:
                 tss = self.tr.base
-                sp = self.rd(tss + 0x24 + 8 * (ist - 1), 8) if ist else self.rd(tss + 4 + 8 * new_cpl, 8)
+                sp = self.sys_rd(tss + 0x24 + 8 * (ist - 1), 8) if ist else self.sys_rd(tss + 4 + 8 * new_cpl, 8)
                 if new_cpl < self.cpl:
                     self.seg[SS_] = Segment(selector=new_cpl, unusable=1, present=0)
                     self.sb[SS_] = 0
@@ -356,11 +384,11 @@ class VCpu:
             if new_cpl < self.cpl:
                 tss = self.tr.base
                 if self.tr.type & 8:
-                    nsp = self.rd(tss + 4 + 8 * new_cpl, 4)
-                    nss = self.rd(tss + 8 + 8 * new_cpl, 2)
+                    nsp = self.sys_rd(tss + 4 + 8 * new_cpl, 4)
+                    nss = self.sys_rd(tss + 8 + 8 * new_cpl, 2)
                 else:
-                    nsp = self.rd(tss + 2 + 4 * new_cpl, 2)
-                    nss = self.rd(tss + 4 + 4 * new_cpl, 2)
+                    nsp = self.sys_rd(tss + 2 + 4 * new_cpl, 2)
+                    nss = self.sys_rd(tss + 4 + 4 * new_cpl, 2)
                 self.cpl = new_cpl
                 self.load_seg(SS_, nss)
                 self.R[4] = nsp

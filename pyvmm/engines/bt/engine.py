@@ -10,7 +10,9 @@ halting and guest time)."""
 from __future__ import annotations
 
 import logging
+import time
 
+from ...costs import Costs
 from ...cpu import CpuState
 from ...errors import EngineError
 from ..base import Engine
@@ -37,6 +39,8 @@ class BtCpu(VCpu):
         memory.write_listeners.append(self._vmm_write)
         self.faults = 0              # exceptions delivered (all vectors)
         self.interrupts = 0          # external interrupts and NMIs delivered
+        self.smc_restarts = 0        # instructions re-run alone after writing their own code page
+        self.blocks_ns = 0           # host time inside run_blocks (translated code + lookups)
 
     def update_mode(self) -> None:
         """VCpu.update_mode, keeping the block lookup cache when neither the
@@ -92,6 +96,7 @@ class BtCpu(VCpu):
 
     def _smc_restart(self) -> None:
         """Re-runs, alone, an instruction that wrote to a page of translated code."""
+        self.smc_restarts += 1
         self.mmu.smc_ok = True
         try:
             self.translator.lookup(True)(self)
@@ -105,6 +110,7 @@ class BtCpu(VCpu):
         """Runs up to `count` blocks, stopping early at HLT or when asked
         (pending). Guest exceptions are delivered; raises TripleFault."""
         jmp, sb, lookup = self.jmp, self.sb, self.translator.lookup
+        t0 = time.perf_counter_ns()
         try:
             for _ in range(count):
                 la = (sb[1] + self.rip) & self.ipmask
@@ -119,6 +125,8 @@ class BtCpu(VCpu):
             self.deliver(f)
         except SmcRestart:
             self._smc_restart()
+        finally:
+            self.blocks_ns += time.perf_counter_ns() - t0
 
     def execute_one(self) -> None:
         """Executes exactly one instruction (exceptions are delivered)."""
@@ -156,6 +164,8 @@ class BtEngine(Engine):
         self.intc = None
         self.clock = None
         self.sched = None
+        self.run_ns = 0       # host time inside run()
+        self.idle_ns = 0      # of which waiting with every vCPU halted
 
     def prepare(self) -> None:
         """Creates the vCPUs. Raises EngineError / ConfigError for a bad setup."""
@@ -179,6 +189,7 @@ class BtEngine(Engine):
             c.cpuid = CpuidTable(i, n, hide)
             self.cpus.append(c)
         self.sched = Scheduler(self)
+        self._time_idle(self.sched)
         self.intc.on_init = self.sched.on_init
         self.intc.on_sipi = self.sched.on_sipi
         self.intc.on_wake = self.sched.on_wake
@@ -188,6 +199,9 @@ class BtEngine(Engine):
 
     def load_state(self, cpu: int, state: CpuState) -> None:
         self.cpus[cpu].load(state)
+        if state.fxsave is not None:
+            from .fxstate import from_fxsave
+            from_fxsave(self.cpus[cpu], state.fxsave)
         self.cpus[cpu].halted = False
         self.cpus[cpu].translator.flush()
         self.cpus[cpu].jmp.clear()
@@ -195,7 +209,10 @@ class BtEngine(Engine):
             self.sched.started(cpu)
 
     def save_state(self, cpu: int) -> CpuState:
-        return self.cpus[cpu].save()
+        from .fxstate import to_fxsave
+        st = self.cpus[cpu].save()
+        st.fxsave = to_fxsave(self.cpus[cpu])
+        return st
 
     def kick(self) -> None:
         if self.sched is not None:
@@ -203,7 +220,41 @@ class BtEngine(Engine):
 
     def run(self) -> None:
         """Runs until a stop request. Raises GuestCrash if the engine cannot go on."""
-        self.sched.run()
+        t0 = time.perf_counter_ns()
+        try:
+            self.sched.run()
+        finally:
+            self.run_ns += time.perf_counter_ns() - t0
+
+    def _time_idle(self, sched) -> None:
+        """Wraps the scheduler's idle wait so its host time is counted apart."""
+        idle = sched._idle
+
+        def timed_idle() -> None:
+            t0 = time.perf_counter_ns()
+            try:
+                idle()
+            finally:
+                self.idle_ns += time.perf_counter_ns() - t0
+        sched._idle = timed_idle
+
+    def costs(self) -> Costs:
+        """Translations, invalidations, shadow faults, interrupts, and time in
+        translated code vs translation and dispatch (costs.py)."""
+        cs = self.cpus
+        translate = sum(c.translator.translate_ns for c in cs)
+        blocks = sum(c.blocks_ns for c in cs)
+        guest = max(blocks - translate, 0)
+        exits = {"exception": sum(c.faults for c in cs), "interrupt": sum(c.interrupts for c in cs),
+                 "smc_restart": sum(c.smc_restarts for c in cs)}
+        return Costs(engine=self.name, exits={k: v for k, v in exits.items() if v},
+                     instructions=sum(c.icount for c in cs),
+                     translations=sum(c.translator.translated for c in cs),
+                     invalidations=sum(c.translator.invalidated for c in cs),
+                     shadow_faults=sum(c.mmu.shadow_fills for c in cs),
+                     interrupts=sum(c.interrupts for c in cs), exceptions=sum(c.faults for c in cs),
+                     guest_s=guest / 1e9, idle_s=self.idle_ns / 1e9, translate_s=translate / 1e9,
+                     vmm_s=max(self.run_ns - guest - self.idle_ns, 0) / 1e9)
 
     def stats(self) -> dict:
         if not self.cpus:

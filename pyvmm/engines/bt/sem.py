@@ -5,6 +5,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import alu, ctrl, fxsave, legacy32, simd, sse, ssefp, string, sysem, sysext, x87
+from . import pvcall
 
 M = X.Mnemonic
 
@@ -14,7 +15,7 @@ for _family in (alu, ctrl, string, sysem):
 
 # SSE/x87 families: their emitters, the runtime helpers their generated code
 # calls (merged into the translator's namespace), and the string/SSE twins.
-_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext, legacy32)
+_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext, legacy32, pvcall)
 EXPORTS: dict = dict(simd.HELPERS)
 FP_MNEMONICS: set = set()
 for _family in _FP_FAMILIES:

@@ -132,7 +132,10 @@ class Scheduler:
             c.shadow_int = False
             c.run_blocks(SLICE)
         except TripleFault:
-            m.request_stop(StopReason.RESET, 0, f"triple fault on vCPU {c.index}")
+            trail = "; ".join(f"vec={v} err={e} rip={r:#x} cpl={p} cr2={cr2 if cr2 is None else hex(cr2)}"
+                              f"{' ext' if x else ''}" for v, e, r, p, cr2, x in c.trail)
+            log.warning("bt: triple fault on vCPU %d at rip=%#x; last deliveries: %s", c.index, c.rip, trail)
+            m.request_stop(StopReason.RESET, 0, f"triple fault on vCPU {c.index} at rip={c.rip:#x}")
         except (GuestFault, SmcRestart) as e:  # pragma: no cover - defensive
             raise GuestCrash(f"bt: unhandled {e!r} at rip={c.rip:#x}") from None
         finally:

@@ -128,6 +128,8 @@ def rdmsr(c, idx: int) -> int:
         v = c.lapic.read_msr(idx)
         if v is not None:
             return v
+    if getattr(c, "pv", None) is not None and idx == c.pv_msr:   # paravirt hypercall page
+        return c.pv.read_msr(c.index)
     log.debug("bt: rdmsr %#x: #GP", idx)
     raise GuestFault(GP, 0)
 
@@ -160,6 +162,8 @@ def wrmsr(c, idx: int, v: int) -> None:
         pass                            # writes ignored (microcode loaders, feature locks)
     elif c.lapic is not None and c.lapic.write_msr(idx, v):
         pass
+    elif getattr(c, "pv", None) is not None and idx == c.pv_msr and c.pv.write_msr(c.index, v):
+        pass                            # paravirt hypercall page (paravirt/install.py)
     else:
         log.debug("bt: wrmsr %#x <- %#x: #GP", idx, v)
         raise GuestFault(GP, 0)

@@ -8,6 +8,7 @@ its function; other exits return to the dispatcher."""
 from __future__ import annotations
 
 import logging
+import time
 
 import iced_x86 as X
 
@@ -67,6 +68,7 @@ class Translator:
         self.ns = _namespace()
         self.translated = 0
         self.invalidated = 0
+        self.translate_ns = 0        # host time spent translating (costs.py)
         self.warned: set[tuple] = set()
         self.single = False
 
@@ -102,7 +104,9 @@ class Translator:
         key = (la, pa, c.mode, single)
         fn = self.cache.get(key)
         if fn is None:
+            t0 = time.perf_counter_ns()
             fn = self._translate(la, pa, single)
+            self.translate_ns += time.perf_counter_ns() - t0
             self.cache[key] = fn
             ppns = {pa >> 12}
             if fn.next_frame is not None:

@@ -39,15 +39,13 @@ _SEG = {iced.Register.ES: "es", iced.Register.CS: "cs", iced.Register.SS: "ss",
 _MNEMONIC_NAMES = {v: k for k, v in vars(iced.Mnemonic).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def _overlay_legacy(buf: bytearray, fpu: abi.Fpu) -> None:
-    """Puts KVM_GET_FPU's x87/SSE registers into an XSAVE buffer's legacy region.
-
-    KVM's XSAVE header can call SSE "initial" (and the buffer zeros) after
-    KVM_SET_FPU wrote the registers; KVM_GET_FPU always has the live values."""
-    struct.pack_into("<HHBxHQQI", buf, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode,
-                     fpu.last_ip, fpu.last_dp, fpu.mxcsr)
-    buf[32:160] = bytes(fpu.fpr)
-    buf[160:416] = bytes(fpu.xmm)
+def _overlay_legacy(buf: bytearray, fxsave_image: bytes) -> None:
+    """Puts the live x87/SSE registers (state.save's FXSAVE image) into an
+    XSAVE buffer's legacy region: KVM's XSAVE header can call SSE "initial"
+    (and the buffer zeros) after KVM_SET_FPU wrote the registers."""
+    buf[0:24] = fxsave_image[0:24]
+    buf[24:28] = fxsave_image[24:28]  # MXCSR (MXCSR_MASK stays KVM's)
+    buf[32:416] = fxsave_image[32:416]
 
 
 class CompletionError(Exception):
@@ -55,8 +53,10 @@ class CompletionError(Exception):
 
 
 class Completer:
-    """Completes failed instructions for one KVM engine. Thread-safe: vCPUs
-    complete one at a time, which also makes cmpxchg16b atomic between them."""
+    """Completes failed instructions for one KVM engine. vCPUs complete one at
+    a time, so a completed `lock cmpxchg16b` is atomic against other
+    completions; it is not against a vCPU running inside KVM at that instant
+    (with one vCPU, or Linux's use of it on per-CPU data, that never matters)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -84,24 +84,21 @@ class Completer:
     # -- the translator's single-instruction path ---------------------------
     def _via_translator(self, vcpu: KvmVcpu, st: CpuState) -> None:
         """One instruction on a fresh translator vCPU: GPRs, segments, control
-        registers and MSRs through CpuState, the SSE registers through KVM_GET_FPU
+        registers and MSRs through CpuState, x87/SSE through its FXSAVE image
         (the kernel's SIMD code is what KVM fails on most)."""
         from ..bt.engine import BtCpu
+        from ..bt.fxstate import from_fxsave, to_fxsave
         m = self.engine.machine
         cpu = BtCpu(m.memory, m.io_bus, m.mmio_bus)
         try:
             cpu.load(st)
-            fpu = vcpu.get_fpu()
-            raw = bytes(fpu.xmm)
-            xmm = [int.from_bytes(raw[i:i + 16], "little") for i in range(0, 256, 16)]
-            cpu.xmm[:] = xmm
-            cpu.mxcsr = fpu.mxcsr
+            if st.fxsave is not None:
+                from_fxsave(cpu, st.fxsave)
             cpu.execute_one()
-            if cpu.xmm != xmm or cpu.mxcsr != fpu.mxcsr:
-                ctypes.memmove(fpu.xmm, b"".join(v.to_bytes(16, "little") for v in cpu.xmm), 256)
-                fpu.mxcsr = cpu.mxcsr
-                vcpu.set_fpu(fpu)
-            state.load(vcpu, cpu.save(), boot_msrs=False)
+            new = cpu.save()
+            image = to_fxsave(cpu)
+            new.fxsave = image if image != st.fxsave else None  # untouched FPU: no FPU ioctls
+            state.load(vcpu, new, boot_msrs=False)
         finally:
             cpu.detach()
 
@@ -113,7 +110,8 @@ class Completer:
         kvm_buf = bytearray(abi.XSAVE_AREA_SIZE)
         raw = (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(kvm_buf)
         ioctl(vcpu.fd, abi.GET_XSAVE, raw)
-        _overlay_legacy(kvm_buf, vcpu.get_fpu())
+        if st.fxsave is not None:
+            _overlay_legacy(kvm_buf, st.fxsave)
         if instr.mnemonic in _XRSTOR:
             compacted = instr.mnemonic in (iced.Mnemonic.XRSTORS, iced.Mnemonic.XRSTORS64)
             header = self._read(vcpu, addr + xsave.HEADER_OFFSET, 16)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import struct
+
 from ...cpu import GPR_NAMES, CpuState, DescriptorTable, Segment
 from . import abi
-from .device import KvmVcpu
+from .device import KvmVcpu, ioctl
 
 _SEG_ATTRS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
@@ -50,6 +53,52 @@ def load(vcpu: KvmVcpu, st: CpuState, boot_msrs: bool = True) -> None:
     msrs.update(st.msrs)
     if msrs:
         vcpu.set_msrs(msrs)
+    if st.fxsave is not None:
+        set_fxsave(vcpu, st.fxsave)
+
+
+def set_fxsave(vcpu: KvmVcpu, image: bytes) -> None:
+    """Loads an FXSAVE image through KVM_SET_XSAVE (legacy region, x87 and SSE
+    marked in use) and KVM_SET_FPU: on this host KVM_SET_FPU alone leaves the
+    XSAVE header calling SSE initial, so the guest would see zeros."""
+    buf = bytearray(abi.XSAVE_AREA_SIZE)
+    try:
+        ioctl(vcpu.fd, abi.GET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
+        buf[0:24] = image[0:24]
+        buf[24:28] = image[24:28]
+        buf[32:416] = image[32:416]
+        xstate_bv = struct.unpack_from("<Q", buf, 512)[0] | 3
+        struct.pack_into("<Q", buf, 512, xstate_bv)
+        ioctl(vcpu.fd, abi.SET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
+    except OSError:
+        pass
+    vcpu.set_fpu(fpu_from_fxsave(image))
+
+
+# The FXSAVE image's legacy header: FCW, FSW, abridged FTW, FOP, FIP, FDP, MXCSR, MXCSR_MASK.
+FXSAVE_HEADER = struct.Struct("<HHBxHQQII")
+MXCSR_MASK = 0xFFFF
+# FCW 0x37F (all x87 exceptions masked), MXCSR 0x1F80 (all SSE exceptions masked).
+RESET_FXSAVE = FXSAVE_HEADER.pack(0x37F, 0, 0, 0, 0, 0, 0x1F80, MXCSR_MASK).ljust(512, b"\0")
+
+
+def fxsave_from_fpu(f: abi.Fpu) -> bytes:
+    """KVM_GET_FPU's registers as a 512-byte FXSAVE image."""
+    buf = bytearray(512)
+    FXSAVE_HEADER.pack_into(buf, 0, f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip, f.last_dp,
+                            f.mxcsr, MXCSR_MASK)
+    buf[32:160] = bytes(f.fpr)
+    buf[160:416] = bytes(f.xmm)
+    return bytes(buf)
+
+
+def fpu_from_fxsave(image: bytes) -> abi.Fpu:
+    """A KVM_SET_FPU structure from a 512-byte FXSAVE image."""
+    f = abi.Fpu()
+    (f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip, f.last_dp, f.mxcsr, _) = FXSAVE_HEADER.unpack_from(image, 0)
+    ctypes.memmove(f.fpr, bytes(image[32:160]), 128)
+    ctypes.memmove(f.xmm, bytes(image[160:416]), 256)
+    return f
 
 
 def save(vcpu: KvmVcpu) -> CpuState:
@@ -65,7 +114,22 @@ def save(vcpu: KvmVcpu) -> CpuState:
     st.cr0, st.cr2, st.cr3, st.cr4, st.cr8, st.efer = (
         sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer)
     st.msrs = vcpu.get_msrs(list(STATE_MSRS))
+    st.fxsave = _fxsave(vcpu)
     return st
+
+
+def _fxsave(vcpu: KvmVcpu) -> bytes:
+    """The vCPU's FXSAVE image. On this host (kvm_pvm) KVM_GET_FPU reads MXCSR
+    as 0 always; then MXCSR comes from KVM_GET_XSAVE's legacy region."""
+    image = bytearray(fxsave_from_fpu(vcpu.get_fpu()))
+    if image[24:28] == bytes(4):
+        buf = bytearray(abi.XSAVE_AREA_SIZE)
+        try:
+            ioctl(vcpu.fd, abi.GET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
+            image[24:28] = buf[24:28]
+        except OSError:
+            pass
+    return bytes(image)
 
 
 def describe(st: CpuState) -> str:

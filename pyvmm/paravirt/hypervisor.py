@@ -1,0 +1,268 @@
+"""The engine-neutral hypercall dispatcher.
+
+An engine hands `Hypervisor.dispatch` a VcpuPort (register access plus the
+few actions only the engine can do: load CR3, flush its TLB, note page-table
+writes, halt) when the guest enters the hypercall page; the dispatcher
+checks the arguments against guest RAM, does the operation and puts the
+result in RAX.  Bad arguments give -errno to the guest; nothing a guest
+passes raises out of dispatch()."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Protocol
+
+from ..errors import GuestMemoryError
+from ..memory import GuestMemory
+from . import abi
+
+log = logging.getLogger(__name__)
+
+
+class VcpuPort(Protocol):
+    """What the dispatcher needs from the vCPU that made the call."""
+    index: int
+
+    def reg(self, name: str) -> int:
+        """A general register by name ("rax", "rbx", "rcx", "rsi", "rdi")."""
+
+    def set_result(self, value: int) -> None:
+        """Sets RAX (64-bit value)."""
+
+    def cpl(self) -> int:
+        """The current privilege level."""
+
+    def set_cr3(self, value: int) -> None:
+        """Loads CR3 (a TLB flush, as mov to CR3)."""
+
+    def flush_tlb(self, la: int | None) -> None:
+        """Drops one linear page's translation (None: all)."""
+
+    def tables_written(self, gpas: list[int]) -> None:
+        """pyvmm wrote page-table entries at these guest-physical addresses."""
+
+    def halt(self) -> None:
+        """Sets the vCPU's interrupt flag and sleeps it until the next
+        interrupt once the call returns (sti; hlt without the window)."""
+
+
+class Hypervisor:
+    """The hypercall dispatcher of one machine.
+
+    console(bytes) writes to the VMM console; inject(irq) raises an ISA IRQ
+    edge; stop(kind, status) ends the machine (kind SHUTDOWN_*);
+    clock_ns() is the machine's time in ns.  Thread-safe (timer thread and
+    vCPU threads)."""
+
+    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None],
+                 inject: Callable[[int], None], stop: Callable[[int, int], None],
+                 clock_ns: Callable[[], int] | None = None, engine: str = "bt"):
+        self.memory = memory
+        self.console = console
+        self.inject = inject
+        self.stop = stop
+        self.engine = engine
+        t0 = time.monotonic_ns()
+        self.clock_ns = clock_ns or (lambda: time.monotonic_ns() - t0)
+        self.lock = threading.RLock()
+        self.page_msr: dict[int, int] = {}      # vCPU -> MSR value
+        self.shared: dict[int, int] = {}        # vCPU -> shared page gpa
+        self.counts = [0] * abi.OP_COUNT
+        self.errors = 0
+        self._timer: threading.Timer | None = None
+        self._handlers = {
+            abi.OP_VERSION: self._version, abi.OP_CONSOLE_WRITE: self._console_write,
+            abi.OP_SET_SHARED: self._set_shared, abi.OP_IRQ_ENABLE: self._irq_enable,
+            abi.OP_MMU_UPDATE: self._mmu_update, abi.OP_SET_CR3: self._set_cr3,
+            abi.OP_FLUSH_TLB: self._flush_tlb, abi.OP_TIMER_ONESHOT: self._timer_oneshot,
+            abi.OP_READ_TIME: self._read_time, abi.OP_HALT: self._halt,
+            abi.OP_YIELD: self._yield, abi.OP_SHUTDOWN: self._shutdown,
+        }
+
+    def __repr__(self) -> str:
+        return f"Hypervisor(engine={self.engine}, pages={len(self.page_msr)}, calls={sum(self.counts)})"
+
+    # -- the hypercall page MSR -------------------------------------------------
+    def write_msr(self, vcpu: int, value: int) -> bool:
+        """wrmsr(MSR_HYPERCALL_PAGE): installs the page (bit 0 set) or forgets
+        it (0).  False: a bad value, which the engine turns into #GP."""
+        gpa = value & ~0xFFF & abi.MASK64
+        if value & 0xFFE:
+            return False
+        if value & abi.HYPERCALL_PAGE_ENABLE:
+            if not self.memory.is_ram(gpa, abi.PAGE_SIZE):
+                return False
+            from .hypercall_page import page_bytes
+            self.memory.write(gpa, page_bytes(self.engine))
+            log.debug("vcpu%d: hypercall page at %#x", vcpu, gpa)
+        with self.lock:
+            self.page_msr[vcpu] = value
+        return True
+
+    def read_msr(self, vcpu: int) -> int:
+        return self.page_msr.get(vcpu, 0)
+
+    # -- calls -------------------------------------------------------------------
+    def dispatch(self, v: VcpuPort) -> int:
+        """Runs the call in v's RAX and sets RAX to its result (returned too)."""
+        op = v.reg("rax") & 0xFFFFFFFF
+        if v.cpl() != 0:
+            result = abi.err(abi.EPERM)
+        else:
+            fn = self._handlers.get(op)
+            if fn is None:
+                result = abi.err(abi.ENOSYS)
+            else:
+                self.counts[op] += 1
+                args = [v.reg(r) for r in ("rbx", "rcx", "rsi", "rdi")]
+                try:
+                    result = fn(v, *args) & abi.MASK64
+                except GuestMemoryError:
+                    result = abi.err(abi.EFAULT)
+        if result >= 1 << 63:
+            self.errors += 1
+            log.debug("vcpu%d: hypercall %s: error %d", v.index, abi.OP_NAMES.get(op, op),
+                      result - (1 << 64))
+        v.set_result(result)
+        return result
+
+    def _version(self, v, *_a) -> int:
+        return abi.VERSION
+
+    def _console_write(self, v, gpa, n, *_a) -> int:
+        if n > abi.CONSOLE_MAX:
+            return abi.err(abi.EINVAL)
+        data = self.memory.read(gpa, n)
+        if data:
+            self.console(data)
+        return n
+
+    def _set_shared(self, v, gpa, *_a) -> int:
+        if gpa == 0:
+            with self.lock:
+                self.shared.pop(v.index, None)
+            return 0
+        if gpa & 0xFFF:
+            return abi.err(abi.EINVAL)
+        if not self.memory.is_ram(gpa, abi.PAGE_SIZE):
+            return abi.err(abi.EFAULT)
+        with self.lock:
+            self.shared[v.index] = gpa
+            self.memory.write_obj(gpa, abi.SharedPage(vif=1))
+            self._publish_time(gpa)
+        return 0
+
+    def _irq_enable(self, v, *_a) -> int:
+        gpa = self.shared.get(v.index)
+        if gpa is None:
+            return abi.err(abi.EINVAL)
+        with self.lock:
+            self.memory.write_u8(gpa + abi.SHARED_OFF_VIF, 1)
+            events = self.memory.read_u32(gpa + abi.SHARED_OFF_EVENTS)
+            self.memory.write_u8(gpa + abi.SHARED_OFF_PENDING, 0)
+            self.memory.write_u32(gpa + abi.SHARED_OFF_EVENTS, 0)
+        n = 0
+        if events & abi.EVENT_TIMER:
+            self.inject(abi.TIMER_IRQ)
+            n += 1
+        return n
+
+    def _mmu_update(self, v, list_gpa, count, size, *_a) -> int:
+        if size not in (4, 8) or count > abi.MMU_BATCH_MAX:
+            return abi.err(abi.EINVAL)
+        raw = self.memory.read(list_gpa, count * 16)   # GuestMemoryError -> EFAULT
+        entries = (abi.MmuEntry * count).from_buffer_copy(raw) if count else []
+        for e in entries:   # check all before writing any: a batch is all or nothing
+            if e.ptr % size or not self.memory.is_ram(e.ptr, size):
+                return abi.err(abi.EFAULT)
+        written = []
+        for e in entries:
+            self.memory.write(e.ptr, e.value.to_bytes(8, "little")[:size])
+            written.append(e.ptr)
+        if written:
+            v.tables_written(written)
+        return count
+
+    def _set_cr3(self, v, cr3, *_a) -> int:
+        if not self.memory.is_ram(cr3 & ~0xFFF & abi.MASK64, abi.PAGE_SIZE):
+            return abi.err(abi.EFAULT)
+        v.set_cr3(cr3)
+        return 0
+
+    def _flush_tlb(self, v, la, *_a) -> int:
+        v.flush_tlb(None if la >= abi.FLUSH_ALL else la)
+        return 0
+
+    def _timer_oneshot(self, v, deadline, *_a) -> int:
+        with self.lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if deadline == 0:
+                return 0
+            delay = max(0, deadline - self.clock_ns()) / 1e9
+            t = self._timer = threading.Timer(delay, self._fire, args=(v.index,))
+            t.daemon = True
+            t.start()
+        return 0
+
+    def _read_time(self, v, *_a) -> int:
+        gpa = self.shared.get(v.index)
+        if gpa is not None:
+            self._publish_time(gpa)
+        return self.clock_ns()
+
+    def _halt(self, v, *_a) -> int:
+        v.halt()
+        return 0
+
+    def _yield(self, v, *_a) -> int:
+        return 0
+
+    def _shutdown(self, v, kind, status, *_a) -> int:
+        if kind not in (abi.SHUTDOWN_POWEROFF, abi.SHUTDOWN_RESET):
+            return abi.err(abi.EINVAL)
+        self.stop(kind, status & 0x7F)
+        return 0
+
+    # -- events ------------------------------------------------------------------
+    def _fire(self, vcpu: int) -> None:
+        with self.lock:
+            self._timer = None
+        self.raise_event(vcpu, abi.EVENT_TIMER)
+
+    def raise_event(self, vcpu: int, bits: int) -> None:
+        """Delivers an event: an IRQ edge if the guest's virtual IF is set
+        (or it has no shared page), else a pending mark in the shared page."""
+        with self.lock:
+            gpa = self.shared.get(vcpu)
+            if gpa is not None:
+                try:
+                    if not self.memory.read_u8(gpa + abi.SHARED_OFF_VIF):
+                        ev = self.memory.read_u32(gpa + abi.SHARED_OFF_EVENTS)
+                        self.memory.write_u32(gpa + abi.SHARED_OFF_EVENTS, ev | bits)
+                        self.memory.write_u8(gpa + abi.SHARED_OFF_PENDING, 1)
+                        return
+                except (GuestMemoryError, ValueError):   # memory gone (machine closed)
+                    return
+        self.inject(abi.TIMER_IRQ)
+
+    def _publish_time(self, gpa: int) -> None:
+        """Writes the time fields (no TSC scaling: mul 0) under the version protocol."""
+        ver = self.memory.read_u32(gpa + abi.SHARED_OFF_VERSION)
+        self.memory.write_u32(gpa + abi.SHARED_OFF_VERSION, (ver + 1) | 1)
+        self.memory.write_u64(gpa + abi.SharedPage.system_time_ns.offset, self.clock_ns())
+        self.memory.write_u32(gpa + abi.SharedPage.tsc_to_system_mul.offset, 0)
+        self.memory.write_u32(gpa + abi.SHARED_OFF_VERSION, ((ver + 1) | 1) + 1)
+
+    def stats(self) -> dict:
+        return {"calls": {abi.OP_NAMES[i]: n for i, n in enumerate(self.counts) if n},
+                "errors": self.errors}
+
+    def close(self) -> None:
+        with self.lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None

@@ -1,0 +1,177 @@
+"""Small assembled guests for comparing engine modes (tests and bench/modes.py).
+
+`user_guest(outer, user_work, kernel_work, syscalls)` is a 64-bit guest
+with a user half and a kernel half: CPL0 code sets up syscall/sysret and
+irets to CPL3, which runs `outer` rounds of a `user_work`-iteration ALU
+loop, each followed (when `syscalls`) by a syscall whose handler runs a
+`kernel_work`-iteration loop at CPL0.  Syscall 60 halts the machine with
+interrupts off.  Results: RBX (user checksum), R12 (syscalls handled),
+R13 (kernel checksum).
+
+`sse_guest(rounds)` runs at CPL0 only: it fills 64 KiB with a pattern and
+sums (part of) it `rounds` times with SSE2 (paddq/pxor) and GPRs; XMM0/XMM1 and RBX,
+RSI hold the result at the final hlt; it writes CHECKPOINT_PORT after
+each round (a place to stop it mid-run).
+
+Both run on the machine pyvmm builds (rawguest.raw_boot layout), so any
+engine can run them; `boot_for(code)` places one."""
+
+from __future__ import annotations
+
+import struct
+
+from pyvmm.boot import entry
+from pyvmm.boot.result import BootResult
+from pyvmm.cpu import Segment
+
+from .rawguest import build_guest
+
+CODE = 0x100000
+GDT = 0x110000
+TSS = 0x111000
+USTACK = 0x141000
+KSTACK = 0x151000
+DATA = 0x200000
+CHECKPOINT_PORT = 0xE0    # sse_guest writes it after each round
+
+# null, kernel code64 (0x08), kernel data (0x10), user data (0x18), user code64 (0x20), TSS (0x28)
+GDT_ENTRIES = (0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF)
+
+USER_GUEST = """
+.intel_syntax noprefix
+    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
+    mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
+    mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
+    mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
+    xor r12, r12
+    xor r13, r13
+    push 0x1b
+    push {ustack}
+    push 0x2
+    push 0x23
+    push OFFSET user
+    iretq
+sys_entry:
+    cmp eax, 60
+    je done
+    inc r12
+    mov r10d, {kwork}
+2:  imul r13, r13, 17
+    add r13, r10
+    dec r10d
+    jnz 2b
+    sysretq
+done:
+    hlt
+user:
+    xor ebx, ebx
+    mov r8d, {outer}
+1:  mov r9d, {uwork}
+3:  imul ebx, ebx, 31
+    add ebx, r9d
+    xor ebx, 0x55
+    dec r9d
+    jnz 3b
+    {maybe_syscall}
+    dec r8d
+    jnz 1b
+    mov eax, 60
+    syscall
+"""
+
+SSE_GUEST = """
+.intel_syntax noprefix
+    mov rax, cr0; and eax, ~4; or eax, 2; mov cr0, rax
+    mov rax, cr4; or eax, 0x600; mov cr4, rax
+    mov edi, {data}
+    mov ecx, 8192
+    mov eax, 0x9e3779b9
+1:  mov [rdi], rax
+    imul rax, rax, 0x5851f42d
+    add rax, rcx
+    add rdi, 8
+    dec ecx
+    jnz 1b
+    pxor xmm0, xmm0
+    pxor xmm1, xmm1
+    xor ebx, ebx
+    xor esi, esi
+    mov r8d, {rounds}
+4:  mov edi, {data}
+    mov ecx, {blocks}
+2:  movdqa xmm2, [rdi]
+    paddq xmm0, xmm2
+    pxor xmm1, xmm2
+    psllq xmm1, 1
+    add rbx, [rdi]
+    rol rbx, 3
+    add rdi, 16
+    dec ecx
+    jnz 2b
+    inc esi
+    out {checkpoint}, al
+    dec r8d
+    jnz 4b
+    hlt
+"""
+
+
+def user_guest(outer: int, user_work: int, kernel_work: int = 1, syscalls: bool = True) -> bytes:
+    """The user/kernel guest's code (see the module docstring)."""
+    src = USER_GUEST.format(ustack=USTACK, kwork=max(kernel_work, 1), outer=outer, uwork=max(user_work, 1),
+                            maybe_syscall="xor eax, eax; syscall" if syscalls else "")
+    return build_guest(src, "long")
+
+
+def sse_guest(rounds: int, blocks: int = 4096) -> bytes:
+    """The SSE checksum guest: `rounds` passes over `blocks` 16-byte blocks (at most 4096)."""
+    return build_guest(SSE_GUEST.format(data=DATA, rounds=rounds, blocks=min(blocks, 4096),
+                                        checkpoint=CHECKPOINT_PORT), "long")
+
+
+def user_result(regs: dict) -> tuple[int, int, int]:
+    """(user checksum, syscalls, kernel checksum) from the final registers."""
+    return regs["rbx"] & 0xFFFFFFFF, regs["r12"], regs["r13"]
+
+
+def expected_user_result(outer: int, user_work: int, kernel_work: int = 1,
+                         syscalls: bool = True) -> tuple[int, int, int]:
+    """What user_guest computes, in Python."""
+    ebx = r13 = 0
+    kw = max(kernel_work, 1)
+    for _ in range(outer):
+        for r9 in range(max(user_work, 1), 0, -1):
+            ebx = (((ebx * 31) & 0xFFFFFFFF) + r9 & 0xFFFFFFFF) ^ 0x55
+        if syscalls:
+            for r10 in range(kw, 0, -1):
+                r13 = ((r13 * 17) + r10) & 0xFFFFFFFFFFFFFFFF
+    return ebx, outer if syscalls else 0, r13
+
+
+def boot_for(code: bytes):
+    """A boot callable for build_machine: the code at CODE in 64-bit mode,
+    with a GDT that has user segments and a TSS, and every page of the
+    identity map user-accessible."""
+    def boot(memory) -> BootResult:
+        memory.write(CODE, code)
+        tss_lo = 0x67 | ((TSS & 0xFFFFFF) << 16) | (0x89 << 40) | ((TSS >> 24) & 0xFF) << 56
+        memory.write(GDT, b"".join(struct.pack("<Q", d) for d in GDT_ENTRIES) + struct.pack("<QQ", tss_lo, 0))
+        memory.write(TSS + 4, struct.pack("<Q", KSTACK))
+        st = entry.long_mode_64(memory, CODE)
+        pml4 = st.cr3
+        pdpt = memory.read_u64(pml4) & ~0xFFF
+        memory.write_u64(pml4, memory.read_u64(pml4) | 4)
+        for i in range(4):
+            memory.write_u64(pdpt + 8 * i, memory.read_u64(pdpt + 8 * i) | 4)
+            pd = memory.read_u64(pdpt + 8 * i) & ~0xFFF
+            for j in range(512):
+                memory.write_u64(pd + 8 * j, memory.read_u64(pd + 8 * j) | 4)
+        st.gdt.base, st.gdt.limit = GDT, 7 * 8 - 1
+        st.cs = Segment(selector=0x08, base=0, limit=0xFFFFFFFF, type=0xB, s=1, present=1, l=1, g=1)
+        for name in ("ds", "es", "ss", "fs", "gs"):
+            setattr(st, name, Segment(selector=0x10, base=0, limit=0xFFFFFFFF, type=3, s=1, present=1,
+                                      db=1, g=1))
+        st.tr = Segment(selector=0x28, base=TSS, limit=0x67, type=0xB, s=0, present=1)
+        st.regs["rsp"] = KSTACK - 0x100
+        return BootResult(st, "raw-long", f"{len(code)} bytes at 0x{CODE:x}")
+    return boot
