@@ -9,11 +9,14 @@ setup:
 run: setup
 	$(PYTHON) -m pyvmm run
 
+# CI runs at least 20,000 translator-vs-real-CPU sequences (issue 3).
+BT_EXAMPLES ?= 20000
+
 test: setup
-	$(PYTHON) -m pytest -q -ra
+	PYVMM_BT_EXAMPLES=$(BT_EXAMPLES) $(PYTHON) -m pytest -q -ra
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" -x
 
 bench: setup
 	$(PYTHON) bench/exits.py

@@ -168,8 +168,12 @@ def build_machine(config: VmConfig, output: Output,
 
 
 def destroy_machine(machine: Machine) -> None:
+    """Releases the engine, devices with threads of their own, and guest RAM."""
     if machine.engine is not None:
         machine.engine.close()
+    pv = machine.devices.get("paravirt")
+    if pv is not None:
+        pv.close()  # cancels a pending one-shot timer
     machine.memory.close()
 
 

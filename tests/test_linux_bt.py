@@ -34,18 +34,21 @@ def kernel():
 def _boot_and_check(kernel: str, cpus: int, mmu: str, deterministic: bool = False) -> tuple[str, str]:
     """Boots, checks the shell's answers; returns (uname -a line, /proc/cpuinfo)."""
     args = ["run", "--engine", "bt", "--mmu", mmu, "--cpus", str(cpus), "--no-reboot",
-            "--mem", "512M", "--append", CMDLINE]
+            "--mem", "512M", "--verbose", "--append", CMDLINE]
     if deterministic:
         args.append("--deterministic")
     with GuestSession(*args) as g:
         g.expect(r"Linux version \d+\.\d+", timeout=600)
+        g.expect(r"ACPI: PM-Timer IO Port: 0x608", timeout=TIMEOUT)  # found through pyvmm's FADT
         g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
         g.send("uname -a\n")
         m = g.expect(r"Linux \S+ (\d+\.\d+\.\d+-\d+-cloud-amd64) #\d+ SMP .* x86_64[^\r\n]*", timeout=600)
         assert m.group(1) in kernel  # the default kernel: the newest in /boot
         g.send("cat /proc/cpuinfo; echo CPUINFO-END\n")
         g.expect(r"\nCPUINFO-END\r?\n", timeout=600)   # the output, not the echoed command
-        info = g.output.split("cat /proc/cpuinfo", 1)[-1].split("CPUINFO-END", 2)[1]
+        out = g.output
+        end = out.rindex("\nCPUINFO-END")
+        info = out[out.rindex("echo CPUINFO-END", 0, end) + len("echo CPUINFO-END"):end]
         assert "GenuineIntel" in info
         assert "pyvmm bt virtual CPU" in info
         for flag in ("fpu", "tsc", "pae", "cx8", "apic", "cmov", "pat", "sse2", "syscall", "nx", "lm",
@@ -56,6 +59,8 @@ def _boot_and_check(kernel: str, cpus: int, mmu: str, deterministic: bool = Fals
         assert info.count("processor\t:") == cpus
         g.send("poweroff -f\n")
         assert g.wait(timeout=600) == 0
+        # Through the PM1a control register of pyvmm's ACPI tables, not the i8042.
+        assert "guest stopped: poweroff ACPI poweroff" in g.errors, g.errors[-2000:]
         return m.group(0), info
 
 

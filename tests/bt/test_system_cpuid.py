@@ -44,6 +44,10 @@ def test_features_match_what_the_translator_implements():
 def test_apic_ids_per_vcpu_and_hiding():
     assert CpuidTable(1, 2).lookup(1, 0)[1] >> 24 == 1
     assert CpuidTable(1, 2).lookup(0xB, 0)[3] == 1
+    # every vCPU in package 0: APIC id >> (core-level shift) == 0
+    for n in (1, 2, 3, 4, 8):
+        for i in range(n):
+            assert i >> CpuidTable(i, n).lookup(0xB, 1)[0] == 0
     assert not CpuidTable(hide=["nx"]).lookup(0x80000001, 0)[3] >> 20 & 1
     with pytest.raises(ConfigError):
         CpuidTable(hide=["warp-drive"])

@@ -82,7 +82,11 @@ class CpuidTable:
             # otherwise mark the TSC unstable against ticks a slow engine loses.
             (7, 0): (0, 1 << 1, 0, 0),
             (0xB, 0): (0, 1, 0x100, cpu_index),            # SMT level: one thread per core
-            (0xB, 1): (0, ncpus, 0x201, cpu_index),        # core level
+            # Core level: EAX = bits of the APIC id below the package id.  All
+            # vCPUs share package 0, so Linux finds a sibling for each AP and
+            # copies the BSP's loops_per_jiffy instead of calibrating against
+            # jiffies (calibrate_delay_is_known).
+            (0xB, 1): ((max(ncpus, 1) - 1).bit_length(), ncpus, 0x201, cpu_index),
             (0x15, 0): cpuid_15(),
             (0x16, 0): cpuid_16(),
             (0x80000000, 0): (MAX_EXTENDED, 0, 0, 0),
