@@ -104,8 +104,9 @@ def assemble(source: str | Path, *, fmt: str = "elf32", org: int = 0x100000,
     return out
 
 
-class _SerialOut:
-    """Just enough of a 16550 at 0x3f8 for polling output: LSR says empty."""
+class PollingUart:
+    """Just enough of a 16550 for polling output: LSR always says the
+    transmitter is empty; bytes written to THR collect in `out`."""
 
     def __init__(self):
         self.out = bytearray()
@@ -144,7 +145,7 @@ def emulate32(memory, cpu, devices: list[tuple[int, int, object]] = (), *,
 
     from pyvmm.bus import Bus
 
-    serial, debug_exit = _SerialOut(), _DebugExit()
+    serial, debug_exit = PollingUart(), _DebugExit()
     bus = Bus("io")
     bus.insert(0x3F8, 8, serial, "serial")
     bus.insert(0xF4, 4, debug_exit, "debug-exit")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyvmm.bus import Bus
 from pyvmm.boot.entry import long_mode_64
@@ -75,7 +75,11 @@ class BtOracle:
         self.mem = GuestMemory(8 << 20)
         self.state = long_mode_64(self.mem, CODE_ADDR)
 
-    def run(self, code: bytes, regs: list[int], rflags: int, data: bytes, limit: int = 10000) -> Outcome:
+    def run(self, code: bytes, regs: list[int], rflags: int, data: bytes, limit: int = 10000,
+            setup=None) -> Outcome:
+        """Runs `code` (then hlt) from the given state; `setup(cpu)` may adjust
+        the loaded vCPU first (SIMD registers, CR0 bits). The returned
+        Outcome also carries `cpu` for callers that read more state."""
         mem = self.mem
         mem.write(CODE_ADDR, code + b"\xf4")
         mem.write(DATA_ADDR, data)
@@ -87,6 +91,8 @@ class BtOracle:
         vector = None
         try:
             cpu.load(st)
+            if setup is not None:
+                setup(cpu)
             end = CODE_ADDR + len(code)
             for _ in range(limit):
                 if cpu.rip == end or cpu.halted:
@@ -98,7 +104,9 @@ class BtOracle:
                     break
         finally:
             cpu.detach()
-        return Outcome(list(cpu.R), cpu.rflags, mem.read(DATA_ADDR, len(data)), vector, cpu.rip)
+        out = Outcome(list(cpu.R), cpu.rflags, mem.read(DATA_ADDR, len(data)), vector, cpu.rip)
+        out.cpu = cpu
+        return out
 
 
 class UnicornOracle:

@@ -23,10 +23,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import harness  # noqa: E402
-from pyvmm.bus import Bus  # noqa: E402
 from pyvmm.cpu import GPR_NAMES  # noqa: E402
-from pyvmm.engines.bt.engine import BtCpu  # noqa: E402
-from pyvmm.engines.bt.faults import GuestFault  # noqa: E402
 
 EXAMPLES = int(os.environ.get("PYVMM_BT_SIMD_EXAMPLES", "300"))
 X = [f"xmm{i}" for i in range(16)]
@@ -172,34 +169,13 @@ class BtSimd(harness.BtOracle):
         self.state.cr4 |= 1 << 9 | 1 << 10   # OSFXSR, OSXMMEXCPT
 
     def run(self, code, regs, rflags, data, xmm=None, mxcsr=0x1F80, cr0_extra=0, limit=1000):
-        mem = self.mem
-        mem.write(harness.CODE_ADDR, code + b"\xf4")
-        mem.write(harness.DATA_ADDR, data)
-        st_ = self.state
-        st_.regs = dict(zip(GPR_NAMES, regs))
-        st_.rflags = rflags
-        st_.rip = harness.CODE_ADDR
-        cpu = BtCpu(mem, Bus("io"), Bus("mmio"))
-        vector = None
-        try:
-            cpu.load(st_)
+        def setup(cpu):
             cpu.cr0 |= cr0_extra
             cpu.xmm[:] = list(xmm or [0] * 16)
             cpu.mxcsr = mxcsr
-            end = harness.CODE_ADDR + len(code)
-            for _ in range(limit):
-                if cpu.rip == end or cpu.halted:
-                    break
-                try:
-                    cpu.translator.lookup()(cpu)
-                except GuestFault as f:
-                    vector = f.vector
-                    break
-        finally:
-            cpu.detach()
-        out = harness.Outcome(list(cpu.R), cpu.rflags, mem.read(harness.DATA_ADDR, len(data)), vector, cpu.rip)
-        out.xmm = list(cpu.xmm)
-        out.cpu = cpu
+
+        out = super().run(code, regs, rflags, data, limit=limit, setup=setup)
+        out.xmm = list(out.cpu.xmm)
         return out
 
 

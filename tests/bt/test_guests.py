@@ -23,25 +23,15 @@ from pyvmm.config import VmConfig  # noqa: E402
 from pyvmm.engines.bt.engine import BtEngine, execute_one  # noqa: E402
 from pyvmm.machine import EXIT_HALTED, Machine, StopReason  # noqa: E402
 from pyvmm.memory import GuestMemory  # noqa: E402
+from tests.asm import PollingUart  # noqa: E402
 
-
-class FakeUart:
-    def __init__(self):
-        self.out = bytearray()
-
-    def read(self, offset: int, size: int) -> int:
-        return 0x60 if offset == 5 else 0  # LSR: transmitter empty
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0:
-            self.out.append(value & 0xFF)
 
 
 def make_machine():
     cfg = VmConfig(engine="bt", mem_mib=16)
     lock = threading.RLock()
     m = Machine(cfg, GuestMemory(16 << 20), Bus("io", lock), Bus("mmio", lock), lock)
-    uart = FakeUart()
+    uart = PollingUart()
     m.io_bus.insert(0x3F8, 8, uart, "uart")
     eng = BtEngine(m)
     m.engine = eng

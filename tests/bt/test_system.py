@@ -28,21 +28,11 @@ from pyvmm.cpu import Segment  # noqa: E402
 from pyvmm.engines.bt.engine import BtEngine  # noqa: E402
 from pyvmm.machine import Machine, StopReason  # noqa: E402
 from pyvmm.memory import GuestMemory  # noqa: E402
+from tests.asm import PollingUart  # noqa: E402
 
 CODE, IDT, GDT, TSS = 0x100000, 0x110000, 0x111000, 0x112000
 KSTACK, IST1, USTACK = 0x121000, 0x131000, 0x141000
 
-
-class Uart:
-    def __init__(self):
-        self.out = bytearray()
-
-    def read(self, offset: int, size: int) -> int:
-        return 0x60 if offset == 5 else 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == 0:
-            self.out.append(value & 0xFF)
 
 
 def gate(handler: int, ist: int = 0, dpl: int = 0) -> bytes:
@@ -61,7 +51,7 @@ def run(asm: str, handlers: dict[int, tuple[int, int]], mmu: str = "shadow", use
     cfg = VmConfig(engine="bt", mem_mib=16, cpus=cpus, mmu=mmu, deterministic=True)
     lock = threading.RLock()
     m = Machine(cfg, GuestMemory(16 << 20), Bus("io", lock), Bus("mmio", lock), lock)
-    uart = Uart()
+    uart = PollingUart()
     m.io_bus.insert(0x3F8, 8, uart, "uart")
     eng = BtEngine(m)
     m.engine = eng

@@ -10,7 +10,6 @@ other, as KVM would have."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 
