@@ -202,7 +202,7 @@ def test_unmet_and_unknown_symbols_reported(tree, tmp_path):
     with pytest.raises(KernelConfigError) as e:
         generate_config(tree, tmp_path / "b", req)
     msg = str(e.value)
-    assert "DRM_I915 (wanted y, got n)" in msg          # needs PCI, which stays off
+    assert "DRM_I915 (wanted y, got n)" in msg          # needs DRM, which stays off
     assert "NOT_A_SYMBOL_PYVMM (wanted y, got n) [no such symbol]" in msg
     assert "config.log" in msg and "\n" not in msg
     assert sorted(m.split()[0] for m in e.value.missing) == ["DRM_I915", "NOT_A_SYMBOL_PYVMM"]

@@ -155,3 +155,40 @@ def test_same_output_under_bt_and_hw(mode):
     assert hw.status.reason is bt.status.reason is StopReason.HALTED
     assert hw.state.rip == bt.state.rip
     assert hw.state.regs == bt.state.regs
+
+
+CR3_RELOAD_GUEST = """
+    mov $0x200000, %rdi
+    mov $1000, %ecx
+    xor %ebx, %ebx
+1:  mov %cr3, %rax
+    mov %rax, %cr3                  # same value: a TLB flush, nothing else
+    mov %rcx, (%rdi,%rcx,8)
+    add (%rdi,%rcx,8), %rbx
+    lea 0x300000, %rsi
+    mov %rcx, %rdx
+    mov %rdi, %r8
+    push %rcx
+    mov $64, %ecx
+    mov %rdi, %rsi
+    lea 0x300000, %rdi
+    rep movsq                       # copy 512 bytes ...
+    mov $0x5a, %al
+    mov $32, %ecx
+    rep stosb                       # ... and fill 32 more after them
+    pop %rcx
+    mov %r8, %rdi
+    add 0x300008, %rbx              # the second copied quadword
+    loop 1b
+    mov 0x300200, %r9               # the filled bytes
+    hlt
+"""
+
+
+def test_cr3_reloads_and_rep_string_ops_agree_between_engines():
+    code = build_guest(CR3_RELOAD_GUEST, "long")
+    hw = run_raw(code, "long")
+    bt = run_raw(code, "long", engine="bt")
+    assert hw.status.reason is bt.status.reason is StopReason.HALTED
+    assert bt.state.regs == hw.state.regs
+    assert hw.state.regs["r9"] == 0x5A5A5A5A5A5A5A5A

@@ -20,8 +20,8 @@ from typing import Callable
 from ..boot.bzimage import parse_bzimage
 from ..boot.decompress import detect_format
 from ..errors import ImageError
-from .config import (BUILD_TOOLS, KernelBuildError, generate_config, last_error_line,
-                     read_config, require_tools)
+from .config import (BUILD_TOOLS, KernelBuildError, fitted_fragment_changed, generate_config,
+                     last_error_line, read_config, require_tools)
 from .fragment import FragmentRequest
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,15 @@ def build_kernel(tree: Path, build_dir: Path, jobs: int | None = None, progress:
                  request: FragmentRequest | None = None) -> BuildResult:
     """Builds <build_dir>/arch/x86/boot/bzImage (and the modules, if the
     config has CONFIG_MODULES) from `tree`, configuring it
-    first (generate_config) if the build directory has no .config or
-    `request` is given.  Raises ToolchainError, KernelBuildError,
+    first (generate_config) if the build directory has no .config,
+    `request` is given, or pyvmm's fitted fragment changed since the
+    directory was configured (then earlier --enable/--disable edits are
+    dropped: give them again).  Raises ToolchainError, KernelBuildError,
     KernelConfigError."""
     config = build_dir / ".config"
+    if request is None and config.exists() and fitted_fragment_changed(build_dir):
+        log.warning("%s: pyvmm's fitted kernel config changed; reconfiguring", build_dir)
+        request = FragmentRequest()
     if request is not None or not config.exists():
         generate_config(tree, build_dir, request)
     values = read_config(config)

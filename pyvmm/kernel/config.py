@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VmmError
-from .fragment import FragmentRequest, render
+from .fragment import FITTED, FragmentRequest, render
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ TOOL_HINT = "run scripts/install-kernel-build-deps.sh"
 FRAGMENT_NAME = "pyvmm.fragment"
 MERGED_NAME = "pyvmm-merged.config"
 CONFIG_LOG = "config.log"
+# pyvmm's own fitted fragment as it was when the build directory was
+# configured: a pyvmm that fits the kernel differently reconfigures it.
+FITTED_STAMP = ".pyvmm-fitted"
 
 _LINE_SET = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _LINE_UNSET = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set$")
@@ -196,5 +199,15 @@ def generate_config(tree: Path, build_dir: Path, request: FragmentRequest | None
             parts.append("forbidden but enabled: " + ", ".join(present))
         raise KernelConfigError(f"kernel config {config}: {'; '.join(parts)}; log: {log_path}",
                                 missing, present)
+    (build_dir / FITTED_STAMP).write_text(render(FITTED))
     log.info("%s: %d symbols enabled", config, sum(v in ("y", "m") for v in values.values()))
     return ConfigResult(config, build_dir, values, requested)
+
+
+def fitted_fragment_changed(build_dir: Path) -> bool:
+    """True when <build_dir> was configured by a pyvmm whose fitted fragment
+    differs from this one's (or by one that did not record it)."""
+    try:
+        return (build_dir / FITTED_STAMP).read_text() != render(FITTED)
+    except OSError:
+        return True

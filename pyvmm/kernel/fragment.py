@@ -52,8 +52,16 @@ LEGACY: Fragment = {
 # Power off and SMP discovery through pyvmm's ACPI tables (RSDP..FADT, DSDT
 # with _S5_, PM timer at 0x608, PM1a control at 0x604).  MPPARSE keeps the
 # MP table path working too.
+#
+# PCI is here only for ACPI: Linux 6.1's ACPICA installs a default handler
+# for the PCI_Config address space before it loads the DSDT, and with
+# CONFIG_PCI=n that install fails (AE_BAD_PARAMETER, "During Region
+# initialization"), so no DSDT, no \_S5_ and no ACPI power off.  pyvmm has
+# no PCI host bridge: the kernel's probe of port 0xCF8 finds nothing and
+# no PCI driver is built.
 ACPI: Fragment = {
     "ACPI": "y",
+    "PCI": "y",
     "X86_MPPARSE": "y",
 }
 
@@ -97,7 +105,7 @@ FITTED: Fragment = {k: v for group in GROUPS.values() for k, v in group.items()}
 
 # Present after olddefconfig = a mistake (hardware pyvmm lacks, or bloat).
 FORBIDDEN: tuple[str, ...] = (
-    "MODULES", "PCI", "DRM", "FB", "VGA_CONSOLE", "SOUND", "USB", "USB_SUPPORT",
+    "MODULES", "DRM", "FB", "VGA_CONSOLE", "SOUND", "USB", "USB_SUPPORT",
     "WLAN", "WIRELESS", "IPV6", "EFI", "SCSI", "ATA", "MD", "HID",
 )
 

@@ -104,7 +104,13 @@ def _emit(g: Gen) -> None:
         return
     if op in ("ins", "outs") and g.cpl > 0:
         g.helper("IOCHECK(c)")
+    fast = rep == 1 and g.bits == 64 and asz == 8 and seg < 4 and op in ("movs", "stos")
+    if fast:
+        _rep_inline(g, op, size)
+        g.ind += 1
     g.helper(f"STRING(c, {op!r}, {size}, {rep}, {asz}, {seg})")
+    if fast:
+        g.ind -= 1
     if rep:
         from .ctrl import _exit
         g.emit("if c.rip_back:")
@@ -113,6 +119,35 @@ def _emit(g: Gen) -> None:
         _exit(g, f"{ins.ip:#x}")
         g.ind -= 1
         g.ends = False
+
+
+def _rep_inline(g: Gen, op: str, size: int) -> None:
+    """The common 64-bit `rep movs`/`rep stos`: DF=0, the whole run inside
+    one page of plain RAM on each side (TLB entries present), no overlap
+    that element order would show, nothing pending.  One slice copy; the
+    registers end as the element loop leaves them.  Opens an `else:` for
+    the general helper, which the caller emits one level deeper."""
+    rsi, rdi, rcx = g.reg(6), g.reg(7), g.reg(1)
+    g.bind("TW")
+    g.emit(f"rn = {rcx}; rb = rn * {size}; ro = {rdi} & 0xFFF")
+    cond = (f"rn and not c.rf & 0x400 and not c.pending and ro + rb <= 0x1000"
+            f" and (_d := TW.get({rdi} >> 12))")
+    if op == "movs":
+        g.bind("TR")
+        g.emit(f"rs = {rsi} & 0xFFF")
+        cond += (f" and rs + rb <= 0x1000 and (_s := TR.get({rsi} >> 12))"
+                 f" and not (_s[0] is _d[0] and 0 < _d[1] + ro - _s[1] - rs < rb)")
+    g.emit(f"if {cond}:")
+    g.ind += 1
+    if op == "movs":
+        g.emit("_d[0][_d[1] + ro:_d[1] + ro + rb] = _s[0][_s[1] + rs:_s[1] + rs + rb]")
+        g.emit(f"{rsi} = ({rsi} + rb) & 0xFFFFFFFFFFFFFFFF")
+    else:
+        g.emit(f"_d[0][_d[1] + ro:_d[1] + ro + rb] = {g.rreg(_ACC[size])}.to_bytes({size}, 'little') * rn")
+    g.emit(f"{rdi} = ({rdi} + rb) & 0xFFFFFFFFFFFFFFFF")
+    g.emit(f"{rcx} = 0")
+    g.ind -= 1
+    g.emit("else:")
 
 
 _INLINE = ("movs", "stos", "lods", "cmps", "scas")

@@ -28,13 +28,20 @@ def _mov_special(g: Gen) -> bool:
             # same mode and (shadow) address space afterwards: the block goes on
             # write_cr reads no GPR, flag or RIP: no state sync; a fault
             # (n >= 0) writes the locals back.  Same maps: TR/TW still valid.
+            # An unchanged CR3 in shadow mode (the usual case: a kernel
+            # flushing its TLB) only counts the flush: same space, same maps.
+            g.emit(f"v = {g.rreg(r1)} & 0xFFFFFFFFFFFFF")
+            g.emit("if v == c.cr3 == c.mmu.cr3 and c.mmu.shadow:")
+            g.emit("    c.mmu.tlb_flushes += 1")
+            g.emit("else:")
+            g.ind += 1
             g.emit("mp = c.mmu.maps")
             g.fault()
             g.emit(f"WRITE_CR(c, 3, {g.rreg(r1)})")
             g.emit(f"if c.mmu.maps is not mp or not c.mmu.shadow or c.mode != {tuple(c_mode(g))!r} or c.pending:")
             g.ind += 1
             _end(g)
-            g.ind -= 1
+            g.ind -= 2
             g.ends = False
             return True
         g.helper(f"NEED_CPL0(c); WRITE_CR(c, {n}, R[{GPR[r1][0]}])")

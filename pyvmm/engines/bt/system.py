@@ -188,8 +188,17 @@ def write_cr(c, n: int, v: int) -> None:
     elif n == 2:
         c.cr2 = v
     elif n == 3:
-        c.cr3 = v & 0x000FFFFFFFFFFFFF
-        c.mmu.cr3_loaded()
+        v &= 0x000FFFFFFFFFFFFF
+        m = c.mmu
+        if v == c.cr3 == m.cr3 and c.mode[2] == c.cpl:
+            # mode and address space unchanged: only the TLB flush is left
+            # (update_mode would select the same space and maps again)
+            m.cr3_loaded()
+            if not m.shadow:
+                c.jmp.clear()
+            return
+        c.cr3 = v
+        m.cr3_loaded()
         c.update_mode()
     elif n == 4:
         c.cr4 = v
