@@ -189,12 +189,13 @@ class KvmEngine(Engine):
         EXIT_IO, EXIT_MMIO, IO_OUT, UNION = abi.EXIT_IO, abi.EXIT_MMIO, abi.IO_OUT, abi.RUN_UNION
         from_bytes = int.from_bytes
         every = SAMPLE_EVERY
-        tick = 0
+        countdown = every
         while machine.stop_status is None:
-            tick += 1
-            if tick % every:
+            countdown -= 1
+            if countdown:
                 r = run(fd, RUN, None)
             else:
+                countdown = every
                 t0 = ns()
                 r = run(fd, RUN, None)
                 run_ns[index] += (ns() - t0) * every
