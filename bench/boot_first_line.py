@@ -20,7 +20,7 @@ MARK = b"Linux version"
 
 
 def time_to_first_line(kernel: str, extra: list[str], timeout: float) -> float:
-    cmd = [sys.executable, "-m", "pyvmm", "run", "--kernel", kernel, "--no-reboot",
+    cmd = [sys.executable, "-m", "pyvmm", "run", "--engine", "hw", "--kernel", kernel, "--no-reboot",
            "--append", "console=ttyS0 earlyprintk=serial,ttyS0,115200", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -25,9 +25,9 @@ def test_hardware_assist_means_hw(guest):
     assert d.engine == "hw" and "hardware assist" in d.reason
 
 
-def test_emulated_kernel_mode_linux_goes_hw():
+def test_emulated_kernel_mode_linux_goes_bt():
     d = decide(HostFacts(kvm_usable=True, hardware_assist=False, kernel_mode_emulated=True), LINUX)
-    assert d.engine == "hw" and "user code" in d.reason
+    assert d.engine == "bt" and "syscall" in d.reason
 
 
 def test_emulated_kernel_mode_kernel_only_guest_goes_bt():

@@ -42,7 +42,7 @@ def test_stock_kernel_boots_to_init_and_powers_off_through_acpi(kernel):
     hidden; int3, SSE, fwait), ACPI tables, the PM timer and kvm-clock."""
     append = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
     # No --kernel: the default kernel boots with pyvmm's default initramfs.
-    with GuestSession("run", "--no-reboot", "--mem", "512M", "--verbose", "--append", append) as g:
+    with GuestSession("run", "--engine", "hw", "--no-reboot", "--mem", "512M", "--verbose", "--append", append) as g:
         g.expect(r"Linux version \d+\.\d+", timeout=120)
         g.expect(r"ACPI: PM-Timer IO Port: 0x608", timeout=600)
         g.expect(r"smpboot: Allowing 1 CPUs", timeout=600)
@@ -62,7 +62,7 @@ def test_stock_kernel_boots_to_init_and_powers_off_through_acpi(kernel):
 
 def test_bzimage_decompressing_itself_prints_too(kernel):
     """--no-host-decompress runs the kernel's own decompressor in the guest."""
-    with GuestSession("run", "--kernel", kernel, "--no-reboot", "--no-host-decompress",
+    with GuestSession("run", "--engine", "hw", "--kernel", kernel, "--no-reboot", "--no-host-decompress",
                       "--append", "console=ttyS0 earlyprintk=serial") as g:
         g.expect(r"Linux version \d+\.\d+", timeout=400)
 
@@ -73,7 +73,7 @@ def test_unsupported_instruction_is_reported_not_hung(kernel):
     it with the instruction bytes and registers and exits with code 3."""
     if not hostfit.kernel_mode_emulated():
         pytest.skip("this host runs guest kernel code natively: nothing to report")
-    with GuestSession("run", "--kernel", kernel, "--no-reboot", "--no-guest-fit", "--no-completion",
+    with GuestSession("run", "--engine", "hw", "--kernel", kernel, "--no-reboot", "--no-guest-fit", "--no-completion",
                       "--append", "console=ttyS0 earlyprintk=serial") as g:
         g.expect(r"Linux version \d+\.\d+", timeout=120)
         code = g.wait(timeout=600)
