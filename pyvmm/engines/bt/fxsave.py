@@ -76,21 +76,25 @@ def save_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
             _store(c, a, XMM_OFF + 16 * i, c.xmm[i].to_bytes(16, "little"))
 
 
+def x87_from_image(f, data: bytes) -> None:
+    """Loads FCW, FSW, the abridged tag word and ST0-7 from a legacy-area image."""
+    fcw, fsw, ftw = struct.unpack_from("<HHB", data, 0)
+    f.cw, f.sw, f.top = fcw, fsw & ~0x3800, fsw >> 11 & 7
+    f.set_tag_abridged(ftw)
+    for i in range(8):
+        raw = int.from_bytes(data[ST_OFF + 16 * i:ST_OFF + 16 * i + 10], "little")
+        p = (f.top + i) & 7
+        f.regs[p], f.raw[p] = from80(raw), raw
+
+
 def load_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
     data = _bytes_in(c, a, 512 if sse else 160)
     if sse:
         mxcsr = struct.unpack_from("<I", data, 24)[0]
         if mxcsr & ~MXCSR_MASK:
             raise GuestFault(GP, 0)
-    f = fpu_of(c)
     if x87:
-        fcw, fsw, ftw = struct.unpack_from("<HHB", data, 0)
-        f.cw, f.sw, f.top = fcw, fsw & ~0x3800, fsw >> 11 & 7
-        f.set_tag_abridged(ftw)
-        for i in range(8):
-            raw = int.from_bytes(data[ST_OFF + 16 * i:ST_OFF + 16 * i + 10], "little")
-            p = (f.top + i) & 7
-            f.regs[p], f.raw[p] = from80(raw), raw
+        x87_from_image(fpu_of(c), data)
     if sse:
         c.mxcsr = mxcsr
         for i in range(_nregs(c)):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from .fxsave import MXCSR_MASK, ST_OFF, XMM_OFF
-from .x87state import from80, fpu_of
+from .fxsave import MXCSR_MASK, ST_OFF, XMM_OFF, x87_from_image
+from .x87state import fpu_of
 
 _HDR = struct.Struct("<HHB")
 DEFAULT_FCW = 0x37F
@@ -40,10 +40,4 @@ def from_fxsave(c, image: bytes) -> None:
     fcw, fsw, ftw = _HDR.unpack_from(data, 0)
     if getattr(c, "fpu", None) is None and fcw == DEFAULT_FCW and not fsw and not ftw:
         return   # x87 untouched: leave it to be created on first use
-    f = fpu_of(c)
-    f.cw, f.sw, f.top = fcw, fsw & ~0x3800, fsw >> 11 & 7
-    f.set_tag_abridged(ftw)
-    for i in range(8):
-        raw = int.from_bytes(data[ST_OFF + 16 * i:ST_OFF + 16 * i + 10], "little")
-        p = (f.top + i) & 7
-        f.regs[p], f.raw[p] = from80(raw), raw
+    x87_from_image(fpu_of(c), data)
