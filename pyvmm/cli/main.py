@@ -40,7 +40,7 @@ def _int(text: str) -> int:
 
 def parse_debug_exit(text: str) -> tuple[int, int]:
     """"iobase=0xf4,iosize=4" (QEMU's property syntax) -> (iobase, iosize)."""
-    values = {"iobase": 0xF4, "iosize": 1}
+    values = {"iobase": 0xF4, "iosize": 4}  # what QEMU test setups use for isa-debug-exit
     for part in filter(None, text.split(",")):
         key, _, val = part.partition("=")
         if key not in values or not val:
@@ -78,7 +78,7 @@ def _add_run_parser(sub) -> None:
                         "this host and guest, the choice and its reason printed; see pyvmm/autoselect.py)")
     p.add_argument("--no-reboot", "-no-reboot", action="store_true", help="exit when the guest resets instead of rebooting it")
     p.add_argument("--cpuid-hide", default="", metavar="FEATURES", help="comma-separated CPUID features to hide, e.g. cx16,xsave")
-    p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=1", metavar="iobase=N,iosize=N",
+    p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=4", metavar="iobase=N,iosize=N",
                    help="add QEMU's isa-debug-exit device (writing v exits with (v<<1)|1)")
     p.add_argument("--fw-cfg", action="append", default=[], metavar="name=NAME,file=PATH", help="add a named fw_cfg file")
     p.add_argument("--no-guest-fit", action="store_true",
