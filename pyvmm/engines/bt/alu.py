@@ -31,6 +31,9 @@ def _binop(g: Gen) -> None:
         op = {M.ADD: "+", M.SUB: "-", M.AND: "&", M.OR: "|", M.XOR: "^"}[m]
         g.write(0, f"({x} {op} {y}) & {mk:#x}" if m in (M.ADD, M.SUB) else f"{x} {op} {y}")
         return
+    if m not in (M.ADC, M.SBB) and (g.is_reg(0) or m in (M.CMP, M.TEST)):
+        _binop_direct(g, m, size, x, y)
+        return
     g.emit(f"x = {x}; y = {y}")
     if m in (M.ADD, M.ADC):
         g.emit(f"t = x + y" + (f" + {g.carry_expr()}" if m == M.ADC else ""))
@@ -49,9 +52,42 @@ def _binop(g: Gen) -> None:
         g.set_flags(F.LOGIC, size, "t")
 
 
+def _binop_direct(g: Gen, m: int, size: int, x: str, y: str) -> None:
+    """Live flags, no store after the flags are written (so no fault can
+    see a half-updated state): computes straight into fo/fr/fa/fb, without
+    temporaries.  LOGIC leaves fa/fb alone (no reader of a LOGIC state uses
+    them)."""
+    mk = MASK[size]
+    if m in (M.ADD, M.SUB, M.CMP):
+        add = m == M.ADD
+        g.emit(f"fa = {x}; fb = {y}; fr = fa {'+' if add else '-'} fb")
+        if m != M.CMP:
+            g.write(0, f"fr & {mk:#x}")
+        g.lazy = (F.ADD if add else F.SUB, size, not add)
+        g.emit(f"fo = {F.op(F.ADD if add else F.SUB, size)}")
+        return
+    if m == M.XOR and y is x:
+        g.write(0, "0")
+        g.emit(f"fo = {F.op(F.LOGIC, size)}; fr = 0")
+    else:
+        op = {M.AND: "&", M.OR: "|", M.XOR: "^", M.TEST: "&"}[m]
+        g.emit(f"fr = {x} {op} {y}")
+        if m != M.TEST:
+            g.write(0, "fr")
+        g.emit(f"fo = {F.op(F.LOGIC, size)}")
+    g.lazy = (F.LOGIC, size, False)
+
+
 def _incdec(g: Gen) -> None:
     size = g.size(0)
     inc = g.ins.mnemonic == M.INC
+    if g.flags_live and g.is_reg(0):
+        # the carry is read from the old state before fb is overwritten
+        g.emit(f"fb = {g.carry_expr()}; fa = {g.read(0)}; fr = fa {'+' if inc else '-'} 1")
+        g.write(0, f"fr & {MASK[size]:#x}")
+        g.emit(f"fo = {F.op(F.INC if inc else F.DEC, size)}")
+        g.lazy = (F.INC if inc else F.DEC, size, False)
+        return
     g.emit(f"x = {g.read(0)}; cf = {g.carry_expr()}")
     g.emit(f"t = x {'+' if inc else '-'} 1")
     g.write(0, f"t & {MASK[size]:#x}")

@@ -157,32 +157,44 @@ _ACC = {1: X.Register.AL, 2: X.Register.AX, 4: X.Register.EAX, 8: X.Register.RAX
 def _inline(g: Gen, op: str, size: int) -> None:
     """One un-prefixed 64-bit string instruction as straight-line code:
     memory first, then RSI/RDI, so a fault leaves the registers as they were."""
-    g.emit(f"d = {-size} if c.rf & 0x400 else {size}")
+    _df(g)
     rsi, rdi = g.reg(6), g.reg(7)
     acc = _ACC[size]
     if op == "movs":
-        g.emit(f"a = {rsi}; a2 = {rdi}")
-        g.emit(f"v = {g.rmem(size, 'a')}")
-        g.wmem(size, "v", "a2")
+        g.emit(f"v = {g.rmem(size, rsi)}")
+        g.wmem(size, "v", rdi)
     elif op == "stos":
-        g.emit(f"a2 = {rdi}")
-        g.wmem(size, g.rreg(acc), "a2")
+        g.wmem(size, g.rreg(acc), rdi)
     elif op == "lods":
-        g.emit(f"a = {rsi}")
-        g.emit(f"v = {g.rmem(size, 'a')}")
-        g.wreg(acc, "v")
+        g.wreg(acc, g.rmem(size, rsi))
     else:
         if op == "cmps":
-            g.emit(f"a = {rsi}; a2 = {rdi}")
-            g.emit(f"x = {g.rmem(size, 'a')}")
+            g.emit(f"x = {g.rmem(size, rsi)}")
         else:
-            g.emit(f"a2 = {rdi}; x = {g.rreg(acc)}")
-        g.emit(f"y = {g.rmem(size, 'a2')}; t = x - y")
+            g.emit(f"x = {g.rreg(acc)}")
+        g.emit(f"y = {g.rmem(size, rdi)}; t = x - y")
         g.set_flags(F.SUB, size, "t", "x", "y", pure=True)
     if op in ("movs", "lods", "cmps"):
-        g.emit(f"{rsi} = ({rsi} + d) & 0xFFFFFFFFFFFFFFFF")
+        g.emit(f"{rsi} = ({rsi} - {size} if dfl else {rsi} + {size}) & 0xFFFFFFFFFFFFFFFF")
     if op != "lods":
-        g.emit(f"{rdi} = ({rdi} + d) & 0xFFFFFFFFFFFFFFFF")
+        g.emit(f"{rdi} = ({rdi} - {size} if dfl else {rdi} + {size}) & 0xFFFFFFFFFFFFFFFF")
+
+
+def _df(g: Gen) -> None:
+    """Makes the local `dfl` hold c.rf's DF bit: reuses the value an earlier
+    string instruction loaded when every line since is straight-line code at
+    the same depth that touches neither the CPU object nor the CPU state
+    sync (so nothing in between can have changed DF)."""
+    mark = getattr(g, "_df_mark", None)
+    if mark is not None and mark[1] == g.ind and mark[0] <= len(g.lines):
+        since = g.lines[mark[0]:]
+        pre = "    " * g.ind
+        if all(ln.startswith(pre) and not ln[len(pre)].isspace() and "c." not in ln and "#SYNC" not in ln
+               and not ln.lstrip().startswith(("if ", "else", "elif", "while", "for ", "try", "except"))
+               for ln in since):
+            return
+    g.emit("dfl = c.rf & 0x400")
+    g._df_mark = (len(g.lines), g.ind)
 
 
 EMITTERS = {}
