@@ -231,9 +231,9 @@ UNICORN_QUIRKS: dict[str, object] = {
     "bsf-bsr-r32-zero-source": lambda text, vec, d: re.search(rf"\bbs[fr] {_R32}, ", text) is not None,
     # lock neg byte [m] with a zero operand: unicorn 0x11, cpu 0x95 (flags of a non-zero result)
     "lock-neg-flags": lambda text, vec, d: "lock neg" in text and d.startswith("rflags"),
-    # cmpxchg8b/16b write only ZF on the CPU; unicorn recomputes the others
-    "cmpxchg8b-16b-flags": lambda text, vec, d: re.search(r"cmpxchg(8|16)b", text) is not None
-    and d.startswith("rflags"),
+    # cmpxchg8b/16b write only ZF on the CPU; unicorn recomputes the others,
+    # and a later jcc/setcc/cmov carries the difference into any register
+    "cmpxchg8b-16b-flags": lambda text, vec, d: re.search(r"cmpxchg(8|16)b", text) is not None,
 }
 
 

@@ -48,7 +48,7 @@ def compare(code: bytes, regs: list[int], rflags: int, data: bytes, text: str) -
     # the destination register after a failed one, and a 32-bit bsf/bsr
     # destination for a zero source; hardware leaves them alone (the KVM
     # oracle checks that): the difference spreads, so only the vector is compared.
-    quirk = ("cmpxchg" in text and ("dword" in text or "e" in text.split("cmpxchg")[1][:6] or "d," in text)
+    quirk = (re.search(r"\bcmpxchg (dword|e[a-ds][xip]|r\d+d)\b", text) is not None
              or re.search(r"\bbs[fr] ", text) is not None)
     if quirk:
         return
