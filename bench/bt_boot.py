@@ -105,7 +105,8 @@ def run_bt(mmu: str, timeout: float, extra_append: str, deterministic: bool,
         out["s"] = time.perf_counter() - start
         out["insns"] = probe_insns(g)
         if forkwait > 0:
-            g.expect(r"[#$] $", timeout=600)
+            # busybox ash may follow its prompt with a cursor-position query (ESC [6n)
+            g.expect(r"[#$] (\x1b\[6n)?$", timeout=600)
             loop = (f"i=0; while [ $i -lt {forkwait} ]; do /bin/uname >/dev/null; i=$((i+1)); done; "
                     "echo FORKWAIT-DONE\n")
             n0 = probe_insns(g)
