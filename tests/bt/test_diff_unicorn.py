@@ -23,6 +23,9 @@ import harness  # noqa: E402
 import pool  # noqa: E402
 
 EXAMPLES = int(os.environ.get("PYVMM_BT_EXAMPLES", "300"))
+# The same examples on every run (CI included), so a pass here is a pass
+# there; PYVMM_BT_RANDOM=1 explores new ones.
+DERANDOMIZE = os.environ.get("PYVMM_BT_RANDOM") != "1"
 POOL_SIZE = 1500
 _pool_text = pool.build(POOL_SIZE)
 _pool_code = harness.assemble_many(_pool_text)
@@ -41,17 +44,17 @@ def compare(code: bytes, regs: list[int], rflags: int, data: bytes, text: str) -
     want = _uc.run(code, regs, rflags, data)
     got = _bt.run(code, regs, rflags, data)
     ctx = f"\ncode:\n{text}\nregs={[hex(r) for r in regs]} rflags={rflags:#x}"
-    assert got.vector == want.vector, f"exception {got.vector} != {want.vector}{ctx}"
-    if want.vector is not None:
-        return  # state after a fault: unicorn stops mid-way; only the vector is compared
     # Unicorn (QEMU 5) zero-extends RAX after a successful 32-bit cmpxchg and
     # the destination register after a failed one, and a 32-bit bsf/bsr
     # destination for a zero source; hardware leaves them alone (the KVM
-    # oracle checks that): the difference spreads, so only the vector is compared.
-    quirk = (re.search(r"\bcmpxchg (dword|e[a-ds][xip]|r\d+d)\b", text) is not None
-             or re.search(r"\bbs[fr] ", text) is not None)
-    if quirk:
+    # oracle checks bt against the CPU on these). The difference spreads, even
+    # into a later #DE, so such sequences are only run here, not compared.
+    if (re.search(r"\bcmpxchg (dword|e[a-ds][xip]|r\d+d)\b", text) is not None
+            or re.search(r"\bbs[fr] ", text) is not None):
         return
+    assert got.vector == want.vector, f"exception {got.vector} != {want.vector}{ctx}"
+    if want.vector is not None:
+        return  # state after a fault: unicorn stops mid-way; only the vector is compared
     for i, (a, b) in enumerate(zip(got.regs, want.regs)):
         assert a == b, f"{harness.GPR_NAMES[i]}: bt {a:#x} != unicorn {b:#x}{ctx}"
     mask = harness.ARITH & ~undef | 0x400
@@ -60,7 +63,8 @@ def compare(code: bytes, regs: list[int], rflags: int, data: bytes, text: str) -
     assert got.data == want.data, f"data page differs{ctx}"
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=DERANDOMIZE, database=None)
 @given(picks=st.lists(st.integers(0, POOL_SIZE - 1), min_size=1, max_size=6),
        regs=st.lists(reg_value, min_size=16, max_size=16),
        flags=st.integers(0, 0x8D5),
