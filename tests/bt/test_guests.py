@@ -27,8 +27,9 @@ from tests.asm import PollingUart  # noqa: E402
 
 
 
-def make_machine():
-    cfg = VmConfig(engine="bt", mem_mib=16)
+def make_machine(cfg: VmConfig | None = None):
+    """A bt machine with 16 MiB and a polling UART at 0x3f8: (machine, engine, uart)."""
+    cfg = cfg or VmConfig(engine="bt", mem_mib=16)
     lock = threading.RLock()
     m = Machine(cfg, GuestMemory(16 << 20), Bus("io", lock), Bus("mmio", lock), lock)
     uart = PollingUart()

@@ -11,7 +11,6 @@ import os
 import shutil
 import struct
 import sys
-import threading
 
 import pytest
 
@@ -22,13 +21,10 @@ if shutil.which("as") is None:
 import harness  # noqa: E402
 
 from pyvmm.boot.entry import long_mode_64  # noqa: E402
-from pyvmm.bus import Bus  # noqa: E402
 from pyvmm.config import VmConfig  # noqa: E402
 from pyvmm.cpu import Segment  # noqa: E402
-from pyvmm.engines.bt.engine import BtEngine  # noqa: E402
-from pyvmm.machine import Machine, StopReason  # noqa: E402
-from pyvmm.memory import GuestMemory  # noqa: E402
-from tests.asm import PollingUart  # noqa: E402
+from pyvmm.machine import StopReason  # noqa: E402
+from tests.bt.test_guests import make_machine  # noqa: E402
 
 CODE, IDT, GDT, TSS = 0x100000, 0x110000, 0x111000, 0x112000
 KSTACK, IST1, USTACK = 0x121000, 0x131000, 0x141000
@@ -48,14 +44,7 @@ def run(asm: str, handlers: dict[int, tuple[int, int]], mmu: str = "shadow", use
     moves the IDT, GDT and TSS up by that many bytes (user_pages makes
     only the first 2 MiB user-accessible)."""
     IDT, GDT, TSS = globals()["IDT"] + tables, globals()["GDT"] + tables, globals()["TSS"] + tables
-    cfg = VmConfig(engine="bt", mem_mib=16, cpus=cpus, mmu=mmu, deterministic=True)
-    lock = threading.RLock()
-    m = Machine(cfg, GuestMemory(16 << 20), Bus("io", lock), Bus("mmio", lock), lock)
-    uart = PollingUart()
-    m.io_bus.insert(0x3F8, 8, uart, "uart")
-    eng = BtEngine(m)
-    m.engine = eng
-    eng.prepare()
+    m, eng, uart = make_machine(VmConfig(engine="bt", mem_mib=16, cpus=cpus, mmu=mmu, deterministic=True))
     mem = m.memory
     mem.write(CODE, harness.assemble(asm))
     for addr, data in (extra or {}).items():

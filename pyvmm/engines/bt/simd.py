@@ -97,6 +97,15 @@ def memsize(g: Gen) -> int:
     return X.MemorySizeInfo(g.ins.memory_size).size
 
 
+def _address(g: Gen, size: int) -> None:
+    """Emits the operand's address into `a`, with the #GP check that a
+    16-byte access needs unless the instruction is exempt."""
+    g.addr()
+    g.fault()
+    if size == 16 and g.ins.mnemonic not in UNALIGNED_OK:
+        g.emit("if a & 15: MISALIGNED(a)")
+
+
 def xread(g: Gen, i: int, size: int | None = None) -> str:
     """Expression for XMM/memory operand i (memory loaded into m{i}); a
     16-byte memory operand is checked for alignment unless exempt."""
@@ -105,11 +114,8 @@ def xread(g: Gen, i: int, size: int | None = None) -> str:
     if not g.is_mem(i):
         raise Unsupported("operand kind")
     size = size or memsize(g)
-    g.addr()
-    g.fault()
+    _address(g, size)
     if size == 16:
-        if g.ins.mnemonic not in UNALIGNED_OK:
-            g.emit("if a & 15: MISALIGNED(a)")
         g.emit(f"m{i} = RD16(c.mmu, a)")
     else:
         g.emit(f"m{i} = {g.rmem(size)}")
@@ -122,11 +128,8 @@ def xwrite(g: Gen, i: int, v: str, size: int | None = None) -> None:
         g.emit(f"c.xmm[{xreg(g, i)}] = {v}")
         return
     size = size or memsize(g)
-    g.addr()
-    g.fault()
+    _address(g, size)
     if size == 16:
-        if g.ins.mnemonic not in UNALIGNED_OK:
-            g.emit("if a & 15: MISALIGNED(a)")
         g.emit(f"WR16(c.mmu, a, {v})")
     else:
         g.wmem(size, v)
