@@ -176,6 +176,12 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--png", metavar="FILE", help="write a PNG chart (needs matplotlib)")
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """`pyvmm bench paper [options]`: its own parser (pyvmm/guest/guestos.py paper_main)."""
+    from ..guest.guestos import paper_main
+    return paper_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvmm", description="A multi-mode x86 virtual machine monitor in Python.")
     parser.add_argument("--log", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
@@ -187,10 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
     from ..kernel.cli import add_kernel_parser
     add_kernel_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench.add_parser("paper", help="guestos nano-benchmarks under bt, bt+pv, hw, hw+pv, QEMU (bench/paper.py)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "paper"]:
+        return cmd_bench(argv[2:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -133,8 +133,9 @@ def signature_words() -> tuple[int, int, int]:
     return tuple(int.from_bytes(SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
 
 
-def cpuid_leaves(base: int = CPUID_BASE) -> dict[int, tuple[int, int, int, int]]:
-    """leaf -> (eax, ebx, ecx, edx) of pyvmm's CPUID leaves."""
+def cpuid_leaves(base: int = CPUID_BASE, features: int = FEATURES) -> dict[int, tuple[int, int, int, int]]:
+    """leaf -> (eax, ebx, ecx, edx) of pyvmm's CPUID leaves (`features`: the
+    feature bits offered, FEATURES unless the engine cannot keep one)."""
     b, c, d = signature_words()
     return {base: (base + 1, b, c, d),
-            base + 1: (VERSION, FEATURES, MSR_HYPERCALL_PAGE, TIMER_IRQ)}
+            base + 1: (VERSION, features, MSR_HYPERCALL_PAGE, TIMER_IRQ)}

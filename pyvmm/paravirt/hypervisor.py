@@ -10,6 +10,7 @@ passes raises out of dispatch()."""
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from typing import Callable, Protocol
@@ -19,6 +20,9 @@ from ..memory import GuestMemory
 from . import abi
 
 log = logging.getLogger(__name__)
+
+_PACK64 = struct.Struct("<Q").pack_into
+_PACK32 = struct.Struct("<I").pack_into
 
 
 class VcpuPort(Protocol):
@@ -71,7 +75,11 @@ class Hypervisor:
         self.shared: dict[int, int] = {}        # vCPU -> shared page gpa
         self.counts = [0] * abi.OP_COUNT
         self.errors = 0
-        self._timer: threading.Timer | None = None
+        self._timer: float | None = None        # when the one-shot timer fires (time.monotonic())
+        self._timer_vcpu = 0
+        self._timer_cv = threading.Condition(self.lock)
+        self._timer_thread: threading.Thread | None = None
+        self._closed = False
         self._handlers = {
             abi.OP_VERSION: self._version, abi.OP_CONSOLE_WRITE: self._console_write,
             abi.OP_SET_SHARED: self._set_shared, abi.OP_IRQ_ENABLE: self._irq_enable,
@@ -172,17 +180,21 @@ class Hypervisor:
     def _mmu_update(self, v, list_gpa, count, size, *_a) -> int:
         if size not in (4, 8) or count > abi.MMU_BATCH_MAX:
             return abi.err(abi.EINVAL)
+        if count == 0:
+            return 0
         raw = self.memory.read(list_gpa, count * 16)   # GuestMemoryError -> EFAULT
-        entries = (abi.MmuEntry * count).from_buffer_copy(raw) if count else []
-        for e in entries:   # check all before writing any: a batch is all or nothing
-            if e.ptr % size or not self.memory.is_ram(e.ptr, size):
+        words = struct.unpack(f"<{2 * count}Q", raw)
+        ptrs = words[0::2]
+        locate = self.memory.locate
+        places = []
+        for ptr in ptrs:   # check all before writing any: a batch is all or nothing
+            if ptr % size:
                 return abi.err(abi.EFAULT)
-        written = []
-        for e in entries:
-            self.memory.write(e.ptr, e.value.to_bytes(8, "little")[:size])
-            written.append(e.ptr)
-        if written:
-            v.tables_written(written)
+            places.append(locate(ptr, size))           # GuestMemoryError -> EFAULT
+        pack, mask = (_PACK64, abi.MASK64) if size == 8 else (_PACK32, 0xFFFFFFFF)
+        for (mm, off), value in zip(places, words[1::2]):
+            pack(mm, off, value & mask)
+        v.tables_written(list(ptrs))
         return count
 
     def _set_cr3(self, v, cr3, *_a) -> int:
@@ -197,16 +209,35 @@ class Hypervisor:
 
     def _timer_oneshot(self, v, deadline, *_a) -> int:
         with self.lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if deadline == 0:
-                return 0
-            delay = max(0, deadline - self.clock_ns()) / 1e9
-            t = self._timer = threading.Timer(delay, self._fire, args=(v.index,))
-            t.daemon = True
-            t.start()
+            # kept as a point on the host's monotonic clock: the timer is as
+            # far away as the guest asked, whatever clock_ns does meanwhile
+            self._timer = time.monotonic() + max(0, deadline - self.clock_ns()) / 1e9 if deadline else None
+            self._timer_vcpu = v.index
+            if deadline and self._timer_thread is None:
+                self._timer_thread = threading.Thread(target=self._timer_loop, name="pv-timer", daemon=True)
+                self._timer_thread.start()
+            self._timer_cv.notify()
         return 0
+
+    def _timer_loop(self) -> None:
+        """The one-shot timer: one thread that sleeps until the deadline
+        (re-armed by every timer_oneshot; a thread per call costs the vCPU
+        more than the call itself)."""
+        while True:
+            with self.lock:
+                while not self._closed:
+                    if self._timer is None:
+                        self._timer_cv.wait()
+                        continue
+                    delay = self._timer - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._timer_cv.wait(delay)
+                if self._closed:
+                    return
+                self._timer = None
+                vcpu = self._timer_vcpu
+            self.raise_event(vcpu, abi.EVENT_TIMER)
 
     def _read_time(self, v, *_a) -> int:
         gpa = self.shared.get(v.index)
@@ -228,11 +259,6 @@ class Hypervisor:
         return 0
 
     # -- events ------------------------------------------------------------------
-    def _fire(self, vcpu: int) -> None:
-        with self.lock:
-            self._timer = None
-        self.raise_event(vcpu, abi.EVENT_TIMER)
-
     def raise_event(self, vcpu: int, bits: int) -> None:
         """Delivers an event: an IRQ edge if the guest's virtual IF is set
         (or it has no shared page), else a pending mark in the shared page."""
@@ -263,6 +289,6 @@ class Hypervisor:
 
     def close(self) -> None:
         with self.lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._closed = True
+            self._timer = None
+            self._timer_cv.notify_all()

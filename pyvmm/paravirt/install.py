@@ -63,6 +63,20 @@ def make_hypervisor(machine: Machine) -> Hypervisor:
     return Hypervisor(machine.memory, console, inject, stop, clock_ns, machine.config.engine)
 
 
+def offered_features(engine: str) -> int:
+    """The feature bits pyvmm offers under `engine`.  Under hw on a host
+    whose KVM shadows the guest's page tables (kvm_pvm, or no VT-x/AMD-V),
+    FEAT_MMU is withheld: mmu_update writes the tables from user space, past
+    KVM's write protection, and KVM_SET_SREGS does not drop the shadow pages
+    built from them, so a changed or recycled table would keep being used
+    stale (see docs/paravirt.md).  The operations still answer."""
+    if engine == "hw":
+        from ..engines.kvm import hostfit
+        if hostfit.kernel_mode_emulated():
+            return abi.FEATURES & ~abi.FEAT_MMU
+    return abi.FEATURES
+
+
 def attach(machine: Machine) -> Hypervisor | None:
     """Adds the paravirtual interface to a machine whose engine is prepared
     (None when config.paravirt is off). Raises EngineError (hw) when KVM
@@ -70,8 +84,8 @@ def attach(machine: Machine) -> Hypervisor | None:
     if not getattr(machine.config, "paravirt", True):
         return None
     hv = make_hypervisor(machine)
-    leaves = abi.cpuid_leaves()
     eng = machine.engine
+    leaves = abi.cpuid_leaves(features=offered_features(eng.name))
     if eng.name == "bt":
         for c in eng.cpus:
             c.pv = hv
