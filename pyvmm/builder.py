@@ -155,6 +155,9 @@ def build_machine(config: VmConfig, output: Output,
         machine.engine.prepare()
         from .paravirt.install import attach as attach_paravirt
         attach_paravirt(machine)
+        if getattr(config, "vmware_backdoor", False):
+            from .devices.vmware_install import attach as attach_vmware_backdoor
+            attach_vmware_backdoor(machine)   # ports 0x5658/0x5659, docs/vmware-backdoor.md
         machine.engine.load_state(0, result.cpu)
     except BaseException:
         if machine.engine is not None:

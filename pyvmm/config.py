@@ -47,6 +47,15 @@ class VmConfig:
     # pyvmm's paravirtual interface (paravirt/, docs/paravirt.md): CPUID
     # signature, hypercall page MSR, doorbell. False: a plain PC.
     paravirt: bool = True
+    # bt: KVM's paravirtual interface (KVM signature in CPUID 0x40000000,
+    # kvmclock, PV EOI, steal time; engines/bt/kvmpv.py).  Under hw KVM
+    # provides these itself.
+    kvmclock: bool = True
+    # The VMware backdoor (ports 0x5658/0x5659, docs/vmware-backdoor.md) and
+    # the guestinfo.* values its GuestRPC "info-get" answers (key without
+    # the "guestinfo." prefix -> value).
+    vmware_backdoor: bool = False
+    guestinfo: dict[str, str] = field(default_factory=dict)
     verbose: bool = False
 
     def validate(self) -> None:

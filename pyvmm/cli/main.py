@@ -64,6 +64,14 @@ def parse_fw_cfg(text: str) -> tuple[str, str]:
     return fields["name"], fields["file"]
 
 
+def _guestinfo(items: list[str], backdoor: bool) -> dict[str, str]:
+    """--guestinfo KEY=VALUE options as a dict. Raises ConfigError."""
+    if items and not backdoor:
+        raise ConfigError("--guestinfo needs --vmware-backdoor")
+    from ..devices.guestrpc import parse_guestinfo
+    return dict(parse_guestinfo(t) for t in items)
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="boot a VM", epilog=EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +102,13 @@ def _add_run_parser(sub) -> None:
                    help="bt: guest time from instructions retired instead of the host clock (reproducible runs)")
     p.add_argument("--no-paravirt", action="store_true",
                    help="hide pyvmm's paravirtual interface (CPUID signature, hypercall page; docs/paravirt.md)")
+    p.add_argument("--vmware-backdoor", action="store_true",
+                   help="add the VMware backdoor port 0x5658 (GETVERSION, GETHZ, GETTIME, GuestRPC for "
+                        "vmware-rpctool; docs/vmware-backdoor.md)")
+    p.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
+                   help="a guestinfo.KEY value for GuestRPC info-get (repeatable; needs --vmware-backdoor)")
+    p.add_argument("--no-kvmclock", action="store_true",
+                   help="bt: hide KVM's paravirtual interface (signature, kvmclock, PV EOI, steal time)")
     p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
@@ -123,7 +138,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    deterministic=args.deterministic, verbose=args.verbose,
                    fit_guest_to_host=not args.no_guest_fit,
                    complete_instructions=not args.no_completion,
-                   paravirt=not getattr(args, "no_paravirt", False))
+                   paravirt=not getattr(args, "no_paravirt", False),
+                   kvmclock=not getattr(args, "no_kvmclock", False),
+                   vmware_backdoor=getattr(args, "vmware_backdoor", False),
+                   guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")

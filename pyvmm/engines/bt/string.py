@@ -103,7 +103,7 @@ def _emit(g: Gen) -> None:
         _inline(g, op, size)
         return
     if op in ("ins", "outs") and g.cpl > 0:
-        g.helper("IOCHECK(c)")
+        g.helper("IOCHECK(c, R[2] & 0xFFFF)")
     fast = rep == 1 and g.bits == 64 and asz == 8 and seg < 4 and op in ("movs", "stos")
     if fast:
         _rep_inline(g, op, size)

@@ -83,11 +83,11 @@ def _io(g: Gen) -> None:
         port = f"{ins.immediate(1) & 0xFF}" if g.is_imm(1) else "R[2] & 0xFFFF"
         acc = {1: 0, 2: 0, 4: 0}[size]
         keep = "" if size == 4 else f"(R[0] & ~{MASK[size]:#x}) | "
-        g.helper(f"IOCHECK(c); R[0] = {keep}PORT_IN(c, {port}, {size})")
+        g.helper(f"IOCHECK(c, {port}); R[0] = {keep}PORT_IN(c, {port}, {size})")
     else:
         size = g.size(1)
         port = f"{ins.immediate(0) & 0xFF}" if g.is_imm(0) else "R[2] & 0xFFFF"
-        g.helper(f"IOCHECK(c); PORT_OUT(c, {port}, {size}, R[0])")
+        g.helper(f"IOCHECK(c, {port}); PORT_OUT(c, {port}, {size}, R[0])")
     _end(g)  # device side effects (stop requests, interrupts) are seen promptly
 
 
