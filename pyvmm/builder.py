@@ -30,6 +30,11 @@ FW_CFG_PORT, FW_CFG_LENGTH = 0x510, 12
 Output = Callable[[bytes], None]
 
 
+# Engines whose kernel-mode code is bt's: they get bt's boot preparation and
+# its Python platform devices (PIC, PIT, APICs, guest clock).
+BT_PLATFORM_ENGINES = ("bt", "hybrid")
+
+
 def create_engine(machine: Machine) -> Engine:
     """The engine named by machine.config.engine."""
     name = machine.config.engine
@@ -39,6 +44,9 @@ def create_engine(machine: Machine) -> Engine:
     if name == "bt":
         from .engines.bt.engine import BtEngine
         return BtEngine(machine)
+    if name == "hybrid":
+        from .engines.hybrid.engine import HybridEngine
+        return HybridEngine(machine)
     raise ConfigError(f"unknown engine {name!r}")
 
 
@@ -131,7 +139,7 @@ def build_machine(config: VmConfig, output: Output,
     config.validate()
     config = fit_guest(config)
     cleanup = None
-    if config.engine == "bt":
+    if config.engine in BT_PLATFORM_ENGINES:
         from .engines.bt.bootprep import prepare
         config, cleanup = prepare(config)   # kernel parameters, host-side initrd inflate
     memory = GuestMemory(config.mem_mib * MIB)
@@ -140,7 +148,7 @@ def build_machine(config: VmConfig, output: Output,
     machine = Machine(config, memory, Bus("io", lock, several), Bus("mmio", lock, several), lock)
     try:
         add_legacy_devices(machine, output)
-        if config.engine == "bt":
+        if config.engine in BT_PLATFORM_ENGINES:
             from .engines.bt.platform import make_platform
             make_platform(machine)   # PIC, PIT, IOAPIC, local APICs and the guest clock
         add_firmware(machine)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 MIB = 1 << 20
-ENGINES = ("hw", "bt")
+ENGINES = ("hw", "bt", "hybrid")
 MMU_MODES = ("shadow", "nested")
 
 

@@ -9,6 +9,7 @@ one-line `pyvmm:` error and a non-zero exit code, never a hang or traceback.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -98,3 +99,24 @@ def test_boot_fitted_kernel(built, engine):
             pytest.skip(f"cannot run here: {err[0]}")
         # ACPI power off (pyvmm's PM1a control port) ends the VM cleanly
         assert s.wait(60) == 0, s.errors[-2000:]
+
+
+def test_fitted_kernel_shell_under_hybrid(built, tmp_path):
+    """--engine hybrid: the kernel in bt, busybox's user code under KVM. The
+    shell answers, and the stats show user code left KVM by system calls and
+    traps (so it really ran there)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm not available")
+    result, _, _ = built
+    stats = tmp_path / "stats.json"
+    with GuestSession("run", "--engine", "hybrid", "--kernel", str(result.image),
+                      "--initrd", str(ensure_default_initramfs()), "--append", "console=ttyS0 reboot=k panic=-1",
+                      "--mem", "256M", "--no-reboot", "--stats-json", str(stats)) as s:
+        s.expect(READY_MARKER, BOOT_TIMEOUT["bt"])
+        s.send("uname -s; echo HYBRID-$((40+2))\n")
+        s.expect(r"HYBRID-42", 120)
+        assert "Linux" in s.output
+        s.send("poweroff -f\n")
+        assert s.wait(120) == 0, s.errors[-2000:]
+    exits = json.loads(stats.read_text())["costs"]["exits"]
+    assert exits.get("user_syscall", 0) > 100 and exits.get("user_trap", 0) > 10, exits

@@ -81,8 +81,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--append", "-append", help=f"kernel command line (default for Linux: {DEFAULT_CMDLINE!r})")
     p.add_argument("--mem", "-m", default="512M", help="guest RAM: MiB or a QEMU-style size (256M, 1G); default 512M")
     p.add_argument("--cpus", "--smp", "-smp", type=int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--engine", choices=["hw", "bt", "auto"], default="auto",
-                   help="CPU engine: hw (KVM), bt (binary translation) or auto (the default: chosen for "
+    p.add_argument("--engine", choices=["hw", "bt", "hybrid", "auto"], default="auto",
+                   help="CPU engine: hw (KVM), bt (binary translation), hybrid (kernel code in bt, user code "
+                        "under KVM) or auto (the default: chosen for "
                         "this host and guest, the choice and its reason printed; see pyvmm/autoselect.py)")
     p.add_argument("--no-reboot", "-no-reboot", action="store_true", help="exit when the guest resets instead of rebooting it")
     p.add_argument("--cpuid-hide", default="", metavar="FEATURES", help="comma-separated CPUID features to hide, e.g. cx16,xsave")

@@ -1,0 +1,1 @@
+"""The hybrid engine: guest kernel code in bt, guest user code under KVM (engine.py)."""

@@ -1,0 +1,173 @@
+"""A small two-level guest that exercises every way user code leaves KVM
+under the hybrid engine, and runs the same on bt (so bt is its oracle).
+
+Kernel half (CPL0): IDT with a stub per vector, PIC remapped to 0x20 and
+the PIT at 100 Hz, syscall/sysret, and a 4 KiB page table for the user
+window at 0x40000000 (initially empty).  Handlers:
+  #UD (6)      count it in R8, skip the 2-byte ud2;
+  int 0x80     R9 += RAX (a software interrupt with an argument);
+  #PF (14)     count it in R10 and map the faulting window page to frame
+               FRAME_A (demand paging: a not-present entry becomes present);
+  IRQ0 (0x20)  count timer ticks in memory at TICKS (user can read it), EOI;
+  syscall 1    remap window page 0 to FRAME_B (a present entry changes:
+               KVM's cached translation must be dropped) and invlpg;
+  syscall 60   halt with interrupts off.
+User half (CPL3): three ud2, int 0x80 with 1..5, a read of the window (page
+fault, then FRAME_A's value), syscall 1, a second read (FRAME_B's value),
+then spins until the timer has ticked TICKS_WANTED times and exits.
+Results: R8 = 3, R9 = 15, R10 = 1, RBX = value A, R12 = value B, R13 =
+ticks seen (>= TICKS_WANTED), R15 = user loop count (> 0)."""
+
+from __future__ import annotations
+
+from .modeguests import USTACK
+from .rawguest import build_guest
+
+WINDOW = 0x40000000
+FRAME_A, FRAME_B = 0x300000, 0x301000
+VALUE_A, VALUE_B = 0xA11CE, 0xB0B
+PT = 0x310000          # the window's page table
+TICKS = 0x320000       # timer tick counter (user-readable)
+TICKS_WANTED = 3
+IDT = 0x120000
+
+SOURCE = """
+.intel_syntax noprefix
+    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
+    mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
+    mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
+    mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
+    /* IDT: vector i -> stubs + 16*i, interrupt gates, DPL3 (int 0x80 from user) */
+    mov edi, {idt}
+    mov esi, OFFSET stubs
+    xor ecx, ecx
+1:  mov eax, esi
+    mov word ptr [rdi], ax
+    mov word ptr [rdi+2], 8
+    mov word ptr [rdi+4], 0xEE00
+    shr eax, 16
+    mov word ptr [rdi+6], ax
+    mov qword ptr [rdi+8], 0
+    add rdi, 16
+    add esi, 16
+    inc ecx
+    cmp ecx, 256
+    jne 1b
+    sub rsp, 16
+    mov word ptr [rsp], 4095
+    mov qword ptr [rsp+2], {idt}
+    lidt [rsp]
+    add rsp, 16
+    /* the window's page table: PD entry 0 of the 1-2 GiB range */
+    mov rax, cr3
+    mov rax, [rax]
+    and rax, ~0xfff
+    mov rax, [rax+8]
+    and rax, ~0xfff
+    mov qword ptr [rax], {pt} + 7
+    mov qword ptr [{frame_a}], {value_a}
+    mov qword ptr [{frame_b}], {value_b}
+    mov qword ptr [{ticks}], 0
+    invlpg [{window}]
+    /* PIC: IRQ0 -> 0x20, only IRQ0 unmasked; PIT channel 0 at 100 Hz */
+    mov al, 0x11; out 0x20, al; mov al, 0x20; out 0x21, al; mov al, 4; out 0x21, al; mov al, 1; out 0x21, al
+    mov al, 0x11; out 0xa0, al; mov al, 0x28; out 0xa1, al; mov al, 2; out 0xa1, al; mov al, 1; out 0xa1, al
+    mov al, 0xfe; out 0x21, al; mov al, 0xff; out 0xa1, al
+    mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al
+    xor r8, r8; xor r9, r9; xor r10, r10; xor r13, r13; xor r15, r15
+    push 0x1b
+    push {ustack}
+    push 0x202
+    push 0x23
+    push OFFSET user
+    iretq
+
+sys_entry:
+    cmp eax, 60
+    je done
+    cmp eax, 1
+    jne 2f
+    mov qword ptr [{pt}], {frame_b} + 7
+    invlpg [{window}]
+2:  sysretq
+done:
+    cli
+    hlt
+
+common:                       /* [rsp] = vector, then error code or 0, then the frame */
+    push rax
+    mov rax, [rsp+8]
+    cmp rax, 6
+    je ud
+    cmp rax, 0x80
+    je int80
+    cmp rax, 14
+    je pf
+    cmp rax, 0x20
+    je tick
+    cli
+    hlt                       /* anything else: stop with the vector in RAX */
+ud: inc r8
+    add qword ptr [rsp+24], 2
+    jmp out
+int80:
+    mov rax, [rsp]
+    add r9, rax
+    jmp out
+pf: inc r10
+    mov rax, cr2
+    sub rax, {window}
+    shr rax, 12
+    mov qword ptr [{pt} + rax*8], {frame_a} + 7
+    jmp out
+tick:
+    inc qword ptr [{ticks}]
+    mov al, 0x20
+    out 0x20, al
+out:
+    pop rax
+    add rsp, 16
+    iretq
+
+.align 16
+stubs:
+.set i, 0
+.rept 256
+  .if i == 8 || (i >= 10 && i <= 14) || i == 17
+    push i
+  .else
+    push 0
+    push i
+  .endif
+    jmp common
+    .align 16
+.set i, i+1
+.endr
+
+user:
+    ud2
+    ud2
+    ud2
+    mov ecx, 1
+3:  mov eax, ecx
+    int 0x80
+    inc ecx
+    cmp ecx, 6
+    jne 3b
+    mov rbx, [{window}]
+    mov eax, 1
+    syscall
+    mov r12, [{window}]
+4:  inc r15
+    mov r13, [{ticks}]
+    cmp r13, {ticks_wanted}
+    jb 4b
+    mov eax, 60
+    syscall
+"""
+
+
+def hybrid_guest() -> bytes:
+    return build_guest(SOURCE.format(idt=IDT, pt=PT, frame_a=FRAME_A, frame_b=FRAME_B, value_a=VALUE_A,
+                                     value_b=VALUE_B, ticks=TICKS, window=WINDOW, ustack=USTACK,
+                                     ticks_wanted=TICKS_WANTED), "long")

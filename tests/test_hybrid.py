@@ -1,0 +1,126 @@
+"""The hybrid engine: guest kernel code in bt, user code under KVM.
+
+bt is the oracle: the same guests run on both engines and must end in the
+same state; the hybrid run must also show that user code really ran under
+KVM (its user-mode exit counters) and that each kind of user-mode event
+(system call, exception, software interrupt, page fault, timer interrupt,
+a page-table change KVM had cached) went through bt."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pyvmm.builder import build_machine, destroy_machine
+from pyvmm.config import VmConfig
+from pyvmm.errors import ConfigError
+from pyvmm.machine import StopReason
+from pyvmm.engines.hybrid.ptwatch import PageTableWatch
+from pyvmm.memory import GuestMemory
+
+from . import hybridguest as hg
+from .modeguests import boot_for, expected_user_result, user_guest, user_result
+from .rawguest import require_kvm
+
+
+def _run(engine: str, code: bytes, timeout: float = 120.0):
+    cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
+    m = build_machine(cfg, lambda b: None, boot=boot_for(code))
+    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, 124, "test timeout"))
+    timer.start()
+    try:
+        m.engine.run()
+        return m.stop_status, m.engine.save_state(0), m.engine.stats()
+    finally:
+        timer.cancel()
+        destroy_machine(m)
+
+
+@pytest.mark.parametrize("syscalls", [True, False])
+def test_user_loop_with_syscalls_matches_bt_and_python(syscalls):
+    require_kvm()
+    code = user_guest(40, 5000, 7, syscalls=syscalls)
+    want = expected_user_result(40, 5000, 7, syscalls)
+    status, st, stats = _run("hybrid", code)
+    assert status.reason is StopReason.HALTED, status
+    assert user_result(st.regs) == want
+    assert stats["user_exits"].get("syscall", 0) == (41 if syscalls else 1)
+    _, bt_st, _ = _run("bt", code)
+    assert user_result(bt_st.regs) == want
+
+
+def test_every_user_event_goes_through_bt():
+    require_kvm()
+    code = hg.hybrid_guest()
+    results = {}
+    for engine in ("bt", "hybrid"):
+        status, st, stats = _run(engine, code)
+        assert status.reason is StopReason.HALTED, (engine, status, hex(st.rip), st.regs["rax"])
+        r = st.regs
+        results[engine] = (r["r8"], r["r9"], r["r10"], r["rbx"], r["r12"])
+        assert r["r13"] >= hg.TICKS_WANTED and r["r15"] > 0
+        if engine == "hybrid":
+            ex = stats["user_exits"]
+            assert ex.get("syscall") == 2                       # remap + exit
+            assert ex.get("trap") == 3 + 5 + 1                  # ud2 x3, int 0x80 x5, #PF
+            assert ex.get("kick", 0) >= 1                       # the timer ended a KVM run
+            assert stats["kvm_mmu_drops"] == 1                  # the remap (not the demand-paged #PF)
+    assert results["bt"] == results["hybrid"] == (3, 15, 1, hg.VALUE_A, hg.VALUE_B)
+
+
+def test_deterministic_time_is_refused():
+    require_kvm()
+    cfg = VmConfig(mem_mib=64, engine="hybrid", irqchip=False, no_reboot=True, deterministic=True)
+    with pytest.raises(ConfigError, match="deterministic"):
+        build_machine(cfg, lambda b: None, boot=boot_for(user_guest(1, 1)))
+
+
+# -- the page-table watch, on hand-built tables ---------------------------------------
+
+PML4, PDPT, PD, PT = 0x10000, 0x11000, 0x12000, 0x13000
+
+
+@pytest.fixture
+def tables():
+    mem = GuestMemory(2 << 20)
+    mem.write_u64(PML4, PDPT | 7)
+    mem.write_u64(PDPT, PD | 7)
+    mem.write_u64(PD, PT | 7)
+    mem.write_u64(PT, 0x100000 | 7)
+    yield mem
+    mem.close()
+
+
+def test_watch_keeps_kvm_cache_for_new_entries_and_ad_bits(tables):
+    w = PageTableWatch(tables)
+    assert not w.needs_drop(PML4, True)           # first sight: watched, nothing to drop
+    assert len(w.pages) == 4
+    tables.write_u64(PT + 8, 0x101000 | 7)         # demand paging: not-present -> present
+    tables.write_u64(PT, 0x100000 | 7 | 0x60)      # accessed + dirty set (as KVM does)
+    assert not w.needs_drop(PML4, True)
+    tables.write_u64(PD + 8, 0x14000 | 7)           # a new page table linked in is watched too
+    assert not w.needs_drop(PML4, True)
+    assert 0x14000 in w.pages
+
+
+@pytest.mark.parametrize("change", ["remap", "write-protect", "unmap", "clear-dirty", "unlink-table"])
+def test_watch_drops_kvm_cache_when_a_present_entry_changes(tables, change):
+    w = PageTableWatch(tables)
+    tables.write_u64(PT, 0x100000 | 7 | 0x40)
+    assert not w.needs_drop(PML4, True)
+    where, value = {"remap": (PT, 0x200000 | 7), "write-protect": (PT, 0x100000 | 5 | 0x40),
+                    "unmap": (PT, 0), "clear-dirty": (PT, 0x100000 | 7),
+                    "unlink-table": (PD, 0)}[change]
+    tables.write_u64(where, value)
+    assert w.needs_drop(PML4, True)
+    assert not w.needs_drop(PML4, True)            # restarted from the current tree
+
+
+def test_watch_ignores_the_kernel_half_and_drops_outside_long_mode(tables):
+    w = PageTableWatch(tables)
+    assert not w.needs_drop(PML4, True)
+    tables.write_u64(PML4 + 256 * 8, 0x15000 | 3)   # a kernel-half entry appears and changes
+    tables.write_u64(PML4 + 256 * 8, 0x16000 | 3)
+    assert not w.needs_drop(PML4, True)
+    assert w.needs_drop(PML4, False)
