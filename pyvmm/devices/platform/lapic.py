@@ -16,6 +16,14 @@ The timer counts at APIC_BUS_HZ (1 GHz, the CPUID 0x15 crystal) divided
 by the divide configuration; modes one-shot, periodic and TSC-deadline.
 `poll(now_ns)` fires an expired timer; `next_deadline_ns()` says when.
 
+Paravirtual EOI (KVM's MSR_KVM_PV_EOI_EN, set up by engines/bt/kvmpv.py
+through `set_pv_eoi(flag)`): when `acknowledge()` takes an edge-triggered
+vector and nothing else waits in IRR, it sets the guest's flag, and the
+guest clears the flag instead of writing EOI.  The next time the APIC
+looks at its state (has_interrupt, acknowledge, a register access,
+get_state), a cleared flag means the EOI was done and the APIC does it;
+a flag still set is cleared, so the guest writes a real EOI later.
+
 PIC pass-through: `accepts_pic()` is true while the APIC is globally
 disabled (IA32_APIC_BASE bit 11 clear) or LVT LINT0 is unmasked with
 delivery mode ExtINT (virtual-wire mode).  The BSP comes out of reset with
@@ -97,6 +105,7 @@ class LocalApic:
         self.on_timer_change = lambda: None
         self.on_interrupt = lambda: None          # new IRR bit (wake the vCPU)
         self.timer_fired = 0
+        self.pv_eois = 0          # EOIs done through the guest's PV-EOI flag
         self.reset()
 
     def reset(self) -> None:
@@ -107,6 +116,8 @@ class LocalApic:
     def init_reset(self) -> None:
         """The state an INIT IPI leaves: all but the ID and APIC base."""
         self.irr = self.isr = self.tmr = 0       # 256-bit masks
+        self.pv_eoi = None        # the guest's PV-EOI flag (kvmpv.PvEoiFlag), off after INIT
+        self.pv_eoi_vector = -1   # the vector whose EOI the flag stands for
         self.tpr = 0
         self.ldr = 0
         self.dfr = 0xFFFFFFFF
@@ -150,18 +161,43 @@ class LocalApic:
 
     def has_interrupt(self) -> bool:
         """A fixed interrupt is ready: highest IRR class above the PPR's."""
+        if self.pv_eoi_vector >= 0:
+            self.pv_eoi_sync()
         if not self.irr or not self.hw_enabled:
             return False
         return ((self.irr.bit_length() - 1) & 0xF0) > (self.ppr() & 0xF0)
 
     def acknowledge(self) -> int:
         """Moves the highest IRR vector to ISR and returns it (-1 if none)."""
+        if self.pv_eoi_vector >= 0:
+            self.pv_eoi_sync()
         if not self.irr:
             return -1
         vector = self.irr.bit_length() - 1
         self.irr &= ~(1 << vector)
         self.isr |= 1 << vector
+        if self.pv_eoi is not None and not self.irr and not self.tmr >> vector & 1:
+            self.pv_eoi.set()
+            self.pv_eoi_vector = vector
         return vector
+
+    # --- paravirtual EOI ------------------------------------------------------------------
+
+    def set_pv_eoi(self, flag) -> None:
+        """Uses the guest's PV-EOI flag (an object with set() and
+        test_and_clear()), or stops using one (None)."""
+        self.pv_eoi_sync()
+        self.pv_eoi = flag
+
+    def pv_eoi_sync(self) -> None:
+        """Settles an injection made with the PV-EOI flag set: EOI if the
+        guest cleared the flag, else clear it (a real EOI will come)."""
+        vector, self.pv_eoi_vector = self.pv_eoi_vector, -1
+        if vector < 0 or self.pv_eoi is None:
+            return
+        if not self.pv_eoi.test_and_clear():
+            self.pv_eois += 1
+            self._eoi()
 
     def accepts_pic(self) -> bool:
         """Whether the 8259's INTR reaches this CPU (see the module doc)."""
@@ -280,6 +316,8 @@ class LocalApic:
 
     def read_reg(self, reg: int) -> int:
         """The 32-bit register at xAPIC offset `reg` (16-byte aligned)."""
+        if self.pv_eoi_vector >= 0:
+            self.pv_eoi_sync()
         if reg == ID:
             return self.apic_id if self.x2apic else self.apic_id << 24
         if reg == VERSION:
@@ -319,6 +357,8 @@ class LocalApic:
         return 0
 
     def write_reg(self, reg: int, value: int) -> None:
+        if self.pv_eoi_vector >= 0:
+            self.pv_eoi_sync()
         value &= 0xFFFFFFFF
         if reg == ID:
             if not self.x2apic:
@@ -451,6 +491,7 @@ class LocalApic:
     # --- snapshots ------------------------------------------------------------------------------
 
     def get_state(self) -> dict:
+        self.pv_eoi_sync()                     # no EOI left pending on the guest's flag
         return {"apic_id": self.apic_id, "apic_base": self.apic_base, "irr": self.irr,
                 "isr": self.isr, "tmr": self.tmr, "tpr": self.tpr, "ldr": self.ldr,
                 "dfr": self.dfr, "svr": self.svr, "esr": self.esr, "esr_pending": self.esr_pending,

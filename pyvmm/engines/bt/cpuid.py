@@ -6,7 +6,8 @@ PCID, x2APIC, MONITOR, ...).  Leaves 0x15/0x16 give the TSC and crystal
 frequencies of the GuestClock, and 0x80000007 EDX bit 8 says the TSC is
 invariant, so Linux takes the TSC frequency as given and never calibrates
 it against the PIT (which fails under a slow engine).  The KVM paravirtual
-leaves (0x40000000...) are absent: no kvmclock yet.
+leaves (0x40000000...) and the hypervisor bit are not here: kvmpv.py wraps
+this table with them (unless --no-kvmclock).
 
 `CpuidTable(cpu_index, ncpus, hide)` answers `lookup(leaf, subleaf)`.
 Only the constructor raises (ConfigError for an unknown feature name)."""

@@ -188,6 +188,9 @@ class BtEngine(Engine):
             c.lapic = self.intc.lapics[i]
             c.cpuid = CpuidTable(i, n, hide)
             self.cpus.append(c)
+        if getattr(m.config, "kvmclock", True) and m.config.engine == "bt":
+            from .kvmpv import attach           # not under hybrid: user code reads the host TSC
+            attach(self)
         self.sched = Scheduler(self)
         self._time_idle(self.sched)
         self.intc.on_init = self.sched.on_init

@@ -132,8 +132,19 @@ def rdmsr(c, idx: int) -> int:
             return v
     if getattr(c, "pv", None) is not None and idx == c.pv_msr:   # paravirt hypercall page
         return c.pv.read_msr(c.index)
+    kvm = getattr(c, "kvm_pv", None)                 # KVM's paravirtual MSRs (kvmpv.py)
+    if kvm is not None and kvm.handles(idx):
+        v = kvm.read_msr(idx)
+        if v is not None:
+            return v
     log.debug("bt: rdmsr %#x: #GP", idx)
     raise GuestFault(GP, 0)
+
+
+def _tsc_moved(c) -> None:
+    kvm = getattr(c, "kvm_pv", None)
+    if kvm is not None:
+        kvm.tsc_changed()                 # kvmclock's (tsc, ns) pair follows the TSC
 
 
 def wrmsr(c, idx: int, v: int) -> None:
@@ -153,9 +164,11 @@ def wrmsr(c, idx: int, v: int) -> None:
         old = tsc(c)
         c.tsc_offset += v - old
         c.msrs[MSR_TSC_ADJUST] = (c.msrs.get(MSR_TSC_ADJUST, 0) + v - old) & MASK[8]
+        _tsc_moved(c)
     elif idx == MSR_TSC_ADJUST:
         c.tsc_offset += v - c.msrs.get(MSR_TSC_ADJUST, 0)
         c.msrs[MSR_TSC_ADJUST] = v
+        _tsc_moved(c)
     elif idx in STORED_MSRS:
         if idx in (MSR_LSTAR, MSR_CSTAR, MSR_KERNEL_GS) and not (v < 1 << 47 or v >= 0xFFFF800000000000):
             raise GuestFault(GP, 0)
@@ -166,6 +179,8 @@ def wrmsr(c, idx: int, v: int) -> None:
         pass
     elif getattr(c, "pv", None) is not None and idx == c.pv_msr and c.pv.write_msr(c.index, v):
         pass                            # paravirt hypercall page (paravirt/install.py)
+    elif getattr(c, "kvm_pv", None) is not None and c.kvm_pv.handles(idx) and c.kvm_pv.write_msr(idx, v):
+        pass                            # KVM's paravirtual MSRs (kvmpv.py)
     else:
         log.debug("bt: wrmsr %#x <- %#x: #GP", idx, v)
         raise GuestFault(GP, 0)
