@@ -3,7 +3,7 @@ in prose).
 
 Discovery: CPUID leaf CPUID_BASE answers EAX = the highest pyvmm leaf and
 EBX:ECX:EDX = SIGNATURE.  pyvmm puts its leaves at 0x40000100 on every engine
-(0x40000000 belongs to KVM's own leaves under `hw`); guests search the bases
+(0x40000000 belongs to KVM's leaves: KVM's own under `hw`, kvmpv's under `bt`); guests search the bases
 0x40000000 + k*0x100 (k = 0..255), as Xen guests do.  CPUID_BASE + 1 gives
 EAX = version (major << 16 | minor), EBX = feature bits, ECX = the MSR that
 installs the hypercall page, EDX = the ISA IRQ the one-shot timer raises.

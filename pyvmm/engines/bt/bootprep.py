@@ -94,11 +94,22 @@ def _inflate_initrd(path: str) -> str | None:
     return tmp
 
 
+# Under --engine hybrid, user code runs under KVM and its rdtsc reads the
+# host's TSC where KVM ignores CR4.TSD (kvm_pvm, measured; engines/hybrid/
+# switch.py), while the kernel's TSC is bt's: a TSC clocksource would hand
+# user space (the vDSO) a clock from the wrong counter.  Without it, Linux
+# picks the ACPI PM timer and the vDSO falls back to system calls.
+HYBRID_ARGS = "tsc=unstable"
+
+
 def prepare(config: VmConfig) -> tuple[VmConfig, Callable[[], None]]:
-    """The config a bt Linux boot uses, and a cleanup to call once loaded."""
-    if config.engine != "bt" or not config.kernel or not _is_linux(os.fspath(config.kernel)):
+    """The config a bt (or hybrid) Linux boot uses, and a cleanup to call once loaded."""
+    if config.engine not in ("bt", "hybrid") or not config.kernel or not _is_linux(os.fspath(config.kernel)):
         return config, lambda: None
-    changes: dict = {"linux_cmdline_extra": kernel_args(config.cmdline, config.linux_cmdline_extra)}
+    extra = config.linux_cmdline_extra
+    if config.engine == "hybrid" and "tsc=" not in f"{config.cmdline} {extra}":
+        extra = f"{extra} {HYBRID_ARGS}".strip()
+    changes: dict = {"linux_cmdline_extra": kernel_args(config.cmdline, extra)}
     temps: list[str] = []
     if config.host_decompress and len(config.initrd) == 1:
         tmp = _inflate_initrd(config.initrd[0])
