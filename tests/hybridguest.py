@@ -171,3 +171,41 @@ def hybrid_guest() -> bytes:
     return build_guest(SOURCE.format(idt=IDT, pt=PT, frame_a=FRAME_A, frame_b=FRAME_B, value_a=VALUE_A,
                                      value_b=VALUE_B, ticks=TICKS, window=WINDOW, ustack=USTACK,
                                      ticks_wanted=TICKS_WANTED), "long")
+
+
+RDTSC_SOURCE = """
+.intel_syntax noprefix
+    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
+    mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
+    mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
+    mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
+    mov ecx, 0x10; xor eax, eax; mov edx, 0x1000; wrmsr      /* TSC := 1 << 44 */
+    push 0x1b
+    push {ustack}
+    push 0x2
+    push 0x23
+    push OFFSET user
+    iretq
+sys_entry:
+    cli
+    hlt
+user:
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r12, rax
+    mov ecx, 100000
+1:  dec ecx
+    jnz 1b
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r13, rax
+    syscall
+"""
+
+
+def rdtsc_guest() -> bytes:
+    """User code reads the TSC twice around a loop, after the kernel set it
+    to 1 << 44 (R12, R13): the values must be the guest's TSC, not the host's."""
+    return build_guest(RDTSC_SOURCE.format(ustack=USTACK), "long")

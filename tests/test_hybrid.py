@@ -17,6 +17,7 @@ from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
 from pyvmm.engines.hybrid.ptwatch import PageTableWatch
+from pyvmm.engines.kvm import hostfit
 from pyvmm.memory import GuestMemory
 
 from . import hybridguest as hg
@@ -124,3 +125,19 @@ def test_watch_ignores_the_kernel_half_and_drops_outside_long_mode(tables):
     tables.write_u64(PML4 + 256 * 8, 0x16000 | 3)
     assert not w.needs_drop(PML4, True)
     assert w.needs_drop(PML4, False)
+
+
+def test_user_rdtsc_reads_the_guest_tsc_where_kvm_honours_tsd():
+    """With CR4.TSD, user rdtsc traps to bt and reads the guest's TSC. kvm_pvm
+    ignores TSD for user code: there the reads are the host's TSC (measured;
+    the documented limit), not the value the guest kernel wrote."""
+    require_kvm()
+    status, st, stats = _run("hybrid", hg.rdtsc_guest())
+    assert status.reason is StopReason.HALTED, status
+    first, second = st.regs["r12"], st.regs["r13"]
+    assert first < second
+    near_guest_tsc = 1 << 44 <= first < (1 << 44) + (1 << 40)
+    if hostfit.kernel_mode_emulated():
+        assert not near_guest_tsc and "trap" not in stats["user_exits"]
+    else:
+        assert near_guest_tsc and stats["user_exits"]["trap"] == 2

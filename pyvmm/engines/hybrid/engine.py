@@ -26,8 +26,8 @@ memory slots (measured ~0.1-2 ms; a stale entry would let user code see a
 page the kernel unmapped).
 
 Limits: --deterministic is refused (user instructions under KVM are not
-counted); the user TSC is set from bt's clock at each entry and runs at the
-host rate meanwhile (bt's TSC runs at clock.TSC_HZ)."""
+counted).  User-mode rdtsc is trapped (CR4.TSD, switch.py) so that it reads
+bt's TSC."""
 
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ from ...boot import layout
 from ..base import Engine
 from ..bt.engine import BtEngine
 from ..bt.faults import GuestFault
-from ..bt.system import tsc as bt_tsc
 from ..kvm import abi, cpuid, state
 from ..kvm.device import Kvm, _ioctl
 from ..kvm.engine import _install_kick_handler
@@ -177,7 +176,7 @@ class HybridEngine(Engine):
         t0 = ns()
         user_cs, user_ss = c.seg[1], c.seg[2]
         user_bases = list(c.sb)
-        sw.to_kvm(c, bt_tsc(c))
+        sw.to_kvm(c)
         if self.watch.needs_drop(c.cr3, bool(c.efer & EFER_LMA and c.cr0 & CR0_PG)):
             self._flush_kvm_mmu()
         delay = self._time_to_deadline()

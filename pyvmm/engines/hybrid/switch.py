@@ -14,7 +14,12 @@ architectural state in three places, all invisible to CPL3 code:
   lands there and the fetch faults (on kvm_pvm, which does not switch to
   CPL0 on a user `syscall`, RIP also ends up there), so an exit at that RIP
   means "the guest made a system call", with RCX and R11 set by the CPU;
-- SYSENTER_CS = 0: `sysenter` is #GP and so a triple fault, re-run in bt.
+- SYSENTER_CS = 0: `sysenter` is #GP and so a triple fault, re-run in bt;
+- CR4.TSD = 1: `rdtsc`/`rdtscp` at CPL3 are #GP, so user code reads bt's
+  TSC (the guest clock every bt device and kvmclock agree with) through
+  bt.  Measured: kvm_pvm ignores TSD for user code, which there reads the
+  host's raw TSC (no offset, no scaling), so a Linux guest must not give
+  user space a TSC-based clock (engine.py adds tsc=unstable).
 
 Only what user code can change comes back: GPRs, RIP, RFLAGS, the data
 segment registers (selectors and FS/GS bases) and the FPU/SSE state.
@@ -34,7 +39,8 @@ from ..kvm.device import ioctl
 from ..kvm.state import FXSAVE_HEADER, MXCSR_MASK, _from_kvm_segment, _to_kvm_segment
 
 SYSCALL_SENTINEL = 0xFFFFFFFFFFFFF000   # the top page: unmapped in Linux and in pyvmm's test guests
-MSR_TSC, MSR_SYSENTER_CS = 0x10, 0x174
+MSR_SYSENTER_CS = 0x174
+CR4_TSD = 1 << 2
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")   # bt's R[] order
@@ -59,7 +65,7 @@ class UserSwitch:
         self.skipped = 0
 
     # -- bt -> KVM ----------------------------------------------------------------
-    def to_kvm(self, c, tsc: int) -> None:
+    def to_kvm(self, c) -> None:
         """Loads bt vCPU c (at CPL3) into KVM, with the event traps above."""
         s = self.sregs
         for i, name in enumerate(SEG_NAMES):
@@ -72,7 +78,7 @@ class UserSwitch:
         s.idt.base, s.idt.limit = 0, 0
         # CR2 stays KVM's: CPL3 cannot read it, and a trap at the syscall
         # sentinel leaves KVM's different from bt's on every system call.
-        s.cr0, s.cr3, s.cr4, s.cr8, s.efer = c.cr0, c.cr3, c.cr4, c.cr8, c.efer
+        s.cr0, s.cr3, s.cr4, s.cr8, s.efer = c.cr0, c.cr3, c.cr4 | CR4_TSD, c.cr8, c.efer
         raw = bytes(s)
         if raw != self._kvm_sregs:
             try:
@@ -92,10 +98,8 @@ class UserSwitch:
         fixed = (msrs.get(MSR_STAR, 0), msrs.get(MSR_FMASK, 0))
         if fixed != self._kvm_msrs:
             self.vcpu.set_msrs({MSR_STAR: fixed[0], MSR_FMASK: fixed[1], MSR_LSTAR: SYSCALL_SENTINEL,
-                                MSR_CSTAR: SYSCALL_SENTINEL, MSR_SYSENTER_CS: 0, MSR_TSC: tsc})
+                                MSR_CSTAR: SYSCALL_SENTINEL, MSR_SYSENTER_CS: 0})
             self._kvm_msrs = fixed
-        else:
-            self.vcpu.set_msrs({MSR_TSC: tsc})
         image = to_fxsave(c)
         if image != self._kvm_fpu:
             self._put_fpu(image)
