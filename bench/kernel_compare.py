@@ -45,6 +45,7 @@ class Boot:
     """One boot's measurements, or why it could not run."""
     seconds: float | None = None         # spawn -> marker, host wall clock
     instructions: int | None = None      # guest instructions in the whole run (bt only)
+    blocks: int | None = None            # blocks translated (bt only; each costs a compile())
     mem_free_kib: int | None = None
     mem_total_kib: int | None = None
     failure: str = ""
@@ -99,6 +100,7 @@ def boot(kernel: str, engine: str, mem: str, timeout: float) -> Boot:
         try:
             doc = json.loads(stats.read_text())
             result.instructions = doc.get("engine", {}).get("instructions")
+            result.blocks = doc.get("engine", {}).get("blocks_translated")
         except (OSError, ValueError):
             pass
         return result
@@ -157,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:6s} --engine {engine}: {b.cell()}", flush=True)
 
     print()
-    print(f"{'kernel':7s} {'engine':6s} {'to marker':>10s} {'guest instr':>12s} {'MemFree':>10s} "
+    print(f"{'kernel':7s} {'engine':6s} {'to marker':>10s} {'guest instr':>12s} {'blocks':>8s} {'MemFree':>10s} "
           f"{'MemTotal':>10s}  note")
     for (name, engine), b in results.items():
         ok = b.seconds is not None
         print(f"{name:7s} {engine:6s} {_fmt(b.seconds, ' s', digits=2) if ok else '-':>10s} "
-              f"{_fmt(b.instructions, ' G', 1e9, 3):>12s} {_fmt(b.mem_free_kib, ' MiB', 1024, 1):>10s} "
+              f"{_fmt(b.instructions, ' G', 1e9, 3):>12s} {_fmt(b.blocks):>8s} "
+              f"{_fmt(b.mem_free_kib, ' MiB', 1024, 1):>10s} "
               f"{_fmt(b.mem_total_kib, ' MiB', 1024, 1):>10s}  "
               f"{('cannot run here: ' + b.failure) if b.failure else ''}")
 

@@ -68,12 +68,21 @@ def assemble_many(snippets: list[str]) -> list[bytes]:
     return [blob[addr[i]:addr[i + 1]] for i in range(len(snippets))]
 
 
-class BtOracle:
-    """The system under test, driven like an oracle (64-bit, CPL0, flat)."""
+# Translator paths a BtOracle can force: every block compiled at once, or
+# every block on the cold path (per-instruction template functions) for good.
+COMPILED, COLD = 0, 1 << 60
 
-    def __init__(self):
+
+class BtOracle:
+    """The system under test, driven like an oracle (64-bit, CPL0, flat).
+
+    hot_after: the translator's cold-path threshold (COMPILED, COLD, or
+    None for the engine's default mix)."""
+
+    def __init__(self, hot_after: int | None = COMPILED):
         self.mem = GuestMemory(8 << 20)
         self.state = long_mode_64(self.mem, CODE_ADDR)
+        self.hot_after = hot_after
 
     def run(self, code: bytes, regs: list[int], rflags: int, data: bytes, limit: int = 10000,
             setup=None) -> Outcome:
@@ -88,6 +97,8 @@ class BtOracle:
         st.rflags = rflags
         st.rip = CODE_ADDR
         cpu = BtCpu(mem, Bus("io"), Bus("mmio"))
+        if self.hot_after is not None:
+            cpu.translator.hot_after = self.hot_after
         vector = None
         try:
             cpu.load(st)
@@ -98,7 +109,11 @@ class BtOracle:
                 if cpu.rip == end or cpu.halted:
                     break
                 try:
-                    cpu.translator.lookup()(cpu)
+                    la = (cpu.sb[1] + cpu.rip) & cpu.ipmask   # the engine's dispatch
+                    fn = cpu.jmp.get(la)
+                    if fn is None:
+                        fn = cpu.jmp[la] = cpu.translator.lookup()
+                    fn(cpu)
                 except GuestFault as f:
                     vector = f.vector
                     break

@@ -179,6 +179,7 @@ class Checker:
     def __init__(self, unicorn: bool = False):
         self.kvm = KvmOracle()
         self.bt = harness.BtOracle()
+        self.bt_cold = harness.BtOracle(harness.COLD)   # the same sequences on the cold path
         self.uc = harness.UnicornOracle() if unicorn else None
 
     def bt_vs_kvm(self, code: bytes, regs: list[int], rflags: int, data: bytes) -> str | None:
@@ -186,11 +187,14 @@ class Checker:
         if reads_undef:
             return None
         want = self.last = self.kvm.run(code, regs, rflags, data)
-        got = self.bt.run(code, regs, rflags, data)
         if want.vector is not None and 0 <= want.rip - harness.CODE_ADDR <= len(code):
             # at a fault the flags are those the instructions before it left
             undef = flag_info(code[:want.rip - harness.CODE_ADDR])[0]
-        return diff(want, got, undef)
+        for bt, path in ((self.bt, ""), (self.bt_cold, "cold path: ")):
+            d = diff(want, bt.run(code, regs, rflags, data), undef)
+            if d is not None:
+                return path + d
+        return None
 
     def unicorn_vs_kvm(self, code: bytes, regs: list[int], rflags: int, data: bytes, text: str) -> str | None:
         undef, reads_undef = flag_info(code)

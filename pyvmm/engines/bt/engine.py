@@ -268,6 +268,7 @@ class BtEngine(Engine):
         out = {
             "instructions": sum(c.icount for c in cs),
             "blocks_translated": sum(t.translated for t in ts),
+            "blocks_compiled": sum(t.compiled for t in ts),      # the rest ran on the cold path only
             "cache_invalidations": sum(t.invalidated for t in ts),
             "cached_blocks": sum(len(t.cache) for t in ts),
             "translations": sum(t.translated for t in ts),       # older names of the two above

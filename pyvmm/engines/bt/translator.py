@@ -3,7 +3,8 @@
 Blocks are keyed by (linear start, physical start, mode) and registered per
 physical page, so a write to a page (guest store or VMM write) drops every
 block decoded from it.  A block that jumps back to its own start loops inside
-its function; other exits return to the dispatcher."""
+its function; other exits return to the dispatcher.  With hot_after > 0 a
+block first runs on the cold path (cold.py) and is compiled once hot."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 import iced_x86 as X
 
+from . import cold
 from . import flags as F
 from .faults import UD, GuestFault
 from .gen import GPR, Gen, Unsupported
@@ -21,6 +23,15 @@ from .sem import EMITTERS, ENDS_BLOCK, EXPORTS, HELPER_MNEMONICS
 log = logging.getLogger(__name__)
 
 MAX_INSNS = 48
+# A block runs this many times on the cold path (cold.py: per-instruction
+# functions from shared templates, nothing compiled) before it is compiled
+# whole; 0 compiles every block at once.  Measured on the fitted kernel's
+# boot (33k blocks, 36M instructions, deterministic): a cold translation
+# costs ~250 us of CPU against ~390 us for a compiled one, but 2/3 of the
+# blocks run more than once and pay both, so every threshold tried (1, 2,
+# 6, never) lost to 0.  The cold path stays for experiments and is held to
+# the same differential tests (tests/bt: harness.COLD).
+HOT_AFTER = 0
 FC = X.FlowControl
 _ARITH6 = (X.RflagsBits.OF | X.RflagsBits.SF | X.RflagsBits.ZF | X.RflagsBits.AF
            | X.RflagsBits.CF | X.RflagsBits.PF)
@@ -48,9 +59,25 @@ def _sets_all(ins) -> bool:
     return False
 
 
+def _unwind(c, n: int, ic: int, vals: tuple, nums: tuple, lf: tuple, rips: tuple) -> None:
+    """A block's exception exit: instruction n (or ~n, for a helper that
+    wrote the CPU state itself) raised; writes the block's locals back and
+    points rip at that instruction."""
+    if n >= 0:
+        R = c.R
+        for i, v in zip(nums, vals):
+            R[i] = v
+        c.lf = lf
+        c.rip = rips[n]
+        c.icount += ic + n
+    else:
+        c.rip = rips[~n]
+        c.icount += ic + ~n
+
+
 def _namespace() -> dict:
     from . import ops, system
-    ns = {"FW": F.flags_word, "CARRY": F.carry, "COND": F.cond, "GuestFault": GuestFault,
+    ns = {"FW": F.flags_word, "CARRY": F.carry, "COND": F.cond, "GuestFault": GuestFault, "UNWIND": _unwind,
           "U16": U16, "U32": U32, "U64": U64, "P16": P16, "P32": P32, "P64": P64}
     ns.update(ops.EXPORTS)
     ns.update(system.HELPERS)
@@ -61,12 +88,15 @@ def _namespace() -> dict:
 class Translator:
     """Decodes, generates and caches blocks for one vCPU."""
 
-    def __init__(self, cpu):
+    def __init__(self, cpu, hot_after: int | None = None):
         self.cpu = cpu
+        self.hot_after = HOT_AFTER if hot_after is None else hot_after
         self.cache: dict[tuple, object] = {}
+        self.steps: dict[tuple, object] = {}   # (la, pa, mode) -> one instruction's function
         self.pages: dict[int, set] = {}
         self.ns = _namespace()
-        self.translated = 0
+        self.translated = 0          # blocks translated (cold or compiled)
+        self.compiled = 0            # of which compiled whole (at once or when hot)
         self.invalidated = 0
         self.translate_ns = 0        # host time spent translating (costs.py)
         self.warned: set[tuple] = set()
@@ -80,6 +110,8 @@ class Translator:
             for k in keys:
                 if self.cache.pop(k, None) is not None:
                     self.invalidated += 1
+                else:
+                    self.steps.pop(k, None)
 
     def invalidate_range(self, gpa: int, length: int) -> None:
         for ppn in range(gpa >> 12, (gpa + max(length, 1) - 1 >> 12) + 1):
@@ -105,26 +137,95 @@ class Translator:
         fn = self.cache.get(key)
         if fn is None:
             t0 = time.perf_counter_ns()
-            fn = self._translate(la, pa, single)
+            if single and self.hot_after > 0:
+                fn = self._translate_single(la, pa)
+            elif self.hot_after > 0:
+                fn = self._translate_cold(la, pa, key)
+            else:
+                fn = self._translate(la, pa, single)
             self.translate_ns += time.perf_counter_ns() - t0
             self.cache[key] = fn
-            ppns = {pa >> 12}
-            if fn.next_frame is not None:
-                ppns.add(fn.next_frame)
-            for p in ppns:
-                self.pages.setdefault(p, set()).add(key)
-                c.mmu.protect_code(p)
+            self._register(key, pa, fn.next_frame)
+        return fn
+
+    def _register(self, key: tuple, pa: int, next_frame: int | None) -> None:
+        for p in (pa >> 12, next_frame) if next_frame is not None else (pa >> 12,):
+            self.pages.setdefault(p, set()).add(key)
+            self.cpu.mmu.protect_code(p)
+
+    def _step(self, ins, la: int, pa: int):
+        """The single-instruction function of `ins` (cached per address)."""
+        c = self.cpu
+        key = (la, pa, c.mode)
+        fn = self.steps.get(key)
+        if fn is None:
+            off = ins.ip + self._base
+            fn = self.steps[key] = cold.step_function(
+                self._data[off:off + ins.len], c.mode, ins.ip,
+                lambda: self.generate([ins], ins.ip)[0], self.ns)
+            self._register(key, pa, self._next_frame if (pa & 0xFFF) + ins.len > 0x1000 else None)
+        return fn
+
+    def _translate_single(self, la: int, pa: int):
+        insns = self.decode(la, pa, True)
+        self.translated += 1
+        fn = self._step(insns[0], la, pa)
+        fn.next_frame = self._next_frame if self._crosses else None
+        return fn
+
+    def _translate_cold(self, la: int, pa: int, key: tuple):
+        """A block on the cold path (cold.py); compiled after hot_after runs."""
+        c = self.cpu
+        insns = self.decode(la, pa, False)
+        next_frame = self._next_frame if self._crosses else None
+        self.translated += 1
+        rip = c.rip
+        steps = []
+        last = len(insns) - 1
+        for k, ins in enumerate(insns):
+            d = ins.ip - rip
+            nxt = insns[k + 1].ip if k < last and ins.mnemonic not in ENDS_BLOCK else None
+            steps.append((self._step(ins, la + d, pa + d), nxt))
+            if nxt is None:
+                break
+        start = rip
+
+        def promote(run):
+            t0 = time.perf_counter_ns()
+            src, _ = self.generate(insns, start)
+            fn = self._compile(src, start)
+            fn.next_frame = next_frame
+            self.translate_ns += time.perf_counter_ns() - t0
+            if self.cache.get(key) is run:
+                self.cache[key] = fn
+            jmp = c.jmp
+            if jmp.get(la) is run:
+                jmp[la] = fn
+            return fn
+        run = cold.cold_block(steps, la, self.hot_after, promote)
+        run.next_frame = next_frame
+        return run
+
+    def _compile(self, src: str, start: int):
+        self.compiled += 1
+        ns = dict(self.ns)
+        exec(compile(src, f"<bt {start:#x}>", "exec"), ns)
+        fn = ns["blk"]
+        fn.src = src
         return fn
 
     # -- translation ---------------------------------------------------------
-    def _code_bytes(self, la: int, pa: int) -> tuple[bytes, int | None]:
-        """The whole code page of la (and up to 15 bytes of the next one, for
-        an instruction that crosses the end): (bytes, next page's frame or None)."""
+    def _code_bytes(self, la: int, pa: int, ext: bool = True) -> tuple[bytes, int | None]:
+        """The whole code page of la (and, when ext, up to 15 bytes of the
+        next one, for an instruction that crosses the end): (bytes, next
+        page's frame or None)."""
         mem = self.cpu.memory
         page = pa & ~0xFFF
         if not mem.is_ram(page, 0x1000):
             raise GuestFault(UD)  # executing MMIO is not supported
         data = mem.read(page, 0x1000)
+        if not ext:
+            return data, None
         try:
             pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
             if mem.is_ram(pa2, 15):
@@ -134,6 +235,15 @@ class Translator:
         return data, None
 
     def decode(self, la: int, pa: int, single: bool) -> list:
+        """See _decode: the code page alone first, the next page's bytes
+        only when the trace reaches an instruction that may cross into it
+        (reading them walks the page tables)."""
+        out = self._decode(la, pa, single, False)
+        if self._near_end:
+            out = self._decode(la, pa, single, True)
+        return out
+
+    def _decode(self, la: int, pa: int, single: bool, ext: bool) -> list:
         """The instructions of a block, in execution order.  The trace goes
         on through direct jmp/call to a target on the same page, and through
         a ret whose return address a call of this trace pushed (the
@@ -141,9 +251,11 @@ class Translator:
         flow, at a mode-changing instruction or at the page end."""
         c = self.cpu
         bits = c.mode[0]
-        data, self._next_frame = self._code_bytes(la, pa)
+        data, self._next_frame = self._code_bytes(la, pa, ext)
+        self._near_end = False
         rip = c.rip
         base = (la & 0xFFF) - rip      # page offset of an ip: ip + base
+        self._data, self._base = data, base
         out: list = []
         rets: list[int] = []
         ip = rip
@@ -154,6 +266,9 @@ class Translator:
             for ins in dec:
                 off = ins.ip + base
                 if ins.code == X.Code.INVALID:
+                    if not ext and off + 15 > len(data):
+                        self._near_end = True   # may just lack the next page's bytes
+                        return out
                     if out and off + 15 > len(data):
                         return out  # may just be cut at the page end
                     out.append(ins)
@@ -218,8 +333,19 @@ class Translator:
     def _translate(self, la: int, pa: int, single: bool):
         c = self.cpu
         insns = self.decode(la, pa, single)
+        src, n_ok = self.generate(insns, c.rip)
+        self.translated += 1
+        fn = self._compile(src, c.rip)
+        fn.next_frame = self._next_frame if self._crosses else None
+        return fn
+
+    def generate(self, insns: list, start: int) -> tuple[str, int]:
+        """The Python source of a block running `insns` (a decoded trace
+        starting at ip `start`) in the CPU's current mode, and how many of
+        them it covers (the rest follow an instruction that ends the block)."""
+        c = self.cpu
         g = Gen(c.mode)
-        g.start = c.rip
+        g.start = start
         live = self._liveness(insns)
         rips = [ins.ip for ins in insns]
         n_ok = len(insns)
@@ -254,16 +380,7 @@ class Translator:
                 break
             if k == len(insns) - 1:
                 self.exit(g, f"{ins.next_ip:#x}", k)
-        src = self._assemble(g, rips[:n_ok] or [c.rip])
-        self.translated += 1
-        code = compile(src, f"<bt {c.rip:#x}>", "exec")
-        ns = dict(self.ns)
-        exec(code, ns)
-        fn = ns["blk"]
-        last = insns[n_ok - 1] if insns else None
-        fn.next_frame = self._next_frame if self._crosses else None
-        fn.src = src
-        return fn
+        return self._assemble(g, rips[:n_ok] or [start]), n_ok
 
     def _warn(self, ins, why: str) -> None:
         key = (ins.ip, self.cpu.mode)
@@ -320,15 +437,10 @@ class Translator:
                     out.append(ind + tlb)   # a helper may have switched address space
             else:
                 out.append(line)
+        # One helper call instead of the inline write-back keeps the source
+        # (and so compile time) smaller; it only runs when a fault leaves.
         out.append("    except BaseException:")
-        out.append("        if n >= 0:")
-        for n in regs:
-            out.append(f"            R[{n}] = r{n}")
-        out.append("            c.lf = (fo, fr, fa, fb)")
-        out.append(f"            c.rip = {tuple(rips)!r}[n]")
-        out.append("            c.icount += ic + n")
-        out.append("        else:")
-        out.append(f"            c.rip = {tuple(rips)!r}[~n]")
-        out.append("            c.icount += ic + ~n")
+        out.append(f"        UNWIND(c, n, ic, ({''.join(f'r{n}, ' for n in regs)}), "
+                   f"({''.join(f'{n}, ' for n in regs)}), (fo, fr, fa, fb), {tuple(rips)!r})")
         out.append("        raise")
         return "\n".join(out) + "\n"
