@@ -391,6 +391,7 @@ class VCpu:
                     nss = self.sys_rd(tss + 4 + 4 * new_cpl, 2)
                 self.cpl = new_cpl
                 self.load_seg(SS_, nss)
+                self.shadow_int = False     # a stack switch is not a mov ss
                 self.R[4] = nsp
                 push_stack = True
             else:
@@ -442,6 +443,7 @@ class VCpu:
                 self.update_mode()
             else:
                 self.load_seg(SS_, ss)
+                self.shadow_int = False     # only mov/pop ss hold off interrupts, not iret
             self.R[4] = sp
         if self.cpl > old_cpl:
             for i in (ES, DS, FS, GS):
