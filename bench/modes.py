@@ -17,7 +17,8 @@ without a syscall per round; they run on every engine, hw included):
 An engine that cannot run a workload on this host gets "n/a" with the
 reason (on kvm_pvm, hw cannot run Linux user space: the first user-mode
 `syscall` stays at CPL3).  auto runs whatever autoselect picks for the
-guest and says which.
+guest and says which (for Linux, when that engine was already measured in
+this run, its numbers are reused rather than booting the same thing twice).
 
 Ends with: RESULT key=value ... (seconds; <engine>_over_hybrid ratios)."""
 
@@ -45,11 +46,10 @@ ENGINES = ("bt", "hw", "hybrid", "auto")
 
 
 def linux_workloads(scale: float) -> dict[str, str]:
-    n = max(int(20000 * scale), 100)
     return {
-        "cpu": f"i=0; while [ $i -lt {n} ]; do i=$((i+1)); done",
-        "syscall": f"dd if=/dev/zero of=/dev/null bs=1 count={max(int(5000 * scale), 50)} 2>/dev/null",
-        "fork": f"for i in $(seq {max(int(50 * scale), 5)}); do /bin/true; done",
+        "cpu": f"i=0; while [ $i -lt {max(int(5000 * scale), 100)} ]; do i=$((i+1)); done",
+        "syscall": f"dd if=/dev/zero of=/dev/null bs=1 count={max(int(2000 * scale), 50)} 2>/dev/null",
+        "fork": f"for i in $(seq {max(int(20 * scale), 3)}); do /bin/true; done",
     }
 
 
@@ -118,11 +118,14 @@ def run_raw(engine: str, outer: int, uwork: int, syscalls: bool, timeout: float)
     finally:
         timer.cancel()
         destroy_machine(m)
-    if m.stop_status.reason is not StopReason.HALTED:
-        return f"n/a: {m.stop_status.detail}"
-    if user_result(st.regs) != expected_user_result(outer, uwork, 3, syscalls):
-        return "n/a: wrong result"
-    return took
+    right = user_result(st.regs) == expected_user_result(outer, uwork, 3, syscalls)
+    if m.stop_status.reason is StopReason.HALTED and right:
+        return took
+    if engine == "hw" and m.stop_status.reason is StopReason.RESET and right:
+        # kvm_pvm: the closing `syscall` stays at CPL3 and its handler's hlt
+        # triple-faults; the user work before it is complete and checked.
+        return took
+    return f"n/a: {m.stop_status.detail}" + ("" if right else ", wrong result")
 
 
 def cell(v) -> str:
@@ -156,7 +159,12 @@ def main() -> int:
                 except Exception as ex:   # an engine that cannot start here
                     r[name] = f"n/a: {ex}"
         if not a.no_linux:
-            if e == "hw" and facts.kernel_mode_emulated:
+            picked = autoselect.decide(facts, autoselect.guest_facts(kernel)).engine
+            if e == "auto" and picked in rows:
+                # auto boots exactly what it picked: the same run as that engine's
+                r.update({k: v for k, v in rows[picked].items() if not k.startswith("raw-")})
+                r["choice"] = picked
+            elif e == "hw" and facts.kernel_mode_emulated:
                 reason = "n/a: kvm_pvm keeps a user syscall at CPL3 (init dies)"
                 r.update({k: reason for k in ("boot", *cmds)})
             else:

@@ -25,9 +25,9 @@ def test_hardware_assist_means_hw(guest):
     assert d.engine == "hw" and "hardware assist" in d.reason
 
 
-def test_emulated_kernel_mode_linux_goes_bt():
+def test_emulated_kernel_mode_linux_goes_hybrid():
     d = decide(HostFacts(kvm_usable=True, hardware_assist=False, kernel_mode_emulated=True), LINUX)
-    assert d.engine == "bt" and "syscall" in d.reason
+    assert d.engine == "hybrid" and "syscall" in d.reason
 
 
 def test_emulated_kernel_mode_kernel_only_guest_goes_bt():
@@ -63,4 +63,4 @@ def test_cli_auto_prints_its_choice(tmp_path, capsys):
     cfg = config_from_args(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pyvmm: engine auto -> {cfg.engine}: ")
-    assert cfg.engine in ("hw", "bt")
+    assert cfg.engine in ("hw", "bt")          # a raw (non-Linux) image: never hybrid
