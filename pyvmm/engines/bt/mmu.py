@@ -5,8 +5,11 @@ Two dicts map a linear page number to (mmap, offset of the page in it):
 for instruction fetch).  In shadow mode these maps are kept per address
 space (CR3 and paging mode; supervisor and user apart) and stay valid
 across CR3 loads, because every page-table page a walk reads is
-write-guarded (shadow.PageGuard drops what was built from it when the
-guest writes it); in nested mode there is one set, dropped at every CR3
+write-guarded: the first guest write lets the page go out of sync, and
+at the next TLB flush (CR3 load, paging-mode change, switch of address
+space) shadow.PageGuard.resync drops just the entries built from the
+words that changed - between the write and the flush they may be stale,
+as TLB entries may.  In nested mode there is one set, dropped at every CR3
 load or paging change.  A miss walks the guest page tables (none,
 32-bit, PAE or 4-level) and fills them; a page that is not RAM is never
 cached, so its accesses always reach the MMIO bus.  Pages holding translated
@@ -24,6 +27,7 @@ import logging
 import struct
 from typing import Callable
 
+from . import shadowcheck
 from .faults import GP, PF, GuestFault, SmcRestart
 from .shadow import MAX_SPACES, PageGuard
 
@@ -50,7 +54,8 @@ class Mmu:
     `shadow` True keeps one pair of maps (supervisor, user) per address
     space, tagged by CR3 and the paging mode, across CR3 loads; entries
     stay coherent because every page table a walk reads is write-guarded
-    (shadow.PageGuard).  False ("nested"): one pair of maps, dropped on
+    (shadow.PageGuard): a written table goes out of sync until the next
+    flush, which drops only what was built from the changed entries.  False ("nested"): one pair of maps, dropped on
     every CR3 load and paging-mode change, so every miss walks again."""
 
     def __init__(self, memory, mmio_bus, on_code_write: Callable[[int], None],
@@ -58,13 +63,15 @@ class Mmu:
         self.memory = memory
         self.mmio = mmio_bus
         if guard is None:
-            guard = PageGuard()
+            guard = PageGuard(memory)
             guard.code_listeners.append(on_code_write)
+        if guard.memory is None:
+            guard.memory = memory
         self.guard = guard
         self.on_code_write = guard.code_written  # called with a physical page number
         guard.mmus.append(self)
         self.code_pages = guard.code_pages
-        self.table_pages = guard.table_pages
+        self.table_pages = guard.guarded     # page tables whose writes must trap
         self.shadow = shadow
         self.spaces: dict[tuple, tuple] = {}
         self.pairs = _new_pairs()           # (supervisor, user) x (tr, tw, tx)
@@ -81,7 +88,8 @@ class Mmu:
         self.user = False      # CPL == 3
         self.long = False      # canonical checks
         self.smc_ok = False    # single-step path: let writes to code pages through
-        self._tables: list[int] = []
+        self._tables: list[int] = []     # guest-physical addresses of the entries the last walk read
+        self._tsize = 8
         self.walks = 0
         self.tlb_flushes = 0
         self.page_faults = 0
@@ -95,6 +103,7 @@ class Mmu:
         if key != self.key:
             self.key = key
             if self.shadow:
+                self.guard.resync()     # other spaces' entries must be in sync when used
                 pairs = self.spaces.get(key)
                 if pairs is None:
                     if len(self.spaces) >= MAX_SPACES:
@@ -115,14 +124,22 @@ class Mmu:
 
     def cr3_loaded(self) -> None:
         """A mov to CR3 (same value or not): a TLB flush without PCIDs.
-        Shadow mode keeps its spaces (they are kept coherent)."""
+        Shadow mode keeps its spaces and brings out-of-sync tables back in
+        sync (dropping the entries built from changed words)."""
         if not self.shadow:
             self._drop_pairs()
         else:
+            self.guard.resync()
             self.tlb_flushes += 1
+            if shadowcheck.ENABLED:
+                shadowcheck.check(self, "tlb flush")
+
+    tlb_flush = cr3_loaded     # a mov to CR0/CR4 that flushes the TLB
 
     def flush(self) -> None:
         """Drops every translation of this vCPU (all spaces)."""
+        if self.shadow:
+            self.guard.resync()
         self._drop_pairs()
         for pairs in self.spaces.values():
             for maps in pairs:
@@ -169,6 +186,8 @@ class Mmu:
                 P64(mm, off, old | bits)
             else:
                 P32(mm, off, (old | bits) & 0xFFFFFFFF)
+            if self.shadow:
+                self.guard.bits_set(addr, bits)
 
     def translate(self, la: int, access: int) -> tuple[int, bool]:
         """Walks the page tables: returns (physical address, writable).
@@ -228,7 +247,8 @@ class Mmu:
             a, e = entries[i]
             bits = _A | (_D if access == WRITE and i == len(entries) - 1 else 0)
             self._setbits(a, size, e, bits)
-        self._tables = [a >> 12 for a, _ in entries]
+        self._tables = [a for a, _ in entries]
+        self._tsize = size
         ok_write = writable or not (self.user or self.wp)
         dirty = access == WRITE or bool(entries[-1][1] & _D)
         return pa, ok_write and dirty
@@ -244,7 +264,7 @@ class Mmu:
             vpn = la >> 12
             self.tx[vpn] = pa >> 12
             if self.shadow:
-                self.guard.watch_tables(self._tables, self.maps, vpn)
+                self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
         return pa
 
     def wspan(self, la: int):
@@ -285,7 +305,7 @@ class Mmu:
         tr[vpn] = entry
         if self.shadow and self.mode != PG_NONE:
             self.shadow_fills += 1
-            self.guard.watch_tables(self._tables, self.maps, vpn)
+            self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
         if writable and ppn not in self.code_pages and ppn not in self.table_pages:
             tw[vpn] = entry
             self.guard.map_writable(tw, vpn, ppn)
@@ -324,7 +344,7 @@ class Mmu:
         o = entry[1] + (la & 0xFFF)
         entry[0][o:o + size] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         if ppn in self.table_pages:
-            self.guard.table_written(ppn)
+            self.guard.table_dirtied(ppn)
 
     # -- fast paths (bound into translated blocks) ---------------------------
     def rd1(self, la: int) -> int:

@@ -5,13 +5,23 @@ A guest-physical page is *guarded* when writes to it must be seen:
 
   code pages   a write drops the blocks decoded from it (every vCPU's
                translation cache: `on_code_write(ppn)` callbacks);
-  table pages  a write drops every shadow entry whose walk read that page
-               (`rmap[ppn]`), and the page stops being guarded until a
-               walk reads it again (drop-on-write re-sync).
+  table pages  a walk read the page: `rmap[ppn][byte offset]` lists the
+               shadow entries (maps, virtual page) built from the entry
+               at that offset, and a copy of the page is kept
+               (tablesnap.TableSnap).
 
 Guarding works by keeping the page out of every write map (`tw` dicts of
 all MMUs): `wmap[ppn]` remembers which (tw dict, virtual page) pairs map
-it writable, so protecting a page removes exactly those.  Nothing raises.
+it writable, so protecting a page removes exactly those.
+
+Out-of-sync page tables: the first guest write to a guarded table page
+does not drop anything; the page becomes *unsync* (writable, no more
+traps) and its shadow entries may be stale, as a TLB's may until the
+guest flushes.  `resync()` - at every CR3 load, paging-mode change or
+full flush, and before an MMU switches to another address space - compares
+each unsync page with its copy and drops only the entries built from the
+words that changed; the page is guarded again (or forgotten, when it no
+longer backs any entry or was rewritten wholesale).  Nothing raises.
 """
 
 from __future__ import annotations
@@ -19,29 +29,39 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .tablesnap import TableSnap
+
 log = logging.getLogger(__name__)
 
 MAX_SPACES = 256       # shadow address spaces kept before a full drop
+FLOOD_WORDS = 256      # changed 4-byte words beyond which an unsync page counts as rewritten
 
 
 class PageGuard:
     """Code and page-table write protection for all vCPUs of a machine."""
 
-    def __init__(self):
+    def __init__(self, memory=None):
+        self.memory = memory                  # set by the first Mmu when None
         self.code_pages: set[int] = set()
-        self.table_pages: set[int] = set()
         self.wmap: dict[int, list] = {}       # ppn -> [(tw dict, vpn)] writable mappings
-        self.rmap: dict[int, list] = {}       # table ppn -> [(maps, vpn)] entries built from it
+        self.rmap: dict[int, dict] = {}       # table ppn -> {byte offset: [(maps, vpn)]}
+        self.table_pages = self.rmap          # every tracked table page (in sync or not)
+        self.guarded: set[int] = set()        # tracked table pages whose writes trap
+        self.unsync: set[int] = set()         # tracked table pages written since their last sync
+        self.snaps: dict[int, TableSnap] = {}
         self.code_listeners: list[Callable[[int], None]] = []
         self.mmus: list = []
-        self.resyncs = 0        # shadow entries dropped because their tables were written
-        self.table_writes = 0   # guest writes that hit a guarded page table
+        self.resyncs = 0        # shadow entries dropped because their tables changed
+        self.table_writes = 0   # guest writes that hit a guarded page table (page went unsync)
+        self.syncs = 0          # unsync pages compared with their copies
+        self.floods = 0         # unsync pages found rewritten wholesale (forgotten)
 
     def __repr__(self) -> str:
-        return f"PageGuard(code={len(self.code_pages)}, tables={len(self.table_pages)})"
+        return (f"PageGuard(code={len(self.code_pages)}, tables={len(self.rmap)}, "
+                f"unsync={len(self.unsync)})")
 
-    def guarded(self, ppn: int) -> bool:
-        return ppn in self.code_pages or ppn in self.table_pages
+    def guarded_page(self, ppn: int) -> bool:
+        return ppn in self.code_pages or ppn in self.guarded
 
     def map_writable(self, tw: dict, vpn: int, ppn: int) -> None:
         lst = self.wmap.get(ppn)
@@ -74,38 +94,126 @@ class PageGuard:
             fn(ppn)
 
     # -- page tables (shadow mode) -------------------------------------------------
-    def watch_tables(self, ppns, maps: tuple, vpn: int) -> None:
-        """The entry vpn of the dicts `maps` was built from the table pages `ppns`."""
-        for p in ppns:
-            lst = self.rmap.get(p)
+    def watch_tables(self, addrs, size: int, maps: tuple, vpn: int) -> None:
+        """The entry vpn of the dicts `maps` was built by a walk that read the
+        `size`-byte page-table entries at the guest-physical addresses `addrs`.
+
+        Every pair listed under an entry was built from the entry's value in
+        the page's copy: on an unsync page whose entry the guest changed
+        since the copy, the pairs built from the older value go now and the
+        copy takes the value this walk read (else a change and its undoing
+        before the next flush would hide the entry built in between)."""
+        rmap = self.rmap
+        for a in addrs:
+            p = a >> 12
+            slots = rmap.get(p)
+            o = a & 0xFFF
+            if slots is None:
+                slots = rmap[p] = {}
+                mm, off = self.memory.locate(p << 12, 0x1000)
+                self.snaps[p] = TableSnap(mm, off)
+                self.guarded.add(p)
+                self._unmap(p)
+            elif p in self.unsync and self.snaps[p].refresh(o, size):
+                old = slots.pop(o, None)
+                if old and self._drop(old):
+                    self._clear_jmp()
+            lst = slots.get(o)
             if lst is None:
-                self.rmap[p] = [(maps, vpn)]
-                if p not in self.table_pages:
-                    self.table_pages.add(p)
-                    self._unmap(p)
+                slots[o] = [(maps, vpn)]
             else:
                 lst.append((maps, vpn))
                 n = len(lst)
-                if n >= 512 and not n & (n - 1):
+                if n >= 64 and not n & (n - 1):
                     lst[:] = [x for x in lst if x[1] in x[0][0] or x[1] in x[0][2]]
 
-    def table_written(self, ppn: int) -> None:
-        """A guest write hit table page ppn: drop what was built from it."""
+    def bits_set(self, addr: int, bits: int) -> None:
+        """The MMU set accessed/dirty bits in the table entry at addr."""
+        s = self.snaps.get(addr >> 12)
+        if s is not None:
+            s.or_bits(addr & 0xFFF, bits)
+
+    def table_dirtied(self, ppn: int) -> None:
+        """A guest write hit guarded table page ppn: it goes out of sync
+        (writable until the next resync; nothing is dropped yet)."""
         self.table_writes += 1
-        self.table_pages.discard(ppn)
+        self.guarded.discard(ppn)
+        self.unsync.add(ppn)
+
+    def _drop(self, pairs) -> bool:
+        """Drops shadow entries; True when a fetch mapping was among them."""
         code = False
-        for maps, vpn in self.rmap.pop(ppn, ()):
+        for maps, vpn in pairs:
             tr, tw, tx = maps
             if tr.pop(vpn, None) is not None:
                 self.resyncs += 1
             tw.pop(vpn, None)
             if tx.pop(vpn, None) is not None:
                 code = True
+        return code
+
+    def _forget(self, ppn: int) -> bool:
+        code = False
+        for pairs in self.rmap.pop(ppn, {}).values():
+            code |= self._drop(pairs)
+        self.snaps.pop(ppn, None)
+        self.guarded.discard(ppn)
+        self.unsync.discard(ppn)
+        return code
+
+    def _clear_jmp(self) -> None:
+        for m in self.mmus:
+            m.jmp.clear()
+
+    def table_written(self, ppn: int) -> None:
+        """Table page ppn changed in ways to take effect now (paravirtual
+        notification): drop everything built from it and stop tracking it."""
+        self.table_writes += 1
+        if self._forget(ppn):
+            self._clear_jmp()
+
+    def resync(self) -> None:
+        """Brings every unsync table page back in sync (see the module doc)."""
+        if not self.unsync:
+            return
+        code = False
+        pages, self.unsync = self.unsync, set()
+        for p in pages:
+            code |= self._sync(p)
         if code:
-            for m in self.mmus:
-                m.jmp.clear()
+            self._clear_jmp()
+
+    def _sync(self, p: int) -> bool:
+        snap = self.snaps.get(p)
+        slots = self.rmap.get(p)
+        if snap is None or slots is None:
+            return False
+        self.syncs += 1
+        cur = snap.current()
+        changed = snap.changed(cur)
+        if len(changed) > FLOOD_WORDS:
+            self.floods += 1
+            return self._forget(p)
+        code = False
+        for o in changed:
+            lst = slots.pop(o, None)
+            if lst is not None:
+                code |= self._drop(lst)
+            if o & 4:
+                lst = slots.pop(o & ~7, None)
+                if lst is not None:
+                    code |= self._drop(lst)
+        if not slots:
+            self._forget(p)
+            return code
+        snap.take(cur)
+        self.guarded.add(p)
+        self._unmap(p)
+        return code
 
     def forget_tables(self) -> None:
         """Drops all page-table tracking (every shadow space is being dropped)."""
-        self.table_pages.clear()
         self.rmap.clear()
+        self.guarded.clear()
+        self.unsync.clear()
+        self.snaps.clear()

@@ -32,7 +32,7 @@ def _mov_special(g: Gen) -> bool:
             # flushing its TLB) only counts the flush: same space, same maps.
             g.emit(f"v = {g.rreg(r1)} & 0xFFFFFFFFFFFFF")
             g.emit("if v == c.cr3 == c.mmu.cr3 and c.mmu.shadow:")
-            g.emit("    c.mmu.tlb_flushes += 1")
+            g.emit("    c.mmu.cr3_loaded()")   # syncs out-of-sync page tables
             g.emit("else:")
             g.ind += 1
             g.emit("mp = c.mmu.maps")

@@ -201,6 +201,8 @@ def write_cr(c, n: int, v: int) -> None:
                 c.efer &= ~0x400
         if not v & 1:
             c.cpl = 0
+        if (v ^ old) & 0x80010000:      # PG or WP: the TLB is flushed
+            c.mmu.tlb_flush()
         c.update_mode()
     elif n == 2:
         c.cr2 = v
@@ -218,6 +220,8 @@ def write_cr(c, n: int, v: int) -> None:
         m.cr3_loaded()
         c.update_mode()
     elif n == 4:
+        if (v ^ c.cr4) & 0x3000B0:      # PSE, PAE, PGE, SMEP, SMAP: the TLB is flushed
+            c.mmu.tlb_flush()
         c.cr4 = v
         c.update_mode()
     elif n == 8:
