@@ -27,6 +27,7 @@ import logging
 import sys
 from typing import Callable
 
+from ..engines.bt.cpuid import CpuidOverlay
 from ..errors import EngineError
 from ..machine import EXIT_OK, Machine, StopReason
 from .guestrpc import GuestRpc
@@ -43,7 +44,6 @@ CPUID_TIMING = 0x40000010       # VMware's TSC / bus frequency leaf
 VMWARE_SIGNATURE = b"VMwareVMware"
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_MOVED_BASE = 0x40000200     # where KVM's leaves go (pyvmm's own are at 0x40000100)
-HYPERVISOR_BIT = 1 << 31        # CPUID.1:ECX
 
 
 class _PortRegs:
@@ -135,28 +135,13 @@ def moved_kvm_leaves(sig: tuple[int, int, int, int], feat: tuple[int, int, int, 
     return {KVM_MOVED_BASE: (KVM_MOVED_BASE + 1, *sig[1:]), KVM_MOVED_BASE + 1: tuple(feat)}
 
 
-class VmwareCpuidTable:
+class VmwareCpuidTable(CpuidOverlay):
     """A bt CpuidTable with VMware's hypervisor leaves in front (same lookup())."""
 
     def __init__(self, inner, tsc_hz: int, bus_hz: int):
-        self.inner = inner
-        self.leaves = vmware_leaves(tsc_hz, bus_hz)
-        self.leaves.update(moved_kvm_leaves(inner.lookup(CPUID_BASE, 0), inner.lookup(CPUID_BASE + 1, 0)))
-
-    def __repr__(self) -> str:
-        return f"VmwareCpuidTable({self.inner!r})"
-
-    def lookup(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
-        got = self.leaves.get(leaf)
-        if got is not None:
-            return got
-        a, b, c, d = self.inner.lookup(leaf, sub)
-        if leaf == 1:
-            c |= HYPERVISOR_BIT
-        return a, b, c, d
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        leaves = vmware_leaves(tsc_hz, bus_hz)
+        leaves.update(moved_kvm_leaves(inner.lookup(CPUID_BASE, 0), inner.lookup(CPUID_BASE + 1, 0)))
+        super().__init__(inner, leaves, hypervisor_bit=True)
 
 
 def _kvm_cpuid(eng, tsc_hz: int, bus_hz: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from ..engines.bt.cpuid import CpuidOverlay
 from ..machine import EXIT_OK, Machine, StopReason
 from . import abi
 from .hypervisor import Hypervisor
@@ -20,22 +21,8 @@ from .hypervisor import Hypervisor
 log = logging.getLogger(__name__)
 
 
-class PvCpuidTable:
+class PvCpuidTable(CpuidOverlay):
     """A bt CpuidTable with pyvmm's leaves in front (same lookup())."""
-
-    def __init__(self, inner, leaves: dict[int, tuple[int, int, int, int]]):
-        self.inner = inner
-        self.leaves = leaves
-
-    def __repr__(self) -> str:
-        return f"PvCpuidTable({self.inner!r})"
-
-    def lookup(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
-        got = self.leaves.get(leaf)
-        return got if got is not None else self.inner.lookup(leaf, sub)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def make_hypervisor(machine: Machine) -> Hypervisor:

@@ -126,3 +126,32 @@ class CpuidTable:
         if leaf <= MAX_BASIC:
             return (0, 0, 0, 0)
         return self.leaves[(MAX_BASIC, 0)]
+
+
+HYPERVISOR_BIT = 1 << 31        # CPUID.1:ECX: running under a hypervisor
+
+
+class CpuidOverlay:
+    """A CpuidTable with extra leaves in front (same lookup()): the
+    hypervisor interfaces (pyvmm's, KVM's, VMware's) each add one, stacked.
+    With hypervisor_bit, leaf 1 also says "running under a hypervisor"."""
+
+    def __init__(self, inner, leaves: dict[int, tuple[int, int, int, int]], hypervisor_bit: bool = False):
+        self.inner = inner
+        self.leaves = leaves
+        self.hypervisor_bit = hypervisor_bit
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    def lookup(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
+        got = self.leaves.get(leaf)
+        if got is not None:
+            return got
+        a, b, c, d = self.inner.lookup(leaf, sub)
+        if leaf == 1 and self.hypervisor_bit:
+            c |= HYPERVISOR_BIT
+        return a, b, c, d
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

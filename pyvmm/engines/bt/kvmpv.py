@@ -39,13 +39,13 @@ import time
 from typing import Callable
 
 from ...devices.platform.clock import NS_PER_S, TSC_HZ
+from .cpuid import CpuidOverlay
 
 log = logging.getLogger(__name__)
 
 CPUID_SIGNATURE_LEAF = 0x40000000
 CPUID_FEATURES_LEAF = 0x40000001
 SIGNATURE = b"KVMKVMKVM\0\0\0"
-HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX: running under a hypervisor
 
 # CPUID 0x40000001 EAX feature bits (cpuid.rst).
 FEATURE_CLOCKSOURCE = 1 << 0
@@ -135,29 +135,13 @@ class PvEoiFlag:
         return False
 
 
-class KvmCpuidTable:
+class KvmCpuidTable(CpuidOverlay):
     """A bt CpuidTable with KVM's leaves and the hypervisor bit (same lookup())."""
 
     def __init__(self, inner, features: int = FEATURES):
-        self.inner = inner
         words = [int.from_bytes(SIGNATURE[i:i + 4], "little") for i in (0, 4, 8)]
-        self.leaves = {CPUID_SIGNATURE_LEAF: (CPUID_FEATURES_LEAF, *words),
-                       CPUID_FEATURES_LEAF: (features, 0, 0, 0)}
-
-    def __repr__(self) -> str:
-        return f"KvmCpuidTable({self.inner!r})"
-
-    def lookup(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
-        got = self.leaves.get(leaf)
-        if got is not None:
-            return got
-        a, b, c, d = self.inner.lookup(leaf, sub)
-        if leaf == 1:
-            c |= HYPERVISOR_BIT
-        return a, b, c, d
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        super().__init__(inner, {CPUID_SIGNATURE_LEAF: (CPUID_FEATURES_LEAF, *words),
+                                 CPUID_FEATURES_LEAF: (features, 0, 0, 0)}, hypervisor_bit=True)
 
 
 class KvmPv:
