@@ -109,8 +109,8 @@ def probe_insns(g: GuestSession, timeout: float = 30) -> int | None:
     return None
 
 
-COUNTERS = ("page_walks", "shadow_fills", "shadow_resyncs", "page_table_writes", "shadow_syncs",
-            "tlb_flushes", "guest_page_faults", "instructions")
+COUNTERS = ("page_walks", "shadow_fills", "shadow_global_hits", "shadow_resyncs", "page_table_writes",
+            "shadow_syncs", "tlb_flushes", "guest_page_faults", "instructions")   # those the engine reports
 
 
 def read_counters(path: str) -> dict[str, object]:

@@ -294,3 +294,137 @@ def test_cr4_pge_toggle_flushes_the_tlb(mmu):
     out, reason, stats = run(PGE_GUEST, {}, mmu=mmu)
     assert out == b"ab"
     assert reason is StopReason.HALTED
+
+
+# -- global (G-bit) translations shared by all address spaces ------------------
+G = 0x100
+
+
+def global_machine(flags=P | W | U):
+    """machine(two_spaces) with the PT entries global (G) and CR4.PGE set."""
+    mem, m, code = machine(two_spaces=True)
+    for i in range(16):
+        setpte(mem, PT, i, frame(i) | flags | G)
+    m.pge = True
+    m.configure(PG_LONG, PML4, True, True, False, True)
+    return mem, m, code
+
+
+def space(m, root, user=False, wp=True):
+    m.configure(PG_LONG, root, wp, True, user, True)
+
+
+def test_global_entries_are_shared_without_a_walk():
+    mem, m, _ = global_machine()
+    for i in range(4):
+        assert m.rd1(la(i)) == i
+    m.wr1(la(1), 0x31)
+    m.fetch(la(2))
+    space(m, PML4B)
+    walks = m.walks
+    assert [m.rd1(la(i)) for i in range(4)] == [0, 0x31, 2, 3]
+    m.wr1(la(1), 0x32)                           # the dirty global entry is writable too
+    m.fetch(la(2))
+    assert m.walks == walks and m.globals.hits == 5   # 4 reads (la(1) brings its write entry) + 1 fetch
+    # PT2 entries are not global: space B walks for them
+    assert m.rd1(la(0, table=1)) == 32
+    assert m.walks == walks + 1
+
+
+def test_without_pge_or_g_bit_each_space_walks():
+    mem, m, _ = global_machine()
+    m.pge = False
+    space(m, PML4B)
+    space(m, PML4)
+    m.rd1(la(3))
+    space(m, PML4B)
+    walks = m.walks
+    m.rd1(la(3))
+    assert m.walks == walks + 1 and m.globals.hits == 0
+
+
+def test_global_copy_keeps_dirty_bit_semantics():
+    mem, m, _ = global_machine()
+    assert m.rd1(la(5)) == 5                     # read only: D clear, no writable entry
+    space(m, PML4B)
+    assert m.rd1(la(5)) == 5
+    assert u64(mem, PT + 40) & D == 0
+    m.wr1(la(5), 0x66)                           # walks, sets D
+    assert u64(mem, PT + 40) & (A | D) == A | D
+    space(m, PML4)
+    walks = m.walks
+    m.wr1(la(5), 0x67)                           # the global writable entry is reused
+    assert m.walks == walks and m.rd1(la(5)) == 0x67
+
+
+def test_global_supervisor_page_faults_for_user_and_read_only_for_writes():
+    mem, m, _ = global_machine(flags=P)          # supervisor, read-only
+    assert m.rd1(la(7)) == 7
+    space(m, PML4B, user=True)
+    with pytest.raises(GuestFault):
+        m.rd1(la(7))
+    space(m, PML4B)
+    assert m.rd1(la(7)) == 7
+    with pytest.raises(GuestFault):              # CR0.WP: the supervisor write faults
+        m.wr1(la(7), 1)
+    space(m, PML4B, wp=False)                    # CR0.WP clear: another set of globals
+    m.wr1(la(7), 0x17)
+    assert m.rd1(la(7)) == 0x17
+
+
+def test_global_nx_is_kept():
+    mem, m, _ = global_machine(flags=P | W | U)
+    setpte(mem, PT, 9, frame(9) | P | W | U | G | NX)
+    assert m.rd1(la(9)) == 9
+    space(m, PML4B)
+    assert m.rd1(la(9)) == 9
+    with pytest.raises(GuestFault):
+        m.fetch(la(9))
+
+
+def test_invlpg_drops_a_global_entry_from_every_space():
+    mem, m, _ = global_machine()
+    assert m.rd1(la(4)) == 4
+    space(m, PML4B)
+    assert m.rd1(la(4)) == 4
+    space(m, PML4)
+    setpte(mem, PT, 4, frame(44) | P | W | U | G)   # a write the MMU did not see
+    m.invlpg(la(4))
+    assert m.rd1(la(4)) == 44
+    space(m, PML4B)
+    assert m.rd1(la(4)) == 44
+
+
+def test_table_write_drops_global_copies_at_the_switch():
+    mem, m, _ = global_machine()
+    setpte(mem, PT, 15, PT | P | W)              # not global: the table page itself
+    assert m.rd1(la(6)) == 6
+    space(m, PML4B)
+    assert m.rd1(la(6)) == 6
+    m.rd1(la(15))
+    m.wr8(la(15) + 8 * 6, frame(46) | P | W | U | G)   # traps once, page unsync
+    space(m, PML4)                               # the switch resyncs
+    assert m.rd1(la(6)) == 46
+    space(m, PML4B)
+    assert m.rd1(la(6)) == 46
+    assert not m.guard.unsync
+
+
+def test_pge_toggle_and_mode_change_drop_global_entries():
+    mem, m, _ = global_machine()
+    m.rd1(la(2))
+    m.fetch(la(3))
+    space(m, PML4B)
+    m.rd1(la(2))
+    setpte(mem, PT, 2, frame(42) | P | W | U | G)   # unseen writes
+    setpte(mem, PT, 3, frame(43) | P | W | U | G)
+    m.tlb_flush()                                # mov to CR4 toggling PGE
+    assert not any(m.globals.pairs[0]) and not m.globals.copies
+    assert m.rd1(la(2)) == 42
+    space(m, PML4)
+    assert m.rd1(la(2)) == 42 and m.fetch(la(3)) == frame(43)
+    setpte(mem, PT, 2, frame(2) | P | W | U | G)
+    space(m, PML4, wp=False)                     # CR0.WP (paging mode) change
+    assert not m.globals.copies and m.rd1(la(2)) == 2
+    space(m, PML4)                               # the old space's global copies went too
+    assert m.rd1(la(2)) == 2

@@ -151,6 +151,7 @@ class VCpu:
             pg = PG_PAE
         else:
             pg = PG_32
+        self.mmu.pge = bool(self.cr4 & 0x80)    # CR4.PGE: shadow mode shares global entries
         self.mmu.configure(pg, self.cr3, bool(self.cr0 & CR0_WP), bool(self.efer & EFER_NXE),
                            self.cpl == 3, bits == 64)
 

@@ -278,6 +278,7 @@ class BtEngine(Engine):
             "shadow_fills": sum(m.shadow_fills for m in mm),
             "shadow_resyncs": self.guard.resyncs,
             "shadow_syncs": self.guard.syncs,        # out-of-sync page tables compared at flushes
+            "shadow_global_hits": sum(m.globals.hits for m in mm),   # misses served by shared global entries
             "page_table_writes": self.guard.table_writes,
             "tlb_flushes": sum(m.tlb_flushes for m in mm),
             "guest_page_faults": sum(m.page_faults for m in mm),

@@ -10,7 +10,13 @@ at the next TLB flush (CR3 load, paging-mode change, switch of address
 space) shadow.PageGuard.resync drops just the entries built from the
 words that changed - between the write and the flush they may be stale,
 as TLB entries may.  In nested mode there is one set, dropped at every CR3
-load or paging change.  A miss walks the guest page tables (none,
+load or paging change.  Shadow mode also keeps *global* translations
+(leaf entry with the G bit while CR4.PGE is set) in one set of maps
+shared by all address spaces of the vCPU: a miss in a space first looks
+there and copies the entry in without a walk (shadow.GlobalTlb); they
+go at a CR0/CR4 write that flushes the TLB, a change of the paging mode,
+INVLPG of the page, and (like every shadow entry, through the rmap) when
+a table entry they were built from changes.  A miss walks the guest page tables (none,
 32-bit, PAE or 4-level) and fills them; a page that is not RAM is never
 cached, so its accesses always reach the MMIO bus.  Pages holding translated
 code are kept out of `tw`, so writes to them take the slow path, which tells
@@ -24,14 +30,18 @@ Raises GuestFault(#PF / #GP) for inaccessible or non-canonical addresses.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from typing import Callable
 
 from . import shadowcheck
 from .faults import GP, PF, GuestFault, SmcRestart
-from .shadow import MAX_SPACES, PageGuard
+from .shadow import MAX_SPACES, GlobalTlb, PageGuard
 
 log = logging.getLogger(__name__)
+
+# PYVMM_SHADOW_GLOBAL=0 turns the shared global translations off (for A/B measurements)
+GLOBALS = os.environ.get("PYVMM_SHADOW_GLOBAL", "1") != "0"
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 U16, U32, U64 = _U16.unpack_from, _U32.unpack_from, _U64.unpack_from
@@ -90,6 +100,9 @@ class Mmu:
         self.smc_ok = False    # single-step path: let writes to code pages through
         self._tables: list[int] = []     # guest-physical addresses of the entries the last walk read
         self._tsize = 8
+        self._gleaf = False    # the last walk ended at a global entry (G bit, CR4.PGE)
+        self.pge = False       # CR4.PGE (set by the vCPU before configure)
+        self.globals = GlobalTlb(guard)     # global translations shared by all spaces (shadow)
         self.walks = 0
         self.tlb_flushes = 0
         self.page_faults = 0
@@ -103,6 +116,8 @@ class Mmu:
         if key != self.key:
             self.key = key
             if self.shadow:
+                if self.globals.rekey((mode, wp, nxe, long)):
+                    self.jmp.clear()
                 self.guard.resync()     # other spaces' entries must be in sync when used
                 pairs = self.spaces.get(key)
                 if pairs is None:
@@ -134,7 +149,13 @@ class Mmu:
             if shadowcheck.ENABLED:
                 shadowcheck.check(self, "tlb flush")
 
-    tlb_flush = cr3_loaded     # a mov to CR0/CR4 that flushes the TLB
+    def tlb_flush(self) -> None:
+        """A mov to CR0/CR4 that flushes the TLB, global entries included
+        (CR0.PG/WP, CR4.PGE/PAE/PSE/SMEP/SMAP changes)."""
+        if self.shadow and self.globals.drop():
+            self.jmp.clear()
+        self.cr3_loaded()
+
 
     def flush(self) -> None:
         """Drops every translation of this vCPU (all spaces)."""
@@ -146,6 +167,7 @@ class Mmu:
                 for d in maps:
                     d.clear()
         if self.shadow:
+            self.globals.drop()
             self.spaces.clear()
             self.spaces[self.key] = self.pairs
             if all(m is self or not m.spaces for m in self.guard.mmus):
@@ -157,6 +179,7 @@ class Mmu:
         for maps in self.pairs:
             for d in maps:
                 d.pop(vpn, None)
+        self.globals.invlpg(vpn, self.spaces.values())
 
     def protect_code(self, ppn: int) -> None:
         """Marks a physical page as holding translated code."""
@@ -249,6 +272,7 @@ class Mmu:
             self._setbits(a, size, e, bits)
         self._tables = [a for a, _ in entries]
         self._tsize = size
+        self._gleaf = self.pge and self.shadow and GLOBALS and bool(entries[-1][1] & 0x100)
         ok_write = writable or not (self.user or self.wp)
         dirty = access == WRITE or bool(entries[-1][1] & _D)
         return pa, ok_write and dirty
@@ -256,15 +280,20 @@ class Mmu:
     def fetch(self, la: int) -> int:
         """Physical address of an instruction fetch at la (cached per page).
         Raises GuestFault(#PF/#GP)."""
-        ppn = self.tx.get(la >> 12)
+        vpn = la >> 12
+        ppn = self.tx.get(vpn)
         if ppn is not None:
             return (ppn << 12) | (la & 0xFFF)
+        if self.shadow and self.globals.copy_into(self.user, self.maps, vpn, FETCH):
+            return (self.tx[vpn] << 12) | (la & 0xFFF)
         pa, _ = self.translate(la, FETCH)
         if self.mode != PG_NONE:
-            vpn = la >> 12
             self.tx[vpn] = pa >> 12
             if self.shadow:
                 self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
+                if self._gleaf:
+                    self.globals.store(self.user, self.maps, vpn, self._tables, self._tsize,
+                                       fetch=pa >> 12)
         return pa
 
     def wspan(self, la: int):
@@ -292,6 +321,9 @@ class Mmu:
     # -- slow paths ---------------------------------------------------------
     def _fill(self, la: int, access: int):
         """Translates la; returns (mm, page offset) for RAM or (None, pa)."""
+        if self.shadow and self.globals.copy_into(self.user, self.maps, la >> 12, access):
+            e = self.tr[la >> 12]
+            return e, (e[2] << 12) | (la & 0xFFF)
         pa, writable = self.translate(la, access)
         ppn = pa >> 12
         mem = self.memory
@@ -306,9 +338,13 @@ class Mmu:
         if self.shadow and self.mode != PG_NONE:
             self.shadow_fills += 1
             self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
-        if writable and ppn not in self.code_pages and ppn not in self.table_pages:
+        w = writable and ppn not in self.code_pages and ppn not in self.table_pages
+        if w:
             tw[vpn] = entry
             self.guard.map_writable(tw, vpn, ppn)
+        if self._gleaf and self.mode != PG_NONE:
+            self.globals.store(self.user, self.maps, vpn, self._tables, self._tsize,
+                               rd=entry, wr=entry if w else None)
         return entry, pa
 
     def read_slow(self, la: int, size: int) -> int:

@@ -59,6 +59,7 @@ class BtVcpuPort:
                 tr.pop(vpn, None)
                 tw.pop(vpn, None)
                 code |= tx.pop(vpn, None) is not None
+            mmu.globals.invlpg(vpn, mmu.spaces.values())   # a shared global entry goes too, as invlpg's
             if code:
                 self.c.jmp.clear()
                 self.ends = True

@@ -21,7 +21,13 @@ guest flushes.  `resync()` - at every CR3 load, paging-mode change or
 full flush, and before an MMU switches to another address space - compares
 each unsync page with its copy and drops only the entries built from the
 words that changed; the page is guarded again (or forgotten, when it no
-longer backs any entry or was rewritten wholesale).  Nothing raises.
+longer backs any entry or was rewritten wholesale).
+
+Global translations (GlobalTlb, one per vCPU): entries built from a leaf
+with the G bit while CR4.PGE is set are kept once for all of the vCPU's
+address spaces and copied into a space on its first miss, without a walk,
+so a freshly exec'd process does not re-walk every kernel page.  Nothing
+here raises.
 """
 
 from __future__ import annotations
@@ -217,3 +223,130 @@ class PageGuard:
         self.guarded.clear()
         self.unsync.clear()
         self.snaps.clear()
+
+
+class GlobalTlb:
+    """Global translations of one vCPU in shadow mode (leaf entry with the
+    G bit while CR4.PGE is set), shared by all its address spaces.
+
+    A miss in a space copies the global entry in (`copy_into`) instead of
+    walking.  The global entry and every copy are listed in the PageGuard
+    rmap under the table entries the walk read, so a changed entry drops
+    them as it drops any shadow entry; `drop` (a CR0/CR4 write that
+    flushes the TLB, a paging-mode change, a full flush) and `invlpg` drop
+    them with every copy.  Nothing raises."""
+
+    def __init__(self, guard: PageGuard):
+        self.guard = guard
+        self.pairs = (({}, {}, {}), ({}, {}, {}))   # (supervisor, user) x (tr, tw, tx)
+        self.src: tuple[dict, dict] = ({}, {})      # vpn -> (table entry addresses, entry size)
+        self.copies: list[tuple] = []               # (space maps, vpn) holding a global entry
+        self.key: tuple = ()                        # (mode, wp, nxe, long) they were built under
+        self.hits = 0                               # misses served without a walk
+        self._prune_at = 4096                       # len(copies) that triggers a prune
+
+    def __repr__(self) -> str:
+        return f"GlobalTlb(sup={len(self.pairs[0][0])}, user={len(self.pairs[1][0])}, copies={len(self.copies)})"
+
+    def rekey(self, key: tuple) -> bool:
+        """The paging mode is now `key`: entries built under another go.
+        True when a fetch mapping went."""
+        if key == self.key:
+            return False
+        self.key = key
+        return self.drop()
+
+    def drop(self) -> bool:
+        """Drops every global entry and every copy; True when a fetch mapping went."""
+        code = False
+        for maps, vpn in self.copies:
+            tr, tw, tx = maps
+            tr.pop(vpn, None)
+            tw.pop(vpn, None)
+            code |= tx.pop(vpn, None) is not None
+        self.copies = []
+        self._prune_at = 4096
+        for maps in self.pairs:
+            code |= bool(maps[2])
+            for d in maps:
+                d.clear()
+        for d in self.src:
+            d.clear()
+        return code
+
+    def invlpg(self, vpn: int, spaces) -> None:
+        """INVLPG: the global entry of vpn goes, with its copy in every space
+        (`spaces`: the vCPU's (supervisor, user) map pairs)."""
+        g = self.pairs
+        if vpn in g[0][0] or vpn in g[0][2] or vpn in g[1][0] or vpn in g[1][2]:
+            for pairs in (g, *spaces):
+                for maps in pairs:
+                    for d in maps:
+                        d.pop(vpn, None)
+
+    def store(self, user: int, maps: tuple, vpn: int, tables, size: int,
+              rd=None, wr=None, fetch: int | None = None) -> None:
+        """A walk that read the `size`-byte entries at `tables` built global
+        entry vpn - read entry `rd` (with write entry `wr` or none) or fetch
+        page `fetch` - and the same entry in the space `maps`."""
+        g = self.pairs[user]
+        if fetch is not None:
+            g[2][vpn] = fetch
+        else:
+            g[0][vpn] = rd
+            if wr is not None:
+                g[1][vpn] = wr
+                self.guard.map_writable(g[1], vpn, wr[2])
+            else:
+                g[1].pop(vpn, None)
+        tables = tuple(tables)
+        src = self.src[user]
+        old = src.get(vpn)
+        if old is None or old[0] != tables:
+            src[vpn] = (tables, size)
+        self.guard.watch_tables(tables, size, g, vpn)
+        self._copied(maps, vpn)
+
+    def copy_into(self, user: int, maps: tuple, vpn: int, access: int) -> bool:
+        """Copies the global entry vpn into the space `maps` when it allows
+        `access` (0 read, 1 write, 2 fetch), tracked by the table entries it
+        was built from as a walk's entry would be; False (walk instead) when
+        there is none or one of those tables is out of sync."""
+        g = self.pairs[user]
+        if access == 2:
+            e = g[2].get(vpn)
+        else:
+            e = g[0].get(vpn)
+            if access == 1 and vpn not in g[1]:
+                return False
+        if e is None:
+            return False
+        src = self.src[user].get(vpn)
+        if src is None:
+            return False
+        tables, size = src
+        guard = self.guard
+        unsync = guard.unsync
+        if unsync:
+            for a in tables:
+                if a >> 12 in unsync:
+                    return False
+        if access == 2:
+            maps[2][vpn] = e
+        else:
+            maps[0][vpn] = e
+            w = g[1].get(vpn)
+            if w is not None:
+                maps[1][vpn] = w
+                guard.map_writable(maps[1], vpn, w[2])
+        guard.watch_tables(tables, size, maps, vpn)
+        self._copied(maps, vpn)
+        self.hits += 1
+        return True
+
+    def _copied(self, maps: tuple, vpn: int) -> None:
+        lst = self.copies
+        lst.append((maps, vpn))
+        if len(lst) >= self._prune_at:      # prune copies already dropped (amortised: the
+            lst[:] = [(m, v) for m, v in lst if v in m[0] or v in m[2]]   # live ones double first)
+            self._prune_at = max(4096, 2 * len(lst))
