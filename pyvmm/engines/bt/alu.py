@@ -127,7 +127,10 @@ def _movsx(g: Gen) -> None:
 
 
 def _lea(g: Gen) -> None:
-    g.write(0, f"({g.ea()}) & {MASK[g.size(0)]:#x}")
+    ea, size = g.ea(), g.size(0)
+    # ea() is already masked to the address size: a destination at least
+    # that wide needs no second mask
+    g.write(0, ea if MASK[size] >= MASK[g.ea_size] else f"({ea}) & {MASK[size]:#x}")
 
 
 def _xchg(g: Gen) -> None:

@@ -39,11 +39,17 @@ def _spmask(g: Gen) -> int:
     return MASK[g.sbits // 8]
 
 
-def push(g: Gen, v: str, size: int) -> None:
-    """Emits a push of expression v (size bytes)."""
+def push(g: Gen, v: str, size: int, fwd: bool = False) -> None:
+    """Emits a push of expression v (size bytes).  With fwd, v (a constant
+    or a local nothing else assigns) is recorded in g.fwd, so a matching pop
+    later in the trace can take it without reading memory back."""
     spm = _spmask(g)
     sp = g.reg(4)
-    g.emit(f"sp = ({sp} - {size}) & {spm:#x}")
+    if spm == MASK[8]:   # masking only on wrap-around: cheaper than `& mask` on every push
+        g.emit(f"sp = {sp} - {size}")
+        g.emit(f"if sp < 0: sp &= {spm:#x}")
+    else:
+        g.emit(f"sp = ({sp} - {size}) & {spm:#x}")
     la = "sp" if g.bits == 64 else f"(SB[2] + sp) & 0xFFFFFFFF"
     g.bind("SB")
     g.wmem(size, v, la)
@@ -51,18 +57,35 @@ def push(g: Gen, v: str, size: int) -> None:
         g.emit(f"{sp} = sp")
     else:
         g.emit(f"{sp} = ({sp} & ~{spm:#x}) | sp")
+    if fwd and size == 8 and g.bits == 64:
+        g.fwd.append(v)
+    else:
+        g.fwd = []
 
 
-def pop_expr(g: Gen, size: int) -> None:
-    """Emits `p = <popped value>` and the stack pointer update."""
+def pop_expr(g: Gen, size: int, fwd: bool = False) -> str | None:
+    """Emits `p = <popped value>` and the stack pointer update.  With fwd,
+    a pop of the slot the trace's last recorded push wrote (g.fwd: no store,
+    helper or other RSP change since, see Translator.generate) takes that
+    push's value instead of reading it back (the store hit RAM, so the read
+    would return it and cannot fault); returns that value expression."""
     spm = _spmask(g)
     sp = g.reg(4)
+    if fwd and g.fwd and size == 8 and g.bits == 64:
+        v = g.fwd.pop()
+        g.emit(f"p = {v}")
+        g.emit(f"{sp} = {sp} + 8")
+        g.emit(f"if {sp} > {spm:#x}: {sp} &= {spm:#x}")
+        return v
+    g.fwd = []
     g.bind("SB")
     g.emit(f"sp = {sp} & {spm:#x}" if spm != MASK[8] else f"sp = {sp}")
     la = "sp" if g.bits == 64 else f"(SB[2] + sp) & 0xFFFFFFFF"
-    g.emit(f"p = {g.rmem(size, la)}")
+    g.load("p", size, la)
     g.emit(f"{sp} = ({sp} & ~{spm:#x}) | ((sp + {size}) & {spm:#x})" if spm != MASK[8]
-           else f"{sp} = (sp + {size}) & {spm:#x}")
+           else f"{sp} = sp + {size}")
+    if spm == MASK[8]:
+        g.emit(f"if {sp} > {spm:#x}: {sp} &= {spm:#x}")
 
 
 def _jmp(g: Gen) -> None:
@@ -124,7 +147,7 @@ def _call(g: Gen) -> None:
         g.emit(f"t = {g.read(0)}")
     else:
         g.emit(f"t = {ins.near_branch_target:#x}")
-    push(g, f"{ins.next_ip & MASK[size]:#x}", size)
+    push(g, f"{ins.next_ip & MASK[size]:#x}", size, fwd=True)
     if ins.op_kind(0) not in (X.OpKind.REGISTER, X.OpKind.MEMORY) and ins.near_branch_target == g.next_ip:
         return  # inlined: the trace goes on at the target
     _exit(g, "t")
@@ -135,11 +158,14 @@ def _ret(g: Gen) -> None:
         _far(g)
         return
     size = _opsize(g)
-    pop_expr(g, size)
+    known = pop_expr(g, size, fwd=not g.ins.op_count)
     if g.ins.op_count:
         n = g.ins.immediate(0) & 0xFFFF
         spm = _spmask(g)
         g.emit(f"r4 = (r4 & ~{spm:#x}) | ((r4 + {n}) & {spm:#x})")
+        g.fwd = []
+    if g.next_ip is not None and known == f"{g.next_ip:#x}":
+        return   # the return address is the one this trace's call pushed
     if g.next_ip is not None:
         # the trace predicted the return address a call of its own pushed
         g.emit(f"if p != {g.next_ip:#x}:")
@@ -160,8 +186,10 @@ def _push(g: Gen) -> None:
         v = f"{g.ins.immediate(0) & MASK[size]:#x}"
     else:
         v = g.read(0, size)
-    g.emit(f"v = {v}")
-    push(g, "v", size)
+    fwd = g.is_reg(0) or g.is_imm(0)
+    t = f"_q{len(g.fwd)}" if fwd else "v"   # a local per depth: a matching pop reads it
+    g.emit(f"{t} = {v}")
+    push(g, t, size, fwd=fwd)
 
 
 def _pop(g: Gen) -> None:
@@ -171,7 +199,7 @@ def _pop(g: Gen) -> None:
         g.helper(f"c.load_seg({idx}, c.pop({size}))")
         _exit(g, f"{g.ins.next_ip:#x}")
         return
-    pop_expr(g, size)
+    pop_expr(g, size, fwd=g.is_reg(0))
     if g.is_mem(0):
         # The address uses RSP after the pop.
         g.write(0, "p", size)

@@ -6,6 +6,8 @@ they never see iced types other than the Instruction itself."""
 
 from __future__ import annotations
 
+import re
+
 import iced_x86 as X
 
 from . import flags as F
@@ -31,6 +33,7 @@ _IMM = {OK.IMMEDIATE8, OK.IMMEDIATE16, OK.IMMEDIATE32, OK.IMMEDIATE64, OK.IMMEDI
         OK.IMMEDIATE8TO32, OK.IMMEDIATE8TO64, OK.IMMEDIATE32TO64, OK.IMMEDIATE8_2ND}
 
 
+_FLAG_NAME = re.compile(r"\bf[orab]\b")
 _UNPACK = {2: ("U16", 0xFFE), 4: ("U32", 0xFFC), 8: ("U64", 0xFF8)}
 _PACK = {2: ("P16", 0xFFE), 4: ("P32", 0xFFC), 8: ("P64", 0xFF8)}
 
@@ -57,6 +60,8 @@ class Gen:
         self.start = 0
         self.count = 0
         self.next_ip: int | None = None   # the trace's next instruction (None: block end)
+        self.ea_size = 8        # address size of the last ea() (its value's bound)
+        self.fwd: list[str] = []    # values of this trace's pushes a pop may forward (ctrl.push)
 
     # -- output -------------------------------------------------------------
     def emit(self, line: str) -> None:
@@ -130,6 +135,7 @@ class Gen:
         """Expression for the effective address (offset) of the memory operand."""
         ins = self.ins
         asz = 8 if self.bits == 64 else 4
+        self.ea_size = asz   # the returned value is always below 1 << (8 * ea_size)
         if ins.memory_base == R.RIP or ins.memory_base == R.EIP:
             return f"{ins.memory_displacement & MASK[asz]:#x}"
         parts = []
@@ -145,6 +151,7 @@ class Gen:
             asz = {16: 2, 32: 4, 64: 8}[self.bits] if ins.memory_displ_size == 0 else min(max(ins.memory_displ_size, 2), 8)
             if self.bits == 64:
                 asz = 8 if ins.memory_displ_size >= 4 else asz
+        self.ea_size = asz
         disp = ins.memory_displacement & MASK[asz]
         if disp:
             parts.append(f"{disp:#x}")
@@ -187,6 +194,10 @@ class Gen:
         return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TR.get({la} >> 12)) "
                 f"and {la} & 0xFFF <= {lim:#x} else {slow})")
 
+    def load(self, target: str, size: int, la: str = "a") -> None:
+        """Emits `target = <size bytes at la>` (see rmem)."""
+        self.emit(f"{target} = {self.rmem(size, la)}")
+
     def wmem(self, size: int, v: str, la: str = "a") -> None:
         """Emits a store; the fast path mirrors rmem (pages holding code or
         page tables are never in TW, so their stores take the slow path)."""
@@ -217,7 +228,7 @@ class Gen:
         if k == OK.MEMORY:
             self.addr()
             t = f"m{i}"
-            self.emit(f"{t} = {self.rmem(size)}")
+            self.load(t, size)
             return t
         if k in _IMM:
             return f"{self.imm(i, size):#x}"
@@ -239,7 +250,10 @@ class Gen:
         """Records a lazy flag state (skipped when the flags are dead)."""
         self.lazy = (kind, size, pure)
         if self.flags_live:
-            self.emit(f"fo, fr, fa, fb = {F.op(kind, size)}, {fr}, {fa}, {fb}")
+            if _FLAG_NAME.search(f"{fr} {fa} {fb}"):
+                self.emit(f"fo, fr, fa, fb = {F.op(kind, size)}, {fr}, {fa}, {fb}")
+            else:   # four plain stores are cheaper than a tuple build and unpack
+                self.emit(f"fo = {F.op(kind, size)}; fr = {fr}; fa = {fa}; fb = {fb}")
 
     def unknown_flags(self) -> None:
         """Flags were changed by a helper: the static producer is unknown."""
@@ -289,11 +303,14 @@ class Gen:
                 e = f"((fr & {s:#x}) or not (fr & {m:#x}))"
         if e is None:
             return f"COND({cc}, fo, fr, fa, fb)"
+        if neg and e.startswith("not ("):
+            return e[4:]    # `not not (x)` would be two more opcodes for a branch test
         return f"(not {e})" if neg else f"({e})"
 
     # -- state sync around helpers ---------------------------------------------
     def sync_out(self) -> None:
         """Writes locals back to the CPU before a helper that reads it."""
+        self.fwd = []    # the helper may store to the stack
         self.emit("#SYNC_OUT")
 
     def sync_in(self) -> None:

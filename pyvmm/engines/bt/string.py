@@ -108,7 +108,10 @@ def _emit(g: Gen) -> None:
     if fast:
         _rep_inline(g, op, size)
         g.ind += 1
+    lazy = g.lazy
     g.helper(f"STRING(c, {op!r}, {size}, {rep}, {asz}, {seg})")
+    if op in ("movs", "stos", "lods"):
+        g.lazy = lazy   # no flags changed: the reloaded state is the one written out
     if fast:
         g.ind -= 1
     if rep:
@@ -161,23 +164,39 @@ def _inline(g: Gen, op: str, size: int) -> None:
     rsi, rdi = g.reg(6), g.reg(7)
     acc = _ACC[size]
     if op == "movs":
-        g.emit(f"v = {g.rmem(size, rsi)}")
+        g.load("v", size, rsi)
         g.wmem(size, "v", rdi)
     elif op == "stos":
         g.wmem(size, g.rreg(acc), rdi)
     elif op == "lods":
-        g.wreg(acc, g.rmem(size, rsi))
+        g.load("v", size, rsi)
+        g.wreg(acc, "v")
     else:
         if op == "cmps":
-            g.emit(f"x = {g.rmem(size, rsi)}")
+            g.load("x", size, rsi)
         else:
             g.emit(f"x = {g.rreg(acc)}")
-        g.emit(f"y = {g.rmem(size, rdi)}; t = x - y")
+        g.load("y", size, rdi)
+        g.emit("t = x - y")
         g.set_flags(F.SUB, size, "t", "x", "y", pure=True)
     if op in ("movs", "lods", "cmps"):
         g.emit(f"{rsi} = ({rsi} - {size} if dfl else {rsi} + {size}) & 0xFFFFFFFFFFFFFFFF")
     if op != "lods":
         g.emit(f"{rdi} = ({rdi} - {size} if dfl else {rdi} + {size}) & 0xFFFFFFFFFFFFFFFF")
+
+
+def _plain(ln: str, pre: str) -> bool:
+    """A line that cannot change DF: no CPU object access, no state sync, and
+    straight-line at depth `pre`, or part of a try block whose handler only
+    runs a slow memory access (`try:` / body / `except KeyError: ...`)."""
+    if not ln.startswith(pre) or "c." in ln or "#SYNC" in ln:
+        return False
+    s = ln.lstrip()
+    if s == "try:" or s.startswith("except KeyError: "):
+        return not ln[len(pre)].isspace()
+    if s.startswith("if ") and s.endswith(": raise KeyError"):
+        return True
+    return not s.startswith(("if ", "else", "elif", "while", "for ", "try", "except"))
 
 
 def _df(g: Gen) -> None:
@@ -189,9 +208,7 @@ def _df(g: Gen) -> None:
     if mark is not None and mark[1] == g.ind and mark[0] <= len(g.lines):
         since = g.lines[mark[0]:]
         pre = "    " * g.ind
-        if all(ln.startswith(pre) and not ln[len(pre)].isspace() and "c." not in ln and "#SYNC" not in ln
-               and not ln.lstrip().startswith(("if ", "else", "elif", "while", "for ", "try", "except"))
-               for ln in since):
+        if all(_plain(ln, pre) for ln in since):
             return
     g.emit("dfl = c.rf & 0x400")
     g._df_mark = (len(g.lines), g.ind)

@@ -42,6 +42,15 @@ _READS_LAZY = frozenset({_M.SHL, _M.SAL, _M.SHR, _M.SAR, _M.ROL, _M.ROR, _M.RCL,
                          _M.SHLD, _M.SHRD, _M.BSF, _M.BSR, _M.BT, _M.BTS, _M.BTR, _M.BTC})
 # Ending instructions inlined at CPL0 that leave the block only when needed.
 _CPL0_GOES_ON = frozenset({_M.CLI, _M.STI, _M.POPF, _M.POPFD, _M.POPFQ})
+# Memory-operand forms that never access memory (so never fault on it).
+_NO_ACCESS = frozenset({_M.LEA, _M.NOP})
+# Instructions a pushed value may stay forwardable across (ctrl.push):
+# register/immediate forms that store nothing and leave RSP alone.
+_FWD_KEEP = frozenset({_M.ADD, _M.SUB, _M.ADC, _M.SBB, _M.AND, _M.OR, _M.XOR, _M.CMP, _M.TEST, _M.INC,
+                       _M.DEC, _M.NEG, _M.NOT, _M.MOV, _M.MOVZX, _M.MOVSX, _M.MOVSXD, _M.SHL, _M.SAL,
+                       _M.SHR, _M.SAR, _M.IMUL, _M.LEA, _M.NOP, _M.JMP, _M.JE, _M.JNE, _M.JB, _M.JAE,
+                       _M.JBE, _M.JA, _M.JL, _M.JGE, _M.JLE, _M.JG, _M.JS, _M.JNS})
+_SP = frozenset({X.Register.RSP, X.Register.ESP, X.Register.SP, X.Register.SPL})
 _NEAR = (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64)
 _SYNC_OUT = "#SYNC_OUT"
 _SYNC_IN = "#SYNC_IN"
@@ -316,7 +325,8 @@ class Translator:
             ins = insns[k]
             mod = ins.rflags_modified & _ARITH6
             rd = ins.rflags_read & _ARITH6
-            faults = (any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count))
+            faults = ((ins.mnemonic not in _NO_ACCESS
+                       and any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count)))
                       or ins.mnemonic in HELPER_MNEMONICS or ins.is_stack_instruction
                       or ins.is_string_instruction or ins.mnemonic not in EMITTERS
                       or any(ins.op_kind(i) == X.OpKind.REGISTER and ins.op_register(i) not in GPR
@@ -339,6 +349,22 @@ class Translator:
         fn.next_frame = self._next_frame if self._crosses else None
         return fn
 
+    @staticmethod
+    def _keeps_fwd(ins) -> bool:
+        """May the trace's recorded pushes (Gen.fwd) stay forwardable across
+        ins?  Push/pop/call/ret forms manage the list themselves (ctrl.py);
+        anything that may store, run a helper or move RSP clears it."""
+        ops = range(ins.op_count)
+        if any(ins.op_kind(i) == X.OpKind.REGISTER and (ins.op_register(i) in _SP or ins.op_register(i) not in GPR)
+               for i in ops):
+            return False    # RSP, or a control/segment register (a helper, a CR3 reload)
+        m = ins.mnemonic
+        if m in (_M.PUSH, _M.POP, _M.CALL, _M.RET):
+            return True
+        if m not in _FWD_KEEP:
+            return False
+        return m in _NO_ACCESS or not any(ins.op_kind(i) == X.OpKind.MEMORY for i in ops)
+
     def generate(self, insns: list, start: int) -> tuple[str, int]:
         """The Python source of a block running `insns` (a decoded trace
         starting at ip `start`) in the CPU's current mode, and how many of
@@ -355,7 +381,9 @@ class Translator:
             g.count = k + 1
             g.next_ip = insns[k + 1].ip if k + 1 < len(insns) else None
             mark = len(g.lines)
-            saved_lazy, saved_regs = g.lazy, set(g.regs)
+            saved_lazy, saved_regs, saved_fwd = g.lazy, set(g.regs), list(g.fwd)
+            if g.fwd and not self._keeps_fwd(ins):
+                g.fwd = []
             try:
                 if ins.code == X.Code.INVALID:
                     raise Unsupported("invalid encoding")
@@ -365,7 +393,7 @@ class Translator:
                 em(g)
             except Unsupported as e:
                 del g.lines[mark:]
-                g.lazy, g.regs = saved_lazy, saved_regs
+                g.lazy, g.regs, g.fwd = saved_lazy, saved_regs, saved_fwd
                 if k > 0:
                     n_ok = k
                     self.exit(g, f"{ins.ip:#x}", k - 1)
