@@ -63,15 +63,11 @@ class RawRun:
         return self.machine.stop_status
 
 
-def run_raw(code: bytes, mode: str, *, engine: str = "hw", cpus: int = 1, irqchip: bool = False,
-            debug_exit: tuple[int, int] | None = None, extra: dict[int, bytes] | None = None,
-            timeout: float = 30.0, setup=None) -> RawRun:
-    """Builds a machine around `code`, runs it to its end (or `timeout`, which
-    stops it as if the user quit) and returns what the UART printed."""
-    out = bytearray()
-    cfg = VmConfig(mem_mib=64, cpus=cpus, engine=engine, irqchip=irqchip, debug_exit=debug_exit,
-                   no_reboot=True)
-    machine = build_machine(cfg, out.extend, boot=raw_boot(code, mode, extra))
+def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=None):
+    """Builds a machine from `cfg` around `boot`, runs it to its end (or
+    `timeout`, which stops it as if the user quit), destroys it and returns
+    (machine, final state of vCPU 0)."""
+    machine = build_machine(cfg, output or (lambda data: None), boot=boot)
     if setup is not None:
         setup(machine)
     timer = threading.Timer(timeout, machine.request_stop, args=(StopReason.USER, 124, "test timeout"))
@@ -82,4 +78,16 @@ def run_raw(code: bytes, mode: str, *, engine: str = "hw", cpus: int = 1, irqchi
     finally:
         timer.cancel()
         destroy_machine(machine)
+    return machine, state
+
+
+def run_raw(code: bytes, mode: str, *, engine: str = "hw", cpus: int = 1, irqchip: bool = False,
+            debug_exit: tuple[int, int] | None = None, extra: dict[int, bytes] | None = None,
+            timeout: float = 30.0, setup=None) -> RawRun:
+    """Builds a machine around `code`, runs it to its end (or `timeout`, which
+    stops it as if the user quit) and returns what the UART printed."""
+    out = bytearray()
+    cfg = VmConfig(mem_mib=64, cpus=cpus, engine=engine, irqchip=irqchip, debug_exit=debug_exit,
+                   no_reboot=True)
+    machine, state = run_machine(cfg, raw_boot(code, mode, extra), out.extend, timeout, setup)
     return RawRun(bytes(out), machine, state)

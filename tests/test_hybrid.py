@@ -8,11 +8,10 @@ a page-table change KVM had cached) went through bt."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
-from pyvmm.builder import build_machine, destroy_machine
+from pyvmm.builder import build_machine
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
@@ -22,20 +21,13 @@ from pyvmm.memory import GuestMemory
 
 from . import hybridguest as hg
 from .modeguests import boot_for, expected_user_result, user_guest, user_result
-from .rawguest import require_kvm
+from .rawguest import require_kvm, run_machine
 
 
 def _run(engine: str, code: bytes, timeout: float = 120.0):
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
-    m = build_machine(cfg, lambda b: None, boot=boot_for(code))
-    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, 124, "test timeout"))
-    timer.start()
-    try:
-        m.engine.run()
-        return m.stop_status, m.engine.save_state(0), m.engine.stats()
-    finally:
-        timer.cancel()
-        destroy_machine(m)
+    m, state = run_machine(cfg, boot_for(code), timeout=timeout)
+    return m.stop_status, state, m.engine.stats()
 
 
 @pytest.mark.parametrize("syscalls", [True, False])

@@ -16,11 +16,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import threading
 
 import pytest
 
-from pyvmm.builder import build_machine, destroy_machine
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
 from pyvmm.devices import guestrpc as G
@@ -29,7 +27,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
 
 from .modeguests import USTACK, boot_for
-from .rawguest import build_guest, require_kvm
+from .rawguest import build_guest, require_kvm, run_machine
 
 M32 = 0xFFFFFFFF
 RPCI_COOKIE = G.PROTO_RPCI | G.FLAG_COOKIE
@@ -190,15 +188,7 @@ def _run(code: bytes, engine: str, backdoor: bool, guestinfo=None, timeout: floa
     out = bytearray()
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True,
                    vmware_backdoor=backdoor, guestinfo=dict(guestinfo or {}))
-    machine = build_machine(cfg, out.extend, boot=boot_for(code))
-    timer = threading.Timer(timeout, machine.request_stop, args=(StopReason.USER, 124, "test timeout"))
-    timer.start()
-    try:
-        machine.engine.run()
-        state = machine.engine.save_state(0)
-    finally:
-        timer.cancel()
-        destroy_machine(machine)
+    machine, state = run_machine(cfg, boot_for(code), out.extend, timeout)
     assert machine.stop_status.reason == StopReason.HALTED, machine.stop_status
     return bytes(out), state, machine
 
