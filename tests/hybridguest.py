@@ -20,7 +20,7 @@ ticks seen (>= TICKS_WANTED), R15 = user loop count (> 0)."""
 
 from __future__ import annotations
 
-from .modeguests import USTACK
+from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, idt_setup
 from .rawguest import build_guest
 
 WINDOW = 0x40000000
@@ -33,32 +33,7 @@ IDT = 0x120000
 
 SOURCE = """
 .intel_syntax noprefix
-    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
-    mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
-    mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
-    mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
-    /* IDT: vector i -> stubs + 16*i, interrupt gates, DPL3 (int 0x80 from user) */
-    mov edi, {idt}
-    mov esi, OFFSET stubs
-    xor ecx, ecx
-1:  mov eax, esi
-    mov word ptr [rdi], ax
-    mov word ptr [rdi+2], 8
-    mov word ptr [rdi+4], 0xEE00
-    shr eax, 16
-    mov word ptr [rdi+6], ax
-    mov qword ptr [rdi+8], 0
-    add rdi, 16
-    add esi, 16
-    inc ecx
-    cmp ecx, 256
-    jne 1b
-    sub rsp, 16
-    mov word ptr [rsp], 4095
-    mov qword ptr [rsp+2], {idt}
-    lidt [rsp]
-    add rsp, 16
-    /* the window's page table: PD entry 0 of the 1-2 GiB range */
+""" + SYSCALL_SETUP + idt_setup(IDT) + """    /* the window's page table: PD entry 0 of the 1-2 GiB range */
     mov rax, cr3
     mov rax, [rax]
     and rax, ~0xfff
@@ -129,21 +104,7 @@ out:
     add rsp, 16
     iretq
 
-.align 16
-stubs:
-.set i, 0
-.rept 256
-  .if i == 8 || (i >= 10 && i <= 14) || i == 17
-    push i
-  .else
-    push 0
-    push i
-  .endif
-    jmp common
-    .align 16
-.set i, i+1
-.endr
-
+""" + IDT_STUBS + """
 user:
     ud2
     ud2
@@ -168,7 +129,7 @@ user:
 
 
 def hybrid_guest() -> bytes:
-    return build_guest(SOURCE.format(idt=IDT, pt=PT, frame_a=FRAME_A, frame_b=FRAME_B, value_a=VALUE_A,
+    return build_guest(SOURCE.format(pt=PT, frame_a=FRAME_A, frame_b=FRAME_B, value_a=VALUE_A,
                                      value_b=VALUE_B, ticks=TICKS, window=WINDOW, ustack=USTACK,
                                      ticks_wanted=TICKS_WANTED), "long")
 

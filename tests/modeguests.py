@@ -37,13 +37,66 @@ CHECKPOINT_PORT = 0xE0    # sse_guest writes it after each round
 # null, kernel code64 (0x08), kernel data (0x10), user data (0x18), user code64 (0x20), TSS (0x28)
 GDT_ENTRIES = (0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF)
 
-USER_GUEST = """
-.intel_syntax noprefix
-    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
+# Kernel-half pieces the assembled test guests share (no braces: they may be
+# concatenated into sources that are then str.format()ed).
+# SYSCALL_SETUP: EFER.SCE, STAR (kernel CS 0x08, user base 0x10), LSTAR =
+# the guest's `sys_entry` label, FMASK = IF.
+SYSCALL_SETUP = """    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
     mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
     mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
     mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
-    xor r12, r12
+"""
+# IDT_STUBS: a 16-byte stub per vector at label `stubs`, each pushing an
+# error code of 0 where the CPU pushes none, then the vector, and jumping to
+# the guest's `common` label.
+IDT_STUBS = """
+.align 16
+stubs:
+.set i, 0
+.rept 256
+  .if i == 8 || (i >= 10 && i <= 14) || i == 17
+    push i
+  .else
+    push 0
+    push i
+  .endif
+    jmp common
+    .align 16
+.set i, i+1
+.endr
+"""
+
+
+def idt_setup(idt: int) -> str:
+    """Fills a 256-entry IDT at `idt` with DPL-3 interrupt gates to IDT_STUBS
+    and loads it (uses RAX, RCX, RSI, RDI)."""
+    return f"""
+    mov edi, {idt:#x}
+    mov esi, OFFSET stubs
+    xor ecx, ecx
+1:  mov eax, esi
+    mov word ptr [rdi], ax
+    mov word ptr [rdi+2], 8
+    mov word ptr [rdi+4], 0xEE00
+    shr eax, 16
+    mov word ptr [rdi+6], ax
+    mov qword ptr [rdi+8], 0
+    add rdi, 16
+    add esi, 16
+    inc ecx
+    cmp ecx, 256
+    jne 1b
+    sub rsp, 16
+    mov word ptr [rsp], 4095
+    mov qword ptr [rsp+2], {idt:#x}
+    lidt [rsp]
+    add rsp, 16
+"""
+
+
+USER_GUEST = """
+.intel_syntax noprefix
+""" + SYSCALL_SETUP + """    xor r12, r12
     xor r13, r13
     push 0x1b
     push {ustack}

@@ -15,39 +15,13 @@ import pytest
 from pyvmm.config import VmConfig
 from pyvmm.engines.kvm import hostfit
 
-from .modeguests import KSTACK, USTACK, boot_for
+from .modeguests import IDT_STUBS, KSTACK, SYSCALL_SETUP, USTACK, boot_for, idt_setup
 from .rawguest import build_guest, require_kvm, run_machine
 
 IDT = 0x120000
 SOURCE = """
 .intel_syntax noprefix
-    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
-    mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
-    mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
-    mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
-    /* build IDT: every vector -> handler with vector pushed via stub table */
-    mov edi, {idt}
-    mov esi, OFFSET stubs
-    xor ecx, ecx
-1:  mov eax, esi
-    mov word ptr [rdi], ax
-    mov word ptr [rdi+2], 8
-    mov byte ptr [rdi+4], 0
-    mov byte ptr [rdi+5], 0xEE
-    shr eax, 16
-    mov word ptr [rdi+6], ax
-    mov dword ptr [rdi+8], 0
-    mov dword ptr [rdi+12], 0
-    add rdi, 16
-    add esi, 16
-    inc ecx
-    cmp ecx, 256
-    jne 1b
-    sub rsp, 16
-    mov word ptr [rsp], 4095
-    mov qword ptr [rsp+2], {idt}
-    lidt [rsp]
-    push 0x1b
+""" + SYSCALL_SETUP + idt_setup(IDT) + """    push 0x1b
     push {ustack}
     push 0x2
     push 0x23
@@ -68,21 +42,7 @@ common:
     mov r10, rsp
     mov rbx, cr2
     hlt
-.align 16
-stubs:
-.set i, 0
-.rept 256
-  .if i == 8 || (i >= 10 && i <= 14) || i == 17
-    push i
-  .else
-    push 0
-    push i
-  .endif
-    jmp common
-    .align 16
-.set i, i+1
-.endr
-user:
+""" + IDT_STUBS + """user:
     {what}
     jmp user
 """
@@ -98,7 +58,7 @@ USER_CODE = {
 
 
 def _delivery(engine: str, what: str) -> tuple:
-    code = build_guest(SOURCE.format(idt=IDT, ustack=USTACK, what=USER_CODE[what]), "long")
+    code = build_guest(SOURCE.format(ustack=USTACK, what=USER_CODE[what]), "long")
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
     machine, st = run_machine(cfg, boot_for(code), timeout=60)
     r = st.regs
