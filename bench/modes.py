@@ -25,7 +25,6 @@ Ends with: RESULT key=value ... (seconds; <engine>_over_hybrid ratios)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time

@@ -40,13 +40,13 @@ from collections import Counter
 
 from ...costs import Costs
 from ...cpu import CpuState
-from ...errors import ConfigError, EngineError, GuestCrash
+from ...errors import ConfigError, EngineError
 from ...boot import layout
 from ..base import Engine
 from ..bt.engine import BtEngine
 from ..bt.faults import GuestFault
 from ..kvm import abi, cpuid, state
-from ..kvm.device import Kvm, _ioctl
+from ..kvm.device import Kvm, _ioctl, ioctl
 from ..kvm.engine import _install_kick_handler
 from .alarm import Alarm
 from .ptwatch import PageTableWatch
@@ -163,9 +163,9 @@ class HybridEngine(Engine):
         for region in self.slots:
             size = region.memory_size
             region.memory_size = 0
-            ioctl_region(self.vm.fd, region)
+            ioctl(self.vm.fd, abi.SET_USER_MEMORY_REGION, region)
             region.memory_size = size
-            ioctl_region(self.vm.fd, region)
+            ioctl(self.vm.fd, abi.SET_USER_MEMORY_REGION, region)
 
     def _user(self, c) -> None:
         """Runs bt vCPU c's user code under KVM until an event, then hands
@@ -309,7 +309,3 @@ class HybridEngine(Engine):
                 obj.close()
         self.vm = self.kvm = None
 
-
-def ioctl_region(fd: int, region: abi.UserspaceMemoryRegion) -> None:
-    from ..kvm.device import ioctl
-    ioctl(fd, abi.SET_USER_MEMORY_REGION, region)
