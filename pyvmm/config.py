@@ -56,6 +56,9 @@ class VmConfig:
     # the "guestinfo." prefix -> value).
     vmware_backdoor: bool = False
     guestinfo: dict[str, str] = field(default_factory=dict)
+    # bt: directory of the on-disk store of translated blocks
+    # (engines/bt/blockstore.py); None: every block is compiled afresh.
+    block_store: str | None = None
     verbose: bool = False
 
     def validate(self) -> None:

@@ -110,9 +110,24 @@ def _add_run_parser(sub) -> None:
                    help="a guestinfo.KEY value for GuestRPC info-get (repeatable; needs --vmware-backdoor)")
     p.add_argument("--no-kvmclock", action="store_true",
                    help="bt: hide KVM's paravirtual interface (signature, kvmclock, PV EOI, steal time)")
+    p.add_argument("--bt-cache", metavar="DIR",
+                   help="bt: keep translated blocks in DIR between runs (default: $PYVMM_BT_CACHE, "
+                        "else ~/.cache/pyvmm/bt; see engines/bt/blockstore.py)")
+    p.add_argument("--no-bt-cache", action="store_true",
+                   help="bt: translate every block afresh, keeping nothing on disk")
     p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
+
+
+def _block_store(args: argparse.Namespace) -> str | None:
+    """The bt block store directory the options ask for (None: off)."""
+    if getattr(args, "no_bt_cache", False) or os.environ.get("PYVMM_BT_CACHE", "") in ("0", "off"):
+        return None
+    if getattr(args, "bt_cache", None):
+        return args.bt_cache
+    from ..engines.bt.blockstore import default_dir
+    return str(default_dir())
 
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
@@ -142,7 +157,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    paravirt=not getattr(args, "no_paravirt", False),
                    kvmclock=not getattr(args, "no_kvmclock", False),
                    vmware_backdoor=getattr(args, "vmware_backdoor", False),
-                   guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)))
+                   guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)),
+                   block_store=_block_store(args))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")

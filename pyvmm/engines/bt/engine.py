@@ -164,6 +164,7 @@ class BtEngine(Engine):
         self.intc = None
         self.clock = None
         self.sched = None
+        self.store = None     # blockstore.BlockStore when config.block_store names a directory
         self.run_ns = 0       # host time inside run()
         self.idle_ns = 0      # of which waiting with every vCPU halted
 
@@ -191,11 +192,23 @@ class BtEngine(Engine):
         if getattr(m.config, "kvmclock", True) and m.config.engine == "bt":
             from .kvmpv import attach           # not under hybrid: user code reads the host TSC
             attach(self)
+        self.store = self._open_store(getattr(m.config, "block_store", None))
+        for c in self.cpus:
+            c.translator.store = self.store
         self.sched = Scheduler(self)
         self._time_idle(self.sched)
         self.intc.on_init = self.sched.on_init
         self.intc.on_sipi = self.sched.on_sipi
         self.intc.on_wake = self.sched.on_wake
+
+    @staticmethod
+    def _open_store(directory: str | None):
+        """The on-disk block store (blockstore.py), or None when off or unusable."""
+        if not directory:
+            return None
+        from .blockstore import BlockStore
+        store = BlockStore(directory)
+        return store if store.enabled else None
 
     def set_irq(self, gsi: int, level: int) -> None:
         self.intc.set_irq(gsi, level)
@@ -269,6 +282,7 @@ class BtEngine(Engine):
             "instructions": sum(c.icount for c in cs),
             "blocks_translated": sum(t.translated for t in ts),
             "blocks_compiled": sum(t.compiled for t in ts),      # the rest ran on the cold path only
+            "blocks_loaded": sum(t.loaded for t in ts),          # or came from the block store
             "cache_invalidations": sum(t.invalidated for t in ts),
             "cached_blocks": sum(len(t.cache) for t in ts),
             "translations": sum(t.translated for t in ts),       # older names of the two above
@@ -289,8 +303,12 @@ class BtEngine(Engine):
         }
         if self.intc is not None:
             out["platform"] = self.intc.stats()
+        if self.store is not None:
+            out["block_store"] = self.store.stats()
         return out
 
     def close(self) -> None:
         for c in self.cpus:
             c.detach()
+        if self.store is not None:
+            self.store.close()

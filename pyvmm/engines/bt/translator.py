@@ -14,6 +14,7 @@ import time
 import iced_x86 as X
 
 from . import cold
+from .blockstore import block_key
 from . import flags as F
 from .faults import UD, GuestFault
 from .gen import GPR, Gen, Unsupported
@@ -110,6 +111,8 @@ class Translator:
         self.translate_ns = 0        # host time spent translating (costs.py)
         self.warned: set[tuple] = set()
         self.single = False
+        self.store = None            # blockstore.BlockStore shared by the vCPUs, or None
+        self.loaded = 0              # blocks loaded from the store instead of compiled
 
     # -- invalidation --------------------------------------------------------
     def invalidate_page(self, ppn: int) -> None:
@@ -218,9 +221,11 @@ class Translator:
     def _compile(self, src: str, start: int):
         self.compiled += 1
         ns = dict(self.ns)
-        exec(compile(src, f"<bt {start:#x}>", "exec"), ns)
+        code = compile(src, f"<bt {start:#x}>", "exec")
+        exec(code, ns)
         fn = ns["blk"]
         fn.src = src
+        fn.code = code
         return fn
 
     # -- translation ---------------------------------------------------------
@@ -342,11 +347,47 @@ class Translator:
 
     def _translate(self, la: int, pa: int, single: bool):
         c = self.cpu
+        store = self.store
+        if store is not None:
+            page = self._code_bytes(la, pa, False)[0]
+            skey = block_key(la, c.mode, single, page)
+            fn = self._load(store.get(skey), la)
+            if fn is not None:
+                return fn
         insns = self.decode(la, pa, single)
+        warned = len(self.warned)
         src, n_ok = self.generate(insns, c.rip)
         self.translated += 1
         fn = self._compile(src, c.rip)
         fn.next_frame = self._next_frame if self._crosses else None
+        if store is not None and len(self.warned) == warned:   # keep #UD warnings for every run
+            ext = self._data[0x1000:] if self._next_frame is not None else None
+            store.put(skey, ext, self._crosses, fn.code)
+        return fn
+
+    def _load(self, entry, la: int):
+        """The block function from a store entry, or None when the entry is
+        missing or the next page no longer holds the bytes it was decoded from."""
+        if entry is None:
+            return None
+        ext, crosses, code = entry
+        next_frame = None
+        if ext is not None:
+            try:
+                pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
+            except GuestFault:
+                return None
+            mem = self.cpu.memory
+            if not mem.is_ram(pa2, len(ext)) or mem.read(pa2, len(ext)) != ext:
+                return None
+            next_frame = pa2 >> 12
+        ns = dict(self.ns)
+        exec(code, ns)
+        fn = ns["blk"]
+        fn.code = code
+        fn.next_frame = next_frame if crosses else None
+        self.translated += 1
+        self.loaded += 1
         return fn
 
     @staticmethod
