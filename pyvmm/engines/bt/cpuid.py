@@ -31,13 +31,14 @@ LEAF1_EDX = {"fpu": 0, "de": 2, "pse": 3, "tsc": 4, "msr": 5, "pae": 6,
              "cx8": 8, "apic": 9, "mtrr": 12, "pge": 13, "cmov": 15,
              "pat": 16, "pse36": 17, "clflush": 19, "mmx": 23, "fxsr": 24, "sse": 25,
              "sse2": 26}
-LEAF1_ECX = {"cx16": 13, "popcnt": 23, "tsc_deadline_timer": 24}
+LEAF1_ECX = {"cx16": 13, "popcnt": 23, "tsc_deadline_timer": 24, "rdrand": 30}
+LEAF7_EBX = {"tsc_adjust": 1, "rdseed": 18}
 EXT1_EDX = {"syscall": 11, "nx": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29}
 EXT1_ECX = {"lahf_lm": 0}
 
 FEATURES: dict[str, tuple[int, int, int]] = {}
-for _regs, _leaf, _reg in ((LEAF1_EDX, 1, 3), (LEAF1_ECX, 1, 2), (EXT1_EDX, 0x80000001, 3),
-                           (EXT1_ECX, 0x80000001, 2)):
+for _regs, _leaf, _reg in ((LEAF1_EDX, 1, 3), (LEAF1_ECX, 1, 2), (LEAF7_EBX, 7, 1),
+                           (EXT1_EDX, 0x80000001, 3), (EXT1_ECX, 0x80000001, 2)):
     for _name, _bit in _regs.items():
         FEATURES[_name] = (_leaf, _reg, _bit)
 
@@ -66,7 +67,7 @@ class CpuidTable:
         self.cpu_index = cpu_index
         self.ncpus = ncpus
         hidden = set(hide or [])
-        regs = {(1, 3): 0, (1, 2): 0, (0x80000001, 3): 0, (0x80000001, 2): 0}
+        regs = {(1, 3): 0, (1, 2): 0, (7, 1): 0, (0x80000001, 3): 0, (0x80000001, 2): 0}
         for name, (leaf, reg, bit) in FEATURES.items():
             if name not in hidden:
                 regs[(leaf, reg)] |= 1 << bit
@@ -78,10 +79,10 @@ class CpuidTable:
             (0, 0): (MAX_BASIC, ebx, ecx, edx),
             (1, 0): (SIGNATURE, leaf1_ebx, regs[(1, 2)], regs[(1, 3)]),
             (6, 0): (0x4, 0, 0, 0),                        # ARAT: the APIC timer keeps running
-            # Leaf 7: only TSC_ADJUST (MSR 0x3B). With constant + nonstop TSC and
-            # TSC_ADJUST, Linux turns off the clocksource watchdog that would
-            # otherwise mark the TSC unstable against ticks a slow engine loses.
-            (7, 0): (0, 1 << 1, 0, 0),
+            # Leaf 7: TSC_ADJUST (MSR 0x3B) and RDSEED. With constant + nonstop
+            # TSC and TSC_ADJUST, Linux turns off the clocksource watchdog that
+            # would otherwise mark the TSC unstable against ticks a slow engine loses.
+            (7, 0): (0, regs[(7, 1)], 0, 0),
             (0xB, 0): (0, 1, 0x100, cpu_index),            # SMT level: one thread per core
             # Core level: EAX = bits of the APIC id below the package id.  All
             # vCPUs share package 0, so Linux finds a sibling for each AP and

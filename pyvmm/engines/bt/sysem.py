@@ -128,6 +128,11 @@ def _rdtsc(g: Gen) -> None:
              + ("; R[1] = c.msrs.get(0xC0000103, 0) & 0xFFFFFFFF" if aux else ""))
 
 
+def _rdrand(g: Gen) -> None:
+    num, size, _ = GPR[g.ins.op0_register]
+    g.helper(f"RDRAND(c, {num}, {size})")
+
+
 def _msr(g: Gen) -> None:
     if g.ins.mnemonic == M.RDMSR:
         g.helper("NEED_CPL0(c); t = RDMSR(c, R[1] & 0xFFFFFFFF); R[0] = t & 0xFFFFFFFF; R[2] = t >> 32")
@@ -217,5 +222,5 @@ EMITTERS = {
     M.SMSW: _smsw, M.LMSW: _lmsw, M.CLTS: _clts, M.INVLPG: _invlpg, M.WBINVD: _wbinvd,
     M.INVD: _wbinvd, M.CMPXCHG8B: _cmpxchgw, M.CMPXCHG16B: _cmpxchgw,
     M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
-    M.UD2: _ud,
+    M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand,
 }

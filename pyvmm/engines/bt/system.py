@@ -13,6 +13,7 @@ import iced_x86 as X
 
 from . import flags as F
 from .faults import GP, UD, GuestFault
+from .rng import rdrand
 from .gen import MASK, SEG_INDEX, GPR, Gen, Unsupported
 from .string import run_string
 
@@ -400,4 +401,4 @@ HELPERS = {"IOCHECK": iocheck, "PORT_IN": port_in, "PORT_OUT": port_out, "CPUID"
            "CLI_STI": cli_sti, "SOFTINT": softint, "PUSHF": pushf, "POPF": popf, "ENTER": enter,
            "FAR": far, "CMPXCHGW": cmpxchg_wide, "SYSCALL": syscall, "SYSRET": sysret,
            "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0,
-           "PAUSE": pause}
+           "PAUSE": pause, "RDRAND": rdrand}
