@@ -87,7 +87,11 @@ class GuestMemory:
         raise GuestMemoryError(gpa, size)
 
     def is_ram(self, gpa: int, size: int = 1) -> bool:
-        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
+        end = gpa + size
+        for r in self.regions:      # a loop, not any(): this runs per translated block
+            if r.gpa <= gpa and end <= r.end:
+                return True
+        return False
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """(start, length) of each RAM region, for e820 maps and the like."""

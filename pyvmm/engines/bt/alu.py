@@ -270,14 +270,32 @@ def _shift(g: Gen) -> None:
     size = g.size(0)
     x = g.read(0)
     cnt_k = shift_count(g)
-    if kind in (4, 5, 7) and cnt_k and not g.flags_live:
+    if kind in (4, 5, 7) and cnt_k:
+        # SHL/SHR/SAR by a constant: inline, flags lazy (flags.SHL/SHR/SAR)
         mk, sg = MASK[size], SIGN[size]
+        if g.flags_live:
+            g.emit(f"x = {x}")
+            x = "x"
         if kind == 4:
-            g.write(0, f"({x} << {cnt_k}) & {mk:#x}")
+            t = f"({x} << {cnt_k}) & {mk:#x}"
         elif kind == 5:
-            g.write(0, f"{x} >> {cnt_k}")
+            t = f"{x} >> {cnt_k}"
         else:
-            g.write(0, f"((({x} ^ {sg:#x}) - {sg:#x}) >> {cnt_k}) & {mk:#x}")
+            t = f"((({x} ^ {sg:#x}) - {sg:#x}) >> {cnt_k}) & {mk:#x}"
+        if not g.flags_live:
+            g.write(0, t)
+            g.unknown_flags()
+            return
+        g.emit(f"t = {t}")
+        g.write(0, "t")
+        g.set_flags({4: F.SHL, 5: F.SHR, 7: F.SAR}[kind], size, "t", "x", str(cnt_k))
+        return
+    if kind in (0, 1) and cnt_k and not g.flags_live:
+        # ROL/ROR by a constant whose CF/OF nobody reads (BLAKE2s, ChaCha)
+        bits = size * 8
+        c = cnt_k % bits if kind == 0 else (bits - cnt_k % bits) % bits
+        g.emit(f"x = {x}")
+        g.write(0, f"((x << {c}) | (x >> {bits - c})) & {MASK[size]:#x}" if c else "x")
         g.unknown_flags()
         return
     g.emit(f"x = {x}")

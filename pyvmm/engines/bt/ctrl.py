@@ -108,7 +108,8 @@ def _jcc(g: Gen) -> None:
     from .translator import Translator
     Translator.branch(g, g.ins.near_branch_target, g.k)
     g.ind -= 1
-    _exit(g, f"{g.ins.next_ip:#x}")
+    if g.next_ip != g.ins.next_ip:      # else the trace goes on along the fall-through path
+        _exit(g, f"{g.ins.next_ip:#x}")
 
 
 def _loop(g: Gen) -> None:

@@ -12,6 +12,9 @@ Kinds:
   INC   fr = fa + 1 unmasked, fb = CF before the instruction
   DEC   fr = fa - 1 unmasked, fb = CF before the instruction
   RAW   fr = the arithmetic flag bits themselves
+  SHL, SHR, SAR  (a shift by a non-zero count) fr = result, fa = the value
+        shifted, fb = the count; CF is the last bit shifted out, AF = 0, OF
+        = MSB(result) ^ CF (SHL), MSB(value) for a 1-bit SHR, else 0
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ ARITH = CF | PF | AF | ZF | SF | OF
 IOPL = 0x3000
 NT, RF, VM, AC, VIF, VIP, ID = 0x4000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000
 
-ADD, SUB, LOGIC, INC, DEC, RAW = 0, 1, 2, 3, 4, 5
+ADD, SUB, LOGIC, INC, DEC, RAW, SHL, SHR, SAR = 0, 1, 2, 3, 4, 5, 6, 7, 8
 SIZE_INDEX = {1: 0, 2: 1, 4: 2, 8: 3}
 BITS = (8, 16, 32, 64)
 MASKS = (0xFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
@@ -52,6 +55,13 @@ def flags_word(fo: int, fr: int, fa: int, fb: int) -> int:
         f |= SF
     if kind == LOGIC:
         return f
+    if kind >= SHL:
+        cf = _shift_carry(kind, bits, fa, fb)
+        if kind == SHL:
+            of = (res >> (bits - 1) ^ cf) & 1
+        else:
+            of = fa >> (bits - 1) & 1 if kind == SHR and fb == 1 else 0
+        return f | cf | (OF if of else 0)
     f |= (fa ^ fb ^ fr) & AF if kind <= SUB else (fa ^ 1 ^ fr) & AF
     if kind == ADD:
         if fr >> bits:
@@ -74,9 +84,20 @@ def flags_word(fo: int, fr: int, fa: int, fb: int) -> int:
     return f
 
 
+def _shift_carry(kind: int, bits: int, v: int, cnt: int) -> int:
+    """The last bit a shift of `v` by `cnt` (> 0) moved out."""
+    if kind == SHL:
+        return (v << cnt) >> bits & 1      # 0 once cnt > bits
+    if kind == SAR and v >> (bits - 1):
+        v -= 1 << bits                     # sign-extended: a long SAR gives the sign
+    return (v >> (cnt - 1)) & 1
+
+
 def carry(fo: int, fr: int, fa: int, fb: int) -> int:
     """CF (0 or 1) of a lazy state, cheaper than flags_word."""
     kind = fo >> 2
+    if kind >= SHL:
+        return _shift_carry(kind, BITS[fo & 3], fa, fb)
     if kind == ADD:
         return (fr >> BITS[fo & 3]) & 1
     if kind == SUB:

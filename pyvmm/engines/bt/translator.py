@@ -9,6 +9,7 @@ block first runs on the cold path (cold.py) and is compiled once hot."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import iced_x86 as X
@@ -54,6 +55,11 @@ _FWD_KEEP = frozenset({_M.ADD, _M.SUB, _M.ADC, _M.SBB, _M.AND, _M.OR, _M.XOR, _M
 _SP = frozenset({X.Register.RSP, X.Register.ESP, X.Register.SP, X.Register.SPL})
 _NEAR = (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64)
 _SYNC_OUT = "#SYNC_OUT"
+# The left side of anything that may be an assignment in generated code
+# (plain, augmented, tuple; a comparison like `<=` is over-counted, which
+# only writes back a register more), and the block locals r<n> in it.
+_ASSIGN = re.compile(r"(?:^|[;:])([^;:=\n]*?)=(?!=)", re.M)
+_REG_NUM = re.compile(r"\br(\d+)\b")
 _SYNC_IN = "#SYNC_IN"
 
 
@@ -105,6 +111,10 @@ class Translator:
         self.steps: dict[tuple, object] = {}   # (la, pa, mode) -> one instruction's function
         self.pages: dict[int, set] = {}
         self.ns = _namespace()
+        mmu = getattr(cpu, "mmu", None)
+        if mmu is not None:     # the slow memory paths: globals of every block, not bound per run
+            for n in (1, 2, 4, 8):
+                self.ns[f"rd{n}"], self.ns[f"wr{n}"] = getattr(mmu, f"rd{n}"), getattr(mmu, f"wr{n}")
         self.translated = 0          # blocks translated (cold or compiled)
         self.compiled = 0            # of which compiled whole (at once or when hot)
         self.invalidated = 0
@@ -259,7 +269,8 @@ class Translator:
 
     def _decode(self, la: int, pa: int, single: bool, ext: bool) -> list:
         """The instructions of a block, in execution order.  The trace goes
-        on through direct jmp/call to a target on the same page, and through
+        on past a jcc (its taken path is a side exit), through direct
+        jmp/call to a target on the same page, and through
         a ret whose return address a call of this trace pushed (the
         generated code checks that prediction); it ends at other control
         flow, at a mode-changing instruction or at the page end."""
@@ -294,8 +305,8 @@ class Translator:
                 if single or len(out) >= MAX_INSNS or off + ins.len >= 0x1000 or (
                         m in ENDS_BLOCK and not (c.mode[2] == 0 and m in _CPL0_GOES_ON)):
                     return out
-                if ins.flow_control == FC.NEXT:
-                    continue
+                if ins.flow_control == FC.NEXT or ins.is_jcc_short_or_near:
+                    continue    # a jcc leaves through a side exit; the trace goes on falling through
                 nxt = self._follow(ins, rets, base, rip)
                 break
             if nxt is None:
@@ -460,11 +471,12 @@ class Translator:
 
     @staticmethod
     def exit(g: Gen, rip_expr: str, k: int) -> None:
-        """Leaves the block after instruction k with RIP = rip_expr."""
-        g.emit(_SYNC_OUT)
-        g.emit(f"c.rip = {rip_expr}")
-        g.emit(f"c.icount += ic + {k + 1}")
-        g.emit("return")
+        """Leaves the block after instruction k with RIP = rip_expr, through
+        the one epilogue after the block's loop (_assemble): a block with
+        many side exits writes its registers back in one place, which keeps
+        its source, and so its compile time, small."""
+        g.emit(f"_xr = {rip_expr}; _xk = {k + 1}")
+        g.emit("break")
 
     @staticmethod
     def branch(g: Gen, target: int, k: int) -> None:
@@ -477,15 +489,16 @@ class Translator:
 
     def _assemble(self, g: Gen, rips: list[int]) -> str:
         regs = sorted(g.regs)
+        # Exits write back only registers the block assigns somewhere (a
+        # loop may come back to an exit after a later write, so "somewhere",
+        # not "so far"); a read-only register still equals R[n].
+        written = {int(n) for m in _ASSIGN.finditer("\n".join(g.lines)) for n in _REG_NUM.findall(m.group(1))}
+        wback = [n for n in regs if n in written]
         binds = sorted(g.binds)
         out = ["def blk(c):", "    R = c.R"]
         if "SB" in binds:
             out.append("    SB = c.sb")
-        mm = [b for b in binds if b[:2] in ("rd", "wr")]
         tlb = "; ".join(f"{b} = c.mmu.{b.lower()}" for b in ("TR", "TW") if b in binds)
-        if mm:
-            out.append("    m = c.mmu")
-            out.append("    " + "; ".join(f"{b} = m.{b}" for b in mm))
         if tlb:
             out.append("    " + tlb)
         for n in regs:
@@ -495,7 +508,7 @@ class Translator:
             s = line.strip()
             ind = line[:len(line) - len(line.lstrip())]
             if s == _SYNC_OUT:
-                for n in regs:
+                for n in wback:
                     out.append(f"{ind}R[{n}] = r{n}")
                 out.append(f"{ind}c.lf = (fo, fr, fa, fb)")
             elif s == _SYNC_IN:
@@ -506,6 +519,8 @@ class Translator:
                     out.append(ind + tlb)   # a helper may have switched address space
             else:
                 out.append(line)
+        out += [f"        R[{n}] = r{n}" for n in wback]
+        out += ["        c.lf = (fo, fr, fa, fb)", "        c.rip = _xr", "        c.icount += ic + _xk", "        return"]
         # One helper call instead of the inline write-back keeps the source
         # (and so compile time) smaller; it only runs when a fault leaves.
         out.append("    except BaseException:")
