@@ -18,6 +18,7 @@ from ...errors import EngineError
 from ..base import Engine
 from .cpu import VCpu
 from .faults import GuestFault, SmcRestart
+from .jumpcache import JumpCaches
 from .shadow import PageGuard
 from .translator import Translator
 
@@ -34,6 +35,8 @@ class BtCpu(VCpu):
         super().__init__(memory, io_bus, mmio_bus, on_code_write=self._code_written,
                          guard=guard, shadow=shadow, index=index)
         self.translator = Translator(self)
+        self.jumps = JumpCaches()
+        self.jmp = self.mmu.jmp = self.jumps.new()
         if guard is not None:
             guard.code_listeners.append(self._code_written)
         memory.write_listeners.append(self._vmm_write)
@@ -46,17 +49,20 @@ class BtCpu(VCpu):
         """VCpu.update_mode, keeping the block lookup cache when neither the
         mode nor the address space changed (a mov to CR3 of the same value in
         shadow mode, cli/sti-free popf...): its entries stay valid then, since
-        code writes, page-table writes and invlpg clear it themselves."""
+        code writes, page-table writes and invlpg clear it themselves.  A
+        real switch (system call, interrupt, return) sets the cache aside
+        for the way back (jumpcache.py)."""
         keep = self.jmp
         mode, maps, flushes = self.mode, self.mmu.maps, self.mmu.tlb_flushes
         self.jmp = self.mmu.jmp = {}       # what the base class clears
+        m = self.mmu
         try:
             super().update_mode()
         finally:
-            if not (self.mode == mode and self.mmu.maps is maps and self.mmu.shadow
-                    and self.mmu.tlb_flushes == flushes):
-                keep.clear()
-            self.jmp = self.mmu.jmp = keep
+            same_maps = m.tlb_flushes == flushes and m.shadow
+            if not (self.mode == mode and m.maps is maps and same_maps):
+                keep = self.jumps.switch(keep, mode, maps, self.mode, m.maps, m.tlb_flushes, same_maps)
+            self.jmp = m.jmp = keep
 
     def _code_written(self, ppn: int) -> None:
         self.translator.invalidate_page(ppn)
@@ -297,6 +303,7 @@ class BtEngine(Engine):
             "tlb_flushes": sum(m.tlb_flushes for m in mm),
             "guest_page_faults": sum(m.page_faults for m in mm),
             "exceptions_delivered": sum(c.faults for c in cs),
+            "jump_caches_reused": sum(c.jumps.reused for c in cs),   # mode switches that kept their lookups
             "interrupts_delivered": sum(c.interrupts for c in cs),
             "per_cpu_instructions": [c.icount for c in cs],
             "guest_ns": self.clock.now_ns() if self.clock is not None else 0,

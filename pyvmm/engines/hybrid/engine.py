@@ -135,6 +135,7 @@ class HybridEngine(Engine):
             else:
                 run_blocks(count)
         c.update_mode = hooked_update_mode
+        c.jumps.keep = False      # user code under KVM may rewrite code pages bt set lookups aside for
         c.run_blocks = hooked_run_blocks
 
     def set_irq(self, gsi: int, level: int) -> None:
