@@ -48,6 +48,8 @@ struct pv_ops {
     void (*commit_ptes)(void);
     void (*load_cr3)(u64 cr3);
     void (*flush_one)(u64 va);
+    void *update_va;                      /* set_pte + flush_one(va) as one op: see pv_update_va */
+    void *set_pte_now;                    /* set_pte with update_va's convention: see pv_set_pte_now */
     void (*flush_all)(void);
     void (*timer_start)(void);
     void (*timer_tick)(void);             /* in the tick handler: re-arm, EOI */
@@ -57,6 +59,33 @@ struct pv_ops {
     int timer_vector;
 };
 extern struct pv_ops *pv;
+extern i64 pv_uva_err;
+extern u64 pv_uva_calls;
+
+/* *ptep = val, then drop va's TLB entry (nothing may be queued with
+ * queue_pte).  pv->update_va is called with the hypercall page's register
+ * convention - RAX = 12, RBX = ptep, RCX = val, RSI = va, RDI = 1 (invlpg),
+ * result in RAX, every other register preserved - so under pyvmm the table
+ * points straight at the hypercall page (no wrapper), as Linux's callee-save
+ * pv-ops do.  Failures are or-ed into pv_uva_err (checked at the next CR3
+ * load) rather than tested here, so the call site has no branch. */
+static inline void pv_update_va(u64 *ptep, u64 val, u64 va) {
+    i64 r;
+    pv_uva_calls++;
+    __asm__ volatile("call *%[fn]" : "=a"(r) : [fn] "m"(pv->update_va), "a"(12UL), "b"(ptep), "c"(val), "S"(va),
+                     "D"(1UL) : "memory", "cc");
+    pv_uva_err |= r;
+}
+/* *ptep = val with no flush (a not-present entry made present), through
+ * pv->set_pte_now with pv_update_va's convention (RSI = 0, RDI = 0: no
+ * invlpg): one hypercall under pyvmm, a store natively. */
+static inline void pv_set_pte_now(u64 *ptep, u64 val) {
+    i64 r;
+    pv_uva_calls++;
+    __asm__ volatile("call *%[fn]" : "=a"(r) : [fn] "m"(pv->set_pte_now), "a"(12UL), "b"(ptep), "c"(val), "S"(0UL),
+                     "D"(0UL) : "memory", "cc");
+    pv_uva_err |= r;
+}
 void pvops_init(void);
 int pv_detected(void);
 void pv_report(void);

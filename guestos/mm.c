@@ -1,7 +1,8 @@
 /* guestos memory: a free list of 4 KiB frames (identity-mapped in the
  * kernel, so physical == virtual), and per-process address spaces.
- * Every page-table entry is written through pv->queue_pte/set_pte, so under
- * pyvmm's interface they become batched mmu_update hypercalls. */
+ * Every page-table entry is written through pv->queue_pte/set_pte or
+ * pv_set_pte_now/pv_update_va, so under pyvmm's interface they become
+ * batched mmu_update hypercalls or single update_va ones. */
 #include "kernel.h"
 
 extern char _bss_end[], _user_lma[], _user_start[], _user_data[], _user_end[];
@@ -175,7 +176,7 @@ int as_fault(u64 pml4, u64 va) {
     u64 *pte = as_pte(pml4, va, 1);
     if (*pte & PTE_P)
         return 0;                            /* a protection fault: not ours to fix */
-    pv->set_pte(pte, frame_alloc() | PTE_P | PTE_W | PTE_U);
+    pv_set_pte_now(pte, frame_alloc() | PTE_P | PTE_W | PTE_U);
     return 1;
 }
 

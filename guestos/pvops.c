@@ -15,6 +15,9 @@
 #define HV_OP_READ_TIME 8
 #define HV_OP_HALT 9
 #define HV_OP_SHUTDOWN 11
+#define HV_OP_UPDATE_VA 12                 /* ABI 1.1, feature bit 6 */
+#define HV_NOPS 13
+#define HV_FEAT_UPDATE_VA 0x40
 #define HV_FLUSH_ALL 0xFFFFFFFFUL
 #define TICK_NS 10000000UL                 /* 100 Hz */
 #define PV_TIMER_IRQ_DEFAULT 10
@@ -25,7 +28,9 @@ static struct { u64 ptr, val; } pv_batch[512] __attribute__((aligned(16)));
 static int pv_nbatch;
 static int pv_timer_irq = PV_TIMER_IRQ_DEFAULT;
 
-static u64 hc_count[12];
+static u64 hc_count[HV_NOPS];
+i64 pv_uva_err;                            /* update_va results, or-ed (checked at the next CR3 load) */
+u64 pv_uva_calls;
 
 static inline i64 hcall(u64 op, u64 a0, u64 a1, u64 a2) {
     i64 r;
@@ -33,6 +38,34 @@ static inline i64 hcall(u64 op, u64 a0, u64 a1, u64 a2) {
     __asm__ volatile("call pv_hcpage" : "=a"(r) : "a"(op), "b"(a0), "c"(a1), "S"(a2) : "memory", "cc");
     return r;
 }
+
+/* The update_va entries (pv_update_va's register convention, kernel.h):
+ * native - the store and invlpg; ABI 1.0 pyvmm - mmu_update + flush_tlb
+ * through C, with the registers C may clobber saved.  Under ABI 1.1 the
+ * table holds pv_hcpage itself. */
+void n_update_va(void);
+void n_set_pte_now(void);
+void p_update_va_10(void);
+void p_update_va_10_c(u64 *p, u64 v, u64 va);
+__asm__(".text\n"
+        "n_update_va:\n"
+        "    mov %rcx, (%rbx)\n"
+        "    invlpg (%rsi)\n"
+        "    xor %eax, %eax\n"
+        "    ret\n"
+        "n_set_pte_now:\n"
+        "    mov %rcx, (%rbx)\n"
+        "    xor %eax, %eax\n"
+        "    ret\n"
+        "p_update_va_10:\n"
+        "    push %rcx; push %rdx; push %rsi; push %rdi; push %r8; push %r9; push %r10; push %r11\n"
+        "    mov %rsi, %rdx\n"
+        "    mov %rcx, %rsi\n"
+        "    mov %rbx, %rdi\n"
+        "    call p_update_va_10_c\n"
+        "    pop %r11; pop %r10; pop %r9; pop %r8; pop %rdi; pop %rsi; pop %rdx; pop %rcx\n"
+        "    xor %eax, %eax\n"
+        "    ret\n");
 
 /* ----------------------------------------------------------------- native */
 static void n_nop(void) {}
@@ -59,7 +92,7 @@ static void n_shutdown(int status) {
 
 static struct pv_ops native_ops = {
     "native", n_nop, n_nop, n_cli, n_sti, n_irqs_enabled, n_safe_halt,
-    n_set_pte, n_set_pte, n_nop, n_load_cr3, n_flush_one, n_flush_all,
+    n_set_pte, n_set_pte, n_nop, n_load_cr3, n_flush_one, (void *)n_update_va, (void *)n_set_pte_now, n_flush_all,
     n_timer_start, n_timer_tick, n_time_ns, uart_write, n_shutdown, 32 + 0,
 };
 
@@ -99,8 +132,19 @@ static void p_set_pte(u64 *p, u64 v) {
     if (hcall(HV_OP_MMU_UPDATE, (u64)&one, 1, 8) != 1)
         panic("mmu_update refused");
 }
-static void p_load_cr3(u64 v) { p_commit(); hcall(HV_OP_SET_CR3, v, 0, 0); }
+static void p_load_cr3(u64 v) {
+    p_commit();
+    if (pv_uva_err)
+        panic("update_va refused");
+    hcall(HV_OP_SET_CR3, v, 0, 0);
+}
 static void p_flush_one(u64 va) { hcall(HV_OP_FLUSH_TLB, va, 0, 0); }
+/* ABI 1.0 (no update_va): the two calls it replaces (va 0: no flush, set_pte_now). */
+void p_update_va_10_c(u64 *p, u64 v, u64 va) {
+    p_set_pte(p, v);
+    if (va)
+        p_flush_one(va);
+}
 static void p_flush_all(void) { hcall(HV_OP_FLUSH_TLB, HV_FLUSH_ALL, 0, 0); }
 static u64 p_time_ns(void) { return hcall(HV_OP_READ_TIME, 0, 0, 0); }
 static void p_arm(void) { hcall(HV_OP_TIMER, p_time_ns() + TICK_NS, 0, 0); }
@@ -118,7 +162,7 @@ static void p_shutdown(int status) {
 
 static struct pv_ops pyvmm_ops = {
     "pyvmm", p_irq_disable, p_irq_enable, p_irq_disable, p_irq_enable, p_irqs_enabled, p_safe_halt,
-    p_set_pte, p_queue_pte, p_commit, p_load_cr3, p_flush_one, p_flush_all,
+    p_set_pte, p_queue_pte, p_commit, p_load_cr3, p_flush_one, pv_hcpage, pv_hcpage, p_flush_all,
     p_timer_start, p_timer_tick, p_time_ns, p_console, p_shutdown, 32 + PV_TIMER_IRQ_DEFAULT,
 };
 
@@ -154,7 +198,12 @@ void pvops_init(void) {
         pyvmm_ops.commit_ptes = n_nop;
         pyvmm_ops.load_cr3 = n_load_cr3;
         pyvmm_ops.flush_one = n_flush_one;
+        pyvmm_ops.update_va = (void *)n_update_va;
+        pyvmm_ops.set_pte_now = (void *)n_set_pte_now;
         pyvmm_ops.flush_all = n_flush_all;
+    } else if (!(b & HV_FEAT_UPDATE_VA) || (a & 0xFFFF) < 1) {
+        pyvmm_ops.update_va = (void *)p_update_va_10;   /* an ABI 1.0 pyvmm */
+        pyvmm_ops.set_pte_now = (void *)p_update_va_10;
     }
     pv_timer_irq = (int)d;
     pyvmm_ops.timer_vector = 32 + (int)d;
@@ -167,12 +216,15 @@ void pvops_init(void) {
 
 /* "console=N mmu_update=N ..." for the hypercalls made so far (none: native). */
 void pv_report(void) {
-    static const char *names[12] = { "version", "console", "set_shared", "irq_enable", "mmu_update", "set_cr3",
-                                     "flush_tlb", "timer", "read_time", "halt", "yield", "shutdown" };
+    static const char *names[HV_NOPS] = { "version", "console", "set_shared", "irq_enable", "mmu_update",
+                                          "set_cr3", "flush_tlb", "timer", "read_time", "halt", "yield",
+                                          "shutdown", "update_va" };
     if (!pv_detected())
         return;
+    if (pyvmm_ops.update_va == pv_hcpage)      /* made straight from pv_update_va/pv_set_pte_now's call sites */
+        hc_count[HV_OP_UPDATE_VA] = pv_uva_calls;
     kprintf("guestos: hypercalls");
-    for (int i = 0; i < 12; i++)
+    for (int i = 0; i < HV_NOPS; i++)
         if (hc_count[i])
             kprintf(" %s=%lu", names[i], hc_count[i]);
     kprintf("\n");

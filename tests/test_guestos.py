@@ -112,6 +112,23 @@ def test_benchmarks_report(image, engine, paravirt):
         ops, cycles = res.bench[name]
         assert ops == (3 if name == "forkwait" else 20) and cycles > 0, (name, why)
     assert res.tsc_khz > 0
+    if paravirt:                    # ptemod: one update_va (ABI 1.1) per change; page faults: one each
+        assert res.hypercalls["update_va"] >= 21 + 20, why
+
+
+def test_abi_10_pyvmm_gets_the_mmu_update_fallback(image, monkeypatch, capfd):
+    """A pyvmm without update_va (ABI 1.0: no feature bit 6): guestos keeps
+    its ABI 1.0 path (mmu_update + flush_tlb) and gives the same results."""
+    from pyvmm.cli.main import main
+    from pyvmm.paravirt import abi, install
+    monkeypatch.setattr(install, "offered_features", lambda engine: abi.FEATURES & ~abi.FEAT_UPDATE_VA)
+    code = main(guestos.pyvmm_command(image, "bt", True, guestos.cmdline(iters=20, forks=3))[3:])
+    out = capfd.readouterr().out
+    res = guestos.parse(out)
+    assert code == guestos.EXIT_OK and res.ok and res.done, out[-3000:]
+    assert [line for line in res.selftest if line.startswith("selftest: ")] == SELFTEST_LINES
+    assert "update_va" not in res.hypercalls and res.hypercalls["flush_tlb"] >= 21, res.hypercalls
+    assert set(res.bench) == set(guestos.BENCHES)
 
 
 def test_cmdline_and_parse():
@@ -130,8 +147,8 @@ def test_mmu_feature_withheld_only_on_shadow_paging_hw_hosts():
     from pyvmm.paravirt.install import offered_features
     assert offered_features("bt") == abi.FEATURES
     hw = offered_features("hw")
-    assert hw | abi.FEAT_MMU == abi.FEATURES
-    assert bool(hw & abi.FEAT_MMU) == (not hostfit.kernel_mode_emulated())
+    assert hw | abi.FEAT_MMU | abi.FEAT_UPDATE_VA == abi.FEATURES     # update_va is an MMU call
+    assert bool(hw & abi.FEAT_MMU) == bool(hw & abi.FEAT_UPDATE_VA) == (not hostfit.kernel_mode_emulated())
     assert abi.cpuid_leaves(features=hw)[abi.CPUID_BASE + 1][1] == hw
 
 

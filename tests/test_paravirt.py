@@ -72,7 +72,7 @@ def test_cpuid_leaves_carry_signature_version_and_msr():
     eax, ebx, ecx, edx = leaves[abi.CPUID_BASE]
     assert eax == abi.CPUID_BASE + 1
     assert b"".join(x.to_bytes(4, "little") for x in (ebx, ecx, edx)) == b"PyVMMPyVMMPy"
-    assert leaves[abi.CPUID_BASE + 1] == (0x10000, abi.FEATURES, abi.MSR_HYPERCALL_PAGE, abi.TIMER_IRQ)
+    assert leaves[abi.CPUID_BASE + 1] == (0x10001, abi.FEATURES, abi.MSR_HYPERCALL_PAGE, abi.TIMER_IRQ)
     assert abi.CPUID_BASE != 0x40000000   # KVM's own leaf stays where Linux looks
 
 
@@ -155,6 +155,33 @@ def test_mmu_update_errors_write_nothing(env):
     assert call(hv, abi.OP_MMU_UPDATE, 16 * MIB - 8, 1, 8) == -abi.EFAULT   # list outside RAM
 
 
+def test_update_va_generic(env):
+    """update_va through the engine-neutral dispatcher (hw's path): the
+    entry written, the engine told, the page flushed only with UVA_INVLPG."""
+    hv, mem, *_ = env
+    v = FakeVcpu()
+    assert call(hv, abi.OP_UPDATE_VA, 0x8008, 0x5003, 0x40_1000, abi.UVA_INVLPG, cpu=v) == 0
+    assert mem.read_u64(0x8008) == 0x5003 and v.tables == [0x8008] and v.flushed == [0x40_1000]
+    assert call(hv, abi.OP_UPDATE_VA, 0x8010, 0x6003, 0x40_2000, 0, cpu=v) == 0
+    assert mem.read_u64(0x8010) == 0x6003 and v.flushed == [0x40_1000]
+    assert call(hv, abi.OP_UPDATE_VA, 0x8004, 0x7003, 0, abi.UVA_PTE32, cpu=v) == 0
+    assert mem.read_u32(0x8004) == 0x7003 and mem.read_u32(0x8000) == 0
+    assert hv.stats()["calls"] == {"update_va": 3}
+
+
+def test_update_va_errors_write_nothing(env):
+    hv, mem, *_ = env
+    v = FakeVcpu()
+    assert call(hv, abi.OP_UPDATE_VA, 0x8000, 1, 0, 0x4, cpu=v) == -abi.EINVAL       # unknown flag
+    assert call(hv, abi.OP_UPDATE_VA, 0x8004, 1, 0, 0, cpu=v) == -abi.EFAULT         # misaligned
+    assert call(hv, abi.OP_UPDATE_VA, 0x8002, 1, 0, abi.UVA_PTE32, cpu=v) == -abi.EFAULT
+    assert call(hv, abi.OP_UPDATE_VA, 16 * MIB, 1, 0, 0, cpu=v) == -abi.EFAULT       # outside RAM
+    assert call(hv, abi.OP_UPDATE_VA, M64 - 7, 1, 0, abi.UVA_INVLPG, cpu=v) == -abi.EFAULT
+    assert call(hv, abi.OP_UPDATE_VA, 0x8000, 1, 0, 0, cpu=FakeVcpu(cpl=3)) == -abi.EPERM
+    assert mem.read(0x8000, 16) == bytes(16) and not v.tables and not v.flushed
+    assert hv.errors == 6
+
+
 def test_cr3_flush_time_yield_halt(env):
     hv, *_ = env
     v = FakeVcpu()
@@ -208,7 +235,8 @@ def run_guest(kernel: Path, engine: str, *extra: str) -> subprocess.CompletedPro
 CHECKS_ANY_HOST = ("cpuid_version", "msr", "version", "console", "console_efault", "console_einval",
                    "enosys", "shared", "shared_einval", "read_time", "yield", "timer_pending",
                    "irq_enable", "halt")
-CHECKS_PAGING = ("paging", "mmu_update", "mmu_update_errors", "set_cr3", "flush_all")
+CHECKS_PAGING = ("paging", "mmu_update", "mmu_update_errors", "set_cr3", "flush_all", "update_va",
+                 "update_va_errors")
 
 
 def kvm_runs_32bit_paging() -> bool:

@@ -1,4 +1,4 @@
-"""The pyvmm hypercall ABI, version 1.0, as data (docs/paravirt.md says it
+"""The pyvmm hypercall ABI, version 1.1, as data (docs/paravirt.md says it
 in prose).
 
 Discovery: CPUID leaf CPUID_BASE answers EAX = the highest pyvmm leaf and
@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1           # 1.1: update_va (FEAT_UPDATE_VA)
 VERSION = (VERSION_MAJOR << 16) | VERSION_MINOR
 
 CPUID_BASE = 0x40000100
@@ -48,7 +48,8 @@ FEAT_MMU = 1 << 2         # batched page-table updates, CR3 switch, TLB flush
 FEAT_TIMER = 1 << 3       # one-shot timer and time in the shared page
 FEAT_HALT = 1 << 4
 FEAT_SHUTDOWN = 1 << 5
-FEATURES = FEAT_CONSOLE | FEAT_VIRQ | FEAT_MMU | FEAT_TIMER | FEAT_HALT | FEAT_SHUTDOWN
+FEAT_UPDATE_VA = 1 << 6   # ABI 1.1: update_va (one PTE and its linear address's TLB entry)
+FEATURES = FEAT_CONSOLE | FEAT_VIRQ | FEAT_MMU | FEAT_TIMER | FEAT_HALT | FEAT_SHUTDOWN | FEAT_UPDATE_VA
 
 # Operations (RAX).
 OP_VERSION = 0          # () -> VERSION
@@ -63,18 +64,25 @@ OP_READ_TIME = 8        # () -> ns since the machine started
 OP_HALT = 9             # () -> 0 after the vCPU woke (sleeps until an interrupt)
 OP_YIELD = 10           # () -> 0
 OP_SHUTDOWN = 11        # (SHUTDOWN_POWEROFF | SHUTDOWN_RESET, exit status) -> does not return
-OP_COUNT = 12
+OP_UPDATE_VA = 12       # (pte gpa, value, linear address, UVA_* flags) -> 0   [ABI 1.1]
+OP_COUNT = 13
 
 OP_NAMES = {OP_VERSION: "version", OP_CONSOLE_WRITE: "console_write", OP_SET_SHARED: "set_shared",
             OP_IRQ_ENABLE: "irq_enable", OP_MMU_UPDATE: "mmu_update", OP_SET_CR3: "set_cr3",
             OP_FLUSH_TLB: "flush_tlb", OP_TIMER_ONESHOT: "timer_oneshot", OP_READ_TIME: "read_time",
-            OP_HALT: "halt", OP_YIELD: "yield", OP_SHUTDOWN: "shutdown"}
+            OP_HALT: "halt", OP_YIELD: "yield", OP_SHUTDOWN: "shutdown",
+            OP_UPDATE_VA: "update_va"}
 
 FLUSH_ALL = 0xFFFFFFFF          # as a 32-bit value; any value >= it flushes everything
 SHUTDOWN_POWEROFF = 0
 SHUTDOWN_RESET = 1
 CONSOLE_MAX = 4096              # one console write at most
 MMU_BATCH_MAX = 512             # entries in one mmu_update
+
+# update_va flags (RDI): the model is Xen's update_va_mapping with UVMF_INVLPG.
+UVA_INVLPG = 1 << 0             # also drop the linear address's translation on this vCPU
+UVA_PTE32 = 1 << 1              # a 4-byte entry (32-bit paging); else 8 bytes
+UVA_FLAGS = UVA_INVLPG | UVA_PTE32
 
 # errno values (Linux's numbers).
 EPERM = 1

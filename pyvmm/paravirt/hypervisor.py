@@ -74,6 +74,11 @@ class Hypervisor:
         self.page_msr: dict[int, int] = {}      # vCPU -> MSR value
         self.shared: dict[int, int] = {}        # vCPU -> shared page gpa
         self.counts = [0] * abi.OP_COUNT
+        # RAM at guest-physical 0 (the first region), for engines' fast paths
+        # that write a page-table entry in place (bt: engines/bt/pvcall.py)
+        r0 = memory.regions[0] if memory.regions and memory.regions[0].gpa == 0 else None
+        self.ram0 = r0.mm if r0 is not None else None
+        self.ram0_size = r0.size if r0 is not None else 0
         self.errors = 0
         self._timer: float | None = None        # when the one-shot timer fires (time.monotonic())
         self._timer_vcpu = 0
@@ -87,6 +92,7 @@ class Hypervisor:
             abi.OP_FLUSH_TLB: self._flush_tlb, abi.OP_TIMER_ONESHOT: self._timer_oneshot,
             abi.OP_READ_TIME: self._read_time, abi.OP_HALT: self._halt,
             abi.OP_YIELD: self._yield, abi.OP_SHUTDOWN: self._shutdown,
+            abi.OP_UPDATE_VA: self._update_va,
         }
 
     def __repr__(self) -> str:
@@ -117,23 +123,32 @@ class Hypervisor:
         """Runs the call in v's RAX and sets RAX to its result (returned too)."""
         op = v.reg("rax") & 0xFFFFFFFF
         if v.cpl() != 0:
-            result = abi.err(abi.EPERM)
+            result = self.failed(v, op, abi.err(abi.EPERM))
         else:
-            fn = self._handlers.get(op)
-            if fn is None:
-                result = abi.err(abi.ENOSYS)
-            else:
-                self.counts[op] += 1
-                args = [v.reg(r) for r in ("rbx", "rcx", "rsi", "rdi")]
-                try:
-                    result = fn(v, *args) & abi.MASK64
-                except GuestMemoryError:
-                    result = abi.err(abi.EFAULT)
-        if result >= 1 << 63:
-            self.errors += 1
-            log.debug("vcpu%d: hypercall %s: error %d", v.index, abi.OP_NAMES.get(op, op),
-                      result - (1 << 64))
+            result = self.call(v, op, v.reg("rbx"), v.reg("rcx"), v.reg("rsi"), v.reg("rdi"))
         v.set_result(result)
+        return result
+
+    def call(self, v: VcpuPort, op: int, a0: int, a1: int, a2: int, a3: int) -> int:
+        """Runs operation `op` for v (at CPL 0; the caller checked) with its
+        four arguments; returns the RAX value (the caller sets it).  An
+        engine with the registers at hand calls this instead of dispatch."""
+        fn = self._handlers.get(op)
+        if fn is None:
+            return self.failed(v, op, abi.err(abi.ENOSYS))
+        self.counts[op] += 1
+        try:
+            result = fn(v, a0, a1, a2, a3) & abi.MASK64
+        except GuestMemoryError:
+            result = abi.err(abi.EFAULT)
+        if result >= 1 << 63:
+            return self.failed(v, op, result)
+        return result
+
+    def failed(self, v: VcpuPort, op: int, result: int) -> int:
+        """Counts and logs an error result; returns it."""
+        self.errors += 1
+        log.debug("vcpu%d: hypercall %s: error %d", v.index, abi.OP_NAMES.get(op, op), result - (1 << 64))
         return result
 
     def _version(self, v, *_a) -> int:
@@ -196,6 +211,38 @@ class Hypervisor:
             pack(mm, off, value & mask)
         v.tables_written(list(ptrs))
         return count
+
+    def write_pte(self, ptr: int, value: int, flags: int) -> int:
+        """update_va's write: the `flags`-sized entry (UVA_PTE32: 4 bytes,
+        else 8) at guest-physical `ptr` takes `value`.  Returns 0, or the
+        error result (-EINVAL: unknown flags; -EFAULT: misaligned or outside
+        RAM, nothing written).  Raises nothing."""
+        if flags & ~abi.UVA_FLAGS:
+            return abi.err(abi.EINVAL)
+        size = 4 if flags & abi.UVA_PTE32 else 8
+        if ptr & (size - 1):
+            return abi.err(abi.EFAULT)
+        try:
+            mm, off = self.memory.locate(ptr, size)
+        except (GuestMemoryError, ValueError, OverflowError):
+            return abi.err(abi.EFAULT)
+        if size == 8:
+            _PACK64(mm, off, value & abi.MASK64)
+        else:
+            _PACK32(mm, off, value & 0xFFFFFFFF)
+        return 0
+
+    def _update_va(self, v, ptr, value, la, flags, *_a) -> int:
+        """update_va (engine-neutral form; bt takes engines/bt/pvcall.py's
+        fast path): one entry written, the shadow entries built from it
+        dropped, and with UVA_INVLPG the translation of `la` on this vCPU."""
+        r = self.write_pte(ptr, value, flags)
+        if r:
+            return r
+        v.tables_written([ptr])
+        if flags & abi.UVA_INVLPG:
+            v.flush_tlb(la & abi.MASK64)
+        return 0
 
     def _set_cr3(self, v, cr3, *_a) -> int:
         if not self.memory.is_ram(cr3 & ~0xFFF & abi.MASK64, abi.PAGE_SIZE):

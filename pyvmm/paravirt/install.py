@@ -60,7 +60,7 @@ def offered_features(engine: str) -> int:
     if engine == "hw":
         from ..engines.kvm import hostfit
         if hostfit.kernel_mode_emulated():
-            return abi.FEATURES & ~abi.FEAT_MMU
+            return abi.FEATURES & ~(abi.FEAT_MMU | abi.FEAT_UPDATE_VA)
     return abi.FEATURES
 
 

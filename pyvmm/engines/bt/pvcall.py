@@ -1,16 +1,26 @@
 """vmcall under bt: a direct call of pyvmm's hypercall dispatcher.
 
 The hypercall page under bt holds `vmcall; ret` (paravirt/hypercall_page.py).
-The translator emits vmcall as one helper call, PV_CALL(c), which hands the
-dispatcher this vCPU through BtVcpuPort; the block ends after it only when
-the call needs that (it loaded CR3, halted, may have raised an interrupt,
-or dropped a code mapping) - a page-table update loop stays in one block.  A CPU with no dispatcher attached (c.pv
-is None, the default) raises #UD, as vmcall does outside VMX operation."""
+The translator emits vmcall as one helper call, PV_CALL(c) (pv_call): it
+takes the arguments straight from the registers - update_va (ABI 1.1)
+without any dispatcher layer, the others through Hypervisor.call with a
+BtVcpuPort for what only the engine can do - and runs the page's `ret` in
+the same call when it follows, so calling the page costs one translated
+block.  The block ends after it only when the call needs that (it loaded
+CR3, halted, may have raised an interrupt, or dropped a code mapping).
+Page-table writes drop exactly the shadow entries built from the written
+entries (PageGuard.rmap), with no write-protection fault, out-of-sync page
+or resync, and keep the jump cache unless a fetch mapping went.  A CPU
+with no dispatcher attached (c.pv is None, the default) raises #UD, as
+vmcall does outside VMX operation."""
 
 from __future__ import annotations
 
+import struct
+
 import iced_x86 as X
 
+from ...paravirt import abi
 from .faults import UD, GuestFault
 from .gen import Gen
 
@@ -44,60 +54,29 @@ class BtVcpuPort:
         self.ends = True
 
     def flush_tlb(self, la: int | None) -> None:
-        mmu = self.c.mmu
+        c = self.c
         if la is None:
-            mmu.flush()
-            self.c.jmp.clear()
+            mmu = c.mmu
+            if mmu.shadow:
+                # as a CR4.PGE toggle: global entries and out-of-sync tables;
+                # the shadow spaces stay (write tracking and the precise drops
+                # of mmu_update/update_va keep them coherent), so a flush does
+                # not make every page of every space walk again
+                mmu.tlb_flush()
+            else:
+                mmu.flush()
+                c.jmp.clear()
             self.ends = True
-        else:
-            # invlpg, keeping the jump cache unless the page had a fetch
-            # mapping (mmu.invlpg clears it always: a page-table update loop
-            # would retranslate-lookup every block after each flush)
-            vpn = la >> 12
-            code = False
-            for tr, tw, tx in mmu.pairs:
-                tr.pop(vpn, None)
-                tw.pop(vpn, None)
-                code |= tx.pop(vpn, None) is not None
-            mmu.globals.invlpg(vpn, mmu.spaces.values())   # a shared global entry goes too, as invlpg's
-            if code:
-                self.c.jmp.clear()
-                self.ends = True
+        elif _invlpg(c.mmu, la >> 12):
+            c.jmp.clear()
+            self.ends = True
 
     def tables_written(self, gpas: list[int]) -> None:
-        """Drops the shadow entries built from exactly the written entries
-        (a guard that records them per entry offset), else everything built
-        from the written pages; the jump cache only when a fetch mapping went."""
-        guard = self.c.mmu.guard
-        if guard is None:
-            return
-        pages = guard.table_pages
-        rmap = getattr(guard, "rmap", {})
-        snaps = getattr(guard, "snaps", {})
-        code = False
-        for g in gpas:
-            ppn = g >> 12
-            if ppn not in pages:
-                continue
-            slots = rmap.get(ppn)
-            if not isinstance(slots, dict):      # a guard that tracks whole pages only
-                guard.table_written(ppn)
-                code = True
-                continue
-            off = g & 0xFF8
-            for o in (off, off | 4):
-                lst = slots.pop(o, None)
-                if lst:
-                    code |= guard._drop(lst)
-            snap = snaps.get(ppn)
-            if snap is not None:                 # the copy follows: a later resync sees no change here
-                snap.data[off:off + 8] = snap.mm[snap.off + off:snap.off + off + 8]
-        if code:
+        """Drops the shadow entries built from exactly the written entries;
+        the jump cache only when a fetch mapping went."""
+        if _entries_written(self.c.mmu.guard, gpas, 8, self.c.mmu):
             self.c.jmp.clear()
             self.ends = True
-            clear = getattr(guard, "_clear_jmp", None)
-            if clear is not None:
-                clear()
 
     def halt(self) -> None:
         self.c.rf |= 0x200          # sti; hlt in one step: no lost wake-up
@@ -105,34 +84,225 @@ class BtVcpuPort:
         self.ends = True
 
 
+def _invlpg(mmu, vpn: int) -> bool:
+    """invlpg of one page in mmu's current space (a shared global entry goes
+    too, as invlpg's); True when it had a fetch mapping.  Unlike mmu.invlpg
+    it keeps the jump cache, which the caller clears only on True (a
+    page-table update loop would re-look-up every block after each flush)."""
+    code = False
+    for tr, tw, tx in mmu.pairs:
+        tr.pop(vpn, None)
+        tw.pop(vpn, None)
+        code |= tx.pop(vpn, None) is not None
+    mmu.globals.invlpg(vpn, mmu.spaces.values())
+    return code
+
+
+def _drop_pairs(guard, pairs, hit: list) -> None:
+    """Drops the shadow entries `pairs` ((maps, vpn) as PageGuard.rmap lists
+    them); the maps that lost a fetch mapping are appended to `hit`."""
+    for maps, vpn in pairs:
+        tr, tw, tx = maps
+        if tr.pop(vpn, None) is not None:
+            guard.resyncs += 1
+        tw.pop(vpn, None)
+        if tx.pop(vpn, None) is not None:
+            hit.append(maps)
+
+
+def _entries_written(guard, gpas, size: int, mmu) -> bool:
+    """pyvmm wrote the `size`-byte page-table entries at `gpas`: drops the
+    shadow entries built from exactly those entries (PageGuard.rmap keeps
+    them per entry offset) and makes the page's copy follow, so a later
+    resync of an out-of-sync page sees no change there; blocks translated
+    from a written page go too.  The page keeps its guard state: no
+    write-protection fault, no resync is involved.
+
+    A vCPU's jump cache only holds blocks for its current maps (a switch of
+    space or CPL clears it), so it is cleared only when a fetch mapping of
+    those maps went - a dying process's code mappings dropped from the
+    kernel's space leave it alone, unlike PageGuard's drops.  True when
+    that happened on `mmu` (or a code page was written): the caller clears
+    its jump cache and ends the block."""
+    if guard is None:
+        return False
+    rmap, snaps = guard.rmap, guard.snaps
+    code = False
+    hit: list = []
+    for g in gpas:
+        if g >> 12 in guard.code_pages:  # an entry written over translated code
+            guard.code_written(g >> 12)
+            code = True
+        slots = rmap.get(g >> 12)
+        if slots is None:               # no shadow entry was built from this page
+            continue
+        off = g & 0xFF8
+        lst = slots.pop(off, None)      # an 8-byte entry, or a 4-byte one's low half
+        if lst:
+            _drop_pairs(guard, lst, hit)
+        lst = slots.pop(off | 4, None) if size == 8 or g & 4 else None
+        if lst:
+            _drop_pairs(guard, lst, hit)
+        snap = snaps.get(g >> 12)
+        if snap is not None:
+            snap.data[off:off + 8] = snap.mm[snap.off + off:snap.off + off + 8]
+    if hit:
+        code |= _clear_jmps(guard, hit, mmu)
+    return code
+
+
+def _clear_jmps(guard, hit: list, mmu) -> bool:
+    """Clears the jump cache of each vCPU whose current maps are in `hit`;
+    True when mmu's was among them."""
+    mine = False
+    for m in guard.mmus:
+        cur = m.maps
+        if any(h is cur for h in hit):
+            m.jmp.clear()
+            mine |= m is mmu
+    return mine
+
+
+def _entries_written_lists(guard, lists, mmu) -> bool:
+    """Drops the shadow entries of the rmap lists `lists` (already taken out
+    of the rmap); as _entries_written's result."""
+    hit: list = []
+    for lst in lists:
+        _drop_pairs(guard, lst, hit)
+    return _clear_jmps(guard, hit, mmu) if hit else False
+
+
+def _update_va(c, hv, R) -> bool:
+    """OP_UPDATE_VA without the generic layers: the entry written (in place
+    for the common case - an 8-byte entry in the first RAM region, with
+    UVA_INVLPG - else through Hypervisor.write_pte, which checks
+    everything), the shadow entries built from it dropped, and (UVA_INVLPG)
+    the page's translation on this vCPU; the jump cache and the block
+    survive unless a fetch mapping went.  True when the block must end."""
+    ptr = R[3]
+    flags = R[7]
+    if flags == _INVLPG and not ptr & 7 and ptr < hv.ram0_size - 7:
+        _PACK64(hv.ram0, ptr, R[1])
+    else:
+        r = hv.write_pte(ptr, R[1], flags)
+        if r:
+            hv.errors += 1
+            R[0] = r if c.mode[0] == 64 else r & 0xFFFFFFFF
+            return False
+    R[0] = 0
+    mmu = c.mmu
+    guard = mmu.guard
+    code = False
+    if guard is not None:
+        p = ptr >> 12
+        slots = guard.rmap.get(p)
+        if p in guard.code_pages or (slots is not None and flags & _PTE32):
+            code = _entries_written(guard, (ptr,), 4 if flags & _PTE32 else 8, mmu)
+        elif slots is not None:         # _entries_written for one 8-byte entry, inline
+            off = ptr & 0xFF8
+            a = slots.pop(off, None)
+            b = slots.pop(off | 4, None)
+            if a or b:
+                code = _entries_written_lists(guard, (a or (), b or ()), mmu)
+            snap = guard.snaps.get(p)
+            if snap is not None:
+                _PACK64(snap.data, off, R[1] & 0xFFFFFFFFFFFFFFFF)
+    if flags & _INVLPG:
+        vpn = R[6] >> 12
+        (tr, tw, tx), (ur, uw, ux) = mmu.pairs
+        if vpn in tr:
+            del tr[vpn]
+            tw.pop(vpn, None)
+        if vpn in ur:
+            del ur[vpn]
+            uw.pop(vpn, None)
+        if vpn in tx or vpn in ux:
+            tx.pop(vpn, None)
+            ux.pop(vpn, None)
+            code = True
+        if mmu.pge:                     # global entries exist only with CR4.PGE
+            g = mmu.globals.pairs
+            if vpn in g[0][0] or vpn in g[0][2] or vpn in g[1][0] or vpn in g[1][2]:
+                mmu.globals.invlpg(vpn, mmu.spaces.values())
+    if code:
+        c.jmp.clear()
+        return True
+    return bool(c.pending)
+
+
 # Calls after which the block always ends: they may raise an interrupt,
 # stop the machine or change what the vCPU sees.
 _ENDS_BLOCK = frozenset({2, 3, 5, 9, 11})   # set_shared, irq_enable, set_cr3, halt, shutdown
+_OP_UPDATE_VA = abi.OP_UPDATE_VA
+_INVLPG, _PTE32 = abi.UVA_INVLPG, abi.UVA_PTE32
+_PACK64 = struct.Struct("<Q").pack_into
+_U64 = struct.Struct("<Q").unpack_from
 
 
-def pv_call(c) -> bool:
+def _call(c, hv, R) -> bool:
     """Runs the hypercall in c's registers; True when the translated block
     must end after it (CR3, halt, an interrupt, a dropped code mapping...).
-    Raises GuestFault(#UD) without PV."""
-    hv = getattr(c, "pv", None)
-    if hv is None:
-        raise GuestFault(UD)
+    Every call but update_va from CPL 0 (pv_call runs that itself) goes to
+    Hypervisor.call with the registers (CPL > 0: dispatch, -EPERM)."""
+    op = R[0] & 0xFFFFFFFF
     port = getattr(c, "pv_port", None)
     if port is None:
         port = c.pv_port = BtVcpuPort(c)
-    port.ends = (c.R[0] & 0xFFFFFFFF) in _ENDS_BLOCK
-    hv.dispatch(port)
+    port.ends = op in _ENDS_BLOCK
+    if c.cpl:
+        hv.dispatch(port)
+    else:
+        r = hv.call(port, op, R[3], R[1], R[6], R[7])
+        R[0] = r if c.mode[0] == 64 else r & 0xFFFFFFFF
     return port.ends or c.pending or c.halted
 
 
+def pv_call(c) -> int:
+    """The translated vmcall: runs the hypercall and, when the next
+    instruction is a plain 64-bit `ret` (0xC3, as pyvmm's hypercall page
+    has it; read through the current fetch mapping, so a guest that rewrote
+    the page or switched to a space without it is seen) whose stack slot is
+    mapped and holds a canonical address, that ret too: the call and the
+    return in one block.  Returns 0 when the block may go on after the
+    vmcall, else the RIP to leave it at (the return address, or the
+    vmcall's successor when the call must end the block).  Raises
+    GuestFault(#UD) without PV."""
+    hv = getattr(c, "pv", None)
+    if hv is None:
+        raise GuestFault(UD)
+    R = c.R
+    rip = c.rip
+    if R[0] == _OP_UPDATE_VA and not c.cpl:
+        hv.counts[_OP_UPDATE_VA] += 1
+        ends = _update_va(c, hv, R)
+    else:
+        ends = _call(c, hv, R)
+    if c.mode[0] == 64:
+        mmu = c.mmu
+        la = (c.sb[1] + rip) & c.ipmask
+        ppn = mmu.tx.get(la >> 12)
+        if ppn is not None and la & 0xFFF <= 0xFFC:
+            pa = (ppn << 12) | ((la & 0xFFF) + 3)
+            sp = R[4]
+            e = mmu.tr.get(sp >> 12)
+            if pa < hv.ram0_size and hv.ram0[pa] == 0xC3 and e is not None and sp & 0xFFF <= 0xFF8:
+                ret = _U64(e[0], e[1] + (sp & 0xFFF))[0]
+                if ret < 0x800000000000 or ret >= 0xFFFF800000000000:   # else the real ret's #GP
+                    R[4] = (sp + 8) & 0xFFFFFFFFFFFFFFFF
+                    c.icount += 1
+                    return ret
+    return rip + 3 if ends else 0
+
+
 def _vmcall(g: Gen) -> None:
-    """A call of the dispatcher; the block goes on after it unless the call
-    says otherwise (most MMU calls leave the block's assumptions intact)."""
+    """A call of the dispatcher (with the page's ret when it follows); the
+    block goes on after it unless the call says otherwise (most MMU calls
+    leave the block's assumptions intact)."""
     from .ctrl import _exit
-    g.helper("pv_end = PV_CALL(c)")
-    g.emit("if pv_end:")
+    g.helper("pv_rip = PV_CALL(c)")
+    g.emit("if pv_rip:")
     g.ind += 1
-    _exit(g, f"{g.ins.next_ip:#x}")
+    _exit(g, "pv_rip")
     g.ind -= 1
     g.ends = False
 

@@ -19,6 +19,8 @@
     .equ OP_HALT, 9
     .equ OP_YIELD, 10
     .equ OP_SHUTDOWN, 11
+    .equ OP_UPDATE_VA, 12
+    .equ UVA_INVLPG, 1
     .equ EFAULT, -14
     .equ EINVAL, -22
     .equ ENOSYS, -38
@@ -56,7 +58,7 @@ _start:
     call puts
     leal 1(%ebp), %eax
     cpuid
-    cmpl $0x10000, %eax
+    cmpl $0x10001, %eax             # ABI 1.1 (feature bit 6, update_va, only where bit 2 is offered)
     sete %al
     movl $m_cpuidver, %esi
     call check
@@ -74,7 +76,7 @@ _start:
     # --- version
     movl $OP_VERSION, %eax
     call hcpage
-    cmpl $0x10000, %eax
+    cmpl $0x10001, %eax
     sete %al
     movl $m_version, %esi
     call check
@@ -282,6 +284,45 @@ _start:
     sete %al
     movl $m_flushall, %esi
     call check
+    # update_va: TESTVA (hot, page_a through pt2) -> page_b in one call
+    cmpl $0x41414141, TESTVA
+    jne 9f
+    movl $OP_UPDATE_VA, %eax
+    movl $pt2, %ebx
+    movl $page_b+3, %ecx
+    movl $TESTVA, %esi
+    movl $UVA_INVLPG, %edi
+    call hcpage
+    testl %eax, %eax
+    jnz 9f
+    cmpl $0x42424242, TESTVA
+9:  sete %al
+    movl $m_uva, %esi
+    call check
+    # bad flags, a misaligned entry, an entry outside RAM: errors, nothing written
+    movl $OP_UPDATE_VA, %eax
+    movl $pt2, %ebx
+    movl $page_a+3, %ecx
+    movl $TESTVA, %esi
+    movl $0x80, %edi
+    call hcpage
+    cmpl $EINVAL, %eax
+    jne 10f
+    movl $OP_UPDATE_VA, %eax
+    movl $pt2+4, %ebx
+    movl $UVA_INVLPG, %edi
+    call hcpage
+    cmpl $EFAULT, %eax
+    jne 10f
+    movl $OP_UPDATE_VA, %eax
+    movl $0xF0000000, %ebx
+    call hcpage
+    cmpl $EFAULT, %eax
+    jne 10f
+    cmpl $0x42424242, TESTVA
+10: sete %al
+    movl $m_uva_bad, %esi
+    call check
     cli
     movl $m_done, %esi
     call puts
@@ -379,6 +420,8 @@ m_mmu: .asciz "mmu_update="
 m_mmu_bad: .asciz "mmu_update_errors="
 m_cr3: .asciz "set_cr3="
 m_flushall: .asciz "flush_all="
+m_uva: .asciz "update_va="
+m_uva_bad: .asciz "update_va_errors="
 m_time: .asciz "read_time="
 m_yield: .asciz "yield="
 m_pending: .asciz "timer_pending="
