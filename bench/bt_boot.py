@@ -142,7 +142,9 @@ def run_bt(mmu: str, timeout: float, extra_append: str, deterministic: bool,
     """One bt boot: seconds and instructions to the marker, then forkwait."""
     stats = tempfile.NamedTemporaryFile(suffix=".json", delete=False)
     stats.close()
-    cmd = ["run", "--engine", "bt", "--mmu", mmu, "--no-reboot", "--mem", "512M",
+    # --no-bt-cache: every run translates afresh, as runs did before the
+    # block store, so shadow and nested (and earlier runs) compare like for like.
+    cmd = ["run", "--engine", "bt", "--mmu", mmu, "--no-reboot", "--mem", "512M", "--no-bt-cache",
            "--append", f"{CMDLINE} {extra_append}".strip(), "--stats-json", stats.name]
     if kernel is not None:
         cmd += ["--kernel", kernel]
