@@ -55,11 +55,12 @@ _FWD_KEEP = frozenset({_M.ADD, _M.SUB, _M.ADC, _M.SBB, _M.AND, _M.OR, _M.XOR, _M
 _SP = frozenset({X.Register.RSP, X.Register.ESP, X.Register.SP, X.Register.SPL})
 _NEAR = (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64)
 _SYNC_OUT = "#SYNC_OUT"
-# The left side of anything that may be an assignment in generated code
-# (plain, augmented, tuple; a comparison like `<=` is over-counted, which
-# only writes back a register more), and the block locals r<n> in it.
-_ASSIGN = re.compile(r"(?:^|[;:])([^;:=\n]*?)=(?!=)", re.M)
-_REG_NUM = re.compile(r"\br(\d+)\b")
+# Block locals r<n> (one, or a tuple of them) that start a statement of
+# generated code: every register assignment does, and counting a statement
+# that only reads one costs a write-back more, nothing else.  A cheap
+# pattern: it runs over every block's source.
+_ASSIGNED = re.compile(r"[\n;:] *(r\d+(?:, r\d+)*)[ ,=]")
+_REG_NUM = re.compile(r"\d+")
 _SYNC_IN = "#SYNC_IN"
 
 
@@ -492,7 +493,7 @@ class Translator:
         # Exits write back only registers the block assigns somewhere (a
         # loop may come back to an exit after a later write, so "somewhere",
         # not "so far"); a read-only register still equals R[n].
-        written = {int(n) for m in _ASSIGN.finditer("\n".join(g.lines)) for n in _REG_NUM.findall(m.group(1))}
+        written = {int(n) for m in _ASSIGNED.findall("\n" + "\n".join(g.lines)) for n in _REG_NUM.findall(m)}
         wback = [n for n in regs if n in written]
         binds = sorted(g.binds)
         out = ["def blk(c):", "    R = c.R"]
