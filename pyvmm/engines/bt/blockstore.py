@@ -19,8 +19,9 @@ B-tree lookup), the whole key (compared on load) and the marshalled
 The store is one SQLite file per translator version (a digest of the bt
 package's sources, Python's bytecode tag and iced-x86's version), so any
 change to the translator starts an empty store; files of other versions
-are removed once they are an hour old.  Everything here is best effort:
-an unreadable or locked store only costs speed, never correctness."""
+are removed once they are an hour old.  New rows go to SQLite from a
+thread of their own.  Everything here is best effort: an unreadable or
+locked store only costs speed, never correctness."""
 
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ import hashlib
 import logging
 import marshal
 import os
+import queue
 import sqlite3
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,9 +82,49 @@ def _row_id(key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
 
 
+class _Writer(threading.Thread):
+    """Writes batches of rows with its own connection, so SQLite's work
+    (which releases the GIL) overlaps the vCPU thread's."""
+
+    def __init__(self, path: Path):
+        super().__init__(name="bt-block-store", daemon=True)
+        self.path = path
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.written = 0
+
+    def run(self) -> None:
+        try:
+            db = sqlite3.connect(str(self.path), timeout=2.0, isolation_level=None)
+            db.execute("PRAGMA synchronous=OFF")
+        except sqlite3.Error as e:
+            log.debug("bt block store: no writer: %s", e)
+            db = None
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                break
+            if db is None:
+                continue
+            try:
+                db.execute("BEGIN")
+                db.executemany("INSERT OR IGNORE INTO blocks (id, k, v) VALUES (?, ?, ?)", batch)
+                db.execute("COMMIT")
+                self.written += len(batch)
+            except sqlite3.Error as e:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                log.debug("bt block store: %d blocks not written: %s", len(batch), e)
+        if db is not None:
+            db.close()
+
+
 class BlockStore:
     """One version's store file.  get/put never raise: a failing store turns
-    itself off and logs why once."""
+    itself off and logs why once.  Rows are written by a thread of their
+    own (close() waits for it); the ids present when the store was opened
+    are read at once, so a block that is not there costs no query."""
 
     def __init__(self, directory: Path | str, tag: str | None = None, max_bytes: int = MAX_BYTES):
         self.directory = Path(directory)
@@ -90,34 +133,43 @@ class BlockStore:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
-        self.written = 0
+        self._ids: set[int] = set()
         self._pending: list[tuple[int, bytes, bytes]] = []
         self._db: sqlite3.Connection | None = None
+        self._writer: _Writer | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
             if self.path.exists() and self.path.stat().st_size > max_bytes:
                 log.info("bt block store %s is over %d MiB; starting afresh", self.path, max_bytes >> 20)
                 self._unlink(self.path)
-            self._db = sqlite3.connect(str(self.path), timeout=2.0, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
+            self._db = sqlite3.connect(str(self.path), timeout=2.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")       # the writer thread and readers side by side
             self._db.execute(f"PRAGMA mmap_size={max_bytes}")     # reads without a copy per page
             self._db.execute("CREATE TABLE IF NOT EXISTS blocks (id INTEGER PRIMARY KEY, k BLOB, v BLOB)")
+            self._ids = {row[0] for row in self._db.execute("SELECT id FROM blocks")}
         except (OSError, sqlite3.Error) as e:
             self._disable(f"cannot open {self.path}: {e}")
+            return
+        self._writer = _Writer(self.path)
+        self._writer.start()
 
     @property
     def enabled(self) -> bool:
         return self._db is not None
 
+    @property
+    def written(self) -> int:
+        return self._writer.written if self._writer is not None else 0
+
     def get(self, key: bytes):
         """(next-page bytes or None, crosses, code object) or None."""
-        if self._db is None:
+        rid = _row_id(key)
+        if self._db is None or rid not in self._ids:
+            self.misses += 1
             return None
         try:
-            row = self._db.execute("SELECT k, v FROM blocks WHERE id = ?", (_row_id(key),)).fetchone()
+            row = self._db.execute("SELECT k, v FROM blocks WHERE id = ?", (rid,)).fetchone()
             if row is None or row[0] != key:
                 self.misses += 1
                 return None
@@ -131,29 +183,25 @@ class BlockStore:
     def put(self, key: bytes, ext: bytes | None, crosses: bool, code) -> None:
         if self._db is None:
             return
-        self._pending.append((_row_id(key), key, marshal.dumps((ext, crosses, code))))
+        rid = _row_id(key)
+        self._ids.add(rid)
+        self._pending.append((rid, key, marshal.dumps((ext, crosses, code))))
         if len(self._pending) >= _BATCH:
             self.flush()
 
     def flush(self) -> None:
-        """Writes the blocks put since the last flush (one transaction)."""
-        if self._db is None or not self._pending:
+        """Hands the blocks put since the last flush to the writer."""
+        if self._writer is None or not self._pending:
             return
         batch, self._pending = self._pending, []
-        try:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blocks (id, k, v) VALUES (?, ?, ?)", batch)
-            self._db.execute("COMMIT")
-            self.written += len(batch)
-        except sqlite3.Error as e:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            log.debug("bt block store: %d blocks not written: %s", len(batch), e)
+        self._writer.queue.put(batch)
 
     def close(self) -> None:
+        """Writes what is pending and waits (a while) for the writer."""
         self.flush()
+        if self._writer is not None:
+            self._writer.queue.put(None)
+            self._writer.join(timeout=60)
         if self._db is not None:
             try:
                 self._db.close()
@@ -167,6 +215,10 @@ class BlockStore:
     # -- housekeeping --------------------------------------------------------
     def _disable(self, why: str) -> None:
         log.warning("bt block store off: %s", why)
+        if self._writer is not None:
+            self._pending = []
+            self._writer.queue.put(None)
+            self._writer = None
         if self._db is not None:
             try:
                 self._db.close()
