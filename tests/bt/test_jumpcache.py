@@ -62,3 +62,31 @@ def test_few_caches_are_kept():
     for i, m in enumerate(maps[1:], 1):
         cur = jc.switch(cur, USER, maps[i - 1], USER, m, 0, True)
         assert len(jc.saved) <= LIMIT
+
+
+def test_a_vcpu_switching_cache_ends_its_block_loop():
+    """run_blocks holds the cache it started with: a switch mid-loop must
+    end the loop (pending), or lookups of the new mode would land in the
+    old mode's cache."""
+    from pyvmm.boot.entry import long_mode_64
+    from pyvmm.bus import Bus
+    from pyvmm.engines.bt.engine import BtCpu
+    from pyvmm.engines.bt.shadow import PageGuard
+    from pyvmm.memory import GuestMemory
+    mem = GuestMemory(8 << 20)
+    c = BtCpu(mem, Bus("io"), Bus("mmio"), PageGuard(), shadow=True)
+    try:
+        c.load(long_mode_64(mem, 0x100000))
+        kernel_cache = c.jmp
+        kernel_cache[0x100000] = "kernel block"
+        c.pending = False
+        c.cpl = 3                          # what a return to user mode changes
+        c.update_mode()
+        assert c.jmp is not kernel_cache and c.mmu.jmp is c.jmp
+        assert c.pending
+        c.pending = False
+        c.cpl = 0
+        c.update_mode()
+        assert c.jmp is kernel_cache and c.jmp[0x100000] == "kernel block" and c.pending
+    finally:
+        c.detach()

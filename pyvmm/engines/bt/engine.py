@@ -61,7 +61,10 @@ class BtCpu(VCpu):
         finally:
             same_maps = m.tlb_flushes == flushes and m.shadow
             if not (self.mode == mode and m.maps is maps and same_maps):
-                keep = self.jumps.switch(keep, mode, maps, self.mode, m.maps, m.tlb_flushes, same_maps)
+                cache = self.jumps.switch(keep, mode, maps, self.mode, m.maps, m.tlb_flushes, same_maps)
+                if cache is not keep:
+                    self.pending = True     # run_blocks holds the old cache: end its loop
+                keep = cache
             self.jmp = m.jmp = keep
 
     def _code_written(self, ppn: int) -> None:
