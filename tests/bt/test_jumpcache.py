@@ -64,10 +64,9 @@ def test_few_caches_are_kept():
         assert len(jc.saved) <= LIMIT
 
 
-def test_a_vcpu_switching_cache_ends_its_block_loop():
-    """run_blocks holds the cache it started with: a switch mid-loop must
-    end the loop (pending), or lookups of the new mode would land in the
-    old mode's cache."""
+def test_blocks_after_a_switch_are_filed_in_the_new_cache():
+    """run_blocks must look blocks up in the cache of the mode the previous
+    block left the vCPU in, not in the one it started with."""
     from pyvmm.boot.entry import long_mode_64
     from pyvmm.bus import Bus
     from pyvmm.engines.bt.engine import BtCpu
@@ -78,15 +77,18 @@ def test_a_vcpu_switching_cache_ends_its_block_loop():
     try:
         c.load(long_mode_64(mem, 0x100000))
         kernel_cache = c.jmp
-        kernel_cache[0x100000] = "kernel block"
-        c.pending = False
-        c.cpl = 3                          # what a return to user mode changes
-        c.update_mode()
-        assert c.jmp is not kernel_cache and c.mmu.jmp is c.jmp
-        assert c.pending
-        c.pending = False
-        c.cpl = 0
-        c.update_mode()
-        assert c.jmp is kernel_cache and c.jmp[0x100000] == "kernel block" and c.pending
+
+        def to_user(cpu):                 # what a sysret does to the vCPU
+            cpu.cpl = 3
+            cpu.update_mode()
+            cpu.rip = 0x2000
+
+        def stop(cpu):
+            cpu.halted = True
+        kernel_cache[0x100000] = to_user
+        c.translator.lookup = lambda single=False: stop
+        c.run_blocks(5)
+        assert c.halted and c.jmp is not kernel_cache
+        assert c.jmp[0x2000] is stop and 0x2000 not in kernel_cache
     finally:
         c.detach()

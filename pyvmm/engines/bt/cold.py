@@ -196,7 +196,7 @@ def cold_block(steps: list, start_la: int, hot_after: int, promote):
     order.  The loop leaves after a step that went elsewhere (a taken
     branch, a fault raised through), asked the dispatcher for attention
     (pending) or changed what translations depend on (the vCPU's block
-    lookup cache was cleared: mode, address space, code writes).  After
+    lookup cache was cleared or swapped: mode, address space, code writes).  After
     `hot_after` runs, promote(runner) returns the compiled block, which
     runs from then on."""
     left = hot_after
@@ -210,7 +210,7 @@ def cold_block(steps: list, start_la: int, hot_after: int, promote):
         jmp = c.jmp
         for f, nxt in steps:
             f(c)
-            if c.rip != nxt or c.pending or not jmp:
+            if c.rip != nxt or c.pending or jmp is not c.jmp or not jmp:
                 return
     run.cold = True
     return run

@@ -61,10 +61,7 @@ class BtCpu(VCpu):
         finally:
             same_maps = m.tlb_flushes == flushes and m.shadow
             if not (self.mode == mode and m.maps is maps and same_maps):
-                cache = self.jumps.switch(keep, mode, maps, self.mode, m.maps, m.tlb_flushes, same_maps)
-                if cache is not keep:
-                    self.pending = True     # run_blocks holds the old cache: end its loop
-                keep = cache
+                keep = self.jumps.switch(keep, mode, maps, self.mode, m.maps, m.tlb_flushes, same_maps)
             self.jmp = m.jmp = keep
 
     def _code_written(self, ppn: int) -> None:
@@ -118,11 +115,12 @@ class BtCpu(VCpu):
     def run_blocks(self, count: int) -> None:
         """Runs up to `count` blocks, stopping early at HLT or when asked
         (pending). Guest exceptions are delivered; raises TripleFault."""
-        jmp, sb, lookup = self.jmp, self.sb, self.translator.lookup
+        sb, lookup = self.sb, self.translator.lookup
         t0 = time.perf_counter_ns()
         try:
             for _ in range(count):
                 la = (sb[1] + self.rip) & self.ipmask
+                jmp = self.jmp          # a mode switch may have swapped it (jumpcache.py)
                 fn = jmp.get(la)
                 if fn is None:
                     fn = jmp[la] = lookup()
