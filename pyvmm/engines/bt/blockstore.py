@@ -12,8 +12,9 @@ translations on disk the same way.
 Keys: linear start, mode (bits, stack bits, CPL), single-instruction flag
 and a digest of the whole 4 KiB code page the decoder read.  A block whose
 trace read into the next page also stores those bytes, compared on load.
-Rows: the key's first 8 bytes as SQLite's integer row id (small rows, one
-B-tree lookup), the whole key (compared on load) and the marshalled
+Rows: 8 bytes of the key's digest as SQLite's integer row id, the page
+digest (the first block wanted from a page fetches all of that page's
+rows in one query), the whole key (compared on load) and the marshalled
 (next-page bytes or None, crosses, module code object).
 
 The store is one SQLite file per translator version (a digest of the bt
@@ -72,7 +73,8 @@ def version_tag() -> str:
 
 
 def block_key(la: int, mode: tuple[int, int, int], single: bool, page: bytes) -> bytes:
-    """The store key of the block at linear la decoded from code page `page`."""
+    """The store key of the block at linear la decoded from code page `page`
+    (it ends with the page's 16-byte digest, which BlockStore groups rows by)."""
     bits, sbits, cpl = mode
     return _KEY.pack(la, bits, sbits, cpl, single) + hashlib.blake2b(page, digest_size=16).digest()
 
@@ -107,7 +109,7 @@ class _Writer(threading.Thread):
                 continue
             try:
                 db.execute("BEGIN")
-                db.executemany("INSERT OR IGNORE INTO blocks (id, k, v) VALUES (?, ?, ?)", batch)
+                db.executemany("INSERT OR IGNORE INTO blocks (id, page, k, v) VALUES (?, ?, ?, ?)", batch)
                 db.execute("COMMIT")
                 self.written += len(batch)
             except sqlite3.Error as e:
@@ -134,7 +136,8 @@ class BlockStore:
         self.hits = 0
         self.misses = 0
         self._ids: set[int] = set()
-        self._pending: list[tuple[int, bytes, bytes]] = []
+        self._pending: list[tuple[int, bytes, bytes, bytes]] = []
+        self._pages: dict[bytes, dict] = {}   # page digest -> rows of it not loaded yet
         self._db: sqlite3.Connection | None = None
         self._writer: _Writer | None = None
         try:
@@ -146,7 +149,8 @@ class BlockStore:
             self._db = sqlite3.connect(str(self.path), timeout=2.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")       # the writer thread and readers side by side
             self._db.execute(f"PRAGMA mmap_size={max_bytes}")     # reads without a copy per page
-            self._db.execute("CREATE TABLE IF NOT EXISTS blocks (id INTEGER PRIMARY KEY, k BLOB, v BLOB)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS blocks (id INTEGER PRIMARY KEY, page BLOB, k BLOB, v BLOB)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS blocks_by_page ON blocks (page)")
             self._ids = {row[0] for row in self._db.execute("SELECT id FROM blocks")}
         except (OSError, sqlite3.Error) as e:
             self._disable(f"cannot open {self.path}: {e}")
@@ -169,7 +173,14 @@ class BlockStore:
             self.misses += 1
             return None
         try:
-            row = self._db.execute("SELECT k, v FROM blocks WHERE id = ?", (rid,)).fetchone()
+            page = key[-16:]
+            rows = self._pages.get(page)
+            if rows is None:        # the first block of a code page: its page's rows in one query
+                rows = self._pages[page] = {r[0]: (r[1], r[2]) for r in self._db.execute(
+                    "SELECT id, k, v FROM blocks WHERE page = ?", (page,))}
+            row = rows.pop(rid, None)
+            if row is None:         # loaded before (its block was dropped since) or written later
+                row = self._db.execute("SELECT k, v FROM blocks WHERE id = ?", (rid,)).fetchone()
             if row is None or row[0] != key:
                 self.misses += 1
                 return None
@@ -185,7 +196,7 @@ class BlockStore:
             return
         rid = _row_id(key)
         self._ids.add(rid)
-        self._pending.append((rid, key, marshal.dumps((ext, crosses, code))))
+        self._pending.append((rid, key[-16:], key, marshal.dumps((ext, crosses, code))))
         if len(self._pending) >= _BATCH:
             self.flush()
 
