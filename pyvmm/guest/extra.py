@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..cachedir import pyvmm_cache
 from ..errors import ConfigError
 from .cpio import CpioWriter
 
@@ -36,9 +37,7 @@ _LDD_LINE = re.compile(r"^\s*(\S+)(?:\s+=>\s+(\S+))?\s+\(0x[0-9a-f]+\)\s*$")
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/pyvmm/packages (XDG_CACHE_HOME defaults to ~/.cache)."""
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"
-    return base / "pyvmm" / "packages"
+    return pyvmm_cache("packages")
 
 
 def _run(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> str:

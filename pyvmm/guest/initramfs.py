@@ -19,6 +19,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+from ..cachedir import pyvmm_cache
 from ..errors import ConfigError
 from .cpio import CpioWriter
 
@@ -133,9 +134,7 @@ def build_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> bytes:
 
 def default_initramfs_path() -> Path:
     """$XDG_CACHE_HOME/pyvmm/initramfs.cpio.gz (XDG_CACHE_HOME defaults to ~/.cache)."""
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"
-    return base / "pyvmm" / "initramfs.cpio.gz"
+    return pyvmm_cache("initramfs.cpio.gz")
 
 
 def write_default_initramfs(path: str | os.PathLike | None = None,

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..cachedir import pyvmm_cache
 from ..errors import VmmError
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,7 @@ class KernelSourceError(VmmError):
 def cache_dir() -> Path:
     """pyvmm's kernel cache: $PYVMM_KERNEL_CACHE, else
     $XDG_CACHE_HOME/pyvmm/kernel, else ~/.cache/pyvmm/kernel."""
-    override = os.environ.get("PYVMM_KERNEL_CACHE", "")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "pyvmm" / "kernel"
+    return pyvmm_cache("kernel", "PYVMM_KERNEL_CACHE")
 
 
 def check_tree(path: str | os.PathLike) -> Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import marshal
-import os
 import queue
 import sqlite3
 import struct
@@ -37,6 +36,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from ...cachedir import pyvmm_cache
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,7 @@ _KEY = struct.Struct("<QBBBB")
 def default_dir() -> Path:
     """$PYVMM_BT_CACHE when set (a directory), else ~/.cache/pyvmm/bt
     ($XDG_CACHE_HOME honoured)."""
-    override = os.environ.get("PYVMM_BT_CACHE", "")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "pyvmm" / "bt"
+    return pyvmm_cache("bt", "PYVMM_BT_CACHE")
 
 
 def version_tag() -> str:
@@ -210,15 +206,7 @@ class BlockStore:
     def close(self) -> None:
         """Writes what is pending and waits (a while) for the writer."""
         self.flush()
-        if self._writer is not None:
-            self._writer.queue.put(None)
-            self._writer.join(timeout=60)
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-            self._db = None
+        self._shut(wait=True)
 
     def stats(self) -> dict:
         return {"path": str(self.path), "hits": self.hits, "misses": self.misses, "written": self.written}
@@ -226,17 +214,23 @@ class BlockStore:
     # -- housekeeping --------------------------------------------------------
     def _disable(self, why: str) -> None:
         log.warning("bt block store off: %s", why)
+        self._pending = []
+        self._shut(wait=False)
+
+    def _shut(self, wait: bool) -> None:
+        """Stops the writer (after what it holds, if `wait`) and closes the store."""
         if self._writer is not None:
-            self._pending = []
             self._writer.queue.put(None)
-            self._writer = None
+            if wait:
+                self._writer.join(timeout=60)
+            else:
+                self._writer = None
         if self._db is not None:
             try:
                 self._db.close()
             except sqlite3.Error:
                 pass
-        self._db = None
-        self._pending = []
+            self._db = None
 
     def _remove_stale(self) -> None:
         now = time.time()
