@@ -255,15 +255,18 @@ class Translator:
         if not mem.is_ram(page, 0x1000):
             raise GuestFault(UD)  # executing MMIO is not supported
         data = mem.read(page, 0x1000)
-        if not ext:
-            return data, None
+        nxt = self._next_page(la) if ext else None
+        return (data + nxt[0], nxt[1]) if nxt is not None else (data, None)
+
+    def _next_page(self, la: int) -> tuple[bytes, int] | None:
+        """The first 15 bytes of the page after la's and its frame, or None
+        when that page is not mapped for fetch or not RAM."""
         try:
             pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
-            if mem.is_ram(pa2, 15):
-                return data + mem.read(pa2, 15), pa2 >> 12
         except GuestFault:
-            pass
-        return data, None
+            return None
+        mem = self.cpu.memory
+        return (mem.read(pa2, 15), pa2 >> 12) if mem.is_ram(pa2, 15) else None
 
     def decode(self, la: int, pa: int, single: bool) -> list:
         """See _decode: the code page alone first, the next page's bytes
@@ -391,14 +394,10 @@ class Translator:
         ext, crosses, code = entry
         next_frame = None
         if ext is not None:
-            try:
-                pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
-            except GuestFault:
+            nxt = self._next_page(la)
+            if nxt is None or nxt[0] != ext:
                 return None
-            mem = self.cpu.memory
-            if not mem.is_ram(pa2, len(ext)) or mem.read(pa2, len(ext)) != ext:
-                return None
-            next_frame = pa2 >> 12
+            next_frame = nxt[1]
         fn = self._define(code)
         fn.code = code
         fn.next_frame = next_frame if crosses else None
