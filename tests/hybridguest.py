@@ -20,7 +20,7 @@ ticks seen (>= TICKS_WANTED), R15 = user loop count (> 0)."""
 
 from __future__ import annotations
 
-from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, idt_setup
+from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, enter_user, idt_setup
 from .rawguest import build_guest
 
 WINDOW = 0x40000000
@@ -50,13 +50,7 @@ SOURCE = """
     mov al, 0xfe; out 0x21, al; mov al, 0xff; out 0xa1, al
     mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al
     xor r8, r8; xor r9, r9; xor r10, r10; xor r13, r13; xor r15, r15
-    push 0x1b
-    push {ustack}
-    push 0x202
-    push 0x23
-    push OFFSET user
-    iretq
-
+""" + enter_user(0x202) + """
 sys_entry:
     cmp eax, 60
     je done
@@ -141,13 +135,7 @@ RDTSC_SOURCE = """
     mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
     mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
     mov ecx, 0x10; xor eax, eax; mov edx, 0x1000; wrmsr      /* TSC := 1 << 44 */
-    push 0x1b
-    push {ustack}
-    push 0x2
-    push 0x23
-    push OFFSET user
-    iretq
-sys_entry:
+""" + enter_user() + """sys_entry:
     cli
     hlt
 user:

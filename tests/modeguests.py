@@ -67,6 +67,13 @@ stubs:
 """
 
 
+def enter_user(rflags: int = 0x2) -> str:
+    """An iretq to the guest's `user` label at CPL3 (code 0x23, data 0x1b)
+    with `rflags`, on the `{ustack}` stack the source is formatted with."""
+    return ("    push 0x1b\n    push {ustack}\n"
+            f"    push {rflags:#x}\n    push 0x23\n    push OFFSET user\n    iretq\n")
+
+
 def idt_setup(idt: int) -> str:
     """Fills a 256-entry IDT at `idt` with DPL-3 interrupt gates to IDT_STUBS
     and loads it (uses RAX, RCX, RSI, RDI)."""
@@ -98,13 +105,7 @@ USER_GUEST = """
 .intel_syntax noprefix
 """ + SYSCALL_SETUP + """    xor r12, r12
     xor r13, r13
-    push 0x1b
-    push {ustack}
-    push 0x2
-    push 0x23
-    push OFFSET user
-    iretq
-sys_entry:
+""" + enter_user() + """sys_entry:
     cmp eax, 60
     je done
     inc r12

@@ -15,19 +15,13 @@ import pytest
 from pyvmm.config import VmConfig
 from pyvmm.engines.kvm import hostfit
 
-from .modeguests import IDT_STUBS, KSTACK, SYSCALL_SETUP, USTACK, boot_for, idt_setup
+from .modeguests import IDT_STUBS, KSTACK, SYSCALL_SETUP, USTACK, boot_for, enter_user, idt_setup
 from .rawguest import build_guest, require_kvm, run_machine
 
 IDT = 0x120000
 SOURCE = """
 .intel_syntax noprefix
-""" + SYSCALL_SETUP + idt_setup(IDT) + """    push 0x1b
-    push {ustack}
-    push 0x2
-    push 0x23
-    push OFFSET user
-    iretq
-sys_entry:
+""" + SYSCALL_SETUP + idt_setup(IDT) + """""" + enter_user() + """sys_entry:
     mov r15, 0x5555
     mov ax, cs
     movzx r14, ax
