@@ -46,6 +46,25 @@ SYSCALL_SETUP = """    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
     mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
     mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
 """
+# PIC_INIT: both 8259s remapped to vectors 0x20/0x28; PIT_10MS: PIT channel 0
+# at 100 Hz; WAIT3: with interrupts on, halt until the handler counted three
+# ticks in EBX, then print "D" on COM1 and halt.
+PIC_INIT = """
+    mov al, 0x11; out 0x20, al; mov al, 0x20; out 0x21, al; mov al, 4; out 0x21, al; mov al, 1; out 0x21, al
+    mov al, 0x11; out 0xa0, al; mov al, 0x28; out 0xa1, al; mov al, 2; out 0xa1, al; mov al, 1; out 0xa1, al
+"""
+PIT_10MS = "mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al\n"
+WAIT3 = """
+    xor ebx, ebx
+    sti
+1:  hlt
+    cmp ebx, 3
+    jb 1b
+    cli
+    mov al, 'D'; mov dx, 0x3f8; out dx, al
+    hlt
+"""
+
 # IDT_STUBS: a 16-byte stub per vector at label `stubs`, each pushing an
 # error code of 0 where the CPU pushes none, then the vector, and jumping to
 # the guest's `common` label.

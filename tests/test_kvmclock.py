@@ -24,6 +24,8 @@ from pyvmm.engines.bt.system import rdmsr, tsc, wrmsr
 from pyvmm.memory import GuestMemory
 from pyvmm.paravirt import abi
 
+from .modeguests import PIT_10MS, WAIT3
+
 needs_as = pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")
 
 PVTI_GPA, WALL_GPA, STEAL_GPA, EOI_GPA, OUT_GPA = 0x150000, 0x150040, 0x150080, 0x1500C0, 0x150100
@@ -236,7 +238,7 @@ def test_guest_kvmclock_follows_the_tsc_even_after_it_moves():
     assert kvmpv.WALL.unpack(mem.read(WALL_GPA, 12))[1] > 1_600_000_000   # host time, after 2020
 
 
-PV_EOI_GUEST = """
+PV_EOI_GUEST = ("""
     mov al, 0xff; out 0x21, al; out 0xa1, al
     mov ecx, 0x4b564d04; mov eax, %d; xor edx, edx; wrmsr
     mov esi, 0xfee00000
@@ -246,16 +248,7 @@ PV_EOI_GUEST = """
     mov dword ptr [rdi + 0x10], 0x31
     mov dword ptr [rdi], 0x15
     mov dword ptr [rdi + 0x10], 0
-    mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al
-    xor ebx, ebx
-    sti
-1:  hlt
-    cmp ebx, 3
-    jb 1b
-    cli
-    mov al, 'D'; mov dx, 0x3f8; out dx, al
-    hlt
-.org 0x100
+""" + PIT_10MS + WAIT3 + """.org 0x100
     push rax; push rdx
     inc ebx
     btr dword ptr [%d], 0
@@ -266,7 +259,7 @@ PV_EOI_GUEST = """
 2:  mov dx, 0x3f8; out dx, al
     pop rdx; pop rax
     iretq
-""" % (EOI_GPA | 1, EOI_GPA)
+""") % (EOI_GPA | 1, EOI_GPA)
 
 
 @needs_as

@@ -25,6 +25,7 @@ from pyvmm.config import VmConfig  # noqa: E402
 from pyvmm.cpu import Segment  # noqa: E402
 from pyvmm.machine import StopReason  # noqa: E402
 from tests.bt.test_guests import make_machine  # noqa: E402
+from tests.modeguests import PIC_INIT, PIT_10MS, WAIT3  # noqa: E402
 
 CODE, IDT, GDT, TSS = 0x100000, 0x110000, 0x111000, 0x112000
 KSTACK, IST1, USTACK = 0x121000, 0x131000, 0x141000
@@ -77,21 +78,6 @@ def run(asm: str, handlers: dict[int, tuple[int, int]], mmu: str = "shadow", use
     return bytes(uart.out), m.stop_status.reason, eng.stats()
 
 
-PIC_INIT = """
-    mov al, 0x11; out 0x20, al; mov al, 0x20; out 0x21, al; mov al, 4; out 0x21, al; mov al, 1; out 0x21, al
-    mov al, 0x11; out 0xa0, al; mov al, 0x28; out 0xa1, al; mov al, 2; out 0xa1, al; mov al, 1; out 0xa1, al
-"""
-PIT_10MS = "mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al\n"
-WAIT3 = """
-    xor ebx, ebx
-    sti
-1:  hlt
-    cmp ebx, 3
-    jb 1b
-    cli
-    mov al, 'D'; mov dx, 0x3f8; out dx, al
-    hlt
-"""
 
 
 def test_pit_interrupts_through_the_pic():
