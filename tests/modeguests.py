@@ -48,10 +48,20 @@ SYSCALL_SETUP = """    mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
 """
 # PIC_INIT: both 8259s remapped to vectors 0x20/0x28; PIT_10MS: PIT channel 0
 # at 100 Hz; WAIT3: with interrupts on, halt until the handler counted three
-# ticks in EBX, then print "D" on COM1 and halt.
+# ticks in EBX, then print "D" on COM1 and halt.  PIT_VIA_APIC: the local
+# APIC enabled (SVR) and IOAPIC pin 2, where the PIT is, routed to vector 0x31.
 PIC_INIT = """
     mov al, 0x11; out 0x20, al; mov al, 0x20; out 0x21, al; mov al, 4; out 0x21, al; mov al, 1; out 0x21, al
     mov al, 0x11; out 0xa0, al; mov al, 0x28; out 0xa1, al; mov al, 2; out 0xa1, al; mov al, 1; out 0xa1, al
+"""
+PIT_VIA_APIC = """
+    mov esi, 0xfee00000
+    mov edi, 0xfec00000
+    mov dword ptr [rsi + 0xf0], 0x1ff
+    mov dword ptr [rdi], 0x14
+    mov dword ptr [rdi + 0x10], 0x31
+    mov dword ptr [rdi], 0x15
+    mov dword ptr [rdi + 0x10], 0
 """
 PIT_10MS = "mov al, 0x34; out 0x43, al; mov al, 0x9c; out 0x40, al; mov al, 0x2e; out 0x40, al\n"
 WAIT3 = """

@@ -24,7 +24,7 @@ from pyvmm.engines.bt.system import rdmsr, tsc, wrmsr
 from pyvmm.memory import GuestMemory
 from pyvmm.paravirt import abi
 
-from .modeguests import PIT_10MS, WAIT3
+from .modeguests import PIT_10MS, PIT_VIA_APIC, WAIT3
 
 needs_as = pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")
 
@@ -241,14 +241,7 @@ def test_guest_kvmclock_follows_the_tsc_even_after_it_moves():
 PV_EOI_GUEST = ("""
     mov al, 0xff; out 0x21, al; out 0xa1, al
     mov ecx, 0x4b564d04; mov eax, %d; xor edx, edx; wrmsr
-    mov esi, 0xfee00000
-    mov edi, 0xfec00000
-    mov dword ptr [rsi + 0xf0], 0x1ff
-    mov dword ptr [rdi], 0x14
-    mov dword ptr [rdi + 0x10], 0x31
-    mov dword ptr [rdi], 0x15
-    mov dword ptr [rdi + 0x10], 0
-""" + PIT_10MS + WAIT3 + """.org 0x100
+""" + PIT_VIA_APIC + PIT_10MS + WAIT3 + """.org 0x100
     push rax; push rdx
     inc ebx
     btr dword ptr [%d], 0

@@ -25,7 +25,7 @@ from pyvmm.config import VmConfig  # noqa: E402
 from pyvmm.cpu import Segment  # noqa: E402
 from pyvmm.machine import StopReason  # noqa: E402
 from tests.bt.test_guests import make_machine  # noqa: E402
-from tests.modeguests import PIC_INIT, PIT_10MS, WAIT3  # noqa: E402
+from tests.modeguests import PIC_INIT, PIT_10MS, PIT_VIA_APIC, WAIT3  # noqa: E402
 
 CODE, IDT, GDT, TSS = 0x100000, 0x110000, 0x111000, 0x112000
 KSTACK, IST1, USTACK = 0x121000, 0x131000, 0x141000
@@ -97,15 +97,7 @@ def test_pit_interrupts_through_the_pic():
 
 
 def test_pit_interrupts_through_the_ioapic_and_local_apic():
-    asm = PIC_INIT + "mov al, 0xff; out 0x21, al; out 0xa1, al\n" + """
-    mov esi, 0xfee00000
-    mov edi, 0xfec00000
-    mov dword ptr [rsi + 0xf0], 0x1ff
-    mov dword ptr [rdi], 0x14
-    mov dword ptr [rdi + 0x10], 0x31
-    mov dword ptr [rdi], 0x15
-    mov dword ptr [rdi + 0x10], 0
-""" + PIT_10MS + WAIT3 + """
+    asm = PIC_INIT + "mov al, 0xff; out 0x21, al; out 0xa1, al\n" + PIT_VIA_APIC + PIT_10MS + WAIT3 + """
 .org 0x100
     push rax; push rdx
     mov al, 'I'; mov dx, 0x3f8; out dx, al
