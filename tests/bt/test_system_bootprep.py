@@ -16,7 +16,7 @@ def test_kernel_args_are_added_once_and_the_users_values_win():
     extra = bootprep.kernel_args("console=ttyS0 mitigations=auto")
     words = extra.split()
     assert "mitigations=off" not in words           # the user named it
-    assert "cryptomgr.notests" in words and "init_on_alloc=0" in words
+    assert "cryptomgr.notests" in words and "init_on_alloc=0" in words and "noreplace-smp" in words
     assert len(words) == len(set(words))
     again = bootprep.kernel_args("console=ttyS0 mitigations=auto", extra)
     assert again == extra                           # nothing added twice

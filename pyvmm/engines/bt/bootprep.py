@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # were on in every measured boot (not measured one by one): they skip work
 # a virtual CPU never needs (speculation workarounds, TSC watchdog and
 # timer-through-IOAPIC checks, PS/2 AUX probe, waiting for entropy).
+# noreplace-smp, fitted kernel, 1 vCPU, 256 MiB, warm block store: 36.7 M
+# -> 35.6 M instructions to the marker and 6.7 k -> 5.1 k translation
+# invalidations (a LOCK prefix patched out is a code write).
 KERNEL_ARGS: tuple[tuple[str, str], ...] = (
     ("mitigations=off", "no speculative-execution workarounds to patch in or run on every entry"),
     ("tsc=reliable", "no TSC watchdog against other clocksources"),
@@ -48,6 +51,8 @@ KERNEL_ARGS: tuple[tuple[str, str], ...] = (
     ("random.trust_cpu=on", "the CRNG may be seeded without waiting for entropy"),
     ("cryptomgr.notests", "no self-tests of every crypto algorithm at registration (~870 M instructions)"),
     ("init_on_alloc=0", "no zeroing of every allocated page (Debian turns it on)"),
+    ("noreplace-smp", "no rewriting of every LOCK prefix on a one-vCPU boot: the translator ignores LOCK, "
+                      "and each patch is a text_poke (temporary mm, TLB flush) that also drops translations"),
 )
 
 
