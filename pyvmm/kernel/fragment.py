@@ -101,11 +101,21 @@ VIRTIO: Fragment = {
 # bt a timer tick costs ~4k guest instructions of timekeeping and load
 # tracking, and guest time is host time; 250 ticks a second were ~12% of a
 # fitted boot's instructions with the host clock.
+#
+# -O2 instead of tinyconfig's -Os: under bt every call and return ends a
+# translated block and `rep` string forms go through a helper, both of
+# which -Os favours; with SPARSEMEM_VMEMMAP, pfn_to_page() and back are
+# arithmetic instead of two-level section lookups.  Measured, one vCPU,
+# 256 MiB, --deterministic, warm block store, instructions to the marker:
+# -Os 33.3 M; + VMEMMAP 30.2 M (7.6 -> 7.3 s); + -O2 24.8 M (5.4 s),
+# with 11% fewer blocks to translate, for an image of 2.35 instead of 1.99 MiB.
 BOOT: Fragment = {
     "RANDOM_TRUST_CPU": "y",
     "CRYPTO": "y",
     "CRYPTO_MANAGER_DISABLE_TESTS": "y",
     "HZ_100": "y",
+    "CC_OPTIMIZE_FOR_PERFORMANCE": "y",
+    "SPARSEMEM_VMEMMAP": "y",
 }
 
 GROUPS: dict[str, Fragment] = {
