@@ -19,6 +19,7 @@ from pyvmm.guest.initramfs import READY_MARKER, ensure_default_initramfs
 from pyvmm.kernel.build import IMAGE_PATH, build_kernel
 from pyvmm.kernel.config import ToolchainError, read_config, require_tools
 from pyvmm.kernel.fragment import FITTED, FragmentRequest
+from pyvmm.kernel.pretranslate import pretranslate
 from pyvmm.kernel.source import default_build_dir, resolve_source
 from tests.guest_session import GuestSession
 
@@ -120,3 +121,16 @@ def test_fitted_kernel_shell_under_hybrid(built, tmp_path):
         assert s.wait(120) == 0, s.errors[-2000:]
     exits = json.loads(stats.read_text())["costs"]["exits"]
     assert exits.get("user_syscall", 0) > 100 and exits.get("user_trap", 0) > 10, exits
+
+
+def test_pretranslation_fills_the_store_the_first_run_loads(built, tmp_path):
+    """`pyvmm kernel build` boots the new image once under bt (pretranslate.py):
+    a run after it loads its blocks from the store instead of compiling them."""
+    result, _, _ = built
+    first = pretranslate(result.image, str(tmp_path))
+    assert first.ok, first.failure
+    # an empty store: everything translated (a block dropped and wanted again may come back from it)
+    assert first.blocks > 5000 and first.loaded < 0.02 * first.blocks, first
+    again = pretranslate(result.image, str(tmp_path))
+    assert again.ok, again.failure
+    assert again.loaded >= 0.95 * again.blocks, again
