@@ -14,7 +14,8 @@ Under bt each kernel boots twice with one block store
 (engines/bt/blockstore.py) in a fresh temporary directory: "bt" is the
 first boot (every block translated and compiled, then written to the
 store), "bt-warm" the second (blocks loaded from the store, as every boot
-after the first one of a kernel is under `pyvmm run`).
+after the first one of a kernel is under `pyvmm run`, and the first one of
+a kernel from `pyvmm kernel build`, which pretranslates its new image).
 
 Goal (issue 5): the fitted kernel reaches the marker under --engine bt in
 at most 10 s.
