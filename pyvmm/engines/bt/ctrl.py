@@ -103,6 +103,13 @@ def _jmp(g: Gen) -> None:
 
 def _jcc(g: Gen) -> None:
     cc = g.ins.condition_code - 1
+    if g.skip_to is not None:
+        # the taken path rejoins the trace further on (Translator.generate
+        # closes the region): the fall-through instructions up to there
+        # run only when the branch is not taken
+        g.emit(f"if {g.cond(cc ^ 1)}:")
+        g.ind += 1
+        return
     g.emit(f"if {g.cond(cc)}:")
     g.ind += 1
     from .translator import Translator

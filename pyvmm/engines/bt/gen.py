@@ -62,6 +62,7 @@ class Gen:
         self.next_ip: int | None = None   # the trace's next instruction (None: block end)
         self.ea_size = 8        # address size of the last ea() (its value's bound)
         self.fwd: list[str] = []    # values of this trace's pushes a pop may forward (ctrl.push)
+        self.skip_to: int | None = None   # a jcc's taken target as an index further on in the trace
 
     # -- output -------------------------------------------------------------
     def emit(self, line: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 import iced_x86 as X
 
@@ -74,6 +75,17 @@ def _sets_all(ins) -> bool:
     if ins.op_kind(last) in (X.OpKind.IMMEDIATE8, X.OpKind.IMMEDIATE8_2ND):
         return ins.immediate(last) & (0x3F if ins.op_code().operand_size == 64 else 0x1F) != 0
     return False
+
+
+@dataclass
+class _Skip:
+    """A jcc compiled as `if not taken: <the instructions it jumps over>`."""
+    to: int             # trace index of the branch target (the join)
+    k: int              # trace index of the jcc
+    target: int         # its ip
+    ind: int            # indentation of the `if`
+    mark: int           # len(g.lines) after the `if`
+    lazy: tuple | None  # the static flag producer at the jcc
 
 
 def _unwind(c, n: int, ic: int, vals: tuple, nums: tuple, lf: tuple, rips: tuple) -> None:
@@ -431,7 +443,11 @@ class Translator:
         live = self._liveness(insns)
         rips = [ins.ip for ins in insns]
         n_ok = len(insns)
+        skips: list[_Skip] = []     # open forward-branch regions, innermost last
         for k, ins in enumerate(insns):
+            while skips and skips[-1].to == k:
+                self._rejoin(g, skips.pop())
+            g.skip_to = self._skip_target(insns, rips, k, skips)
             g.ins, g.k, g.flags_live, g.faultable, g.ends = ins, k, live[k], False, False
             g._have_a = False
             g.count = k + 1
@@ -459,12 +475,56 @@ class Translator:
                 g.emit(f"raise GuestFault({UD})")
                 n_ok = 1
                 break
+            if g.skip_to is not None:
+                skips.append(_Skip(g.skip_to, k, ins.near_branch_target, g.ind - 1, len(g.lines), g.lazy))
             if g.ends:
                 n_ok = k + 1
                 break
             if k == len(insns) - 1:
                 self.exit(g, f"{ins.next_ip:#x}", k)
+        while skips:                # the trace stopped inside a region: its taken path leaves
+            sk = skips.pop()
+            self._close_body(g, sk)
+            self.exit(g, f"{sk.target:#x}", sk.k)
+            g.ind -= 1
         return self._assemble(g, rips[:n_ok] or [start]), n_ok
+
+    @staticmethod
+    def _skip_target(insns: list, rips: list[int], k: int, skips: list) -> int | None:
+        """The trace index where jcc k's taken path rejoins the trace, when
+        it is a forward branch over some of the trace's next instructions
+        that nests inside the regions already open; else None (a side
+        exit)."""
+        ins = insns[k]
+        if not ins.is_jcc_short_or_near or k + 2 >= len(insns) or rips[k + 1] != ins.next_ip:
+            return None
+        try:
+            j = rips.index(ins.near_branch_target, k + 2)
+        except ValueError:
+            return None
+        if skips and j > skips[-1].to:
+            return None
+        return j
+
+    @staticmethod
+    def _close_body(g: Gen, sk: "_Skip") -> None:
+        """Ends the not-taken body of a region and opens its taken branch."""
+        if len(g.lines) == sk.mark:
+            g.emit("pass")          # every instruction in it compiled to nothing
+        g.ind = sk.ind
+        g.emit("else:")
+        g.ind += 1
+
+    def _rejoin(self, g: Gen, sk: "_Skip") -> None:
+        """Closes a region where its branch target starts: the taken path
+        skipped sk.to - sk.k - 1 instructions, which the block's count of
+        retired instructions (exits count statically) takes back."""
+        self._close_body(g, sk)
+        g.emit(f"ic -= {sk.to - sk.k - 1}")
+        g.ind -= 1
+        if g.lazy != sk.lazy:
+            g.lazy = None           # the two paths left different flag producers
+        g.fwd = []                  # pushes of the body did not happen on the taken path
 
     def _warn(self, ins, why: str) -> None:
         key = (ins.ip, self.cpu.mode)
