@@ -1,6 +1,8 @@
 """A jcc whose target lies further on in the same trace compiles to
 `if not taken: <the instructions it jumps over>` (Translator._skip_target)
-instead of a side exit, so a loop with an `if` inside stays in one block.
+instead of a side exit, so a loop with an `if` inside stays in one block;
+one whose taken path goes back to the block start within a few
+instructions gets a copy of that path (Translator._loop_tail).
 What could go wrong: flags after the join come from either path, a push
 in the skipped part must not be forwarded, a fault inside it must point
 at the right instruction, and the retired-instruction count must not
@@ -45,10 +47,22 @@ CASES = [
     "push rax\n push rdx\n test rcx, 1\n jz 1f\n push rbx\n1: pop rdi\n pop rsi",   # two or three pushed
     # a store in the body, a load after
     "test rcx, 1\n jnz 1f\n mov qword ptr [rbp + 8], rbx\n1: mov rsi, qword ptr [rbp + 8]",
+    # the taken arm of a loop's jcc, copied into the block (Translator._loop_tail):
+    # the other arm leaves through an indirect jmp
+    "mov ecx, 50\n2: test ecx, 1\n jnz 3f\n add rax, rcx\n lea rdx, [rip + 3f]\n jmp rdx\n3: dec ecx\n jnz 2b",
+    "mov ecx, 50\n2: test ecx, 3\n jz 3f\n lea rdx, [rip + 3f]\n jmp rdx\n"
+    "3: add rbx, rcx\n cmp ebx, 0x800\n ja 4f\n dec ecx\n jnz 2b\n4: inc rsi",     # a side exit in the copy
+    "mov ecx, 50\n2: sub ecx, 1\n jb 5f\n test ecx, 1\n je 2b\n lea rdx, [rip + 2b]\n jmp rdx\n5: nop",
+    # setb reads the cmp's flags, not those of the copy's test
+    "mov ecx, 50\n lea rdx, [rip + 2f]\n jmp rdx\n2: cmp ecx, 30\n je 3f\n setb al\n add rbx, rax\n"
+    " sub ecx, 1\n jnz 2b\n lea rdx, [rip + 4f]\n jmp rdx\n3: sub ecx, 1\n test ecx, ecx\n jnz 2b\n4: nop",
     # a call inlined into the body
     "test rcx, 1\n jz 1f\n call 2f\n jmp 1f\n2: add rax, 3\n ret\n1: inc rbx",
 ]
 FAULTS = [
+    # a load in the copied taken arm faults on the first odd count
+    "mov ecx, 9\n2: test ecx, 1\n jnz 3f\n lea rdx, [rip + 3f]\n jmp rdx\n"
+    "3: inc rdi\n mov rsi, qword ptr [rbx]\n dec ecx\n jnz 2b",
     # the body's load faults (rbx is not canonical): rip is the load
     "test rax, rax\n jz 1f\n inc rsi\n mov rcx, qword ptr [rbx]\n inc rdx\n1: inc rdi",
 ]
@@ -140,3 +154,12 @@ def test_a_loop_with_an_if_is_one_block():
     loop = [s for s in srcs if "continue" in s]
     assert loop and "ic -= 1" in loop[0], srcs       # the if's taken path skips the add
     assert len(got.cpu.translator.cache) <= 3, srcs  # start, loop, end: no block per iteration
+
+
+def test_a_loop_whose_jcc_arm_returns_to_the_start_keeps_it_in_the_block():
+    code = harness.assemble("mov ecx, 50\n2: test ecx, 1\n jnz 3f\n add rax, rcx\n lea rdx, [rip + 3f]\n"
+                            " jmp rdx\n3: dec ecx\n jnz 2b")
+    got = harness.BtOracle().run(code, _regs(0, 0), 2, bytes(64))
+    assert got.regs[0] == sum(range(2, 51, 2))
+    srcs = [getattr(fn, "src", "") for fn in got.cpu.translator.cache.values()]
+    assert any("ic += -" in s and "continue" in s for s in srcs), srcs   # the copied arm loops

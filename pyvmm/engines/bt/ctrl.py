@@ -112,8 +112,11 @@ def _jcc(g: Gen) -> None:
         return
     g.emit(f"if {g.cond(cc)}:")
     g.ind += 1
-    from .translator import Translator
-    Translator.branch(g, g.ins.near_branch_target, g.k)
+    if g.tail is not None:
+        g.tail(g)                       # the taken path, copied in: it loops back or leaves
+    else:
+        from .translator import Translator
+        Translator.branch(g, g.ins.near_branch_target, g.k)
     g.ind -= 1
     if g.next_ip != g.ins.next_ip:      # else the trace goes on along the fall-through path
         _exit(g, f"{g.ins.next_ip:#x}")

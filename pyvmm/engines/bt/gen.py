@@ -63,6 +63,7 @@ class Gen:
         self.ea_size = 8        # address size of the last ea() (its value's bound)
         self.fwd: list[str] = []    # values of this trace's pushes a pop may forward (ctrl.push)
         self.skip_to: int | None = None   # a jcc's taken target as an index further on in the trace
+        self.tail = None        # emits a copy of a jcc's taken path (Translator.generate), or None
 
     # -- output -------------------------------------------------------------
     def emit(self, line: str) -> None:

@@ -26,6 +26,11 @@ from .sem import EMITTERS, ENDS_BLOCK, EXPORTS, HELPER_MNEMONICS
 log = logging.getLogger(__name__)
 
 MAX_INSNS = 48
+# A jcc's taken path that returns to the block start within this many
+# instructions is copied into the block (Translator._loop_tail), at most
+# MAX_TAILS times per block: each copy is source to compile on a first boot.
+MAX_TAIL = 12
+MAX_TAILS = 2
 # A block runs this many times on the cold path (cold.py: per-instruction
 # functions from shared templates, nothing compiled) before it is compiled
 # whole; 0 compiles every block at once.  Measured on the fitted kernel's
@@ -444,33 +449,25 @@ class Translator:
         rips = [ins.ip for ins in insns]
         n_ok = len(insns)
         skips: list[_Skip] = []     # open forward-branch regions, innermost last
+        tails = 0
         for k, ins in enumerate(insns):
             while skips and skips[-1].to == k:
                 self._rejoin(g, skips.pop())
             g.skip_to = self._skip_target(insns, rips, k, skips)
-            g.ins, g.k, g.flags_live, g.faultable, g.ends = ins, k, live[k], False, False
-            g._have_a = False
-            g.count = k + 1
-            g.next_ip = insns[k + 1].ip if k + 1 < len(insns) else None
-            mark = len(g.lines)
-            saved_lazy, saved_regs, saved_fwd = g.lazy, set(g.regs), list(g.fwd)
-            if g.fwd and not self._keeps_fwd(ins):
-                g.fwd = []
-            try:
-                if ins.code == X.Code.INVALID:
-                    raise Unsupported("invalid encoding")
-                em = EMITTERS.get(ins.mnemonic)
-                if em is None:
-                    raise Unsupported(X.Mnemonic.__dict__.get("_x", "") or f"mnemonic {ins.mnemonic}")
-                em(g)
-            except Unsupported as e:
-                del g.lines[mark:]
-                g.lazy, g.regs, g.fwd = saved_lazy, saved_regs, saved_fwd
+            g.tail = None
+            if g.skip_to is None and ins.is_jcc_short_or_near and tails < MAX_TAILS:
+                tail = self._loop_tail(ins.near_branch_target, start)
+                if tail is not None:
+                    g.tail = self._tail_emitter(tail, len(rips), k)
+                    rips += [t.ip for t in tail]
+                    tails += 1
+            why = self._emit(g, ins, k, live[k], insns[k + 1].ip if k + 1 < len(insns) else None)
+            if why is not None:
                 if k > 0:
                     n_ok = k
                     self.exit(g, f"{ins.ip:#x}", k - 1)
                     break
-                self._warn(ins, str(e))
+                self._warn(ins, why)
                 g.emit(f"n = {k}")
                 g.emit(f"raise GuestFault({UD})")
                 n_ok = 1
@@ -487,7 +484,76 @@ class Translator:
             self._close_body(g, sk)
             self.exit(g, f"{sk.target:#x}", sk.k)
             g.ind -= 1
-        return self._assemble(g, rips[:n_ok] or [start]), n_ok
+        return self._assemble(g, rips or [start]), n_ok
+
+    def _emit(self, g: Gen, ins, k: int, live: bool, next_ip: int | None) -> str | None:
+        """Emits instruction k of the block (next_ip: the trace's next one);
+        returns why it cannot be translated (with its lines taken back) or None."""
+        g.ins, g.k, g.flags_live, g.faultable, g.ends = ins, k, live, False, False
+        g._have_a = False
+        g.count = k + 1
+        g.next_ip = next_ip
+        mark = len(g.lines)
+        saved_lazy, saved_regs, saved_fwd = g.lazy, set(g.regs), list(g.fwd)
+        if g.fwd and not self._keeps_fwd(ins):
+            g.fwd = []
+        try:
+            if ins.code == X.Code.INVALID:
+                raise Unsupported("invalid encoding")
+            em = EMITTERS.get(ins.mnemonic)
+            if em is None:
+                raise Unsupported(X.Mnemonic.__dict__.get("_x", "") or f"mnemonic {ins.mnemonic}")
+            em(g)
+        except Unsupported as e:
+            del g.lines[mark:]
+            g.lazy, g.regs, g.fwd = saved_lazy, saved_regs, saved_fwd
+            return str(e)
+        return None
+
+    def _loop_tail(self, target: int, start: int) -> list | None:
+        """The instructions from a jcc's taken target up to a branch back to
+        the block start, when that path is short, on the code page and
+        straight (its own jccs leave through side exits): copied into the
+        block, it keeps a loop whose body takes either arm of the jcc (`if
+        (!p[i]) continue;`) in one block.  None otherwise."""
+        base = self._base
+        off = target + base
+        if target == start or not 0 <= off < 0x1000 - 15:
+            return None
+        out: list = []
+        for ins in X.Decoder(self.cpu.mode[0], self._data[off:0x1000], ip=target):
+            if ins.code == X.Code.INVALID or len(out) == MAX_TAIL or ins.mnemonic in ENDS_BLOCK:
+                return None
+            out.append(ins)
+            if ins.is_jcc_short_or_near or (ins.mnemonic == _M.JMP and ins.op_kind(0) in _NEAR):
+                if ins.near_branch_target == start:
+                    return out
+                if ins.mnemonic == _M.JMP:
+                    return None
+            elif ins.flow_control != FC.NEXT:
+                return None
+        return None
+
+    def _tail_emitter(self, tail: list, s0: int, k: int):
+        """The Gen.tail callback of jcc k: emits `tail` (trace indices s0...)
+        inside the jcc's taken branch, then restores what the fall-through
+        path assumes.  The counts stay exact: ic moves so that tail index
+        s0 + i retires as instruction k + 1 + i of the path."""
+        live = self._liveness(tail)
+
+        def emit_tail(g: Gen) -> None:
+            saved = (g.ins, g.k, g.flags_live, g.faultable, g.ends, g.count, g.next_ip, g.lazy, list(g.fwd))
+            g.emit(f"ic += {k + 1 - s0}")
+            g.skip_to = g.tail = None
+            for i, t in enumerate(tail):
+                why = self._emit(g, t, s0 + i, live[i], tail[i + 1].ip if i + 1 < len(tail) else None)
+                if why is not None:
+                    self.exit(g, f"{t.ip:#x}", s0 + i - 1)
+                    break
+                if g.ends:
+                    break
+            (g.ins, g.k, g.flags_live, g.faultable, g.ends, g.count, g.next_ip, g.lazy, g.fwd) = saved
+        return emit_tail
 
     @staticmethod
     def _skip_target(insns: list, rips: list[int], k: int, skips: list) -> int | None:
@@ -499,7 +565,7 @@ class Translator:
         if not ins.is_jcc_short_or_near or k + 2 >= len(insns) or rips[k + 1] != ins.next_ip:
             return None
         try:
-            j = rips.index(ins.near_branch_target, k + 2)
+            j = rips.index(ins.near_branch_target, k + 2, len(insns))
         except ValueError:
             return None
         if skips and j > skips[-1].to:
