@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli.main import DEFAULT_CMDLINE
 from ..guest.initramfs import READY_MARKER, ensure_default_initramfs
 
-# The default initramfs powers the VM off right after the marker with this.
-CMDLINE = "console=ttyS0 reboot=k panic=-1 pyvmm.poweroff"
-MEM = "256M"
+# `pyvmm run`'s own default command line (its early console is code too),
+# with the word that makes the default initramfs power off after the marker.
+CMDLINE = DEFAULT_CMDLINE + " pyvmm.poweroff"
 TIMEOUT_S = 600.0
 
 
@@ -53,7 +54,7 @@ class Pretranslation:
 def boot_command(image: Path, store: str | None, stats: Path) -> list[str]:
     """`pyvmm run` for one bt boot of `image` to the marker and power off."""
     cmd = [sys.executable, "-m", "pyvmm", "run", "--engine", "bt", "--kernel", str(image),
-           "--initrd", str(ensure_default_initramfs()), "--append", CMDLINE, "--mem", MEM,
+           "--initrd", str(ensure_default_initramfs()), "--append", CMDLINE,
            "--no-reboot", "--stats-json", str(stats)]
     return cmd + (["--bt-cache", store] if store else [])
 
