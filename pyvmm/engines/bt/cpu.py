@@ -15,13 +15,15 @@ from ...cpu import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME
                     EFER_NXE, GPR_NAMES, CpuState, DescriptorTable, Segment)
 from . import flags as F
 from .faults import DF_, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault
-from .mmu import PG_32, PG_LONG, PG_NONE, PG_PAE, Mmu
+from .mmu import PG_32, PG_LONG, PG_NONE, PG_PAE, U16, U32, U64, Mmu
 
 log = logging.getLogger(__name__)
 
 ES, CS, SS_, DS, FS, GS = range(6)
 SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
 M64 = 0xFFFFFFFFFFFFFFFF
+_UNPACK = {1: lambda b, o: (b[o],), 2: U16, 4: U32, 8: U64}
+_DECODED: dict[tuple, Segment] = {}     # (selector, descriptor, high half) -> Segment (segment_from)
 
 
 class TripleFault(Exception):
@@ -171,6 +173,10 @@ class VCpu:
         m = self.mmu
         if not m.user:
             return self.rd(la, size)
+        la &= M64
+        e = m.pairs[0][0].get(la >> 12)     # the supervisor map: no switch to it and back
+        if e is not None and la & 0xFFF <= 0x1000 - size:
+            return _UNPACK[size](e[0], e[1] + (la & 0xFFF))[0]
         m.configure(m.mode, m.cr3, m.wp, m.nxe, False, m.long)
         try:
             return self.rd(la, size)
@@ -189,7 +195,7 @@ class VCpu:
             m.configure(m.mode, m.cr3, m.wp, m.nxe, True, m.long)
 
     def sp_mask(self) -> int:
-        return {64: M64, 32: 0xFFFFFFFF, 16: 0xFFFF}[self.mode[1]]
+        return M64 if self.mode[1] == 64 else 0xFFFFFFFF if self.mode[1] == 32 else 0xFFFF
 
     def push(self, v: int, size: int) -> None:
         mask = self.sp_mask()
@@ -216,6 +222,21 @@ class VCpu:
 
     @staticmethod
     def segment_from(sel: int, d: int, hi: int = 0) -> Segment:
+        """The segment a descriptor loads (a fresh object: callers change
+        its selector).  Decoded once per (selector, descriptor): every
+        interrupt and iret loads the same few."""
+        key = (sel, d, hi)
+        proto = _DECODED.get(key)
+        if proto is None:
+            if len(_DECODED) >= 4096:
+                _DECODED.clear()
+            proto = _DECODED[key] = VCpu._decode_segment(sel, d, hi)
+        s = object.__new__(Segment)
+        s.__dict__.update(proto.__dict__)
+        return s
+
+    @staticmethod
+    def _decode_segment(sel: int, d: int, hi: int) -> Segment:
         limit = (d & 0xFFFF) | ((d >> 32) & 0xF0000)
         g = (d >> 55) & 1
         if g:
