@@ -34,6 +34,18 @@ class Outcome:
     rip: int = 0
 
 
+def needs_unicorn_and_as():
+    """Skips the calling test module unless Unicorn (the second oracle) and
+    GNU as (the snippets' assembler) are installed; returns unicorn."""
+    import shutil
+
+    import pytest
+    unicorn = pytest.importorskip("unicorn")
+    if shutil.which("as") is None:
+        pytest.skip("GNU as is not installed", allow_module_level=True)
+    return unicorn
+
+
 def assemble(src: str, bits: int = 64) -> bytes:
     """Assembles Intel-syntax text with GNU as into flat bytes."""
     with tempfile.TemporaryDirectory() as d:

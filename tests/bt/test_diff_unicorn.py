@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-unicorn = pytest.importorskip("unicorn")
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import harness  # noqa: E402
+unicorn = harness.needs_unicorn_and_as()
 import pool  # noqa: E402
 
 EXAMPLES = int(os.environ.get("PYVMM_BT_EXAMPLES", "300"))

@@ -17,14 +17,12 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-unicorn = pytest.importorskip("unicorn")
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import harness  # noqa: E402
+unicorn = harness.needs_unicorn_and_as()
 from pyvmm.engines.bt import ssefp  # noqa: E402
 from pyvmm.cpu import GPR_NAMES  # noqa: E402
 

@@ -12,17 +12,14 @@ it can run, else Unicorn; the counts against Unicorn's code hook."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-pytest.importorskip("unicorn")
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
 
 import harness  # noqa: E402
+harness.needs_unicorn_and_as()
 from kvm_oracle import KvmOracle, kvm_usable  # noqa: E402
 
 CASES = [

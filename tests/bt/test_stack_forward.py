@@ -6,17 +6,14 @@ still read memory.  Checked against Unicorn on the compiled path."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-pytest.importorskip("unicorn")
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
 
 import harness  # noqa: E402
+harness.needs_unicorn_and_as()
 
 CASES = [
     "push rax\n pop rcx",
