@@ -98,18 +98,6 @@ def _invlpg(mmu, vpn: int) -> bool:
     return code
 
 
-def _drop_pairs(guard, pairs, hit: list) -> None:
-    """Drops the shadow entries `pairs` ((maps, vpn) as PageGuard.rmap lists
-    them); the maps that lost a fetch mapping are appended to `hit`."""
-    for maps, vpn in pairs:
-        tr, tw, tx = maps
-        if tr.pop(vpn, None) is not None:
-            guard.resyncs += 1
-        tw.pop(vpn, None)
-        if tx.pop(vpn, None) is not None:
-            hit.append(maps)
-
-
 def _entries_written(guard, gpas, size: int, mmu) -> bool:
     """pyvmm wrote the `size`-byte page-table entries at `gpas`: drops the
     shadow entries built from exactly those entries (PageGuard.rmap keeps
@@ -139,10 +127,10 @@ def _entries_written(guard, gpas, size: int, mmu) -> bool:
         off = g & 0xFF8
         lst = slots.pop(off, None)      # an 8-byte entry, or a 4-byte one's low half
         if lst:
-            _drop_pairs(guard, lst, hit)
+            guard.drop(lst, hit)
         lst = slots.pop(off | 4, None) if size == 8 or g & 4 else None
         if lst:
-            _drop_pairs(guard, lst, hit)
+            guard.drop(lst, hit)
         snap = snaps.get(g >> 12)
         if snap is not None:
             snap.data[off:off + 8] = snap.mm[snap.off + off:snap.off + off + 8]
@@ -168,7 +156,7 @@ def _entries_written_lists(guard, lists, mmu) -> bool:
     of the rmap); as _entries_written's result."""
     hit: list = []
     for lst in lists:
-        _drop_pairs(guard, lst, hit)
+        guard.drop(lst, hit)
     return _clear_jmps(guard, hit, mmu) if hit else False
 
 

@@ -122,7 +122,7 @@ class PageGuard:
                 self._unmap(p)
             elif p in self.unsync and self.snaps[p].refresh(o, size):
                 old = slots.pop(o, None)
-                if old and self._drop(old):
+                if old and self.drop(old):
                     self._clear_jmp()
             lst = slots.get(o)
             if lst is None:
@@ -146,8 +146,10 @@ class PageGuard:
         self.guarded.discard(ppn)
         self.unsync.add(ppn)
 
-    def _drop(self, pairs) -> bool:
-        """Drops shadow entries; True when a fetch mapping was among them."""
+    def drop(self, pairs, hit: list | None = None) -> bool:
+        """Drops shadow entries ((maps, vpn) pairs, as rmap lists them); True
+        when a fetch mapping was among them, and then the maps that lost
+        one are appended to `hit` when it is given."""
         code = False
         for maps, vpn in pairs:
             tr, tw, tx = maps
@@ -156,12 +158,14 @@ class PageGuard:
             tw.pop(vpn, None)
             if tx.pop(vpn, None) is not None:
                 code = True
+                if hit is not None:
+                    hit.append(maps)
         return code
 
     def _forget(self, ppn: int) -> bool:
         code = False
         for pairs in self.rmap.pop(ppn, {}).values():
-            code |= self._drop(pairs)
+            code |= self.drop(pairs)
         self.snaps.pop(ppn, None)
         self.guarded.discard(ppn)
         self.unsync.discard(ppn)
@@ -204,11 +208,11 @@ class PageGuard:
         for o in changed:
             lst = slots.pop(o, None)
             if lst is not None:
-                code |= self._drop(lst)
+                code |= self.drop(lst)
             if o & 4:
                 lst = slots.pop(o & ~7, None)
                 if lst is not None:
-                    code |= self._drop(lst)
+                    code |= self.drop(lst)
         if not slots:
             self._forget(p)
             return code
