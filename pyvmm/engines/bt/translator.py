@@ -277,10 +277,14 @@ class Translator:
 
     def _next_page(self, la: int) -> tuple[bytes, int] | None:
         """The first 15 bytes of the page after la's and its frame, or None
-        when that page is not mapped for fetch or not RAM."""
+        when that page is not mapped for fetch or not RAM.  A fetch fault is
+        kept in _next_fault: it is the guest's only if an instruction really
+        needs a byte of that page (the CPU fetches no further than that)."""
+        self._next_fault = None
         try:
             pa2, _ = self.cpu.mmu.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, FETCH)
-        except GuestFault:
+        except GuestFault as fault:
+            self._next_fault = fault
             return None
         mem = self.cpu.memory
         return (mem.read(pa2, 15), pa2 >> 12) if mem.is_ram(pa2, 15) else None
@@ -321,8 +325,15 @@ class Translator:
                     if not ext and off + 15 > len(data):
                         self._near_end = True   # may just lack the next page's bytes
                         return out
-                    if out and off + 15 > len(data):
-                        return out  # may just be cut at the page end
+                    if off + 15 > len(data) and dec.last_error == X.DecoderError.NO_MORE_BYTES:
+                        # It needs bytes of a page it cannot fetch: the
+                        # block ends before it, and as a block's first
+                        # instruction it takes that page's fetch fault
+                        # (CR2 = the page's first byte), as the CPU does.
+                        if out:
+                            return out
+                        if self._next_fault is not None:
+                            raise self._next_fault
                     out.append(ins)
                     return out
                 if off + ins.len > 0x1000:
