@@ -63,10 +63,12 @@ class RawRun:
         return self.machine.stop_status
 
 
-def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=None):
+def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=None, inspect=None):
     """Builds a machine from `cfg` around `boot`, runs it to its end (or
     `timeout`, which stops it as if the user quit), destroys it and returns
-    (machine, final state of vCPU 0)."""
+    (machine, final state of vCPU 0).  `inspect(machine)` runs before the
+    machine is destroyed (guest RAM is still readable); its result is
+    kept as machine.inspected."""
     machine = build_machine(cfg, output or (lambda data: None), boot=boot)
     if setup is not None:
         setup(machine)
@@ -75,6 +77,8 @@ def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=N
     try:
         machine.engine.run()
         state = machine.engine.save_state(0)
+        if inspect is not None:
+            machine.inspected = inspect(machine)
     finally:
         timer.cancel()
         destroy_machine(machine)

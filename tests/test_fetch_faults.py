@@ -15,17 +15,14 @@ instruction's own RIP; a translator that decodes the cut-off bytes raises
 from __future__ import annotations
 
 import struct
-import threading
 
 import pytest
 
-from pyvmm.builder import build_machine, destroy_machine
 from pyvmm.config import VmConfig
 from pyvmm.cpu import EFER_NXE
-from pyvmm.machine import StopReason
 
 from .modeguests import IDT_STUBS, USTACK, boot_for
-from .rawguest import build_guest, require_kvm
+from .rawguest import build_guest, require_kvm, run_machine
 
 IDT = 0x120000
 CASES, RESULTS = 0x200000, 0x210000
@@ -158,17 +155,11 @@ def _run(engine: str, kind: str) -> list[tuple[int, int, int, int]]:
     code = build_guest(SOURCE.format(idt=IDT, cases=CASES, results=RESULTS, page_a=PAGE_A,
                                      frame_a=FRAME_A, ustack=USTACK, kstack=0x151000), "long")
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
-    machine = build_machine(cfg, lambda data: None, boot=_boot(kind, code))
-    timer = threading.Timer(240, machine.request_stop, args=(StopReason.USER, 124, "test timeout"))
-    timer.start()
-    try:
-        machine.engine.run()
-        n = len(_cases())
-        raw = machine.memory.read(RESULTS, 32 * n)
-    finally:
-        timer.cancel()
-        destroy_machine(machine)
+    n = len(_cases())
+    machine, _ = run_machine(cfg, _boot(kind, code), timeout=240,
+                             inspect=lambda m: m.memory.read(RESULTS, 32 * n))
     assert machine.stop_status.code == 4, f"{engine}: the guest did not finish: {machine.stop_status}"
+    raw = machine.inspected
     return [struct.unpack_from("<4Q", raw, 32 * i) for i in range(n)]
 
 

@@ -109,6 +109,9 @@ class HybridEngine(Engine):
             v.set_cpuid(cpuid.guest_cpuid(supported, i, cfg.cpus, hidden))
             v.set_msrs(dict(state.BOOT_MSRS))
             self.switches.append(UserSwitch(v))
+        if not self.switches[0].cpuid_faulting:
+            log.warning("hybrid: this host's KVM has no CPUID faulting: guest user code reads "
+                        "the host CPU's CPUID, the kernel pyvmm's")
         for c in self.bt.cpus:
             self._hook(c)
         wake = self.bt.intc.on_wake

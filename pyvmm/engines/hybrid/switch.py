@@ -15,6 +15,13 @@ architectural state in three places, all invisible to CPL3 code:
   CPL0 on a user `syscall`, RIP also ends up there), so an exit at that RIP
   means "the guest made a system call", with RCX and R11 set by the CPU;
 - SYSENTER_CS = 0: `sysenter` is #GP and so a triple fault, re-run in bt;
+- MISC_FEATURES_ENABLES.CPUID_FAULT = 1: `cpuid` at CPL3 is #GP, so user
+  code reads the same virtual CPU (bt's CPUID table: vendor, family,
+  features, brand) as the kernel does, not the host's.  Measured: kvm_pvm
+  on an AMD EPYC honours it (and reports the capability in
+  MSR_PLATFORM_INFO bit 31); KVM emulates it on VT-x and AMD-V hosts too.
+  Where KVM refuses it, user code would see the host's CPUID: the engine
+  says so once (cpuid_faulting is False);
 - CR4.TSD = 1: `rdtsc`/`rdtscp` at CPL3 are #GP, so user code reads bt's
   TSC (the guest clock every bt device and kvmclock agree with) through
   bt.  Measured: kvm_pvm ignores TSD for user code, which there reads the
@@ -42,6 +49,7 @@ SYSCALL_SENTINEL = 0xFFFFFFFFFFFFF000   # the top page: unmapped in Linux and in
 MSR_SYSENTER_CS = 0x174
 CR4_TSD = 1 << 2
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+MSR_MISC_FEATURES_ENABLES, CPUID_FAULT = 0x140, 1
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")   # bt's R[] order
 CS_INDEX = SEG_NAMES.index("cs")
@@ -63,6 +71,7 @@ class UserSwitch:
         self._kvm_fpu: bytes | None = None
         self._kvm_msrs: tuple | None = None
         self.skipped = 0
+        self.cpuid_faulting = vcpu.set_msrs({MSR_MISC_FEATURES_ENABLES: CPUID_FAULT}) == 1
 
     # -- bt -> KVM ----------------------------------------------------------------
     def to_kvm(self, c) -> None:
