@@ -28,6 +28,11 @@ class GuestMemoryError(VmmError):
         self.size = size
 
 
+class StateError(VmmError):
+    """A command that needs another run state or mode ("not while running",
+    "the dirty log is off")."""
+
+
 class BusError(VmmError):
     """A device cannot be placed on a bus (overlap, zero length)."""
 

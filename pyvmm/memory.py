@@ -12,7 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import ConfigError, GuestMemoryError
+from .dirty import PAGE_SHIFT, DirtyBitmap, DirtySource
+from .errors import ConfigError, GuestMemoryError, StateError
 
 GIB = 1 << 30
 # RAM above this goes above 4 GiB, leaving the hole for the APIC, IOAPIC and
@@ -59,6 +60,10 @@ class GuestMemory:
         # Called as fn(gpa, length) after the VMM itself writes guest memory
         # (loaders, DMA from devices), so that translated code can be dropped.
         self.write_listeners: list[Callable[[int, int], None]] = []
+        # The dirty log (dirty.py): page frames written since it was last
+        # read, or None while it is off; engines register their sources.
+        self.dirty: set[int] | None = None
+        self.dirty_sources: list[DirtySource] = []
 
     def _add(self, gpa: int, size: int) -> None:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -105,6 +110,8 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         mm, off = self.locate(gpa, len(data))
         mm[off:off + len(data)] = data
+        if self.dirty is not None:
+            self.mark_dirty(gpa, len(data))
         for fn in self.write_listeners:
             fn(gpa, len(data))
 
@@ -112,7 +119,8 @@ class GuestMemory:
         self.write(gpa, bytes([byte]) * size)
 
     def view(self, gpa: int, size: int) -> memoryview:
-        """A writable memoryview over guest RAM (no copy, no write listeners)."""
+        """A writable memoryview over guest RAM (no copy, no write listeners:
+        a device that writes through it calls mark_dirty itself)."""
         mm, off = self.locate(gpa, size)
         return memoryview(mm)[off:off + size]
 
@@ -152,3 +160,43 @@ class GuestMemory:
 
     def write_obj(self, gpa: int, obj: ctypes.Structure | ctypes.Array) -> None:
         self.write(gpa, bytes(obj))
+
+    # -- dirty log (dirty.py) -----------------------------------------------
+    @property
+    def frames(self) -> int:
+        """Page frames a dirty bitmap covers: up to the end of the highest region."""
+        return max(r.end for r in self.regions) >> PAGE_SHIFT
+
+    def start_dirty_log(self) -> None:
+        """Starts recording written pages. Raises StateError when it is on already."""
+        if self.dirty is not None:
+            raise StateError("the dirty log is already on")
+        self.dirty = set()
+        for src in self.dirty_sources:
+            src.log_start()
+
+    def mark_dirty(self, gpa: int, size: int = 1) -> None:
+        """Records a write of [gpa, gpa+size) (no-op while the log is off)."""
+        if self.dirty is not None:
+            self.dirty.update(range(gpa >> PAGE_SHIFT, ((gpa + max(size, 1) - 1) >> PAGE_SHIFT) + 1))
+
+    def dirty_pages(self) -> DirtyBitmap:
+        """The pages written since the log started or was last read, and
+        clears it. Raises StateError when the log is off."""
+        if self.dirty is None:
+            raise StateError("the dirty log is off")
+        mark = self.dirty.add
+        for src in self.dirty_sources:
+            src.log_harvest(mark)
+        taken, self.dirty = self.dirty, set()
+        for src in self.dirty_sources:
+            src.log_rearm(taken)
+        return DirtyBitmap(self.frames, taken)
+
+    def stop_dirty_log(self) -> None:
+        """Stops recording (what was not read is dropped)."""
+        if self.dirty is None:
+            return
+        self.dirty = None
+        for src in self.dirty_sources:
+            src.log_stop()

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from ..device import as_dict, as_int, as_list, as_opt_int, restore_state, saved
 from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from . import abi
@@ -59,6 +60,8 @@ class Hypervisor:
     edge; stop(kind, status) ends the machine (kind SHUTDOWN_*);
     clock_ns() is the machine's time in ns.  Thread-safe (timer thread and
     vCPU threads)."""
+
+    STATE_VERSION = 1
 
     def __init__(self, memory: GuestMemory, console: Callable[[bytes], None],
                  inject: Callable[[int], None], stop: Callable[[int, int], None],
@@ -209,6 +212,8 @@ class Hypervisor:
         pack, mask = (_PACK64, abi.MASK64) if size == 8 else (_PACK32, 0xFFFFFFFF)
         for (mm, off), value in zip(places, words[1::2]):
             pack(mm, off, value & mask)
+        for ptr in ptrs:
+            self.memory.mark_dirty(ptr, size)
         v.tables_written(list(ptrs))
         return count
 
@@ -230,6 +235,7 @@ class Hypervisor:
             _PACK64(mm, off, value & abi.MASK64)
         else:
             _PACK32(mm, off, value & 0xFFFFFFFF)
+        self.memory.mark_dirty(ptr, size)
         return 0
 
     def _update_va(self, v, ptr, value, la, flags, *_a) -> int:
@@ -256,15 +262,21 @@ class Hypervisor:
 
     def _timer_oneshot(self, v, deadline, *_a) -> int:
         with self.lock:
-            # kept as a point on the host's monotonic clock: the timer is as
-            # far away as the guest asked, whatever clock_ns does meanwhile
-            self._timer = time.monotonic() + max(0, deadline - self.clock_ns()) / 1e9 if deadline else None
+            self._timer = None
             self._timer_vcpu = v.index
-            if deadline and self._timer_thread is None:
-                self._timer_thread = threading.Thread(target=self._timer_loop, name="pv-timer", daemon=True)
-                self._timer_thread.start()
+            if deadline:
+                self._arm(deadline)
             self._timer_cv.notify()
         return 0
+
+    def _arm(self, deadline: int) -> None:
+        """Sets the one-shot timer for guest time `deadline` (lock held)."""
+        # kept as a point on the host's monotonic clock: the timer is as
+        # far away as the guest asked, whatever clock_ns does meanwhile
+        self._timer = time.monotonic() + max(0, deadline - self.clock_ns()) / 1e9
+        if self._timer_thread is None:
+            self._timer_thread = threading.Thread(target=self._timer_loop, name="pv-timer", daemon=True)
+            self._timer_thread.start()
 
     def _timer_loop(self) -> None:
         """The one-shot timer: one thread that sleeps until the deadline
@@ -329,6 +341,49 @@ class Hypervisor:
         self.memory.write_u64(gpa + abi.SharedPage.system_time_ns.offset, self.clock_ns())
         self.memory.write_u32(gpa + abi.SharedPage.tsc_to_system_mul.offset, 0)
         self.memory.write_u32(gpa + abi.SHARED_OFF_VERSION, ((ver + 1) | 1) + 1)
+
+    # -- the device contract (device.py) ----------------------------------------
+    def reset(self) -> None:
+        """No hypercall pages, shared pages or timer, as before the guest ran."""
+        with self.lock:
+            self.page_msr.clear()
+            self.shared.clear()
+            self.counts = [0] * abi.OP_COUNT
+            self.errors = 0
+            self._timer = None
+            self._timer_vcpu = 0
+            self._timer_cv.notify()
+
+    def save(self) -> dict:
+        """The timer is kept as its deadline in guest ns (clock_ns), so it
+        fires as far into guest time after restore() as it would have."""
+        with self.lock:
+            deadline = None
+            if self._timer is not None:
+                deadline = self.clock_ns() + max(0, int((self._timer - time.monotonic()) * 1e9))
+            return saved(self, {"page_msr": {str(k): v for k, v in self.page_msr.items()},
+                                "shared": {str(k): v for k, v in self.shared.items()},
+                                "counts": list(self.counts), "errors": self.errors,
+                                "timer_deadline_ns": deadline, "timer_vcpu": self._timer_vcpu})
+
+    def restore(self, state: dict) -> None:
+        """Guest RAM (the hypercall and shared pages) is the snapshot's to
+        restore; this only reloads where they are. Raises DeviceStateError."""
+        with self.lock:
+            restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        page_msr = {int(k): as_int(v) for k, v in as_dict(state["page_msr"]).items()}
+        shared = {int(k): as_int(v) for k, v in as_dict(state["shared"]).items()}
+        counts = [as_int(n) for n in as_list(state["counts"], abi.OP_COUNT)]
+        deadline = as_opt_int(state["timer_deadline_ns"])
+        self._timer_vcpu = as_int(state["timer_vcpu"])
+        self.errors = as_int(state["errors"])
+        self.page_msr, self.shared, self.counts = page_msr, shared, counts
+        self._timer = None
+        if deadline is not None:
+            self._arm(deadline)
+        self._timer_cv.notify()
 
     def stats(self) -> dict:
         return {"calls": {abi.OP_NAMES[i]: n for i, n in enumerate(self.counts) if n},

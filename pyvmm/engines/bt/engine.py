@@ -15,9 +15,10 @@ import time
 from ...costs import Costs
 from ...cpu import CpuState
 from ...errors import EngineError
+from ...runstate import PauseGate
 from ..base import Engine
 from .cpu import VCpu
-from .faults import GuestFault, SmcRestart
+from .faults import DB, GuestFault, SmcRestart
 from .jumpcache import JumpCaches
 from .shadow import PageGuard
 from .translator import Translator
@@ -25,6 +26,7 @@ from .translator import Translator
 log = logging.getLogger(__name__)
 
 MMU_MODES = ("shadow", "nested")
+DR6_BS = 1 << 14             # DR6: the #DB came from single-stepping
 
 
 class BtCpu(VCpu):
@@ -135,6 +137,17 @@ class BtCpu(VCpu):
         finally:
             self.blocks_ns += time.perf_counter_ns() - t0
 
+    def single_step(self) -> None:
+        """One instruction with RFLAGS.TF set: it runs alone, then the
+        single-step #DB trap follows with DR6.BS set, unless the instruction
+        delivered an exception or interrupt itself (SDM Vol. 3, 17.3.1.4).
+        Raises TripleFault."""
+        before = self.deliveries
+        self.execute_one()
+        if self.deliveries == before:
+            self.dr[6] |= DR6_BS
+            self.deliver(GuestFault(DB))
+
     def execute_one(self) -> None:
         """Executes exactly one instruction (exceptions are delivered)."""
         self.mmu.smc_ok = True
@@ -174,6 +187,7 @@ class BtEngine(Engine):
         self.store = None     # blockstore.BlockStore when config.block_store names a directory
         self.run_ns = 0       # host time inside run()
         self.idle_ns = 0      # of which waiting with every vCPU halted
+        self.gate = PauseGate()   # the scheduler parks here at a slice end (pause())
 
     def prepare(self) -> None:
         """Creates the vCPUs. Raises EngineError / ConfigError for a bad setup."""
@@ -196,6 +210,7 @@ class BtEngine(Engine):
             c.lapic = self.intc.lapics[i]
             c.cpuid = CpuidTable(i, n, hide)
             self.cpus.append(c)
+        m.memory.dirty_sources.append(self.guard)    # the translator's writes feed the dirty log
         if getattr(m.config, "kvmclock", True) and m.config.engine == "bt":
             from .kvmpv import attach           # not under hybrid: user code reads the host TSC
             attach(self)
@@ -240,6 +255,29 @@ class BtEngine(Engine):
     def kick(self) -> None:
         if self.sched is not None:
             self.sched.kick()
+        self.gate.wake()
+
+    # -- pause and resume (runstate.py) -------------------------------------------
+    def pause(self) -> bool:
+        return self.pause_with(self.kick)
+
+    def pause_with(self, kick) -> bool:
+        """pause(), ending the current slice with `kick` (hybrid's also ends
+        a KVM run). The one scheduler thread parks between slices, where
+        every vCPU is at an instruction boundary with its state in BtCpu;
+        then the guest clock (timers, TSC, kvmclock) is held."""
+        if not self.gate.close(1, kick, lambda: self.machine.stop_status is not None):
+            return False
+        self.clock.pause()
+        return True
+
+    def resume(self) -> None:
+        self.clock.resume()
+        self.gate.open()
+
+    def park(self) -> None:
+        """Called by the scheduler between slices: waits while paused."""
+        self.gate.park(lambda: self.machine.stop_status is not None)
 
     def run(self) -> None:
         """Runs until a stop request. Raises GuestCrash if the engine cannot go on."""
@@ -316,6 +354,9 @@ class BtEngine(Engine):
         return out
 
     def close(self) -> None:
+        sources = self.machine.memory.dirty_sources
+        if self.guard in sources:
+            sources.remove(self.guard)
         for c in self.cpus:
             c.detach()
         if self.store is not None:

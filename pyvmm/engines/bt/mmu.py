@@ -204,7 +204,10 @@ class Mmu:
 
     def _setbits(self, addr: int, size: int, old: int, bits: int) -> None:
         if old & bits != bits:
-            mm, off = self.memory.locate(addr, size)
+            mem = self.memory
+            mm, off = mem.locate(addr, size)
+            if mem.dirty is not None:
+                mem.dirty.add(addr >> 12)
             if size == 8:
                 P64(mm, off, old | bits)
             else:
@@ -339,6 +342,11 @@ class Mmu:
             self.shadow_fills += 1
             self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
         w = writable and ppn not in self.code_pages and ppn not in self.table_pages
+        if w and mem.dirty is not None:
+            # Dirty log on: only a write maps a page for fast writes, and marks it.
+            w = access == WRITE
+            if w:
+                mem.dirty.add(ppn)
         if w:
             tw[vpn] = entry
             self.guard.map_writable(tw, vpn, ppn)
@@ -379,6 +387,8 @@ class Mmu:
             self.on_code_write(ppn)
         o = entry[1] + (la & 0xFFF)
         entry[0][o:o + size] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self.memory.dirty is not None:
+            self.memory.dirty.add(ppn)
         if ppn in self.table_pages:
             self.guard.table_dirtied(ppn)
 

@@ -86,6 +86,25 @@ class PageGuard:
             if e is not None and e[2] == ppn:
                 del tw[vpn]
 
+    # -- dirty log (pyvmm/dirty.py): bt's DirtySource -----------------------------
+    def log_start(self) -> None:
+        """Every page loses its fast-write mappings: the next write to it
+        takes the slow path, which marks it (Mmu._fill)."""
+        for ppn in list(self.wmap):
+            self._unmap(ppn)
+
+    def log_harvest(self, mark) -> None:
+        """Nothing to hand over: bt marks GuestMemory.dirty as it writes."""
+
+    def log_rearm(self, pages: set[int]) -> None:
+        wmap = self.wmap
+        for ppn in pages:
+            if ppn in wmap:
+                self._unmap(ppn)
+
+    def log_stop(self) -> None:
+        """Pages get their fast-write mappings back at their next write."""
+
     # -- code -----------------------------------------------------------------
     def protect_code(self, ppn: int) -> None:
         if ppn not in self.code_pages:
@@ -340,9 +359,12 @@ class GlobalTlb:
         else:
             maps[0][vpn] = e
             w = g[1].get(vpn)
-            if w is not None:
+            dirty = guard.memory.dirty
+            if w is not None and (dirty is None or access == 1):   # the dirty log maps on writes only
                 maps[1][vpn] = w
                 guard.map_writable(maps[1], vpn, w[2])
+                if dirty is not None:
+                    dirty.add(w[2])
         guard.watch_tables(tables, size, maps, vpn)
         self._copied(maps, vpn)
         self.hits += 1

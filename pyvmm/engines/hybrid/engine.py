@@ -47,6 +47,7 @@ from ..bt.engine import BtEngine
 from ..bt.faults import GuestFault
 from ..kvm import abi, cpuid, state
 from ..kvm.device import Kvm, _ioctl, ioctl
+from ..kvm.dirtylog import KvmDirtyLog
 from ..kvm.engine import _install_kick_handler
 from .alarm import Alarm
 from .ptwatch import PageTableWatch
@@ -72,6 +73,7 @@ class HybridEngine(Engine):
         self.vm = None
         self.switches: list[UserSwitch] = []
         self.slots: list[abi.UserspaceMemoryRegion] = []
+        self.dirty_log: KvmDirtyLog | None = None
         self.alarm = Alarm()
         self.events: Counter = Counter()     # user-mode exits by reason
         self.kvm_ns = 0                       # inside KVM_RUN (user code)
@@ -99,9 +101,13 @@ class HybridEngine(Engine):
                 fn(arg)
             except OSError:
                 pass      # only VT-x wants them
-        for region in self.machine.memory.regions:
+        memory = self.machine.memory
+        for region in memory.regions:
             slot = self.vm.add_memory(region.gpa, region.size, region.host_address())
             self.slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
+        # User code writes under KVM: its dirty log joins bt's (the kernel's writes).
+        self.dirty_log = KvmDirtyLog(self.vm.fd, self.slots)
+        memory.dirty_sources.append(self.dirty_log)
         supported = self.kvm.supported_cpuid()
         hidden = cpuid.expand_hidden(cfg.cpuid_hide)
         for i in range(cfg.cpus):
@@ -162,8 +168,23 @@ class HybridEngine(Engine):
         self.bt.kick()
         self.alarm.fire_now()
 
+    def pause(self) -> bool:
+        """bt's pause: the scheduler parks between slices; a vCPU in user
+        mode under KVM is first brought back to bt by the kick (KVM_RUN
+        returns EINTR, its registers move to the bt vCPU), so every vCPU's
+        state is bt's while paused, and bt's clock (which trapped user
+        rdtsc reads too) is held."""
+        return self.bt.pause_with(self.kick)
+
+    def resume(self) -> None:
+        self.bt.resume()
+
     def _flush_kvm_mmu(self) -> None:
-        """Drops every translation KVM cached from the guest's page tables."""
+        """Drops every translation KVM cached from the guest's page tables.
+        A deleted slot loses its dirty bitmap: it is harvested first."""
+        memory = self.machine.memory
+        if memory.dirty is not None:
+            self.dirty_log.log_harvest(memory.dirty.add)
         for region in self.slots:
             size = region.memory_size
             region.memory_size = 0
@@ -300,6 +321,8 @@ class HybridEngine(Engine):
         return c
 
     def close(self) -> None:
+        if self.dirty_log in self.machine.memory.dirty_sources:
+            self.machine.memory.dirty_sources.remove(self.dirty_log)
         self.alarm.stop()
         self.bt.close()
         for sw in self.switches:

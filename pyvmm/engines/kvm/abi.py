@@ -78,6 +78,13 @@ class UserspaceMemoryRegion(ctypes.Structure):
                 ("userspace_addr", u64)]
 
 
+class DirtyLog(ctypes.Structure):
+    _fields_ = [("slot", u32), ("padding", u32), ("dirty_bitmap", u64)]
+
+
+MEM_LOG_DIRTY_PAGES = 1   # kvm_userspace_memory_region.flags
+
+
 class IrqLevel(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
@@ -114,6 +121,7 @@ GET_SUPPORTED_CPUID = _iowr(0x05, 8)
 # VM ioctls
 CREATE_VCPU = _io(0x41)
 SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(UserspaceMemoryRegion))
+GET_DIRTY_LOG = _iow(0x42, ctypes.sizeof(DirtyLog))
 SET_TSS_ADDR = _io(0x47)
 SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 CREATE_IRQCHIP = _io(0x60)

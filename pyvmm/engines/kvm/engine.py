@@ -14,10 +14,12 @@ from ...costs import Costs
 from ...cpu import CpuState
 from ...errors import EngineError, GuestCrash
 from ...machine import EXIT_HALTED, EXIT_OK, StopReason
+from ...runstate import PauseGate
 from ...boot import layout
 from ..base import Engine
 from . import abi, cpuid, state
-from .device import Kvm, KvmVcpu, KvmVm, _ioctl
+from .dirtylog import KvmDirtyLog
+from .device import Kvm, KvmVcpu, KvmVm, _ioctl, ioctl
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class KvmEngine(Engine):
         self.kvm: Kvm | None = None
         self.vm: KvmVm | None = None
         self.vcpus: list[KvmVcpu] = []
+        self.slots: list[abi.UserspaceMemoryRegion] = []
+        self.dirty_log: KvmDirtyLog | None = None
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
         self.exit_counts: list[list[int]] = []
@@ -60,6 +64,8 @@ class KvmEngine(Engine):
         # Called in the vCPU's thread after a kick interrupted KVM_RUN: the one
         # place another thread can have the vCPU's registers read (profiling).
         self.on_kick = None
+        self.gate = PauseGate()           # vCPU threads park here while paused
+        self._paused_clock_ns: int | None = None   # kvmclock when paused
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -79,8 +85,12 @@ class KvmEngine(Engine):
                 fn(arg)
             except OSError as e:  # not needed (or not offered) outside Intel VT-x
                 log.debug("%s: %s", what, e.strerror)
-        for region in self.machine.memory.regions:
-            self.vm.add_memory(region.gpa, region.size, region.host_address())
+        memory = self.machine.memory
+        for region in memory.regions:
+            slot = self.vm.add_memory(region.gpa, region.size, region.host_address())
+            self.slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
+        self.dirty_log = KvmDirtyLog(self.vm.fd, self.slots)
+        memory.dirty_sources.append(self.dirty_log)
         if self.irqchip:
             try:
                 self.vm.create_irqchip()
@@ -140,6 +150,46 @@ class KvmEngine(Engine):
             v.run_mm[abi.RUN_IMMEDIATE_EXIT] = 1
         for t in self._threads:
             self._kick_thread(t)
+        self.gate.wake()
+
+    # -- pause and resume (runstate.py) -------------------------------------------
+    def pause(self) -> bool:
+        """Each vCPU thread parks when its KVM_RUN returns EINTR (the kick's
+        immediate_exit): KVM has then completed any I/O it exited for, so
+        the registers are at an instruction boundary and readable from
+        here. kvmclock is read so that resume() can give it back."""
+        if not self.gate.close(len(self.vcpus), self.kick, self._stopping):
+            return False
+        self._paused_clock_ns = self._kvm_clock()
+        return True
+
+    def resume(self) -> None:
+        """Loads kvmclock with its value at pause (KVM_SET_CLOCK), so the
+        guest's time skips the pause, then lets the vCPUs go on. (The TSC
+        itself runs on; Linux keeps time by kvmclock when it has it.)"""
+        if self._paused_clock_ns is not None:
+            self._kvm_clock(self._paused_clock_ns)
+            self._paused_clock_ns = None
+        self.gate.open()
+
+    def _stopping(self) -> bool:
+        return self.machine.stop_status is not None
+
+    def _kvm_clock(self, set_ns: int | None = None) -> int | None:
+        """kvmclock's guest ns (KVM_GET_CLOCK), or sets it; None where this
+        KVM refuses."""
+        from .platform_state import GET_CLOCK, SET_CLOCK, _ClockData
+        data = _ClockData()
+        try:
+            if set_ns is None:
+                ioctl(self.vm.fd, GET_CLOCK, data)
+                return data.clock
+            data.clock = set_ns
+            ioctl(self.vm.fd, SET_CLOCK, data)
+            return set_ns
+        except OSError as e:
+            log.debug("KVM clock: %s", e.strerror)
+            return None
 
     def interrupt(self) -> None:
         """Makes every vCPU leave KVM_RUN once (on_kick runs) without stopping."""
@@ -190,6 +240,8 @@ class KvmEngine(Engine):
         from_bytes = int.from_bytes
         every = SAMPLE_EVERY
         countdown = every
+        gate, stopping = self.gate, self._stopping
+        gate.park(stopping)          # paused before this thread first ran
         while machine.stop_status is None:
             countdown -= 1
             if countdown:
@@ -203,6 +255,8 @@ class KvmEngine(Engine):
                 err = get_errno()
                 if err in (errno.EINTR, errno.EAGAIN):
                     mm[abi.RUN_IMMEDIATE_EXIT] = 0
+                    if gate.closed:
+                        gate.park(stopping)
                     if self.on_kick is not None:
                         self.on_kick(vcpu)
                     continue
@@ -331,6 +385,8 @@ class KvmEngine(Engine):
                      guest_s=run_s, vmm_s=max(sum(self.loop_ns) / 1e9 - run_s, 0.0))
 
     def close(self) -> None:
+        if self.dirty_log in self.machine.memory.dirty_sources:
+            self.machine.memory.dirty_sources.remove(self.dirty_log)
         for v in self.vcpus:
             try:
                 v.close()
