@@ -76,15 +76,18 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
     rtc = Rtc(mem_size_bytes=cfg.mem_mib * MIB,
               below_4g_bytes=sum(n for start, n in machine.memory.ram_ranges() if start < 1 << 32))
     io.insert(RTC_PORT, 2, rtc, "rtc")
-    io.insert(POST_PORT, 1, Port80(), "post")
-    machine.devices.update(serial0=serial, i8042=kbd, rtc=rtc)
+    post = Port80()
+    io.insert(POST_PORT, 1, post, "post")
+    machine.devices.update(serial0=serial, i8042=kbd, rtc=rtc, post=post)
     if cfg.debug_exit is not None:
         base, size = cfg.debug_exit
 
         def on_exit(code: int) -> None:
             machine.request_stop(StopReason.DEBUG_EXIT, code, f"isa-debug-exit code {code}")
 
-        io.insert(base, size, DebugExit(on_exit, size), "debug-exit")
+        debug_exit = DebugExit(on_exit, size)
+        io.insert(base, size, debug_exit, "debug-exit")
+        machine.devices["debug_exit"] = debug_exit
 
 
 def add_firmware(machine: Machine) -> None:
@@ -161,6 +164,10 @@ def build_machine(config: VmConfig, output: Output,
         log.info("boot: %s: %s", result.protocol, result.summary)
         machine.engine = create_engine(machine)
         machine.engine.prepare()
+        if config.engine == "hw" and config.irqchip:
+            from .engines.kvm.platform_state import KvmPlatformState
+            # the in-kernel PIC, IOAPIC, PIT and APICs, as found at power-on
+            machine.devices["kvm_platform"] = KvmPlatformState(machine.engine)
         from .paravirt.install import attach as attach_paravirt
         attach_paravirt(machine)
         if getattr(config, "vmware_backdoor", False):

@@ -1,7 +1,9 @@
 """One Bus class; a VM has one instance for I/O ports and one for MMIO.
 
 A device knows only offsets inside its own range; where it sits is decided by
-whoever inserts it (the builder)."""
+whoever inserts it (the builder).  What the bus dispatches to is the
+`Registers` half of the device contract (device.py): a Device, or a window
+onto part of one (OffsetView, the PIC's ELCR, the PIT's port 0x61)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import bisect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
 
+from .device import Registers
 from .errors import BusError
 
 log = logging.getLogger(__name__)
@@ -19,16 +21,11 @@ _MISS = object()
 ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
 
-class BusDevice(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
-    def write(self, offset: int, size: int, value: int) -> None: ...
-
-
 @dataclass
 class _Mapping:
     base: int
     length: int
-    device: BusDevice
+    device: Registers
     name: str
     reads: int = 0
     writes: int = 0
@@ -62,7 +59,7 @@ class Bus:
     def __repr__(self) -> str:
         return f"Bus({self.name}, {len(self._maps)} devices)"
 
-    def insert(self, base: int, length: int, device: BusDevice, name: str | None = None) -> None:
+    def insert(self, base: int, length: int, device: Registers, name: str | None = None) -> None:
         """Places device at [base, base+length). Raises BusError on overlap."""
         if length <= 0:
             raise BusError(f"{self.name}: zero-length range at 0x{base:x}")
@@ -139,7 +136,7 @@ class OffsetView:
     Lets one device with a hole in its range (the i8042 at 0x60 and 0x64,
     with the PIT's port 0x61 between) sit on the bus as two ranges."""
 
-    def __init__(self, device: BusDevice, delta: int):
+    def __init__(self, device: Registers, delta: int):
         self.device = device
         self.delta = delta
 

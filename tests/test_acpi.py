@@ -152,9 +152,9 @@ def test_pm_timer_state_round_trip():
     clock = FakeClock()
     dev, _ = pm_bus(clock=clock)
     clock.t += 2.0
-    state = dev.get_state()
+    state = dev.save()
     other = AcpiPm(clock=clock)
-    other.set_state(state)
+    other.restore(state)
     assert other.timer() == dev.timer() == 2 * PM_TIMER_HZ
 
 

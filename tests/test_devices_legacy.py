@@ -174,10 +174,10 @@ def test_uart_state_roundtrip(uart):
     bus.write(IER, 1, u.IER_ERBFI)
     bus.write(SCR, 1, 7)
     dev.receive(b"abc")
-    state = dev.get_state()
+    state = dev.save()
     other = Serial8250(IrqLine(4), lambda b: None)
-    other.set_state(state)
-    assert other.get_state() == state
+    other.restore(state)
+    assert other.save() == state
     assert other.irq.level == 1
     assert other.read(0, 1) == ord("a")
     dev.reset()
@@ -277,9 +277,9 @@ def test_i8042_reset_by_pulse_and_output_port(kbd):
 def test_i8042_state_roundtrip(kbd):
     bus, dev, *_ = kbd
     bus.write(0x64, 1, 0xAA)
-    state = dev.get_state()
+    state = dev.save()
     other = I8042(lambda: None)
-    other.set_state(state)
+    other.restore(state)
     assert other.read(0, 1) == 0x55
 
 

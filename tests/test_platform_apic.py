@@ -258,8 +258,8 @@ def test_state_round_trip(board):
     board.apic_write(0, 0x320, 0xEC)
     board.apic_write(0, 0x380, 1000)
     board.intc.lapics[0].accept(0x70)
-    state = board.intc.get_state()
+    state = board.intc.save()
     other = Board()
-    other.intc.set_state(state)
+    other.intc.restore(state)
     assert other.intc.next_deadline_ns() == 1000
     assert other.take(0) == 0x70

@@ -201,9 +201,9 @@ def test_clock_cpuid_and_tsc(pc):
     clock.advance_instructions(1000)
     assert clock.now_ns() == 1000
     assert clock.tsc() == 1000 * ecx * ebx // eax // 1_000_000_000
-    state = clock.get_state()
+    state = clock.save()
     other = GuestClock("deterministic")
-    other.set_state(state)
+    other.restore(state)
     assert other.now_ns() == 1000
 
 
@@ -212,5 +212,5 @@ def test_whole_state_round_trip(pc):
     init_pic(io, 0xEB)
     intc.set_irq(4, 1)
     other = PlatformInterrupts(2, clock)
-    other.set_state(intc.get_state())
+    other.restore(intc.save())
     assert other.acknowledge(0) == 0x34

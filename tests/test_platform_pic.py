@@ -201,8 +201,8 @@ def test_state_round_trip(pc):
     pair, bus = pc
     linux_init(bus, 0x00, 0x00)
     pair.set_irq(9, 1)
-    state = pair.get_state()
+    state = pair.save()
     other = PicPair()
-    other.set_state(state)
+    other.restore(state)
     assert other.interrupt_pending()
     assert other.acknowledge() == 0x39

@@ -179,6 +179,6 @@ def test_state_round_trip(pc):
     program(bus, 0, 0x34, 1193)
     clock.advance_ns(MS // 2)
     other = Pit(clock, Pulses())
-    other.set_state(pit.get_state())
+    other.restore(pit.save())
     assert other.next_deadline_ns() == pit.next_deadline_ns()
     assert other.counters[0].count_and_out(clock.now_ns()) == pit.counters[0].count_and_out(clock.now_ns())

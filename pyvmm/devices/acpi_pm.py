@@ -21,6 +21,7 @@ import struct
 import time
 from typing import Callable
 
+from ..device import as_int, restore_state, saved
 from ..irq import IrqLine
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class AcpiPm:
 
     `clock()` returns seconds (default time.monotonic); `on_poweroff()` is
     called when the guest enters S5; `sci` is the SCI line (GSI 9), or None."""
+
+    STATE_VERSION = 1
 
     def __init__(self, on_poweroff: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sci: IrqLine | None = None,
@@ -146,13 +149,16 @@ class AcpiPm:
                 self.on_sleep(slp_typ)
 
     # -- snapshots ----------------------------------------------------------
-    def get_state(self) -> dict:
-        return {"sts": self.sts, "en": self.en, "cnt": self.cnt, "timer": self.timer()}
+    def save(self) -> dict:
+        return saved(self, {"sts": self.sts, "en": self.en, "cnt": self.cnt, "timer": self.timer()})
 
-    def set_state(self, state: dict) -> None:
-        self.sts = int(state["sts"])
-        self.en = int(state["en"])
-        self.cnt = int(state["cnt"]) | SCI_EN
-        self._timer_base = int(state["timer"]) & PM_TIMER_MASK
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.sts = as_int(state["sts"])
+        self.en = as_int(state["en"])
+        self.cnt = as_int(state["cnt"]) | SCI_EN
+        self._timer_base = as_int(state["timer"]) & PM_TIMER_MASK
         self._clock_base = self.clock()
         self._update_sci()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import struct
 
+from ..device import as_int, restore_state, saved
 from ..errors import ConfigError, GuestMemoryError
 from ..memory import GuestMemory
 
@@ -80,6 +81,8 @@ class FwCfg:
     matching arguments are given.
 
     Raises ConfigError for a file name longer than 55 bytes or duplicated."""
+
+    STATE_VERSION = 1
 
     def __init__(self, ram_size: int, cpus: int, *, max_cpus: int | None = None,
                  cmdline: str = "", files: list[tuple[str, bytes]] | None = None,
@@ -207,10 +210,14 @@ class FwCfg:
         self.offset = 0
         self.dma_high = 0
 
-    def get_state(self) -> dict:
-        return {"selector": self.selector, "offset": self.offset, "dma_high": self.dma_high}
+    def save(self) -> dict:
+        return saved(self, {"selector": self.selector, "offset": self.offset,
+                            "dma_high": self.dma_high})
 
-    def set_state(self, state: dict) -> None:
-        self.selector = int(state["selector"])
-        self.offset = int(state["offset"])
-        self.dma_high = int(state.get("dma_high", 0))
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.selector = as_int(state["selector"])
+        self.offset = as_int(state["offset"])
+        self.dma_high = as_int(state["dma_high"])

@@ -25,6 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable
 
+from ..device import as_dict, as_int, restore_state, saved
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class GuestRpc:
     `on_log(text)` receives each "log" request; `on_poweroff()` is called
     for "pyvmm.poweroff"; `values` are the guestinfo keys (without the
     "guestinfo." prefix)."""
+
+    STATE_VERSION = 1
 
     def __init__(self, values: dict[str, str] | None = None,
                  on_log: Callable[[str], None] = lambda text: None,
@@ -196,11 +199,19 @@ class GuestRpc:
             return "1 "
         return "0 Unknown command"
 
-    def get_state(self) -> dict:
-        return {"values": dict(self.values), "requests": self.requests}
+    def save(self) -> dict:
+        """Open channels are not saved: a guest mid-conversation sees its
+        channel closed after restore(), as after a reset."""
+        return saved(self, {"values": dict(self.values), "requests": self.requests})
 
-    def set_state(self, state: dict) -> None:
-        self.values = dict(state.get("values", {}))
-        self.requests = int(state.get("requests", 0))
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        values = as_dict(state["values"])
+        if not all(type(k) is str and type(v) is str for k, v in values.items()):
+            raise TypeError("guestinfo values must be strings")
+        self.values = dict(values)
+        self.requests = as_int(state["requests"])
         self.reset()
 

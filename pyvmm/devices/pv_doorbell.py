@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..device import as_int, restore_state, saved
+
 
 class PvDoorbell:
     """`ring()` is called for every write; it reaches the writing vCPU's
     registers itself (engines/kvm/pvexit.py)."""
+
+    STATE_VERSION = 1
 
     def __init__(self, ring: Callable[[], None], version: int):
         self.ring = ring
@@ -30,8 +34,11 @@ class PvDoorbell:
     def reset(self) -> None:
         self.rings = 0
 
-    def get_state(self) -> dict:
-        return {"rings": self.rings}
+    def save(self) -> dict:
+        return saved(self, {"rings": self.rings})
 
-    def set_state(self, state: dict) -> None:
-        self.rings = int(state.get("rings", 0))
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.rings = as_int(state["rings"])

@@ -29,6 +29,7 @@ import logging
 import time
 from typing import Callable, Protocol
 
+from ..device import as_dict, as_int, restore_state, saved
 from .guestrpc import GuestRpc, RpcRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class VmwareBackdoor:
     """`regs()` gives the accessing vCPU's registers; `tsc_hz` / `bus_hz`
     are what GETHZ reports (0: unknown, reported as unsupported);
     `wall_ns()` is the host time for GETTIME."""
+
+    STATE_VERSION = 1
 
     def __init__(self, regs: Callable[[], BackdoorRegs], rpc: GuestRpc, tsc_hz: int = 0,
                  bus_hz: int = 0, wall_ns: Callable[[], int] = time.time_ns):
@@ -109,12 +112,15 @@ class VmwareBackdoor:
     def reset(self) -> None:
         self.rpc.reset()
 
-    def get_state(self) -> dict:
-        return {"counts": dict(self.counts), "rpc": self.rpc.get_state()}
+    def save(self) -> dict:
+        return saved(self, {"counts": dict(self.counts), "rpc": self.rpc.save()})
 
-    def set_state(self, state: dict) -> None:
-        self.counts = dict(state.get("counts", {}))
-        self.rpc.set_state(state.get("rpc", {}))
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.counts = {str(k): as_int(v) for k, v in as_dict(state["counts"]).items()}
+        self.rpc.restore(state["rpc"])
 
     # -- commands: each sets the other registers and returns the new EAX ------
     def _getversion(self, r: BackdoorRegs) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from ...device import as_opt_int, restore_state, saved
+
 log = logging.getLogger(__name__)
 
 ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
@@ -17,6 +19,8 @@ ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
 class DebugExit:
     """`on_exit(code)` is called with (value << 1) | 1 on every write."""
+
+    STATE_VERSION = 1
 
     def __init__(self, on_exit: Callable[[int], None], iosize: int = 1):
         self.on_exit = on_exit
@@ -39,8 +43,11 @@ class DebugExit:
         self.last_code = code
         self.on_exit(code)
 
-    def get_state(self) -> dict:
-        return {"last_code": self.last_code}
+    def save(self) -> dict:
+        return saved(self, {"last_code": self.last_code})
 
-    def set_state(self, state: dict) -> None:
-        self.last_code = state["last_code"]
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.last_code = as_opt_int(state["last_code"])

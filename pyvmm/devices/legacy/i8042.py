@@ -23,6 +23,7 @@ from collections import deque
 from typing import Callable
 
 from ...bus import OffsetView
+from ...device import as_bool, as_hex, as_int, as_list, as_opt_int, restore_state, saved
 from ...irq import IrqLine
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class I8042:
     `on_reset` is called when the guest pulses the reset line; `irq_kbd`
     (IRQ 1) and `irq_aux` (IRQ 12) are raised while a byte from that port
     waits in the output buffer and the CTR enables its interrupt."""
+
+    STATE_VERSION = 1
 
     def __init__(self, on_reset: Callable[[], None], irq_kbd: IrqLine | None = None,
                  irq_aux: IrqLine | None = None):
@@ -246,21 +249,25 @@ class I8042:
 
     # --- snapshots ----------------------------------------------------------
 
-    def get_state(self) -> dict:
-        return {
+    def save(self) -> dict:
+        return saved(self, {
             "ctr": self.ctr, "status_flags": self.status_flags, "outport": self.outport,
             "ram": self.ram.hex(), "pending_cmd": self.pending_cmd,
             "kbd_pending": self.kbd_pending, "kbd_scanning": self.kbd_scanning,
             "out": [[b, aux] for b, aux in self.out],
-        }
+        })
 
-    def set_state(self, state: dict) -> None:
-        self.ctr = int(state["ctr"])
-        self.status_flags = int(state["status_flags"])
-        self.outport = int(state["outport"])
-        self.ram = bytearray.fromhex(state["ram"])
-        self.pending_cmd = state["pending_cmd"]
-        self.kbd_pending = state["kbd_pending"]
-        self.kbd_scanning = bool(state["kbd_scanning"])
-        self.out = deque((int(b), bool(aux)) for b, aux in state["out"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        out = deque((as_int(b), as_bool(aux)) for b, aux in as_list(state["out"]))
+        self.ctr = as_int(state["ctr"])
+        self.status_flags = as_int(state["status_flags"])
+        self.outport = as_int(state["outport"])
+        self.ram = bytearray(as_hex(state["ram"]))
+        self.pending_cmd = as_opt_int(state["pending_cmd"])
+        self.kbd_pending = as_opt_int(state["kbd_pending"])
+        self.kbd_scanning = as_bool(state["kbd_scanning"])
+        self.out = out
         self._update_irqs()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 
+from ...device import as_int, restore_state, saved
+
 log = logging.getLogger(__name__)
 
 
 class Port80:
     """Remembers the last value written; reads return it."""
+
+    STATE_VERSION = 1
 
     def __init__(self) -> None:
         self.reset()
@@ -28,8 +32,11 @@ class Port80:
         self.value = value & 0xFF
         self.writes += 1
 
-    def get_state(self) -> dict:
-        return {"value": self.value}
+    def save(self) -> dict:
+        return saved(self, {"value": self.value})
 
-    def set_state(self, state: dict) -> None:
-        self.value = int(state["value"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.value = as_int(state["value"])

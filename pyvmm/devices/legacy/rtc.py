@@ -18,6 +18,8 @@ import logging
 import time
 from typing import Callable
 
+from ...device import as_float, as_hex, as_int, as_opt_int, restore_state, saved
+
 log = logging.getLogger(__name__)
 
 INDEX = 0
@@ -103,6 +105,8 @@ def memory_size_bytes(mem_size_bytes: int, below_4g_bytes: int | None = None) ->
 
 class Rtc:
     """CMOS RTC. `clock` returns seconds since the epoch (default time.time)."""
+
+    STATE_VERSION = 1
 
     def __init__(self, mem_size_bytes: int = 0, clock: Callable[[], float] = time.time,
                  below_4g_bytes: int | None = None):
@@ -252,12 +256,18 @@ class Rtc:
 
     # --- snapshots ----------------------------------------------------------
 
-    def get_state(self) -> dict:
-        return {"index": self.index, "cmos": self.cmos.hex(), "offset": self.offset,
-                "frozen": self.frozen}
+    def save(self) -> dict:
+        return saved(self, {"index": self.index, "cmos": self.cmos.hex(), "offset": self.offset,
+                            "frozen": self.frozen})
 
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
-        self.cmos = bytearray.fromhex(state["cmos"])
-        self.offset = float(state["offset"])
-        self.frozen = state["frozen"]
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        cmos = bytearray(as_hex(state["cmos"]))
+        if len(cmos) != CMOS_SIZE:
+            raise ValueError(f"cmos has {len(cmos)} bytes, not {CMOS_SIZE}")
+        self.index = as_int(state["index"])
+        self.cmos = cmos
+        self.offset = as_float(state["offset"])
+        self.frozen = as_opt_int(state["frozen"])

@@ -32,6 +32,7 @@ import threading
 from collections import deque
 from typing import Callable
 
+from ...device import as_bool, as_hex, as_int, restore_state, saved
 from ...irq import IrqLine
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class Serial8250:
 
     `output` receives each transmitted byte (as a 1-byte bytes object);
     `irq` is driven as described in the module docstring."""
+
+    STATE_VERSION = 1
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None],
                  lock: threading.RLock | None = None):
@@ -317,19 +320,26 @@ class Serial8250:
 
     # --- snapshots ----------------------------------------------------------
 
-    def get_state(self) -> dict:
+    def save(self) -> dict:
         with self.lock:
-            return {
+            return saved(self, {
                 "dll": self.dll, "dlm": self.dlm, "ier": self.ier, "fcr": self.fcr,
                 "lcr": self.lcr, "mcr": self.mcr, "lsr_errors": self.lsr_errors,
                 "msr": self.msr, "scr": self.scr, "thr_interrupt": self.thr_interrupt,
                 "rx": bytes(self.rx).hex(),
-            }
+            })
 
-    def set_state(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
         with self.lock:
-            for key in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "lsr_errors", "msr", "scr"):
-                setattr(self, key, int(state[key]))
-            self.thr_interrupt = bool(state["thr_interrupt"])
-            self.rx = deque(bytes.fromhex(state["rx"]))
-            self._update_irq()
+            restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        regs = {key: as_int(state[key]) for key in ("dll", "dlm", "ier", "fcr", "lcr", "mcr",
+                                                     "lsr_errors", "msr", "scr")}
+        thr_interrupt = as_bool(state["thr_interrupt"])
+        rx = deque(as_hex(state["rx"]))
+        for key, value in regs.items():
+            setattr(self, key, value)
+        self.thr_interrupt = thr_interrupt
+        self.rx = rx
+        self._update_irq()

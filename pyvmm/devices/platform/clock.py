@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ...device import as_float, as_int, restore_state, saved
 from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,18 @@ class GuestClock:
     guest sees a 1 G instructions/s CPU). Raises ConfigError for an
     unknown mode."""
 
+    STATE_VERSION = 1
+
     def __init__(self, mode: str = "host", ns_per_insn: float = 1.0):
         if mode not in MODES:
             raise ConfigError(f"clock mode {mode!r}: choose from {', '.join(MODES)}")
         self.mode = mode
         self.deterministic = mode == "deterministic"
         self.ns_per_insn = ns_per_insn
+        self.reset()
+
+    def reset(self) -> None:
+        """Guest time 0, running (the mode and rate stay)."""
         self.instructions = 0      # retired, as reported by the engine
         self._extra_ns = 0         # deterministic: jumps made by advance_to/advance_ns
         self._host_base = time.monotonic_ns()
@@ -135,14 +142,22 @@ class GuestClock:
 
     # --- snapshots -----------------------------------------------------------
 
-    def get_state(self) -> dict:
-        return {"mode": self.mode, "ns_per_insn": self.ns_per_insn, "now_ns": self.now_ns(),
-                "instructions": self.instructions}
+    def save(self) -> dict:
+        return saved(self, {"mode": self.mode, "ns_per_insn": self.ns_per_insn,
+                            "now_ns": self.now_ns(), "instructions": self.instructions})
 
-    def set_state(self, state: dict) -> None:
-        """Continues guest time from the saved instant (in this clock's mode)."""
-        now = int(state["now_ns"])
-        self.instructions = int(state.get("instructions", 0))
+    def restore(self, state: dict) -> None:
+        """Continues guest time from the saved instant (in this clock's mode:
+        "mode" and "ns_per_insn" record the saving clock's). Raises
+        DeviceStateError."""
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        if state["mode"] not in MODES:
+            raise ValueError(f"clock mode {state['mode']!r} unknown")
+        as_float(state["ns_per_insn"])
+        now = as_int(state["now_ns"])
+        self.instructions = as_int(state["instructions"])
         if self.deterministic:
             self._extra_ns = now - int(self.instructions * self.ns_per_insn)
         else:

@@ -41,6 +41,7 @@ import logging
 import threading
 from typing import Callable
 
+from ...device import as_bool, as_list, restore_state, saved
 from ...errors import ConfigError
 from ...irq import IrqLine
 from .clock import GuestClock
@@ -100,6 +101,8 @@ class LapicWindow:
 
 class PlatformInterrupts:
     """PIC pair, PIT, IOAPIC (id = ncpus, as in the MADT) and `ncpus` local APICs."""
+
+    STATE_VERSION = 1
 
     def __init__(self, ncpus: int, clock: GuestClock,
                  on_init: Callable[[int], None] | None = None,
@@ -287,21 +290,28 @@ class PlatformInterrupts:
             self.nmi = [False] * self.ncpus
             self._deadline = 0
 
-    def get_state(self) -> dict:
+    def save(self) -> dict:
         with self.lock:
-            return {"pic": self.pic.get_state(), "pit": self.pit.get_state(),
-                    "ioapic": self.ioapic.get_state(), "nmi": list(self.nmi),
-                    "lapics": [lapic.get_state() for lapic in self.lapics]}
+            return saved(self, {"pic": self.pic.save(), "pit": self.pit.save(),
+                                "ioapic": self.ioapic.save(), "nmi": list(self.nmi),
+                                "lapics": [lapic.save() for lapic in self.lapics]})
 
-    def set_state(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
+        """Raises DeviceStateError, also for a state saved with another
+        number of vCPUs."""
         with self.lock:
-            self.pic.set_state(state["pic"])
-            self.pit.set_state(state["pit"])
-            self.ioapic.set_state(state["ioapic"])
-            self.nmi = [bool(x) for x in state["nmi"]]
-            for lapic, s in zip(self.lapics, state["lapics"]):
-                lapic.set_state(s)
-            self._deadline = 0
+            restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        nmi = [as_bool(x) for x in as_list(state["nmi"], self.ncpus)]
+        lapics = as_list(state["lapics"], self.ncpus)
+        self.pic.restore(state["pic"])
+        self.pit.restore(state["pit"])
+        self.ioapic.restore(state["ioapic"])
+        self.nmi = nmi
+        for lapic, s in zip(self.lapics, lapics):
+            lapic.restore(s)
+        self._deadline = 0
 
     def stats(self) -> dict:
         return {"interrupts_delivered": list(self.delivered), "ioapic_deliveries": self.ioapic.delivered,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from ...device import as_int, as_list, restore_state, saved
+
 log = logging.getLogger(__name__)
 
 IOAPIC_BASE = 0xFEC00000
@@ -52,6 +54,8 @@ Deliver = Callable[[int, bool, int, int, bool], None]
 
 class IoApic:
     """An I/O APIC with PINS redirection entries."""
+
+    STATE_VERSION = 1
 
     def __init__(self, ioapic_id: int = 0, deliver: Deliver | None = None):
         self.initial_id = ioapic_id
@@ -153,11 +157,15 @@ class IoApic:
         elif offset == IOWIN:
             self.write_reg(self.regsel, value)
 
-    def get_state(self) -> dict:
-        return {"id": self.id, "regsel": self.regsel, "rte": list(self.rte), "levels": self.levels}
+    def save(self) -> dict:
+        return saved(self, {"id": self.id, "regsel": self.regsel, "rte": list(self.rte),
+                            "levels": self.levels})
 
-    def set_state(self, state: dict) -> None:
-        self.id = int(state["id"])
-        self.regsel = int(state["regsel"])
-        self.rte = [int(v) for v in state["rte"]]
-        self.levels = int(state["levels"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.id = as_int(state["id"])
+        self.regsel = as_int(state["regsel"])
+        self.rte = [as_int(v) for v in as_list(state["rte"], PINS)]
+        self.levels = as_int(state["levels"])

@@ -21,7 +21,7 @@ through `set_pv_eoi(flag)`): when `acknowledge()` takes an edge-triggered
 vector and nothing else waits in IRR, it sets the guest's flag, and the
 guest clears the flag instead of writing EOI.  The next time the APIC
 looks at its state (has_interrupt, acknowledge, a register access,
-get_state), a cleared flag means the EOI was done and the APIC does it;
+save), a cleared flag means the EOI was done and the APIC does it;
 a flag still set is cleared, so the guest writes a real EOI later.
 
 PIC pass-through: `accepts_pic()` is true while the APIC is globally
@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from ...device import as_dict, as_int, restore_state, saved
 from .clock import APIC_BUS_HZ, NEVER, GuestClock, ns_for_ticks, ticks_at
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def _divider(dcr: int) -> int:
 
 class LocalApic:
     """One vCPU's local APIC."""
+
+    STATE_VERSION = 1
 
     def __init__(self, apic_id: int, clock: GuestClock, send: Sender | None = None,
                  on_eoi: Callable[[int], None] | None = None, bsp: bool = False):
@@ -490,19 +493,25 @@ class LocalApic:
 
     # --- snapshots ------------------------------------------------------------------------------
 
-    def get_state(self) -> dict:
+    def save(self) -> dict:
         self.pv_eoi_sync()                     # no EOI left pending on the guest's flag
-        return {"apic_id": self.apic_id, "apic_base": self.apic_base, "irr": self.irr,
+        return saved(self, {"apic_id": self.apic_id, "apic_base": self.apic_base, "irr": self.irr,
                 "isr": self.isr, "tmr": self.tmr, "tpr": self.tpr, "ldr": self.ldr,
                 "dfr": self.dfr, "svr": self.svr, "esr": self.esr, "esr_pending": self.esr_pending,
                 "icr": self.icr, "lvt": {str(k): v for k, v in self.lvt.items()},
                 "timer_initial": self.timer_initial, "timer_start": self.timer_start,
-                "dcr": self.dcr, "tsc_deadline": self.tsc_deadline, "timer_expiry": self.timer_expiry}
+                "dcr": self.dcr, "tsc_deadline": self.tsc_deadline, "timer_expiry": self.timer_expiry})
 
-    def set_state(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        lvt = {int(k): as_int(v) for k, v in as_dict(state["lvt"]).items()}
+        if set(lvt) != set(LVTS):
+            raise ValueError("lvt registers do not match")
         for key in ("apic_id", "apic_base", "irr", "isr", "tmr", "tpr", "ldr", "dfr", "svr",
                     "esr", "esr_pending", "icr", "timer_initial", "timer_start", "dcr",
                     "tsc_deadline", "timer_expiry"):
-            setattr(self, key, int(state[key]))
-        self.lvt = {int(k): int(v) for k, v in state["lvt"].items()}
+            setattr(self, key, as_int(state[key]))
+        self.lvt = lvt
         self.on_timer_change()

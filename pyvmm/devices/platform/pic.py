@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 
+from ...device import as_bool, as_int, restore_state, saved
+
 log = logging.getLogger(__name__)
 
 CMD = 0   # offset of the command/status port (0x20, 0xA0)
@@ -54,6 +56,8 @@ _STATE_FIELDS = ("irr", "isr", "imr", "lines", "elcr", "base", "lowest", "init_s
 
 class Pic8259:
     """One 8259A. `on_change` is called whenever its output may have changed."""
+
+    STATE_VERSION = 1
 
     def __init__(self, name: str, elcr_mask: int):
         self.name = name
@@ -228,12 +232,16 @@ class Pic8259:
         if value & OCW3_ESMM:
             self.special_mask = bool(value & OCW3_SMM)
 
-    def get_state(self) -> dict:
-        return {f: getattr(self, f) for f in _STATE_FIELDS}
+    def save(self) -> dict:
+        return saved(self, {f: getattr(self, f) for f in _STATE_FIELDS})
 
-    def set_state(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
         for f in _STATE_FIELDS:
-            setattr(self, f, type(getattr(self, f))(state[f]))
+            read = as_bool if type(getattr(self, f)) is bool else as_int
+            setattr(self, f, read(state[f]))
 
 
 class Elcr:
@@ -257,6 +265,8 @@ class PicPair:
 
     `on_intr(level)` (optional) is called when the master's INTR output
     changes, so the owner can wake a halted vCPU."""
+
+    STATE_VERSION = 1
 
     def __init__(self, on_intr=None):
         self.master = Pic8259("master", ELCR_MASKS[0])
@@ -328,11 +338,14 @@ class PicPair:
         self._update()
         return vector
 
-    def get_state(self) -> dict:
-        return {"master": self.master.get_state(), "slave": self.slave.get_state()}
+    def save(self) -> dict:
+        return saved(self, {"master": self.master.save(), "slave": self.slave.save()})
 
-    def set_state(self, state: dict) -> None:
-        self.master.set_state(state["master"])
-        self.slave.set_state(state["slave"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        self.master.restore(state["master"])
+        self.slave.restore(state["slave"])
         self._intr = False
         self._update()

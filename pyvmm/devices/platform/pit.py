@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 
+from ...device import as_bool, as_int, as_list, as_opt_int, restore_state, saved
 from .clock import NEVER, PIT_HZ, GuestClock, ns_for_ticks, ticks_at
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,17 @@ P61_WRITABLE = 0x0F
 P61_REFRESH = 0x10
 P61_OUT2 = 0x20
 
-_COUNTER_FIELDS = ("mode", "access", "bcd", "reload", "start", "gate", "loaded", "null_count",
-                   "hold_count", "idle_out", "paused_ticks", "edges", "delivered", "write_hi",
-                   "read_hi", "low_byte", "status_latch")
+_COUNTER_FIELDS = {"mode": as_int, "access": as_int, "bcd": as_int, "reload": as_int,
+                   "start": as_opt_int, "gate": as_bool, "loaded": as_bool, "null_count": as_bool,
+                   "hold_count": as_int, "idle_out": as_int, "paused_ticks": as_opt_int,
+                   "edges": as_int, "delivered": as_int, "write_hi": as_bool, "read_hi": as_bool,
+                   "low_byte": as_int, "status_latch": as_opt_int}   # field -> its reader
 
 
 class PitCounter:
     """One 8254 counter; `irq` (with a pulse() method) gets OUT's rising edges."""
+
+    STATE_VERSION = 1
 
     def __init__(self, index: int, clock: GuestClock, irq=None, gate: bool = True):
         self.index = index
@@ -246,15 +251,18 @@ class PitCounter:
         elif gate:                                # modes 1, 5: trigger
             self._begin(now)
 
-    def get_state(self) -> dict:
+    def save(self) -> dict:
         state = {f: getattr(self, f) for f in _COUNTER_FIELDS}
         state["latched"] = list(self.latched)
-        return state
+        return saved(self, state)
 
-    def set_state(self, state: dict) -> None:
-        for f in _COUNTER_FIELDS:
-            setattr(self, f, state[f])
-        self.latched = list(state["latched"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        for f, read in _COUNTER_FIELDS.items():
+            setattr(self, f, read(state[f]))
+        self.latched = [as_int(v) for v in as_list(state["latched"])]
         self.on_timer_change()
 
 
@@ -280,6 +288,8 @@ class Port61:
 
 class Pit:
     """The 8254 with its three counters; counter 0 pulses `irq0`."""
+
+    STATE_VERSION = 1
 
     def __init__(self, clock: GuestClock, irq0=None):
         self.clock = clock
@@ -333,11 +343,14 @@ class Pit:
     def poll(self, now_ns: int) -> bool:
         return self.counters[0].poll(now_ns)
 
-    def get_state(self) -> dict:
-        return {"counters": [c.get_state() for c in self.counters],
-                "port61": self.port61.value}
+    def save(self) -> dict:
+        return saved(self, {"counters": [c.save() for c in self.counters],
+                            "port61": self.port61.value})
 
-    def set_state(self, state: dict) -> None:
-        for c, s in zip(self.counters, state["counters"]):
-            c.set_state(s)
-        self.port61.value = int(state["port61"])
+    def restore(self, state: dict) -> None:
+        restore_state(self, state, self._load)
+
+    def _load(self, state: dict) -> None:
+        for c, s in zip(self.counters, as_list(state["counters"], len(self.counters))):
+            c.restore(s)
+        self.port61.value = as_int(state["port61"])
