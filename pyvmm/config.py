@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 MIB = 1 << 20
+# The kernel command line a Linux guest boots with when the user gives none.
+DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 ENGINES = ("hw", "bt", "hybrid")
 MMU_MODES = ("shadow", "nested")
 

@@ -1,10 +1,9 @@
 """Linux direct boot: bzImage header, payload decompression, ELF loading, zero page, loader.
 
 Tests marked `debian` use the Debian cloud kernel (linux-image-cloud-amd64)
-and skip when it is absent; the rest build tiny kernels of their own."""
+and fail when it is absent (scripts/setup.sh installs it); the rest build tiny kernels of their own."""
 
 import bz2
-import glob
 import gzip
 import lzma
 import os
@@ -16,6 +15,7 @@ import types
 import pytest
 
 from pyvmm.boot import layout
+from pyvmm.boot import imagefile as imagefile_mod
 from pyvmm.boot import loader as loader_mod
 from pyvmm.boot.bzimage import SETUP_HEADER_END, SetupHeader, parse_bzimage
 from pyvmm.boot.decompress import LZ4_LEGACY_MAGIC, decompress_payload, detect_format
@@ -27,9 +27,9 @@ from pyvmm.boot.zeropage import ZeroPage
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError, ImageError
 from pyvmm.memory import GuestMemory
+from tests.hostfacts import from_setup, require_debian_cloud_kernel
 
-KERNELS = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
-debian = pytest.mark.skipif(not KERNELS, reason="Debian cloud kernel (linux-image-cloud-amd64) not installed")
+debian = from_setup(paths=["/boot/vmlinuz-*-cloud-amd64"], package="linux-image-cloud-amd64")
 MIB = 1 << 20
 KBASE = 0x1000000
 
@@ -263,7 +263,7 @@ def test_loader_permission_denied_reported(tmp_path, mem32, monkeypatch):
     """The same path as above, for runs as root: open() itself refuses."""
     def refuse(path, mode="r"):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(loader_mod, "open", refuse, raising=False)
+    monkeypatch.setattr(imagefile_mod, "open", refuse, raising=False)
     with pytest.raises(ConfigError, match=r"kernel /some/bzImage: permission denied$"):
         load_guest(mem32, VmConfig(kernel="/some/bzImage"))
 
@@ -296,9 +296,7 @@ def test_loader_offers_other_images_to_protocol_modules(tmp_path, mem32, monkeyp
 
 @pytest.fixture(scope="module")
 def debian_kernel():
-    if not KERNELS:
-        pytest.skip("Debian cloud kernel (linux-image-cloud-amd64) not installed")
-    path = KERNELS[-1]
+    path = require_debian_cloud_kernel()
     with open(path, "rb") as f:
         data = f.read()
     bz = parse_bzimage(data)

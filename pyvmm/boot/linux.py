@@ -27,7 +27,7 @@ from .bzimage import PROTECTED_MODE_ENTRY_64, BzImage, SetupHeader, looks_like_b
 from .decompress import SUPPORTED_FORMATS, decompress_payload, detect_format
 from .elf import ElfImage, is_elf, load_elf, parse_elf
 from .entry import long_mode_64, protected_mode_32
-from .loader import read_image
+from .imagefile import read_image
 from .result import BootResult
 from .zeropage import build_zero_page, synthesize_header
 

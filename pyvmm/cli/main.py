@@ -11,11 +11,10 @@ import logging
 import os
 import sys
 
-from ..config import VmConfig, parse_mem_size
+from ..config import DEFAULT_CMDLINE, VmConfig, parse_mem_size
 from ..errors import ConfigError, GuestCrash, VmmError
 from ..machine import EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE
 
-DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 
 EXIT_CODES_HELP = """exit codes:
   0    guest powered off, reset with --no-reboot, or the user quit (Ctrl-A x)
@@ -116,6 +115,9 @@ def _add_run_parser(sub) -> None:
                         "else ~/.cache/pyvmm/bt; see engines/bt/blockstore.py)")
     p.add_argument("--no-bt-cache", action="store_true",
                    help="bt: translate every block afresh, keeping nothing on disk")
+    p.add_argument("--bt-cache-max", metavar="SIZE",
+                   help="bt: cap of the block store, least recently used blocks evicted past it "
+                        "(default: $PYVMM_BT_CACHE_MAX, else 256M; `pyvmm cache` shows it)")
     p.add_argument("--stats", action="store_true", help="print counters (exits, I/O by device) at the end")
     p.add_argument("--stats-json", metavar="FILE", help="write the counters as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="say what is loaded where and which boot protocol")
@@ -125,6 +127,10 @@ def _block_store(args: argparse.Namespace) -> str | None:
     """The bt block store directory the options ask for (None: off)."""
     if getattr(args, "no_bt_cache", False) or os.environ.get("PYVMM_BT_CACHE", "") in ("0", "off"):
         return None
+    if getattr(args, "bt_cache_max", None):    # the store reads its cap from there (blockstore.py)
+        from ..engines.bt.blockstore import MAX_ENV, parse_size
+        parse_size(args.bt_cache_max)
+        os.environ[MAX_ENV] = args.bt_cache_max
     if getattr(args, "bt_cache", None):
         return args.bt_cache
     from ..engines.bt.blockstore import default_dir
@@ -232,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     gb = guest.add_parser("build", help="write the default busybox initramfs")
     gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
     from ..kernel.cli import add_kernel_parser
+    from .cache import add_cache_parser
+    add_cache_parser(sub)
     add_kernel_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench.add_parser("paper", help="guestos nano-benchmarks under bt, bt+pv, hw, hw+pv, QEMU (bench/paper.py)")
+    sub.add_parser("img", help="disk images: create, info, convert, check, compare, map, resize, snapshot, commit")
     return parser
 
 
@@ -242,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "paper"]:
         return cmd_bench(argv[2:])
+    if argv[:1] == ["img"]:  # its own parser, qemu-img's spellings (pyvmm/cli/img.py)
+        from .img import main as img_main
+        return img_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -249,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if e.code else 0
     logging.basicConfig(level=getattr(logging, args.log.upper()), format="pyvmm: %(name)s: %(message)s")
     from ..kernel.cli import cmd_kernel
-    handlers = {"run": cmd_run, "guest": cmd_guest_build, "kernel": cmd_kernel, "report": cmd_report}
+    from .cache import cmd_cache
+    handlers = {"cache": cmd_cache, "run": cmd_run, "guest": cmd_guest_build, "kernel": cmd_kernel, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except GuestCrash as e:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli.main import DEFAULT_CMDLINE
+from ..config import DEFAULT_CMDLINE
 from ..guest.initramfs import READY_MARKER, ensure_default_initramfs
 
 # `pyvmm run`'s own default command line (its early console is code too),
