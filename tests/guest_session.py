@@ -59,14 +59,21 @@ class GuestSession:
         with self._cond:
             return self._err.decode(errors="replace")
 
-    def expect(self, pattern: str, timeout: float) -> re.Match:
-        """Waits until stdout matches `pattern`; raises AssertionError with the
-        output so far on timeout or if the process ended first."""
+    def mark(self) -> int:
+        """Where stdout ends now: give it to expect(after=) so that only
+        output that comes after (say, after a command was sent) matches."""
+        with self._cond:
+            return len(self._out)
+
+    def expect(self, pattern: str, timeout: float, after: int = 0) -> re.Match:
+        """Waits until stdout from byte `after` on matches `pattern`; raises
+        AssertionError with the output so far on timeout or if the process
+        ended first."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                m = rx.search(self._out.decode(errors="replace"))
+                m = rx.search(self._out[after:].decode(errors="replace"))
                 if m:
                     return m
                 left = deadline - time.monotonic()
@@ -76,9 +83,12 @@ class GuestSession:
                                          f"{self._err.decode(errors='replace')[-3000:]}")
                 self._cond.wait(min(left, 0.5))
 
-    def send(self, text: str) -> None:
+    def send(self, text: str) -> int:
+        """Types `text` at the console; returns the mark before it (see mark())."""
+        where = self.mark()
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
+        return where
 
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)
