@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -78,6 +79,82 @@ class VmConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    # -- as JSON (pyvmm run --config / --print-config) ------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "config") -> "VmConfig":
+        """A config from plain data (parsed JSON): every key must be a field,
+        of the field's kind; missing keys take the defaults.  Raises
+        ConfigError naming `where` and the key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: a JSON object is needed, not {type(data).__name__}")
+        defaults = cls()
+        kw = {}
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{where}: unknown key {key!r}")
+            kw[key] = _field_value(key, value, getattr(defaults, key), where)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str) -> "VmConfig":
+        """Reads a JSON config file. Raises ConfigError (one line)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not JSON: {e}") from None
+        return cls.from_dict(data, path)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(VmConfig)}
+# Fields whose JSON form (lists) becomes a tuple, or a list of tuples.
+_PAIRS = {"debug_exit": 2}
+_LISTS_OF_PAIRS = {"fw_cfg_files"}
+
+
+def _field_value(key: str, value, default, where: str):
+    """`value` checked against the kind of the field's default."""
+    bad = ConfigError(f"{where}: {key}: {json.dumps(value)} is not a valid value")
+    if key in _PAIRS:
+        if value is None:
+            return None
+        if not (isinstance(value, list) and len(value) == _PAIRS[key] and all(_is_int(v) for v in value)):
+            raise bad
+        return tuple(value)
+    if key in _LISTS_OF_PAIRS:
+        if not isinstance(value, list) or not all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value):
+            raise bad
+        return [tuple(v) for v in value]
+    if default is None:
+        if value is not None and not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = _is_int(value)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise bad
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*$")
