@@ -15,6 +15,7 @@ from .config import MIB, VmConfig
 from .engines.base import Engine
 from .errors import ConfigError
 from .irq import IrqLine
+from .loop import EventLoop
 from .machine import EXIT_OK, Machine, StopReason
 from .memory import GuestMemory
 
@@ -64,7 +65,7 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
     from .devices.legacy.serial8250 import Serial8250
 
     cfg, io = machine.config, machine.io_bus
-    serial = Serial8250(_irq(machine, COM1_IRQ), output, lock=machine.lock)
+    serial = Serial8250(_irq(machine, COM1_IRQ), output)
     io.insert(COM1_PORT, 8, serial, "serial0")
 
     def on_reset() -> None:
@@ -98,7 +99,9 @@ def add_firmware(machine: Machine) -> None:
     mptable.write_mptable(machine.memory, cfg.cpus)
     from .boot import acpi
     from .devices import acpi_pm, fw_cfg
-    acpi.write_acpi_tables(machine.memory, cfg.cpus)
+    from .devices.virtio.install import wants_pci
+    from .devices.pci.aml import pci_root_aml
+    acpi.write_acpi_tables(machine.memory, cfg.cpus, pci_root_aml() if wants_pci(cfg) else b"")
 
     def on_poweroff() -> None:
         machine.request_stop(StopReason.POWEROFF, EXIT_OK, "ACPI poweroff")
@@ -149,12 +152,15 @@ def build_machine(config: VmConfig, output: Output,
     lock = threading.RLock()
     several = config.cpus > 1
     machine = Machine(config, memory, Bus("io", lock, several), Bus("mmio", lock, several), lock)
+    machine.loop = EventLoop(lock, name="pyvmm-events")
     try:
         add_legacy_devices(machine, output)
         if config.engine in BT_PLATFORM_ENGINES:
             from .engines.bt.platform import make_platform
             make_platform(machine)   # PIC, PIT, IOAPIC, local APICs and the guest clock
         add_firmware(machine)
+        from .devices.virtio.install import attach as attach_virtio
+        attach_virtio(machine, lambda gsi: _irq(machine, gsi))   # PCI bus 0 and its virtio devices
         if boot is None:
             from .boot.loader import load_guest
             result = load_guest(memory, config)
@@ -177,21 +183,27 @@ def build_machine(config: VmConfig, output: Output,
     except BaseException:
         if machine.engine is not None:
             machine.engine.close()
+        machine.loop.close()
         memory.close()
         raise
     finally:
         if cleanup is not None:
             cleanup()
+    machine.loop.start()
     return machine
 
 
 def destroy_machine(machine: Machine) -> None:
     """Releases the engine, devices with threads of their own, and guest RAM."""
+    if machine.loop is not None:
+        machine.loop.close()    # no callback runs once the devices go
     if machine.engine is not None:
         machine.engine.close()
     pv = machine.devices.get("paravirt")
     if pv is not None:
         pv.close()  # cancels a pending one-shot timer
+    from .devices.virtio.install import close as close_virtio
+    close_virtio(machine)   # disk images
     machine.memory.close()
 
 

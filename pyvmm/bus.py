@@ -27,6 +27,7 @@ class _Mapping:
     length: int
     device: Registers
     name: str
+    serialize: bool = False     # dispatch under the bus lock
     reads: int = 0
     writes: int = 0
 
@@ -40,10 +41,10 @@ class Bus:
 
     Reads of unmapped addresses return all-ones and writes are dropped; both
     are counted. With `serialize` set (several vCPUs), dispatch holds `lock`,
-    which the VM shares with every other path into the devices; with one vCPU
-    the bus skips it (it costs ~10 % of an exit round trip), so a device that
-    also takes input from another thread (the UART from the console) must
-    take the lock itself on both paths."""
+    the machine's, which the event loop (loop.py) holds around every
+    callback; with one vCPU the bus skips it (it costs ~10 % of an exit round
+    trip) except for devices that say INPUT_FROM_LOOP (the UART, which the
+    console feeds from the loop), so no device takes a lock of its own."""
 
     def __init__(self, name: str, lock: threading.RLock | None = None, serialize: bool = True):
         self.name = name
@@ -71,7 +72,8 @@ class Bus:
             other = self._maps[i]
             raise BusError(f"{self.name}: 0x{base:x}+0x{length:x} overlaps {other.name} at 0x{other.base:x}")
         self._bases.insert(i, base)
-        self._maps.insert(i, _Mapping(base, length, device, name or type(device).__name__))
+        self._maps.insert(i, _Mapping(base, length, device, name or type(device).__name__,
+                                      self.serialize or getattr(device, "INPUT_FROM_LOOP", False)))
         self._cache.clear()
 
     def remove(self, base: int) -> None:
@@ -104,7 +106,7 @@ class Bus:
             self.unmapped_reads += 1
             return ALL_ONES[size]
         m.reads += 1
-        if self.serialize:
+        if m.serialize:
             with self.lock:
                 return m.device.read(addr - m.base, size)
         return m.device.read(addr - m.base, size)
@@ -117,7 +119,7 @@ class Bus:
             self.unmapped_writes += 1
             return
         m.writes += 1
-        if self.serialize:
+        if m.serialize:
             with self.lock:
                 m.device.write(addr - m.base, size, value)
         else:

@@ -1,7 +1,8 @@
 """The terminal side of the guest's serial port.
 
-`Console.write` is the UART's output sink.  `Console.start` runs a daemon
-thread that reads the host's stdin and feeds the bytes to the UART:
+`Console.write` is the UART's output sink.  `Console.start` reads the
+host's stdin on the machine's event loop (loop.py) and feeds the bytes to
+the UART:
 
 * stdin is a TTY: the terminal is put in raw mode (restored by `close()`,
   when the reader stops, and at interpreter exit) and QEMU's escape keys
@@ -16,10 +17,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import select
 import sys
 import threading
 from typing import BinaryIO, Callable, NamedTuple
+
+from .loop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +76,27 @@ class EscapeFilter:
 
 
 class Console:
-    """Host terminal for one serial port. Raises nothing on construction;
-    `start` raises OSError only if the wake-up pipe cannot be made."""
+    """Host terminal for one serial port. Raises nothing on construction."""
 
     def __init__(self, stdin_fd: int = 0, stdout: BinaryIO | None = None):
         self.stdin_fd = stdin_fd
         self.stdout = stdout if stdout is not None else sys.stdout.buffer
         self._out_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._wake_r = self._wake_w = -1
+        self._loop: EventLoop | None = None
+        self._own_loop = False
+        self._feed: Callable[[bytes], None] | None = None
+        self._on_quit: Callable[[], None] | None = None
+        self._escapes: EscapeFilter | None = None
         self._saved_termios: list | None = None
-        self._stopping = threading.Event()
+        self._ended = threading.Event()
+        self._reading = False
         self.is_tty = False
         self.bytes_in = 0
         self.bytes_out = 0
         self._output_broken = False
 
     def __repr__(self) -> str:
-        state = "running" if self._thread and self._thread.is_alive() else "stopped"
-        return f"Console(fd={self.stdin_fd}, tty={self.is_tty}, {state})"
+        return f"Console(fd={self.stdin_fd}, tty={self.is_tty}, {'running' if self.running else 'stopped'})"
 
     # --- output -------------------------------------------------------------
 
@@ -111,89 +115,110 @@ class Console:
 
     # --- input --------------------------------------------------------------
 
-    def start(self, feed: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
-        """Starts the stdin reader thread. `feed` gets the bytes for the guest;
-        `on_quit` is called once on Ctrl-A x (TTY only)."""
-        if self._thread is not None:
+    def start(self, feed: Callable[[bytes], None], on_quit: Callable[[], None],
+              loop: EventLoop | None = None) -> None:
+        """Reads stdin on `loop` (the machine's event loop; a loop of the
+        console's own when None). `feed` gets the bytes for the guest;
+        `on_quit` is called once on Ctrl-A x (TTY only). Both run on the
+        loop's thread, under its lock."""
+        if self._feed is not None:
             return
-        self._wake_r, self._wake_w = os.pipe()
+        self._feed, self._on_quit = feed, on_quit
         try:
             self.is_tty = os.isatty(self.stdin_fd)
         except OSError:
             self.is_tty = False
         if self.is_tty:
             self._enter_raw()
-        self._thread = threading.Thread(target=self._run, args=(feed, on_quit),
-                                        name="pyvmm-console", daemon=True)
-        self._thread.start()
+            self._escapes = EscapeFilter()
+        self.attach(loop)
+
+    def attach(self, loop: EventLoop | None) -> None:
+        """Moves stdin to `loop` (a reboot brings a new machine with its own
+        loop; the terminal and the escape state stay)."""
+        self._detach()
+        if loop is None:
+            loop, self._own_loop = EventLoop(name="pyvmm-console"), True
+            loop.start()
+        else:
+            self._own_loop = False
+        self._loop = loop
+        if not self._ended.is_set():
+            try:
+                loop.add_reader(self.stdin_fd, self._on_readable)
+                self._reading = True
+            except PermissionError:     # a regular file: always readable, epoll refuses it
+                self._reading = True
+                loop.call_soon_threadsafe(self._drain_file)
+            except (OSError, ValueError) as e:
+                log.debug("console input unavailable: %s", e)
+                self._end()
+
+    def _detach(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._reading:
+            loop.remove_reader(self.stdin_fd)
+            self._reading = False
+        if self._own_loop:
+            loop.close()
 
     def close(self) -> None:
-        """Stops the reader thread and restores the terminal. Idempotent."""
-        self._stopping.set()
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
+        """Stops reading and restores the terminal. Idempotent."""
+        self._detach()
+        self._ended.set()
         self._restore_terminal()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._reading
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Waits for the reader thread to end (EOF, quit or close)."""
-        if self._thread is None:
+        """Waits for reading to end (EOF, quit or close)."""
+        if self._feed is None:
             return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._ended.wait(timeout)
 
-    def _run(self, feed: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
-        escapes = EscapeFilter() if self.is_tty else None
+    def _end(self) -> None:
+        if self._reading and self._loop is not None:
+            self._loop.remove_reader(self.stdin_fd)     # False for a drained file: nothing to remove
+        self._reading = False
+        self._restore_terminal()
+        self._ended.set()
+
+    def _drain_file(self) -> None:
+        """stdin is a regular file: one chunk per loop turn until its end."""
+        if self._reading and self._loop is not None:
+            self._on_readable()
+            if self._reading and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._drain_file)
+
+    def _on_readable(self) -> None:
         try:
-            while not self._stopping.is_set():
-                try:
-                    ready, _, _ = select.select([self.stdin_fd, self._wake_r], [], [])
-                except (OSError, ValueError):
-                    break
-                if self._wake_r in ready or self._stopping.is_set():
-                    break
-                try:
-                    data = os.read(self.stdin_fd, READ_CHUNK)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    log.debug("console input ended: %s", e)
-                    break
-                if not data:
-                    log.debug("console input: end of file")
-                    break
-                self.bytes_in += len(data)
-                if escapes is None:
-                    feed(data)
-                    continue
-                result = escapes.feed(data)
-                if result.to_guest:
-                    feed(result.to_guest)
-                if result.show_help:
-                    self.write(HELP_TEXT)
-                if result.quit:
-                    self._restore_terminal()
-                    on_quit()
-                    break
-        except Exception:  # a bug in feed(): never leave the terminal raw
-            log.exception("console input thread failed")
-        finally:
-            self._restore_terminal()
+            data = os.read(self.stdin_fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.debug("console input ended: %s", e)
+            self._end()
+            return
+        if not data:
+            log.debug("console input: end of file")
+            self._end()
+            return
+        self.bytes_in += len(data)
+        if self._escapes is None:
+            self._feed(data)
+            return
+        result = self._escapes.feed(data)
+        if result.to_guest:
+            self._feed(result.to_guest)
+        if result.show_help:
+            self.write(HELP_TEXT)
+        if result.quit:
+            self._end()
+            self._on_quit()
 
     # --- terminal mode ------------------------------------------------------
 

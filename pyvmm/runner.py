@@ -69,11 +69,13 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
             if on_machine is not None:
                 on_machine(machine)
             if not console_started:
-                console.start(feed, on_quit)
+                console.start(feed, on_quit, machine.loop)
                 console_started = True
+            else:
+                console.attach(machine.loop)    # the rebooted machine's loop
             start = time.perf_counter()
             try:
-                machine.engine.run()
+                machine.run()
             except GuestCrash:
                 raise
             finally:

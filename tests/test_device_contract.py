@@ -71,7 +71,7 @@ def io_bus() -> Bus:
 
 def serial() -> Rig:
     bus, irq = io_bus(), IrqLine(4)
-    dev = Serial8250(irq, lambda data: None, lock=bus.lock)
+    dev = Serial8250(irq, lambda data: None)
     bus.insert(COM1, 8, dev, "com1")
 
     def a():
@@ -470,11 +470,69 @@ def hypervisor() -> Rig:
     return Rig(hv, io_bus(), a, b, probe, mapped=False, cleanup=cleanup)
 
 
+def pci_bridge() -> Rig:
+    from pyvmm.devices.pci.host import attach_host_bridge
+    bus = io_bus()
+    dev = attach_host_bridge(bus, Bus("mmio", serialize=False))
+
+    def drive(address, command):
+        bus.write(0xCF8, 4, address)
+        bus.write(0xCFC, 2, command)
+    return Rig(dev, bus, lambda: drive(0x80000004, 0x6), lambda: drive(0x80000010, 0x1),
+               lambda: [bus.read(0xCF8, 4), bus.read(0xCFC, 4), dev.host.command])
+
+
+def pci_function() -> Rig:
+    from pyvmm.devices.pci.function import PciFunction
+    from pyvmm.devices.pci.host import attach_host_bridge
+    bus, mmio = io_bus(), Bus("mmio", serialize=False)
+    bridge = attach_host_bridge(bus, mmio)
+    dev = PciFunction(0x1234, 0x5678, 0x020000)
+    dev.add_bar(0, 0x1000, "mem32", Port80())
+    slot = bridge.add(dev, "nic")
+
+    def cfg(reg, size, value):
+        bus.write(0xCF8, 4, 0x80000000 | slot << 11 | reg)
+        bus.write(0xCFC, size, value)
+
+    def a():
+        cfg(0x10, 4, 0xE8000000)
+        cfg(0x3C, 1, 0x0B)
+
+    def b():
+        cfg(0x04, 2, 0)
+        cfg(0x10, 4, 0xE9000000)
+    return Rig(dev, bus, a, b, lambda: [dev.config_read(0x04, 4), dev.config_read(0x10, 4),
+                                        dev.config_read(0x3C, 1), bridge.mapping(slot, 0),
+                                        mmio.read(0xE8000000, 1)], mapped=False)
+
+
+def virtio_pci() -> Rig:
+    from pyvmm.devices.virtio.rng import VirtioRng
+    from .devices.virtio_driver import F_VERSION_1, Driver
+    d = Driver(lambda memory: VirtioRng(memory, lambda n: b"\x5a" * n))
+
+    def a():
+        d.init(queue_size=16)
+        d.submit([(32, True)])
+
+    def b():
+        d.init(features=F_VERSION_1, queue_size=8)
+        d.common_write(0x16, 2, 0)
+
+    def probe():
+        vq = d.fn.queues[0].vq
+        return [d.status, d.common_read(0x18, 2), d.common_read(0x1C, 2), d.common_read(0x0C, 4),
+                vq and vq.save(), d.device.bytes_given, d.read_isr(), d.irq.level]
+    return Rig(d.fn, d.mmio, a, b, probe)
+
+
 CASES = {"Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
          "DebugExit": debug_exit, "Pic8259": pic8259, "PicPair": pic_pair, "Pit": pit,
          "LocalApic": local_apic, "IoApic": io_apic, "PlatformInterrupts": platform,
          "GuestClock": guest_clock, "FwCfg": fwcfg, "AcpiPm": acpi, "PvDoorbell": doorbell,
-         "VmwareBackdoor": backdoor, "GuestRpc": guest_rpc, "Hypervisor": hypervisor}
+         "VmwareBackdoor": backdoor, "GuestRpc": guest_rpc, "Hypervisor": hypervisor,
+         "PciHostBridge": pci_bridge, "PciFunction": pci_function, "VirtioPci": virtio_pci}
 # Components whose state only travels inside their owner's (and is checked there).
 PARTS = {"PitCounter": "Pit"}
 

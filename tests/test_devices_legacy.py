@@ -18,7 +18,7 @@ def uart():
     bus = Bus("io")
     irq = IrqLine(4)
     out = bytearray()
-    dev = Serial8250(irq, out.extend, lock=bus.lock)
+    dev = Serial8250(irq, out.extend)
     bus.insert(COM1, 8, dev, "com1")
     return bus, dev, irq, out
 

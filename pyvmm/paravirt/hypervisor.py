@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
 from typing import Callable, Protocol
 
 from ..device import as_dict, as_int, as_list, as_opt_int, restore_state, saved
 from ..errors import GuestMemoryError
+from ..loop import EventLoop, TimerHandle
 from ..memory import GuestMemory
 from . import abi
 
@@ -58,14 +58,15 @@ class Hypervisor:
 
     console(bytes) writes to the VMM console; inject(irq) raises an ISA IRQ
     edge; stop(kind, status) ends the machine (kind SHUTDOWN_*);
-    clock_ns() is the machine's time in ns.  Thread-safe (timer thread and
+    clock_ns() is the machine's time in ns.  Thread-safe (the event loop's timer and
     vCPU threads)."""
 
     STATE_VERSION = 1
 
     def __init__(self, memory: GuestMemory, console: Callable[[bytes], None],
                  inject: Callable[[int], None], stop: Callable[[int, int], None],
-                 clock_ns: Callable[[], int] | None = None, engine: str = "bt"):
+                 clock_ns: Callable[[], int] | None = None, engine: str = "bt",
+                 loop: EventLoop | None = None):
         self.memory = memory
         self.console = console
         self.inject = inject
@@ -73,7 +74,11 @@ class Hypervisor:
         self.engine = engine
         t0 = time.monotonic_ns()
         self.clock_ns = clock_ns or (lambda: time.monotonic_ns() - t0)
-        self.lock = threading.RLock()
+        # The one-shot timer runs on the machine's event loop, and the loop's
+        # lock (the machine's) guards this state against vCPU threads.
+        self._own_loop = loop is None
+        self.loop = loop or EventLoop(name="pv-timer")
+        self.lock = self.loop.lock
         self.page_msr: dict[int, int] = {}      # vCPU -> MSR value
         self.shared: dict[int, int] = {}        # vCPU -> shared page gpa
         self.counts = [0] * abi.OP_COUNT
@@ -83,11 +88,8 @@ class Hypervisor:
         self.ram0 = r0.mm if r0 is not None else None
         self.ram0_size = r0.size if r0 is not None else 0
         self.errors = 0
-        self._timer: float | None = None        # when the one-shot timer fires (time.monotonic())
+        self._timer: TimerHandle | None = None  # the pending one-shot timer (when: time.monotonic())
         self._timer_vcpu = 0
-        self._timer_cv = threading.Condition(self.lock)
-        self._timer_thread: threading.Thread | None = None
-        self._closed = False
         self._handlers = {
             abi.OP_VERSION: self._version, abi.OP_CONSOLE_WRITE: self._console_write,
             abi.OP_SET_SHARED: self._set_shared, abi.OP_IRQ_ENABLE: self._irq_enable,
@@ -262,41 +264,29 @@ class Hypervisor:
 
     def _timer_oneshot(self, v, deadline, *_a) -> int:
         with self.lock:
-            self._timer = None
+            self._disarm()
             self._timer_vcpu = v.index
             if deadline:
                 self._arm(deadline)
-            self._timer_cv.notify()
         return 0
 
     def _arm(self, deadline: int) -> None:
         """Sets the one-shot timer for guest time `deadline` (lock held)."""
         # kept as a point on the host's monotonic clock: the timer is as
         # far away as the guest asked, whatever clock_ns does meanwhile
-        self._timer = time.monotonic() + max(0, deadline - self.clock_ns()) / 1e9
-        if self._timer_thread is None:
-            self._timer_thread = threading.Thread(target=self._timer_loop, name="pv-timer", daemon=True)
-            self._timer_thread.start()
+        self._timer = self.loop.call_later(max(0, deadline - self.clock_ns()) / 1e9, self._fire)
+        if self._own_loop:
+            self.loop.start()
 
-    def _timer_loop(self) -> None:
-        """The one-shot timer: one thread that sleeps until the deadline
-        (re-armed by every timer_oneshot; a thread per call costs the vCPU
-        more than the call itself)."""
-        while True:
-            with self.lock:
-                while not self._closed:
-                    if self._timer is None:
-                        self._timer_cv.wait()
-                        continue
-                    delay = self._timer - time.monotonic()
-                    if delay <= 0:
-                        break
-                    self._timer_cv.wait(delay)
-                if self._closed:
-                    return
-                self._timer = None
-                vcpu = self._timer_vcpu
-            self.raise_event(vcpu, abi.EVENT_TIMER)
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        """The one-shot timer expired (on the event loop, under the lock)."""
+        self._timer = None
+        self.raise_event(self._timer_vcpu, abi.EVENT_TIMER)
 
     def _read_time(self, v, *_a) -> int:
         gpa = self.shared.get(v.index)
@@ -350,9 +340,8 @@ class Hypervisor:
             self.shared.clear()
             self.counts = [0] * abi.OP_COUNT
             self.errors = 0
-            self._timer = None
+            self._disarm()
             self._timer_vcpu = 0
-            self._timer_cv.notify()
 
     def save(self) -> dict:
         """The timer is kept as its deadline in guest ns (clock_ns), so it
@@ -360,7 +349,7 @@ class Hypervisor:
         with self.lock:
             deadline = None
             if self._timer is not None:
-                deadline = self.clock_ns() + max(0, int((self._timer - time.monotonic()) * 1e9))
+                deadline = self.clock_ns() + max(0, int((self._timer.when - time.monotonic()) * 1e9))
             return saved(self, {"page_msr": {str(k): v for k, v in self.page_msr.items()},
                                 "shared": {str(k): v for k, v in self.shared.items()},
                                 "counts": list(self.counts), "errors": self.errors,
@@ -380,10 +369,9 @@ class Hypervisor:
         self._timer_vcpu = as_int(state["timer_vcpu"])
         self.errors = as_int(state["errors"])
         self.page_msr, self.shared, self.counts = page_msr, shared, counts
-        self._timer = None
+        self._disarm()
         if deadline is not None:
             self._arm(deadline)
-        self._timer_cv.notify()
 
     def stats(self) -> dict:
         return {"calls": {abi.OP_NAMES[i]: n for i, n in enumerate(self.counts) if n},
@@ -391,6 +379,6 @@ class Hypervisor:
 
     def close(self) -> None:
         with self.lock:
-            self._closed = True
-            self._timer = None
-            self._timer_cv.notify_all()
+            self._disarm()
+        if self._own_loop:
+            self.loop.close()

@@ -47,7 +47,7 @@ def make_hypervisor(machine: Machine) -> Hypervisor:
 
     clock = machine.devices.get("clock")
     clock_ns = clock.now_ns if clock is not None else None
-    return Hypervisor(machine.memory, console, inject, stop, clock_ns, machine.config.engine)
+    return Hypervisor(machine.memory, console, inject, stop, clock_ns, machine.config.engine, machine.loop)
 
 
 def offered_features(engine: str) -> int:

@@ -20,15 +20,14 @@ buffer is full further bytes are dropped and LSR.OE is set.
 The IRQ line is high while any enabled interrupt is pending AND MCR.OUT2 is
 set: on PCs OUT2 gates the UART's interrupt output onto the ISA bus.
 
-Locking: `read`/`write` run under the bus lock; `receive` (called from the
-console thread) takes `self.lock`, which should be that same lock — pass
-`lock=bus.lock`.  `read` and `write` take it too, which is free for an RLock
-already held by the caller."""
+Locking: none of its own.  `receive` runs on the machine's event loop
+(loop.py) under the machine's lock, and `read`/`write` under the same lock
+because the UART says INPUT_FROM_LOOP, which makes the bus serialize its
+dispatch even with one vCPU."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from typing import Callable
 
@@ -133,29 +132,30 @@ class Serial8250:
 
     STATE_VERSION = 1
 
-    def __init__(self, irq: IrqLine, output: Callable[[bytes], None],
-                 lock: threading.RLock | None = None):
+    # The console feeds it from the event loop: the bus takes the machine's
+    # lock around its registers (bus.py).
+    INPUT_FROM_LOOP = True
+
+    def __init__(self, irq: IrqLine, output: Callable[[bytes], None]):
         self.irq = irq
         self.output = output
-        self.lock = lock or threading.RLock()
         self.rx: deque[int] = deque()
         self.reset()
 
     def reset(self) -> None:
         """Power-on register values; empties the receive buffer."""
-        with self.lock:
-            self.dll = 0x0C  # 9600 baud from the 1.8432 MHz clock
-            self.dlm = 0
-            self.ier = 0
-            self.fcr = 0
-            self.lcr = 0
-            self.mcr = 0
-            self.lsr_errors = 0
-            self.msr = MSR_HOST_CONNECTED
-            self.scr = 0
-            self.thr_interrupt = False
-            self.rx.clear()
-            self._update_irq()
+        self.dll = 0x0C  # 9600 baud from the 1.8432 MHz clock
+        self.dlm = 0
+        self.ier = 0
+        self.fcr = 0
+        self.lcr = 0
+        self.mcr = 0
+        self.lsr_errors = 0
+        self.msr = MSR_HOST_CONNECTED
+        self.scr = 0
+        self.thr_interrupt = False
+        self.rx.clear()
+        self._update_irq()
 
     def __repr__(self) -> str:
         return (f"Serial8250(ier=0x{self.ier:02x}, lcr=0x{self.lcr:02x}, mcr=0x{self.mcr:02x}, "
@@ -209,30 +209,27 @@ class Serial8250:
         """Bytes arriving on the serial line (typed by the user). Returns how
         many were accepted; the rest are dropped and LSR.OE is set. Ignored in
         loopback mode, where the receiver listens to the transmitter."""
-        with self.lock:
-            if self.mcr & MCR_LOOP:
-                return 0
-            accepted = 0
-            for b in data:
-                if not self._push_rx(b):
-                    log.debug("rx buffer full, dropped %d bytes", len(data) - accepted)
-                    break
-                accepted += 1
-            self._update_irq()
-            return accepted
+        if self.mcr & MCR_LOOP:
+            return 0
+        accepted = 0
+        for b in data:
+            if not self._push_rx(b):
+                log.debug("rx buffer full, dropped %d bytes", len(data) - accepted)
+                break
+            accepted += 1
+        self._update_irq()
+        return accepted
 
     # --- guest side ---------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        with self.lock:
-            value = self._read(offset)
-            self._update_irq()
-            return value
+        value = self._read(offset)
+        self._update_irq()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            self._write(offset, value & 0xFF)
-            self._update_irq()
+        self._write(offset, value & 0xFF)
+        self._update_irq()
 
     def _read(self, offset: int) -> int:
         dlab = self.lcr & LCR_DLAB
@@ -321,17 +318,15 @@ class Serial8250:
     # --- snapshots ----------------------------------------------------------
 
     def save(self) -> dict:
-        with self.lock:
-            return saved(self, {
-                "dll": self.dll, "dlm": self.dlm, "ier": self.ier, "fcr": self.fcr,
-                "lcr": self.lcr, "mcr": self.mcr, "lsr_errors": self.lsr_errors,
-                "msr": self.msr, "scr": self.scr, "thr_interrupt": self.thr_interrupt,
-                "rx": bytes(self.rx).hex(),
-            })
+        return saved(self, {
+            "dll": self.dll, "dlm": self.dlm, "ier": self.ier, "fcr": self.fcr,
+            "lcr": self.lcr, "mcr": self.mcr, "lsr_errors": self.lsr_errors,
+            "msr": self.msr, "scr": self.scr, "thr_interrupt": self.thr_interrupt,
+            "rx": bytes(self.rx).hex(),
+        })
 
     def restore(self, state: dict) -> None:
-        with self.lock:
-            restore_state(self, state, self._load)
+        restore_state(self, state, self._load)
 
     def _load(self, state: dict) -> None:
         regs = {key: as_int(state[key]) for key in ("dll", "dlm", "ier", "fcr", "lcr", "mcr",
