@@ -11,8 +11,8 @@ Sources are plain GNU as syntax (no C preprocessor).  Formats:
   its mode with ``.code16``/``.code32``/``.code64``).
 
 Every call writes into a fresh temporary directory (or ``outdir``) and returns
-the output path.  When ``as`` or ``ld`` is missing, ``assemble`` calls
-``pytest.skip`` with the reason, so tests that need a guest skip cleanly.
+the output path.  When ``as`` or ``ld`` is missing, ``assemble`` fails the
+test naming scripts/setup.sh, which installs binutils.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+from .hostfacts import require_from_setup
 
 _FORMATS = {
     # fmt: (as flags, ld emulation)
@@ -38,10 +38,8 @@ def missing_tools() -> list[str]:
 
 
 def require_toolchain() -> None:
-    """Skips the calling test when GNU as/ld are not installed."""
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"GNU binutils missing ({', '.join(missing)}): cannot build test guests")
+    """Fails the calling test when GNU as/ld are not installed."""
+    require_from_setup(programs=["as", "ld"], package="binutils")
 
 
 GUESTS_DIR = Path(__file__).resolve().parent / "guests"
@@ -139,8 +137,9 @@ def emulate32(memory, cpu, devices: list[tuple[int, int, object]] = (), *,
     holding a minimal COM1 at 0x3f8, a debug-exit port at 0xf4 (which stops
     the run) and `devices` as (base, length, device).  Only the general
     registers and EIP of `cpu` (a CpuState) are used.  The run also stops
-    after `max_instructions`.  Skips the test when unicorn is missing."""
-    unicorn = pytest.importorskip("unicorn")
+    after `max_instructions`.  Fails the test when unicorn (a setup dependency) is missing."""
+    require_from_setup(modules=["unicorn"], package="unicorn: pip .[test]")
+    import unicorn
     from unicorn import x86_const as x
 
     from pyvmm.bus import Bus

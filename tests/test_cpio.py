@@ -1,11 +1,9 @@
 """newc cpio writer and reader; the default initramfs."""
 
 import gzip
-import os
 import stat
 import struct
 import subprocess
-import shutil
 
 import pytest
 
@@ -13,6 +11,7 @@ from pyvmm.errors import ConfigError, ImageError
 from pyvmm.guest.cpio import CpioWriter, read_cpio
 from pyvmm.guest.initramfs import (READY_MARKER, build_default_initramfs,
                                    default_initramfs_path, write_default_initramfs)
+from tests.hostfacts import from_setup
 
 BUSYBOX = "/bin/busybox"
 
@@ -59,7 +58,7 @@ def test_cpio_layout_alignment_and_trailer():
     assert i % 4 == 0
 
 
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+@from_setup(programs=["cpio"], package="cpio")
 def test_cpio_readable_by_gnu_cpio():
     out = subprocess.run(["cpio", "-it", "--quiet"], input=_archive(), capture_output=True,
                          check=True).stdout.decode().split()
@@ -82,8 +81,7 @@ def test_cpio_rejects_bad_input():
         read_cpio(_archive()[:-124])  # trailer cut off
 
 
-needs_busybox = pytest.mark.skipif(not os.path.exists(BUSYBOX),
-                                   reason="busybox-static not installed (/bin/busybox)")
+needs_busybox = from_setup(paths=[BUSYBOX], package="busybox-static")
 
 
 @needs_busybox

@@ -60,6 +60,7 @@ def _delivery(engine: str, what: str) -> tuple:
     return r["r9"], r["r13"], r["r12"], r["r11"], r["r14"], r["r10"], r["rbx"], r["r15"] == 0x5555
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("what,vector", [("ud2", 6), ("int3", 3), ("divide", 0), ("gp-cli", 13),
                                          ("page-fault", 14)])
 def test_user_fault_delivery_matches_the_cpu(what, vector):
@@ -72,6 +73,7 @@ def test_user_fault_delivery_matches_the_cpu(what, vector):
         assert bt[1] == 4 and bt[6] == 0x7FFF0000000   # user read of a not-present page; CR2 = address
 
 
+@pytest.mark.kvm
 def test_int80_from_user_mode():
     require_kvm()
     bt, hw = _delivery("bt", "int80"), _delivery("hw", "int80")
@@ -82,6 +84,7 @@ def test_int80_from_user_mode():
         assert bt == hw
 
 
+@pytest.mark.kvm
 def test_syscall_from_user_mode():
     require_kvm()
     bt, hw = _delivery("bt", "syscall"), _delivery("hw", "syscall")

@@ -8,13 +8,13 @@ A benchmark smoke run checks that every nano-benchmark reports."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 
 import pytest
 
 from pyvmm.guest import guestos
+
+from .hostfacts import require_from_setup, require_kvm
 
 TIMEOUT = 240
 SELFTEST_LINES = [
@@ -37,17 +37,13 @@ SELFTEST_LINES = [
 ]
 # (engine, paravirt) -> the guest's boot line name of its pv-ops table
 CONFIGS = [("bt", False), ("bt", True), ("hw", False), ("hw", True), ("qemu", False)]
-
-
-def have_kvm() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+KVM_CONFIGS = {("hw", False), ("hw", True)}
+QEMU = "qemu-system-x86_64"
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    missing = guestos.missing_tools()
-    if missing:
-        pytest.skip(f"cannot build guestos: {', '.join(missing)} missing")
+    require_from_setup(programs=guestos.missing_tools(), package="gcc, binutils")
     return guestos.build(tmp_path_factory.mktemp("guestos"))
 
 
@@ -58,11 +54,10 @@ def boot(image, engine: str, paravirt: bool, append: str = "bench=0"):
     """One boot per (engine, paravirt, append) in this module: (proc, GuestResult)."""
     key = (engine, paravirt, append)
     if key not in _runs:
-        if engine == "hw" and not have_kvm():
-            pytest.skip("/dev/kvm is not available")
+        if engine == "hw":
+            require_kvm()
         if engine == "qemu":
-            if shutil.which("qemu-system-x86_64") is None:
-                pytest.skip("qemu-system-x86_64 is not installed")
+            require_from_setup(programs=[QEMU], package="qemu-system-x86")
             cmd = guestos.qemu_command(image, append)
         else:
             cmd = guestos.pyvmm_command(image, engine, paravirt, append)
@@ -83,7 +78,9 @@ def test_image_is_a_flat_multiboot_kernel(image):
     assert load_addr <= entry < load_end
 
 
-@pytest.mark.parametrize("engine,paravirt", CONFIGS, ids=[f"{e}{'+pv' if p else ''}" for e, p in CONFIGS])
+@pytest.mark.parametrize("engine,paravirt", [
+    pytest.param(e, p, id=f"{e}{'+pv' if p else ''}", marks=[pytest.mark.kvm] if (e, p) in KVM_CONFIGS else [])
+    for e, p in CONFIGS])
 def test_selftest_identical_everywhere(image, engine, paravirt):
     proc, res = boot(image, engine, paravirt)
     why = proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -153,8 +150,7 @@ def test_mmu_feature_withheld_only_on_shadow_paging_hw_hosts():
 
 
 def test_bench_paper_cli_prints_table_and_result(image):
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
+    require_from_setup(programs=[QEMU], package="qemu-system-x86")
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "pyvmm", "bench", "paper", "--only", "qemu", "--iters-qemu", "50",

@@ -30,6 +30,7 @@ def _run(engine: str, code: bytes, timeout: float = 120.0):
     return m.stop_status, state, m.engine.stats()
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("syscalls", [True, False])
 def test_user_loop_with_syscalls_matches_bt_and_python(syscalls):
     require_kvm()
@@ -43,6 +44,7 @@ def test_user_loop_with_syscalls_matches_bt_and_python(syscalls):
     assert user_result(bt_st.regs) == want
 
 
+@pytest.mark.kvm
 def test_every_user_event_goes_through_bt():
     require_kvm()
     code = hg.hybrid_guest()
@@ -62,6 +64,7 @@ def test_every_user_event_goes_through_bt():
     assert results["bt"] == results["hybrid"] == (3, 15, 1, hg.VALUE_A, hg.VALUE_B)
 
 
+@pytest.mark.kvm
 def test_deterministic_time_is_refused():
     require_kvm()
     cfg = VmConfig(mem_mib=64, engine="hybrid", irqchip=False, no_reboot=True, deterministic=True)
@@ -119,6 +122,7 @@ def test_watch_ignores_the_kernel_half_and_drops_outside_long_mode(tables):
     assert w.needs_drop(PML4, False)
 
 
+@pytest.mark.kvm
 def test_user_rdtsc_reads_the_guest_tsc_where_kvm_honours_tsd():
     """With CR4.TSD, user rdtsc traps to bt and reads the guest's TSC. kvm_pvm
     ignores TSD for user code: there the reads are the host's TSC (measured;

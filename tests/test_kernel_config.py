@@ -5,7 +5,6 @@ and the one-line errors for bad input."""
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,12 @@ from pyvmm.kernel.config import (KernelBuildError, KernelConfigError, ToolchainE
                                  generate_config, read_config, require_tools, run_logged)
 from pyvmm.kernel.fragment import FITTED, FORBIDDEN, FragmentRequest, normalize_symbol, render
 from pyvmm.kernel.source import KernelSourceError, check_tree, resolve_source
+from tests.hostfacts import from_setup, require_from_setup
 
-HAVE_SOURCE = bool(glob.glob("/usr/src/linux-source-*.tar.*"))
-needs_source = pytest.mark.skipif(not HAVE_SOURCE, reason="Debian linux-source not installed "
-                                  "(scripts/install-kernel-build-deps.sh)")
-
-
-def _tools_present() -> bool:
-    try:
-        require_tools(("make", "gcc", "flex", "bison"))
-        return True
-    except ToolchainError:
-        return False
+needs_source = from_setup(paths=["/usr/src/linux-source-*.tar.*"], package="linux-source")
 
 
-needs_tools = pytest.mark.skipif(not _tools_present(), reason="make/gcc/flex/bison missing "
-                                 "(scripts/install-kernel-build-deps.sh)")
+needs_tools = from_setup(programs=["make", "gcc", "flex", "bison"], package="make, gcc, flex, bison")
 
 
 # ---- the fragment as data -------------------------------------------------
@@ -108,7 +97,7 @@ def test_failed_step_names_log(tmp_path):
     assert "foo.c:3:1" in log.read_text()
 
 
-@pytest.mark.skipif(not _tools_present(), reason="make missing")
+@from_setup(programs=["make"], package="make")
 def test_failed_build_counts_and_names_log(tmp_path):
     """run_make on a fake tree whose make fails like a compile error."""
     tree, build = tmp_path / "src", tmp_path / "build"
@@ -159,10 +148,8 @@ def test_cli_list(capsys):
 
 @pytest.fixture(scope="module")
 def tree() -> Path:
-    if not HAVE_SOURCE:
-        pytest.skip("Debian linux-source not installed (scripts/install-kernel-build-deps.sh)")
-    if not _tools_present():
-        pytest.skip("make/gcc/flex/bison missing (scripts/install-kernel-build-deps.sh)")
+    require_from_setup(paths=["/usr/src/linux-source-*.tar.*"], package="linux-source")
+    require_from_setup(programs=["make", "gcc", "flex", "bison"], package="make, gcc, flex, bison")
     return resolve_source()
 
 

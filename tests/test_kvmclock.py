@@ -9,7 +9,6 @@ line in dmesg) is part of tests/test_linux_bt.py's boot."""
 
 from __future__ import annotations
 
-import shutil
 import struct
 import types
 
@@ -24,9 +23,10 @@ from pyvmm.engines.bt.system import rdmsr, tsc, wrmsr
 from pyvmm.memory import GuestMemory
 from pyvmm.paravirt import abi
 
+from .hostfacts import from_setup
 from .modeguests import PIT_10MS, PIT_VIA_APIC, WAIT3
 
-needs_as = pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")
+needs_as = from_setup(programs=["as"], package="binutils")
 
 PVTI_GPA, WALL_GPA, STEAL_GPA, EOI_GPA, OUT_GPA = 0x150000, 0x150040, 0x150080, 0x1500C0, 0x150100
 

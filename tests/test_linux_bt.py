@@ -9,27 +9,23 @@ bounds each wait.  CI runs the 1-vCPU shadow-MMU boot; the 2-vCPU and
 nested-MMU boots are opt-in with PYVMM_SLOW_BT=1 (each is another such
 boot, more than CI's budget)."""
 
-import glob
 import os
 
 import pytest
 
 from .guest_session import GuestSession
+from .hostfacts import require_debian_cloud_kernel
 
 pytestmark = [pytest.mark.slow]
 
 TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
-opt_in = pytest.mark.skipif(os.environ.get("PYVMM_SLOW_BT") != "1",
-                            reason="another full bt boot: set PYVMM_SLOW_BT=1 to run it")
+opt_in = pytest.mark.opt_in(env="PYVMM_SLOW_BT")     # another full bt boot each: deselected unless =1
 
 
 @pytest.fixture
 def kernel():
-    found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
-    if not found:
-        pytest.skip("linux-image-cloud-amd64 is not installed")
-    return found[-1]
+    return require_debian_cloud_kernel()
 
 
 def _boot_and_check(kernel: str, cpus: int, mmu: str, deterministic: bool = False) -> tuple[str, str]:
@@ -44,11 +40,12 @@ def _boot_and_check(kernel: str, cpus: int, mmu: str, deterministic: bool = Fals
         g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
         assert "kvm-clock: Using msrs 4b564d01 and 4b564d00" in g.output
         assert "clocksource: Switched to clocksource kvm-clock" in g.output
-        g.send("uname -a\n")
-        m = g.expect(r"Linux \S+ (\d+\.\d+\.\d+-\d+-cloud-amd64) (#\d+ SMP .*) x86_64[^\r\n]*", timeout=600)
+        sent = g.send("uname -a\n")
+        m = g.expect(r"Linux \S+ (\d+\.\d+\.\d+-\d+-cloud-amd64) (#\d+ SMP .*) x86_64[^\r\n]*", timeout=600,
+                     after=sent)
         assert m.group(1) in kernel  # the default kernel: the newest in /boot
-        g.send("cat /proc/cpuinfo; echo CPUINFO-END\n")
-        g.expect(r"\nCPUINFO-END\r?\n", timeout=600)   # the output, not the echoed command
+        sent = g.send("cat /proc/cpuinfo; echo CPUINFO-END\n")
+        g.expect(r"\nCPUINFO-END\r?\n", timeout=600, after=sent)   # the output, not the echoed command
         out = g.output
         end = out.rindex("\nCPUINFO-END")
         info = out[out.rindex("echo CPUINFO-END", 0, end) + len("echo CPUINFO-END"):end]

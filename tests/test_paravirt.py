@@ -7,7 +7,6 @@ both engines, and with --no-paravirt sees no signature."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.paravirt import abi, hypercall_page
 from pyvmm.paravirt.hypervisor import Hypervisor
 from tests.asm import assemble
+from tests.hostfacts import require_kvm
 
 REPO = Path(__file__).parent.parent
 GUESTS = Path(__file__).parent / "guests"
@@ -225,8 +225,8 @@ def pvabi(tmp_path_factory) -> Path:
 
 
 def run_guest(kernel: Path, engine: str, *extra: str) -> subprocess.CompletedProcess:
-    if engine == "hw" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("/dev/kvm is not available")
+    if engine == "hw":
+        require_kvm()
     cmd = [sys.executable, "-m", "pyvmm", "run", "--engine", engine, "--kernel", str(kernel),
            "--mem", "64M", "--debug-exit", "iobase=0xf4,iosize=4", "--no-reboot", "-v", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -246,7 +246,7 @@ def kvm_runs_32bit_paging() -> bool:
     return not hostfit.kernel_mode_emulated()
 
 
-@pytest.mark.parametrize("engine", ["bt", "hw"])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hw", marks=pytest.mark.kvm)])
 def test_conformance_guest(pvabi, engine):
     proc = run_guest(pvabi, engine)
     out = proc.stdout.decode("latin-1")
@@ -265,7 +265,7 @@ def test_conformance_guest(pvabi, engine):
     assert proc.returncode == (7 << 1) | 1, why
 
 
-@pytest.mark.parametrize("engine", ["bt", "hw"])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hw", marks=pytest.mark.kvm)])
 def test_no_paravirt_hides_signature(pvabi, engine):
     proc = run_guest(pvabi, engine, "--no-paravirt")
     out = proc.stdout.decode("latin-1")

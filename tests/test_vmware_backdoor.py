@@ -13,9 +13,7 @@ docs/vmware-backdoor.md).
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 
 import pytest
 
@@ -26,6 +24,7 @@ from pyvmm.devices.vmware_backdoor import MAGIC, PORT, VmwareBackdoor
 from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
 
+from .hostfacts import require_debian_cloud_kernel, require_from_setup
 from .modeguests import USTACK, boot_for
 from .rawguest import build_guest, require_kvm, run_machine
 
@@ -240,10 +239,8 @@ msg: .ascii "{MESSAGE.decode()}"
 """
 
 
-@pytest.mark.parametrize("engine", ["bt", "hw"])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hw", marks=pytest.mark.kvm)])
 def test_cpl0_guest_version_hz_and_rpc(engine):
-    if engine == "hw":
-        require_kvm()
     out, st, m = _run(build_guest(CPL0_GUEST, "long"), engine, True, {"color": "blue"})
     r = st.regs
     assert r["r15"] == 1, hex(r["r15"])
@@ -255,10 +252,8 @@ def test_cpl0_guest_version_hz_and_rpc(engine):
     assert dev.rpc.requests == 1
 
 
-@pytest.mark.parametrize("engine", ["bt", "hw"])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hw", marks=pytest.mark.kvm)])
 def test_off_by_default_port_is_unclaimed(engine):
-    if engine == "hw":
-        require_kvm()
     src = f".intel_syntax noprefix\n    {_bd('10')}\n    hlt\n"
     _, st, m = _run(build_guest(src, "long"), engine, False)
     assert st.regs["rax"] & M32 == M32 and st.regs["rbx"] & M32 == 0   # all-ones, EBX untouched
@@ -317,6 +312,7 @@ def test_cpl3_backdoor_bypasses_iopl_under_bt(backdoor):
 
 
 
+@pytest.mark.kvm
 def test_cpl3_backdoor_under_hw_follows_kvm():
     """Under hw the CPL3 I/O permission check is KVM's: without KVM's own
     enable_vmware_backdoor the `in` is #GP in the guest (pyvmm never sees
@@ -347,11 +343,9 @@ CPUID_GUEST = """
 """
 
 
-@pytest.mark.parametrize("engine", ["bt", "hw"])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hw", marks=pytest.mark.kvm)])
 @pytest.mark.parametrize("backdoor", [True, False])
 def test_cpuid_says_vmware_and_keeps_kvm_and_pyvmm_leaves(engine, backdoor):
-    if engine == "hw":
-        require_kvm()
     _, st, _ = _run(build_guest(CPUID_GUEST, "long"), engine, backdoor)
     r = st.regs
     sig = b"".join((r[n] & M32).to_bytes(4, "little") for n in ("r9", "r10", "r11"))
@@ -390,12 +384,11 @@ def _fitted_kernel() -> str | None:
 @pytest.fixture(scope="module")
 def rpctool_initrd():
     from pyvmm.guest.extra import rpctool_initramfs
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        pytest.skip("apt-get/dpkg not available: cannot fetch Debian's open-vm-tools")
+    require_from_setup(programs=["apt-get", "dpkg"], package="apt, dpkg")
     try:
         return str(rpctool_initramfs())
-    except ConfigError as e:
-        pytest.skip(f"cannot fetch open-vm-tools: {e}")
+    except ConfigError as e:     # a fetch that fails is a failure, not a host fact
+        pytest.fail(f"cannot fetch Debian's open-vm-tools: {e}", pytrace=False)
 
 
 @pytest.mark.slow
@@ -403,20 +396,17 @@ def test_linux_vmware_rpctool_under_bt(rpctool_initrd):
     from .guest_session import GuestSession
     kernel, timeout = _fitted_kernel(), 900.0
     if kernel is None:    # the stock kernel: minutes more of translated boot
-        found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
-        if not found:
-            pytest.skip("neither the fitted kernel (pyvmm kernel build) nor linux-image-cloud-amd64")
-        kernel, timeout = found[-1], STOCK_TIMEOUT
+        kernel, timeout = require_debian_cloud_kernel(), STOCK_TIMEOUT
     with GuestSession("run", "--engine", "bt", "--kernel", kernel, "--initrd", rpctool_initrd,
                       "--append", LINUX_CMDLINE, "--mem", "256M", "--no-reboot", "--verbose",
                       "--vmware-backdoor", "--guestinfo", "color=blue") as g:
         g.expect("PYVMM-INIT-READY", timeout)
-        g.send('vmware-rpctool "log hello-from-guest"; echo RC1=$?\n')
-        g.expect(r"RC1=0", 300)
-        g.send('vmware-rpctool "info-get guestinfo.color"; echo RC2=$?\n')
-        g.expect(r"\nblue\r?\nRC2=0", 300)
-        g.send('vmware-rpctool "info-set guestinfo.shape round"; vmware-rpctool "info-get guestinfo.shape"\n')
-        g.expect(r"\nround\r?\n", 300)
+        sent = g.send('vmware-rpctool "log hello-from-guest"; echo RC1=$?\n')
+        g.expect(r"RC1=0", 300, after=sent)
+        sent = g.send('vmware-rpctool "info-get guestinfo.color"; echo RC2=$?\n')
+        g.expect(r"\nblue\r?\nRC2=0", 300, after=sent)
+        sent = g.send('vmware-rpctool "info-set guestinfo.shape round"; vmware-rpctool "info-get guestinfo.shape"\n')
+        g.expect(r"\nround\r?\n", 300, after=sent)
         g.send("vmware-rpctool pyvmm.poweroff\n")
         assert g.wait(300) == 0, g.errors[-2000:]
         assert "pyvmm: guest log: hello-from-guest" in g.errors

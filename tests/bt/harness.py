@@ -35,14 +35,12 @@ class Outcome:
 
 
 def needs_unicorn_and_as():
-    """Skips the calling test module unless Unicorn (the second oracle) and
-    GNU as (the snippets' assembler) are installed; returns unicorn."""
-    import shutil
-
-    import pytest
-    unicorn = pytest.importorskip("unicorn")
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed", allow_module_level=True)
+    """Fails the calling test module unless Unicorn (the second oracle) and
+    GNU as (the snippets' assembler) are installed, as scripts/setup.sh
+    does; returns unicorn."""
+    from tests.hostfacts import require_from_setup
+    require_from_setup(programs=["as"], modules=["unicorn"], package="binutils; unicorn: pip .[test]")
+    import unicorn
     return unicorn
 
 

@@ -26,6 +26,7 @@ import errno
 import mmap
 import os
 import struct
+import sys
 
 from pyvmm.cpu import GPR_NAMES
 from pyvmm.engines.kvm import abi
@@ -33,6 +34,10 @@ from pyvmm.engines.kvm.device import Kvm, _ioctl
 from pyvmm.errors import EngineError
 
 import harness
+
+# Reach the repo's `tests` package also when tests/bt/test_diff_kvm.py runs as a script.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests import hostfacts  # noqa: E402
 
 MEM_SIZE = 4 << 20
 GDT, IDT, TSS, STUBS, SLOT = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
@@ -55,13 +60,10 @@ _KVM_REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
 _FROM_HARNESS = [GPR_NAMES.index(n) for n in _KVM_REG_ORDER[:16]]
 
 
-def kvm_usable(path: str = "/dev/kvm") -> str | None:
-    """None when KVM can run the oracle here, else the reason it cannot."""
-    if not os.path.exists(path):
-        return f"{path} is absent"
-    if not os.access(path, os.R_OK | os.W_OK):
-        return f"{path} is not accessible (not root, not in the kvm group)"
-    return None
+def kvm_usable() -> str | None:
+    """None when KVM can run the oracle here, else the host fact that stops it
+    (tests/hostfacts.py: the one check every KVM test shares)."""
+    return hostfacts.kvm_missing()
 
 
 def _segment(selector: int, code: bool, dpl: int) -> abi.Segment:

@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import re
-import shutil
 import sys
 import time
 
@@ -283,11 +282,11 @@ if __name__ != "__main__":
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
+    from tests.hostfacts import require_from_setup
     _why = kvm_usable()
-    if _why is not None:
-        pytest.skip(f"KVM oracle unavailable: {_why}", allow_module_level=True)
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed", allow_module_level=True)
+    if _why is not None:     # the host fact: the oracle is the real CPU through KVM
+        pytest.skip(_why, allow_module_level=True)
+    require_from_setup(programs=["as"], package="binutils")
     pytestmark = pytest.mark.kvm
 
     _pool_text = build_pool(POOL_SIZE, 1234)

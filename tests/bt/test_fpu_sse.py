@@ -10,11 +10,12 @@ import contextlib
 
 import os
 import random
-import shutil
 import struct
 import sys
 
 import pytest
+
+from tests.hostfacts import require_from_setup
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -494,8 +495,7 @@ int main(void) {
 def test_both_nan_rule_matches_the_host_cpu(tmp_path):
     """divss with a NaN in both operands: the host CPU's answer is bt's."""
     import subprocess
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
+    require_from_setup(programs=["gcc"], package="gcc")
     src = tmp_path / "nan.c"
     src.write_text(NAN_PROBE_C)
     subprocess.run(["gcc", "-O0", "-o", str(tmp_path / "nan"), str(src)], check=True)

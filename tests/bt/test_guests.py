@@ -5,15 +5,12 @@ handlers, self-modifying code."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
+from tests.hostfacts import require_from_setup  # noqa: E402
+require_from_setup(programs=["as"], package="binutils")
 
 import harness  # noqa: E402
 

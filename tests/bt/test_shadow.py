@@ -286,9 +286,8 @@ PGE_GUEST = """
 @pytest.mark.parametrize("mmu", ["shadow", "nested"])
 def test_cr4_pge_toggle_flushes_the_tlb(mmu):
     # Linux flushes global pages this way when INVPCID is absent.
-    import shutil
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed")
+    from tests.hostfacts import require_from_setup
+    require_from_setup(programs=["as"], package="binutils")
     from pyvmm.machine import StopReason
     from tests.bt.test_system import run
     out, reason, stats = run(PGE_GUEST, {}, mmu=mmu)

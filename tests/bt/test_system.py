@@ -8,15 +8,14 @@ Guests run with deterministic guest time, so nothing depends on host speed."""
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-if shutil.which("as") is None:
-    pytest.skip("GNU as is not installed", allow_module_level=True)
+from tests.hostfacts import require_from_setup  # noqa: E402
+require_from_setup(programs=["as"], package="binutils")
 
 import harness  # noqa: E402
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 
-import pytest
-
 from pyvmm.config import VmConfig
 from pyvmm.engines.bt import bootprep
 
@@ -32,11 +30,8 @@ def test_prepare_leaves_other_engines_and_non_linux_kernels_alone(tmp_path):
 
 
 def _linux_kernel() -> str:
-    import glob
-    found = sorted(glob.glob("/boot/vmlinuz-*"))
-    if not found:
-        pytest.skip("no Linux kernel in /boot")
-    return found[-1]
+    from tests.hostfacts import require_debian_cloud_kernel
+    return require_debian_cloud_kernel()
 
 
 def test_prepare_inflates_a_gzip_initrd_and_cleans_up(tmp_path):
