@@ -95,8 +95,29 @@ def test_load_outside_ram(mem):
         multiboot.load(mem, VmConfig(), aout_image(load=0x8000000, bss_end=0, entry=0x8000020))
     with pytest.raises(ImageError, match="outside guest RAM"):
         multiboot.load(mem, VmConfig(), aout_image(bss_end=0x5000000))   # bss past 64 MiB
-    with pytest.raises(ImageError, match="below 1 MiB"):
-        multiboot.load(mem, VmConfig(), aout_image(load=0x8000, bss_end=0, entry=0x8020))
+
+
+def test_loads_below_1mib(mem):
+    """As under QEMU: a kernel at 0x8000 loads; pyvmm's boot data stays where
+    layout.py puts it when the kernel does not cover it."""
+    image = aout_image(load=0x8000, bss_end=0, entry=0x8020)
+    result = multiboot.load(mem, VmConfig(), image)
+    assert mem.read(0x8000, len(image)) == image
+    assert result.cpu.rip == 0x8020 and result.cpu.regs["rbx"] == layout.PROTOCOL_INFO_ADDR
+
+
+def test_kernel_over_boot_data_moves_it(mem):
+    """A kernel covering the info structure, the data area and the boot GDT
+    keeps its bytes; the info structure moves to the page after the kernel."""
+    image = aout_image(load=0x400, bss_end=0x40000, entry=0x420)
+    result = multiboot.load(mem, VmConfig(cmdline="moved"), image)
+    assert mem.read(0x400, len(image)) == image            # over the GDT at 0x500
+    assert mem.read(layout.PROTOCOL_INFO_ADDR, 16) == bytes(16)   # the zeroed bss, not info
+    info_addr = result.cpu.regs["rbx"]
+    assert info_addr == 0x40000
+    flags, *_rest = multiboot.INFO.unpack(mem.read(info_addr, multiboot.INFO.size))
+    cmdline = multiboot.INFO.unpack(mem.read(info_addr, multiboot.INFO.size))[4]
+    assert flags & multiboot.MBI_CMDLINE and cmdline >= 0x40000 and cstring(mem, cmdline) == "moved"
 
 
 def test_bad_aout_fields(mem):
@@ -265,3 +286,98 @@ def test_guest_end_to_end(guest, tmp_path, engine):
     assert "exit=5" in out.split("cmdline=")[1].splitlines()[0]
 
 
+
+
+# ------------------------------------------- kernels below 1 MiB, with QEMU
+LOW_ELF = """
+.text
+.globl _start
+.align 4
+mbh: .long 0x1BADB002, 0, -(0x1BADB002)
+_start:
+    cmp $0x2BADB002, %eax
+    jne 1f
+    mov $0x3f8, %dx
+    mov $'L', %al
+    out %al, %dx
+    mov $0xf4, %dx
+    mov $0x15, %eax
+    out %eax, %dx
+1:  hlt
+"""
+# A real-mode test kernel: an a.out-kludge image at 0x8000 (flags 0x10000)
+# that drops from the Multiboot entry state to real mode and writes from there.
+LOW_AOUT = """
+.code32
+.text
+.globl _start
+hdr:
+    .long 0x1BADB002, 0x10000, -(0x1BADB002 + 0x10000)
+    .long hdr, hdr, 0, 0, _start
+_start:
+    lgdt gdtr
+    ljmp $0x08, $pm16
+.code16
+pm16:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov %cr0, %eax
+    and $~1, %eax
+    mov %eax, %cr0
+    ljmp $0, $real
+real:
+    xor %ax, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov $0x7000, %sp
+    mov $0x3f8, %dx
+    mov $'R', %al
+    out %al, %dx
+    mov $0xf4, %dx
+    mov $0x16, %eax
+    out %eax, %dx
+    hlt
+.align 8
+gdt: .quad 0, 0x00009A000000FFFF, 0x000092000000FFFF
+gdtr: .word 23
+    .long gdt
+"""
+
+
+def _low_kernels(tmp_path: Path) -> dict[str, tuple[Path, int]]:
+    """name -> (kernel, the exit value it writes): the plain `ld -m elf_i386
+    -Ttext 0x100000` ELF (its headers' LOAD segment starts at 0xff000) and
+    an a.out kernel at 0x8000."""
+    from tests.asm import require_toolchain
+    require_toolchain()
+    (tmp_path / "low.s").write_text(LOW_ELF)
+    subprocess.run(["as", "--32", "-o", "low.o", "low.s"], cwd=tmp_path, check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-o", "low.elf", "low.o"],
+                   cwd=tmp_path, check=True)
+    aout = assemble(LOW_AOUT, fmt="bin", org=0x8000, outdir=tmp_path / "aout")
+    return {"elf_ff000": (tmp_path / "low.elf", 0x15, "L"), "aout_8000": (aout, 0x16, "R")}
+
+
+def test_low_elf_has_a_segment_below_1mib(tmp_path):
+    image = _low_kernels(tmp_path)["elf_ff000"][0].read_bytes()
+    assert min(s.paddr for s in multiboot.read_elf(image).segments) < 0x100000
+
+
+@pytest.mark.parametrize("name", ["elf_ff000", "aout_8000"])
+def test_low_kernels_run_under_bt_and_qemu(tmp_path, name):
+    import shutil
+    kernel, value, letter = _low_kernels(tmp_path)[name]
+    proc = run_vm(kernel, [], "", "bt")
+    out = proc.stdout.decode("latin-1")
+    assert proc.returncode == (value << 1) | 1, out + proc.stderr.decode("latin-1")
+    assert letter in out
+    from tests.hostfacts import require_from_setup
+    require_from_setup(programs=["qemu-system-x86_64"], package="qemu-system-x86")
+    qemu = shutil.which("qemu-system-x86_64")
+    q = subprocess.run([qemu, "-accel", "tcg", "-m", "64", "-kernel", str(kernel), "-display", "none",
+                        "-serial", "stdio", "-monitor", "none", "-no-reboot",
+                        "-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert q.returncode == proc.returncode
+    assert letter in q.stdout.decode("latin-1")

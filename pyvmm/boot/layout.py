@@ -1,7 +1,10 @@
 """Where pyvmm puts boot-time structures in guest physical memory.
 
 One table, so loaders and firmware tables never overlap.  Everything here is
-below 1 MiB except the kernel and the initrd."""
+below 1 MiB except the kernel and the initrd.  A Multiboot kernel may load
+over these addresses (QEMU allows it): multiboot.py then writes the boot GDT
+first, so the kernel's bytes win, and moves the info structure and its data
+area after the kernel."""
 
 GDT_ADDR = 0x0500            # boot GDT (a few descriptors)
 IDT_ADDR = 0x0520            # empty IDT (limit 0) for entry states

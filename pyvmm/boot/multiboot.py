@@ -12,6 +12,14 @@ Where things go (see layout.py):
 - memory map, module list, then strings at layout.PROTOCOL_DATA_ADDR;
 - modules (config.initrd, in order) page-aligned above the kernel.
 
+A kernel may load anywhere in RAM, below 1 MiB too (as QEMU allows: real-mode
+test kernels at 0x8000, `ld -Ttext 0x100000` ELFs whose headers segment
+starts at 0xff000).  The boot GDT is written before the kernel, so kernel
+bytes win where they overlap it (the entry state's segment registers are
+loaded already, and the spec leaves GDTR undefined); when the kernel covers
+the info structure or the data area, both move to the pages after the
+modules.
+
 The small ELF reader and the segment/module loaders here are shared with the
 PVH loader (pvh.py).
 """
@@ -151,19 +159,23 @@ def read_elf(image: bytes) -> Elf:
 
 
 # ---------------------------------------------------------- shared loaders
-def check_load_range(memory: GuestMemory, start: int, end: int, what: str) -> None:
-    """Raises ImageError unless [start, end) is RAM at or above 1 MiB."""
-    if start < layout.HIMEM_START:
+def check_load_range(memory: GuestMemory, start: int, end: int, what: str,
+                     low_ok: bool = False) -> None:
+    """Raises ImageError unless [start, end) is RAM, and at or above 1 MiB
+    unless `low_ok`."""
+    if start < layout.HIMEM_START and not low_ok:
         raise ImageError(f"{what} loads at 0x{start:x}, below 1 MiB where pyvmm keeps boot data")
     if end <= start or not memory.is_ram(start, end - start):
         raise ImageError(f"{what} at 0x{start:x}..0x{end:x} is outside guest RAM "
                          f"({memory.size >> 20} MiB)")
 
 
-def load_elf_segments(memory: GuestMemory, image: bytes, elf: Elf, what: str) -> tuple[int, int]:
+def load_elf_segments(memory: GuestMemory, image: bytes, elf: Elf, what: str,
+                      low_ok: bool = False) -> tuple[int, int]:
     """Copies every PT_LOAD to its p_paddr and zeroes its bss; returns (lowest, end).
 
-    Raises ImageError for segments outside the file or outside RAM."""
+    Raises ImageError for segments outside the file or outside RAM (or
+    below 1 MiB unless `low_ok`)."""
     if not elf.segments:
         raise ImageError(f"{what}: ELF has no loadable segments")
     for seg in elf.segments:
@@ -171,7 +183,7 @@ def load_elf_segments(memory: GuestMemory, image: bytes, elf: Elf, what: str) ->
             raise ImageError(f"{what}: ELF segment at file offset 0x{seg.offset:x} is truncated")
         if seg.filesz > seg.memsz:
             raise ImageError(f"{what}: ELF segment at 0x{seg.paddr:x} has p_filesz > p_memsz")
-        check_load_range(memory, seg.paddr, seg.paddr + seg.memsz, what)
+        check_load_range(memory, seg.paddr, seg.paddr + seg.memsz, what, low_ok)
     for seg in elf.segments:
         memory.write(seg.paddr, image[seg.offset:seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:
@@ -209,16 +221,16 @@ def load_modules(memory: GuestMemory, paths: list[str], start: int) -> list[tupl
 
 
 class DataArea:
-    """Bump allocator over layout.PROTOCOL_DATA_ADDR for tables and strings."""
+    """Bump allocator over layout.PROTOCOL_DATA_ADDR (or `base`) for tables and strings."""
 
-    def __init__(self, memory: GuestMemory):
+    def __init__(self, memory: GuestMemory, base: int = layout.PROTOCOL_DATA_ADDR):
         self.memory = memory
-        self.next = layout.PROTOCOL_DATA_ADDR
+        self.base = self.next = base
 
     def put(self, data: bytes, align: int = 8) -> int:
         """Writes data; returns its address. Raises ImageError when the area is full."""
         addr = (self.next + align - 1) & ~(align - 1)
-        if addr + len(data) > layout.PROTOCOL_DATA_ADDR + layout.PROTOCOL_DATA_MAX:
+        if addr + len(data) > self.base + layout.PROTOCOL_DATA_MAX:
             raise ImageError("boot information (command line, module names) exceeds 64 KiB")
         self.memory.write(addr, data)
         self.next = addr + len(data)
@@ -260,7 +272,7 @@ def _load_aout(memory: GuestMemory, image: bytes, off: int) -> tuple[int, int, i
     if bss_end and bss_end < end:
         raise ImageError(f"multiboot: bss_end_addr 0x{bss_end:x} is below the loaded image")
     top = max(end, bss_end)
-    check_load_range(memory, load_addr, top, "multiboot kernel")
+    check_load_range(memory, load_addr, top, "multiboot kernel", low_ok=True)
     if not load_addr <= entry < top:
         raise ImageError(f"multiboot: entry_addr 0x{entry:x} is outside the loaded image")
     memory.write(load_addr, image[file_start:file_start + size])
@@ -286,8 +298,8 @@ def _check_header(image: bytes) -> tuple[int, int]:
 
 
 def _info_block(memory: GuestMemory, config: VmConfig,
-                modules: list[tuple[int, int, str]]) -> bytes:
-    data = DataArea(memory)
+                modules: list[tuple[int, int, str]], data_addr: int) -> bytes:
+    data = DataArea(memory, data_addr)
     ram = memory.ram_ranges()
     low_end = next((start + size for start, size in ram if start == 0), 0)
     mem_lower = min(layout.EBDA_ADDR, low_end) // 1024
@@ -308,6 +320,22 @@ def _info_block(memory: GuestMemory, config: VmConfig,
                      b"", len(mmap), mmap_addr, 0, 0, 0, name_addr, 0)
 
 
+def _boot_data_place(memory: GuestMemory, spans: list[tuple[int, int]], top: int) -> tuple[int, int]:
+    """(info address, data area address): layout's, unless a kernel span
+    covers one of them; then the pages from `top` on.  Raises ImageError
+    when those are not RAM."""
+    fixed = ((layout.PROTOCOL_INFO_ADDR, layout.PROTOCOL_INFO_ADDR + INFO.size),
+             (layout.PROTOCOL_DATA_ADDR, layout.PROTOCOL_DATA_ADDR + layout.PROTOCOL_DATA_MAX))
+    if not any(a < e and s < b for a, b in fixed for s, e in spans):
+        return layout.PROTOCOL_INFO_ADDR, layout.PROTOCOL_DATA_ADDR
+    info = (top + PAGE - 1) & ~(PAGE - 1)
+    data = info + PAGE
+    end = data + layout.PROTOCOL_DATA_MAX
+    if end > 1 << 32 or not memory.is_ram(info, end - info):
+        raise ImageError(f"multiboot: no room for the boot information after the kernel (0x{info:x})")
+    return info, data
+
+
 def load(memory: GuestMemory, config: VmConfig, image: bytes) -> BootResult:
     """Loads a Multiboot kernel, its modules (config.initrd) and the info structure.
 
@@ -315,21 +343,26 @@ def load(memory: GuestMemory, config: VmConfig, image: bytes) -> BootResult:
     features pyvmm lacks, a non-ELF image without the a.out-kludge fields,
     or anything that would land outside guest RAM."""
     off, flags = _check_header(image)
+    cpu = protected_mode_32(memory, 0)       # boot GDT first: the kernel may overlay it
     if flags & HF_AOUT_KLUDGE:
         low, end, entry = _load_aout(memory, image, off)
+        spans = [(low, end)]
     else:
         if image[:4] != ELF_MAGIC:
             raise ImageError("multiboot: image is not ELF and its header has no address fields (flag 16)")
         elf = read_elf(image)
-        low, end = load_elf_segments(memory, image, elf, "multiboot kernel")
+        low, end = load_elf_segments(memory, image, elf, "multiboot kernel", low_ok=True)
+        spans = [(s.paddr, s.paddr + s.memsz) for s in elf.segments]
         entry = elf_physical_entry(elf)
     modules = load_modules(memory, list(config.initrd), end)
-    memory.write(layout.PROTOCOL_INFO_ADDR, _info_block(memory, config, modules))
-    cpu = protected_mode_32(memory, entry)
+    top = max([end] + [a + n for a, n, _ in modules])
+    info_addr, data_addr = _boot_data_place(memory, spans, top)
+    memory.write(info_addr, _info_block(memory, config, modules, data_addr))
+    cpu.rip = entry
     cpu.regs["rax"] = BOOTLOADER_MAGIC
-    cpu.regs["rbx"] = layout.PROTOCOL_INFO_ADDR
+    cpu.regs["rbx"] = info_addr
     mods = ", ".join(f"{os.path.basename(n)}@0x{a:x}" for a, _s, n in modules)
     summary = (f"multiboot kernel 0x{low:x}..0x{end:x} entry 0x{entry:x}, "
-               f"info at 0x{layout.PROTOCOL_INFO_ADDR:x}" + (f", modules {mods}" if mods else ""))
+               f"info at 0x{info_addr:x}" + (f", modules {mods}" if mods else ""))
     log.debug(summary)
     return BootResult(cpu=cpu, protocol="multiboot", summary=summary)

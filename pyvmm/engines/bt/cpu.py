@@ -14,7 +14,7 @@ from dataclasses import replace
 from ...cpu import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,
                     EFER_NXE, GPR_NAMES, CpuState, DescriptorTable, Segment)
 from . import flags as F
-from .faults import DF_, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault
+from .faults import DF_, FAULT_CLASS, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault
 from .mmu import PG_32, PG_LONG, PG_NONE, PG_PAE, U16, U32, U64, Mmu
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class VCpu:
         self.cr0 = 0x10
         self.cr2 = self.cr3 = self.cr4 = self.cr8 = 0
         self.efer = 0
-        self.dr = [0] * 8
+        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]    # DR6/DR7 at reset
         self.msrs: dict[int, int] = {}
         self.tsc_offset = 0
         self.cpl = 0
@@ -75,6 +75,11 @@ class VCpu:
         self.mxcsr = 0x1F80
         self.fpu_env = bytes(512)
         self.rip_back = False
+        # RF is not kept in `rf` (bt has no instruction breakpoints for it to
+        # suppress): an IRET that loads RF=1 records where it returned to, and
+        # RF ends when that instruction completes (or an event is delivered).
+        self.rf_rip = -1
+        self.deliveries = 0     # exceptions and interrupts delivered (single-step looks for one)
 
     def port_in(self, port: int, size: int) -> int:
         return self.io.read(port, size) & ((1 << (8 * size)) - 1)
@@ -326,6 +331,7 @@ class VCpu:
         if f.cr2 is not None:
             self.cr2 = f.cr2
         self.halted = False
+        self.deliveries += 1
         self.trail.append((f.vector, f.error_code, self.rip, self.cpl, f.cr2, external))
         try:
             self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software,
@@ -342,7 +348,13 @@ class VCpu:
                 self.deliver(g2)
 
     def _deliver(self, vec: int, err: int | None, ret: int, software: bool, external: bool = False) -> None:
-        old_flags = self.rflags
+        # RF in the image: set for faults; otherwise set only while the
+        # instruction an RF=1 IRET returned to has not completed (an INT n
+        # there pushes before it completes).
+        old_flags = self.rflags & ~F.RF
+        if (not software and not external and vec in FAULT_CLASS) or self.rip == self.rf_rip:
+            old_flags |= F.RF
+        self.rf_rip = -1
         if not self.protected:
             if vec * 4 + 3 > self.idt.limit:
                 raise GuestFault(DF_, 0)
@@ -458,6 +470,10 @@ class VCpu:
         self._popf_value(fl, size, old_cpl)
         self.load_cs(cs)
         self.rip = ip if size != 2 else ip & 0xFFFF
+        self.rf_rip = self.rip if self.rf & F.RF else -1
+        self.rf &= ~F.RF
+        if self.rf & F.TF:
+            self.pending = True         # single-step from the next instruction on (smp.py)
         if ss is not None:
             if lm64 and ss & 0xFFFC == 0 and rpl < 3:
                 self.seg[SS_] = Segment(selector=ss, unusable=1, present=0)
@@ -490,6 +506,9 @@ class VCpu:
 
     def popf(self, v: int, size: int) -> None:
         self._popf_value(v, size, self.cpl)
+        self.rf &= ~F.RF                # POPF clears RF (SDM POPF); only IRET loads it
+        if self.rf & F.TF:
+            self.pending = True         # single-step from the next instruction on (smp.py)
 
     def pushf_value(self) -> int:
         return self.rflags & ~(F.VM | F.RF)

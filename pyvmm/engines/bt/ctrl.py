@@ -259,8 +259,10 @@ def _popf(g: Gen) -> None:
         mask = 0x257FD5 if size >= 4 else 0x7FD5
         g.emit("o = c.rf")
         pop_expr(g, size)
-        g.emit(f"c.rf = (((o & ~{mask:#x}) | (p & {mask:#x})) & {0x3F7FD7 & ~F.ARITH:#x}) | 2")
+        # POPF clears RF (SDM POPF); only IRET loads it from memory
+        g.emit(f"c.rf = (((o & ~{mask:#x}) | (p & {mask:#x})) & {0x3F7FD7 & ~F.ARITH & ~F.RF:#x}) | 2")
         g.set_flags(F.RAW, 1, f"p & {F.ARITH:#x}")
+        g.emit(f"if c.rf & {F.TF:#x}: c.pending = True")   # single-step from here on (smp.py)
         g.emit("if (c.rf & ~o) & 0x300 or c.pending:")
         g.ind += 1
         _exit(g, f"{g.ins.next_ip:#x}")

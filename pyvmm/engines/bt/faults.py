@@ -6,6 +6,11 @@ DE, DB, NMI, BP, OF_, BR, UD, NM, DF_, TS, NP, SS, GP, PF, MF, AC, MC, XM = (
     0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19)
 # Vectors that push an error code in protected mode.
 WITH_ERROR_CODE = frozenset({DF_, TS, NP, SS, GP, PF, AC})
+# Fault-class exceptions: their RFLAGS image has RF set (SDM Vol. 3, 17.3.1.1),
+# so the IRET back re-runs the instruction past an instruction breakpoint.
+# #DB (an instruction breakpoint is the one fault that leaves RF alone),
+# #BP/#OF (traps) and the aborts (#DF, #MC) are not in it.
+FAULT_CLASS = frozenset({DE, BR, UD, NM, TS, NP, SS, GP, PF, MF, AC, XM, 20, 21})
 
 
 class GuestFault(Exception):

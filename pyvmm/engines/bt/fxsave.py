@@ -20,6 +20,7 @@ import iced_x86 as X
 from .faults import GP, NM, UD, GuestFault
 from .gen import Gen
 from .mmu import WRITE
+from .sysregs import check_xcr0
 from .x87state import from80, fpu_of
 
 M = X.Mnemonic
@@ -79,7 +80,7 @@ def save_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
 def x87_from_image(f, data: bytes) -> None:
     """Loads FCW, FSW, the abridged tag word and ST0-7 from a legacy-area image."""
     fcw, fsw, ftw = struct.unpack_from("<HHB", data, 0)
-    f.cw, f.sw, f.top = fcw, fsw & ~0x3800, fsw >> 11 & 7
+    f.cw, f.sw, f.top = fcw, fsw & 0x477F, fsw >> 11 & 7   # ES and B are derived (status())
     f.set_tag_abridged(ftw)
     for i in range(8):
         raw = int.from_bytes(data[ST_OFF + 16 * i:ST_OFF + 16 * i + 10], "little")
@@ -175,8 +176,9 @@ def xsetbv(c) -> None:
     if not c.cr4 & CR4_OSXSAVE:
         raise GuestFault(UD)
     v = (c.R[0] & 0xFFFFFFFF) | (c.R[2] & 0xFFFFFFFF) << 32
-    if c.cpl > 0 or c.R[1] & 0xFFFFFFFF or not v & 1 or v & ~XCR0_SUPPORTED:
+    if c.cpl > 0 or c.R[1] & 0xFFFFFFFF:
         raise GuestFault(GP, 0)
+    check_xcr0(c, v)            # reserved, unsupported or inconsistent bits: #GP(0)
     c.xcr0 = v
 
 

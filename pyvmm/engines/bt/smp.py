@@ -130,7 +130,10 @@ class Scheduler:
                 return False
             c.pending = False
             c.shadow_int = False
-            c.run_blocks(SLICE)
+            if c.rf & F.TF:
+                c.single_step()         # a #DB trap after each instruction
+            else:
+                c.run_blocks(SLICE)
         except TripleFault:
             trail = "; ".join(f"vec={v} err={e} rip={r:#x} cpl={p} cr2={cr2 if cr2 is None else hex(cr2)}"
                               f"{' ext' if x else ''}" for v, e, r, p, cr2, x in c.trail)
@@ -149,8 +152,12 @@ class Scheduler:
         intc = self.intc
         cpus = self.cpus
         probe = self.probe
+        gate = self.engine.gate
         try:
             while m.stop_status is None:
+                if gate.closed:          # pause(): every vCPU is between slices here
+                    self.engine.park()
+                    continue
                 probe.tick()
                 ran = False
                 for c in cpus:
@@ -160,7 +167,9 @@ class Scheduler:
                     ran = self._slice(c) or ran
                     if m.stop_status is not None:
                         return
-                if not ran:
+                    if gate.closed:
+                        break
+                if not ran and not gate.closed:   # a pause cut the round short: nobody halted for good
                     self._idle()
         finally:
             probe.finish()

@@ -30,7 +30,8 @@ def _mov_special(g: Gen) -> bool:
             # (n >= 0) writes the locals back.  Same maps: TR/TW still valid.
             # An unchanged CR3 in shadow mode (the usual case: a kernel
             # flushing its TLB) only counts the flush: same space, same maps.
-            g.emit(f"v = {g.rreg(r1)} & 0xFFFFFFFFFFFFF")
+            # unmasked: a value with bits past MAXPHYADDR takes the checked path
+            g.emit(f"v = {g.rreg(r1)}")
             g.emit("if v == c.cr3 == c.mmu.cr3 and c.mmu.shadow:")
             g.emit("    c.mmu.cr3_loaded()")   # syncs out-of-sync page tables
             g.emit("else:")
@@ -51,9 +52,9 @@ def _mov_special(g: Gen) -> bool:
     elif r1 in _CR:
         g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_CR(c, {_CR[r1]})")
     elif r0 in _DR:
-        g.helper(f"NEED_CPL0(c); c.dr[{_DR[r0]}] = R[{GPR[r1][0]}]")
+        g.helper(f"NEED_CPL0(c); WRITE_DR(c, {_DR[r0]}, R[{GPR[r1][0]}])")
     elif r1 in _DR:
-        g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = c.dr[{_DR[r1]}]")
+        g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_DR(c, {_DR[r1]})")
     elif r0 in SEG_INDEX:
         if r0 == Rg.CS:
             raise Unsupported("mov cs")
@@ -210,6 +211,11 @@ def _syscall(g: Gen) -> None:
     _exit(g, "c.rip")
 
 
+def _int1(g: Gen) -> None:
+    g.helper(f"ICEBP(c, {g.ins.next_ip:#x})")
+    _exit(g, "c.rip")
+
+
 def _ud(g: Gen) -> None:
     raise Unsupported("ud2")
 
@@ -222,5 +228,5 @@ EMITTERS = {
     M.SMSW: _smsw, M.LMSW: _lmsw, M.CLTS: _clts, M.INVLPG: _invlpg, M.WBINVD: _wbinvd,
     M.INVD: _wbinvd, M.CMPXCHG8B: _cmpxchgw, M.CMPXCHG16B: _cmpxchgw,
     M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
-    M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand,
+    M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand, M.INT1: _int1,
 }

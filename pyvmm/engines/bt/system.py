@@ -16,6 +16,7 @@ from .faults import GP, UD, GuestFault
 from .rng import rdrand
 from .gen import MASK, SEG_INDEX, GPR, Gen, Unsupported
 from .string import run_string
+from .sysregs import canonical, check_cr0, check_cr3, check_cr4, check_cr8, check_efer
 
 log = logging.getLogger(__name__)
 M = X.Mnemonic
@@ -43,6 +44,10 @@ STORED_MSRS = {
     0x8B: 0,        # IA32_BIOS_SIGN_ID (microcode revision)
     0x1D9: 0,       # IA32_DEBUGCTL
 }
+# MSRs that hold a linear address: a non-canonical value raises #GP(0)
+# (SDM WRMSR; SYSENTER_EIP/ESP on every CPU with Intel 64).
+CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS, MSR_LSTAR, MSR_CSTAR,
+                            MSR_SYSENTER_ESP, MSR_SYSENTER_EIP})
 READ_ONLY_MSRS = {
     MSR_MTRRCAP: 0x100 | 0x400,    # fixed MTRRs and write-combining, 0 variable ranges
     0x17: 0,                        # IA32_PLATFORM_ID
@@ -151,12 +156,11 @@ def _tsc_moved(c) -> None:
 def wrmsr(c, idx: int, v: int) -> None:
     """wrmsr. Raises GuestFault(#GP) for an unknown MSR or a bad value."""
     if idx == MSR_EFER:
-        if v & ~(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE):
-            raise GuestFault(GP, 0)
-        if (v ^ c.efer) & EFER_LME and c.cr0 & (1 << 31):
-            raise GuestFault(GP, 0)
+        check_efer(c, v)
         c.efer = (v & ~EFER_LMA) | (c.efer & EFER_LMA)
         c.update_mode()
+    elif idx in CANONICAL_MSRS and not canonical(v):
+        raise GuestFault(GP, 0)
     elif idx == MSR_FS_BASE:
         c.sb[4] = v
     elif idx == MSR_GS_BASE:
@@ -171,8 +175,6 @@ def wrmsr(c, idx: int, v: int) -> None:
         c.msrs[MSR_TSC_ADJUST] = v
         _tsc_moved(c)
     elif idx in STORED_MSRS:
-        if idx in (MSR_LSTAR, MSR_CSTAR, MSR_KERNEL_GS) and not (v < 1 << 47 or v >= 0xFFFF800000000000):
-            raise GuestFault(GP, 0)
         c.msrs[idx] = v
     elif idx in READ_ONLY_MSRS and idx != MSR_MTRRCAP:
         pass                            # writes ignored (microcode loaders, feature locks)
@@ -189,10 +191,11 @@ def wrmsr(c, idx: int, v: int) -> None:
 
 def write_cr(c, n: int, v: int) -> None:
     """mov to CRn with the mode changes it implies. Raises #GP on bad values."""
+    if c.mode[0] != 64:
+        v &= 0xFFFFFFFF                 # a 32-bit operand outside 64-bit mode
     if n == 0:
-        v |= 0x10
-        if v & (1 << 31) and not v & 1:
-            raise GuestFault(GP, 0)
+        check_cr0(c, v)
+        v |= 0x10                       # ET is hardwired to 1
         old = c.cr0
         c.cr0 = v & 0xFFFFFFFF
         if (v ^ old) & (1 << 31):
@@ -208,6 +211,7 @@ def write_cr(c, n: int, v: int) -> None:
     elif n == 2:
         c.cr2 = v
     elif n == 3:
+        check_cr3(c, v)
         v &= 0x000FFFFFFFFFFFFF
         m = c.mmu
         if v == c.cr3 == m.cr3 and c.mode[2] == c.cpl:
@@ -221,14 +225,47 @@ def write_cr(c, n: int, v: int) -> None:
         m.cr3_loaded()
         c.update_mode()
     elif n == 4:
+        check_cr4(c, v)
         if (v ^ c.cr4) & 0x3000B0:      # PSE, PAE, PGE, SMEP, SMAP: the TLB is flushed
             c.mmu.tlb_flush()
         c.cr4 = v
         c.update_mode()
     elif n == 8:
-        c.cr8 = v & 0xF
+        check_cr8(v)
+        c.cr8 = v
     else:
         raise GuestFault(UD)
+
+
+DR6_FIXED1, DR6_FIXED0 = 0xFFFF0FF0, 0x1000     # reserved bits of DR6 (no RTM, no bus lock)
+DR7_FIXED1, DR7_FIXED0 = 0x400, 0xD800           # reserved bits of DR7 (no RTM)
+CR4_DE = 1 << 3
+
+
+def _dr_index(c, n: int) -> int:
+    """DR4/DR5 are DR6/DR7 unless CR4.DE is set, when they raise #UD."""
+    if n in (4, 5):
+        if c.cr4 & CR4_DE:
+            raise GuestFault(UD)
+        return n + 2
+    return n
+
+
+def write_dr(c, n: int, v: int) -> None:
+    """mov to DRn: #GP(0) for bits 63:32 of DR6/DR7; reserved bits keep
+    their fixed values."""
+    n = _dr_index(c, n)
+    if n >= 6:
+        if v >> 32:
+            raise GuestFault(GP, 0)
+        v = (v | DR6_FIXED1) & ~DR6_FIXED0 if n == 6 else (v | DR7_FIXED1) & ~DR7_FIXED0
+    elif c.mode[0] != 64:
+        v &= 0xFFFFFFFF
+    c.dr[n] = v
+
+
+def read_dr(c, n: int) -> int:
+    return c.dr[_dr_index(c, n)]
 
 
 def read_cr(c, n: int) -> int:
@@ -290,6 +327,12 @@ def cli_sti(c, on: bool) -> None:
 
 def softint(c, vec: int, next_rip: int) -> None:
     c.deliver(GuestFault(vec), next_rip=next_rip, software=True)
+
+
+def icebp(c, next_rip: int) -> None:
+    """int1 (ICEBP, 0xF1): a #DB trap delivered as a hardware exception (no
+    gate DPL check, no error code), returning after the instruction."""
+    c.deliver(GuestFault(1), next_rip=next_rip)
 
 
 def pushf(c, size: int) -> None:
@@ -386,6 +429,8 @@ def sysret(c, size: int) -> None:
     c.set_rflags((c.R[11] & 0x3C7FD7) | 2)
     c.cpl = 3
     c.update_mode()
+    if c.rf & F.TF:
+        c.pending = True                # single-step from the next instruction on (smp.py)
 
 
 def swapgs(c) -> None:
@@ -397,8 +442,10 @@ def swapgs(c) -> None:
 
 HELPERS = {"IOCHECK": iocheck, "PORT_IN": port_in, "PORT_OUT": port_out, "CPUID": cpuid,
            "RDMSR": rdmsr, "WRMSR": wrmsr, "WRITE_CR": write_cr, "READ_CR": read_cr,
+           "WRITE_DR": write_dr, "READ_DR": read_dr,
            "LOAD_DTR": load_dtr, "STORE_DTR": store_dtr, "LTR": ltr, "LLDT": lldt, "HALT": halt,
-           "CLI_STI": cli_sti, "SOFTINT": softint, "PUSHF": pushf, "POPF": popf, "ENTER": enter,
+           "CLI_STI": cli_sti, "SOFTINT": softint, "ICEBP": icebp, "PUSHF": pushf, "POPF": popf,
+           "ENTER": enter,
            "FAR": far, "CMPXCHGW": cmpxchg_wide, "SYSCALL": syscall, "SYSRET": sysret,
            "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0,
            "PAUSE": pause, "RDRAND": rdrand}
