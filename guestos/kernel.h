@@ -141,6 +141,7 @@ void timer_interrupt(void);
 
 /* kbench.c */
 u64 kbench(int kind, u64 n, u64 pml4);
+void parse_options(const char *cmdline);
 extern u64 opt_iters, opt_forks, opt_bench, opt_mask;
 
 #endif

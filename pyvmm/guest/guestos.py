@@ -30,7 +30,7 @@ from ..errors import ConfigError, ImageError
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "guestos"
-SOURCES_C = ("main.c", "console.c", "cpu.c", "mm.c", "proc.c", "pvops.c", "user.c")
+SOURCES_C = ("main.c", "console.c", "cpu.c", "kbench.c", "mm.c", "proc.c", "pvops.c", "user.c")
 SOURCES_S = ("boot.S", "entry.S")
 LD_SCRIPT = "guestos.ld"
 CFLAGS = ["-m64", "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mgeneral-regs-only",
