@@ -21,7 +21,7 @@ import pytest
 from pyvmm.config import VmConfig
 from pyvmm.cpu import EFER_NXE
 
-from .modeguests import IDT_STUBS, USTACK, boot_for
+from .modeguests import IDT_STUBS, USTACK, boot_for, idt_setup
 from .rawguest import build_guest, require_kvm, run_machine
 
 IDT = 0x120000
@@ -36,29 +36,8 @@ ERROR = {"not-present": 0x14, "nx": 0x15, "supervisor": 0x15}
 
 SOURCE = """
 .intel_syntax noprefix
-""" + """
-    mov ecx, 0xc0000080; rdmsr; or eax, 0x800; wrmsr
-""" + """
-    mov edi, {idt:#x}
-    mov esi, OFFSET stubs
-    xor ecx, ecx
-1:  mov eax, esi
-    mov word ptr [rdi], ax
-    mov word ptr [rdi+2], 8
-    mov word ptr [rdi+4], 0xEE00
-    shr eax, 16
-    mov word ptr [rdi+6], ax
-    mov qword ptr [rdi+8], 0
-    add rdi, 16
-    add esi, 16
-    inc ecx
-    cmp ecx, 256
-    jne 1b
-    sub rsp, 16
-    mov word ptr [rsp], 4095
-    mov qword ptr [rsp+2], {idt:#x}
-    lidt [rsp]
-    add rsp, 16
+    mov ecx, 0xc0000080; rdmsr; or eax, 0x800; wrmsr      /* EFER.NXE */
+""" + idt_setup(IDT) + """
     xor r15, r15
 next_case:
     cmp r15, [{cases:#x} - 8]
@@ -152,7 +131,7 @@ def _boot(kind: str, code: bytes):
 
 def _run(engine: str, kind: str) -> list[tuple[int, int, int, int]]:
     """The recorded (vector, error, rip, cr2) of every case under `engine`."""
-    code = build_guest(SOURCE.format(idt=IDT, cases=CASES, results=RESULTS, page_a=PAGE_A,
+    code = build_guest(SOURCE.format(cases=CASES, results=RESULTS, page_a=PAGE_A,
                                      frame_a=FRAME_A, ustack=USTACK, kstack=0x151000), "long")
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
     n = len(_cases())

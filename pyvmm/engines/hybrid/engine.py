@@ -47,7 +47,7 @@ from ..bt.engine import BtEngine
 from ..bt.faults import GuestFault
 from ..kvm import abi, cpuid, state
 from ..kvm.device import Kvm, _ioctl, ioctl
-from ..kvm.dirtylog import KvmDirtyLog
+from ..kvm.dirtylog import KvmDirtyLog, register_memory
 from ..kvm.engine import _install_kick_handler
 from .alarm import Alarm
 from .ptwatch import PageTableWatch
@@ -101,13 +101,8 @@ class HybridEngine(Engine):
                 fn(arg)
             except OSError:
                 pass      # only VT-x wants them
-        memory = self.machine.memory
-        for region in memory.regions:
-            slot = self.vm.add_memory(region.gpa, region.size, region.host_address())
-            self.slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
         # User code writes under KVM: its dirty log joins bt's (the kernel's writes).
-        self.dirty_log = KvmDirtyLog(self.vm.fd, self.slots)
-        memory.dirty_sources.append(self.dirty_log)
+        self.slots, self.dirty_log = register_memory(self.vm, self.machine.memory)
         supported = self.kvm.supported_cpuid()
         hidden = cpuid.expand_hidden(cfg.cpuid_hide)
         for i in range(cfg.cpus):

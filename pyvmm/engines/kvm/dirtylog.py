@@ -55,3 +55,16 @@ class KvmDirtyLog:
 
     def log_stop(self) -> None:
         self._set_flags(0)
+
+
+def register_memory(vm, memory) -> tuple[list[abi.UserspaceMemoryRegion], KvmDirtyLog]:
+    """Maps every region of GuestMemory `memory` as a slot of KvmVm `vm` and
+    joins the VM's dirty log to the memory's sources; returns (the slots, as
+    the very objects a re-registration must reuse, the log)."""
+    slots = []
+    for region in memory.regions:
+        slot = vm.add_memory(region.gpa, region.size, region.host_address())
+        slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
+    log = KvmDirtyLog(vm.fd, slots)
+    memory.dirty_sources.append(log)
+    return slots, log

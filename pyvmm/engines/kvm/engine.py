@@ -18,7 +18,7 @@ from ...runstate import PauseGate
 from ...boot import layout
 from ..base import Engine
 from . import abi, cpuid, state
-from .dirtylog import KvmDirtyLog
+from .dirtylog import KvmDirtyLog, register_memory
 from .device import Kvm, KvmVcpu, KvmVm, _ioctl, ioctl
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,7 @@ class KvmEngine(Engine):
                 fn(arg)
             except OSError as e:  # not needed (or not offered) outside Intel VT-x
                 log.debug("%s: %s", what, e.strerror)
-        memory = self.machine.memory
-        for region in memory.regions:
-            slot = self.vm.add_memory(region.gpa, region.size, region.host_address())
-            self.slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
-        self.dirty_log = KvmDirtyLog(self.vm.fd, self.slots)
-        memory.dirty_sources.append(self.dirty_log)
+        self.slots, self.dirty_log = register_memory(self.vm, self.machine.memory)
         if self.irqchip:
             try:
                 self.vm.create_irqchip()
@@ -160,7 +155,7 @@ class KvmEngine(Engine):
         here. kvmclock is read so that resume() can give it back."""
         if not self.gate.close(len(self.vcpus), self.kick, self._stopping):
             return False
-        self._paused_clock_ns = self._kvm_clock()
+        self._paused_clock_ns = self.kvm_clock()
         return True
 
     def resume(self) -> None:
@@ -168,14 +163,14 @@ class KvmEngine(Engine):
         guest's time skips the pause, then lets the vCPUs go on. (The TSC
         itself runs on; Linux keeps time by kvmclock when it has it.)"""
         if self._paused_clock_ns is not None:
-            self._kvm_clock(self._paused_clock_ns)
+            self.kvm_clock(self._paused_clock_ns)
             self._paused_clock_ns = None
         self.gate.open()
 
     def _stopping(self) -> bool:
         return self.machine.stop_status is not None
 
-    def _kvm_clock(self, set_ns: int | None = None) -> int | None:
+    def kvm_clock(self, set_ns: int | None = None) -> int | None:
         """kvmclock's guest ns (KVM_GET_CLOCK), or sets it; None where this
         KVM refuses."""
         from .platform_state import GET_CLOCK, SET_CLOCK, _ClockData
