@@ -170,10 +170,7 @@ def build_machine(config: VmConfig, output: Output,
         log.info("boot: %s: %s", result.protocol, result.summary)
         machine.engine = create_engine(machine)
         machine.engine.prepare()
-        if config.engine == "hw" and config.irqchip:
-            from .engines.kvm.platform_state import KvmPlatformState
-            # the in-kernel PIC, IOAPIC, PIT and APICs, as found at power-on
-            machine.devices["kvm_platform"] = KvmPlatformState(machine.engine)
+        machine.devices.update(machine.engine.platform_devices())   # e.g. KVM's in-kernel irqchip
         from .paravirt.install import attach as attach_paravirt
         attach_paravirt(machine)
         if getattr(config, "vmware_backdoor", False):

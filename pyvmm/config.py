@@ -16,6 +16,60 @@ ENGINES = ("hw", "bt", "hybrid")
 MMU_MODES = ("shadow", "nested")
 
 
+DRIVE_FORMATS = ("raw", "qcow2", "vmdk")
+
+
+@dataclass
+class DriveConfig:
+    """One virtio-blk disk (`--drive file=PATH[,format=F][,readonly=on][,id=NAME]`)."""
+    file: str
+    format: str | None = None    # None: probed from the file's first bytes
+    readonly: bool = False
+    id: str | None = None        # also the disk's serial (virtio-blk GET_ID)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> "DriveConfig":
+        """Raises ConfigError for a drive that is not an object of these fields."""
+        if not isinstance(data, dict) or not isinstance(data.get("file"), str):
+            raise ConfigError(f"{where}: drives: {json.dumps(data)} is not a drive (needs a \"file\")")
+        kinds = {"file": (str,), "format": (str, type(None)), "readonly": (bool,), "id": (str, type(None))}
+        for key, value in data.items():
+            if key not in kinds or not isinstance(value, kinds[key]):
+                raise ConfigError(f"{where}: drives: bad key or value {key!r}")
+        drive = cls(**data)
+        drive.validate()
+        return drive
+
+    def validate(self) -> None:
+        if self.format is not None and self.format not in DRIVE_FORMATS:
+            raise ConfigError(f"drive {self.file}: unknown format {self.format!r} "
+                              f"(choose from {', '.join(DRIVE_FORMATS)})")
+
+
+def parse_drive(text: str) -> DriveConfig:
+    """Parses `file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]`
+    (QEMU's spelling; `if=virtio` is accepted). Raises ConfigError."""
+    opts: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key in opts:
+            raise ConfigError(f"--drive {text!r}: expected key=value items (file=PATH,format=raw,...)")
+        opts[key] = value
+    if opts.pop("if", "virtio") != "virtio":
+        raise ConfigError(f"--drive {text!r}: only if=virtio disks are supported")
+    readonly = opts.pop("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise ConfigError(f"--drive {text!r}: readonly is on or off")
+    if not opts.get("file"):
+        raise ConfigError(f"--drive {text!r}: file=PATH is required")
+    drive = DriveConfig(file=opts.pop("file"), format=opts.pop("format", None),
+                        readonly=readonly == "on", id=opts.pop("id", None))
+    if opts:
+        raise ConfigError(f"--drive {text!r}: unknown option {sorted(opts)[0]!r}")
+    drive.validate()
+    return drive
+
+
 @dataclass
 class VmConfig:
     kernel: str | None = None
@@ -62,6 +116,10 @@ class VmConfig:
     # bt: directory of the on-disk store of translated blocks
     # (engines/bt/blockstore.py); None: every block is compiled afresh.
     block_store: str | None = None
+    # virtio-blk disks (devices/virtio/block.py) on PCI bus 0, in slot order.
+    drives: list[DriveConfig] = field(default_factory=list)
+    # a virtio-rng device (devices/virtio/rng.py) giving host entropy.
+    virtio_rng: bool = False
     verbose: bool = False
 
     def validate(self) -> None:
@@ -76,6 +134,8 @@ class VmConfig:
             raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         if self.mmu not in MMU_MODES:
             raise ConfigError(f"unknown mmu {self.mmu!r} (choose from {', '.join(MMU_MODES)})")
+        for drive in self.drives:
+            drive.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,6 +183,10 @@ _LISTS_OF_PAIRS = {"fw_cfg_files"}
 def _field_value(key: str, value, default, where: str):
     """`value` checked against the kind of the field's default."""
     bad = ConfigError(f"{where}: {key}: {json.dumps(value)} is not a valid value")
+    if key == "drives":
+        if not isinstance(value, list):
+            raise bad
+        return [DriveConfig.from_dict(v, where) for v in value]
     if key in _PAIRS:
         if value is None:
             return None

@@ -165,10 +165,12 @@ def build_rsdp(rsdt_addr: int, xsdt_addr: int) -> bytes:
     return bytes(raw)
 
 
-def write_acpi_tables(memory: GuestMemory, cpus: int) -> int:
+def write_acpi_tables(memory: GuestMemory, cpus: int, dsdt_extra: bytes = b"") -> int:
     """Writes RSDP, RSDT, XSDT, FADT, FACS, DSDT and MADT into the BIOS area;
     returns the RSDP address (always RSDP_ADDR).
 
+    `dsdt_extra` is AML appended to the DSDT (the PCI root bridge of
+    devices/pci/aml.py when the machine has PCI devices).
     Raises ConfigError for a CPU count the MADT cannot describe, and
     GuestMemoryError when the BIOS area is not RAM."""
     if not 1 <= cpus <= 254:
@@ -187,7 +189,7 @@ def write_acpi_tables(memory: GuestMemory, cpus: int) -> int:
         return addr
 
     facs = place("FACS", build_facs(), align=64)
-    dsdt = place("DSDT", _table(b"DSDT", 2, S5_AML))
+    dsdt = place("DSDT", _table(b"DSDT", 2, S5_AML + dsdt_extra))
     fadt = place("FACP", build_fadt(facs, dsdt))
     madt = place("APIC", build_madt(cpus))
     rsdt = place("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))

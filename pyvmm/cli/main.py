@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from ..config import DEFAULT_CMDLINE, VmConfig, parse_mem_size
+from ..config import DEFAULT_CMDLINE, VmConfig, parse_drive, parse_mem_size
 from ..errors import ConfigError, GuestCrash, VmmError
 from ..machine import EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE
 
@@ -118,6 +118,10 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--bt-cache-max", metavar="SIZE",
                    help="bt: cap of the block store, least recently used blocks evicted past it "
                         "(default: $PYVMM_BT_CACHE_MAX, else 256M; `pyvmm cache` shows it)")
+    p.add_argument("--drive", "-drive", action="append", default=[],
+                   metavar="file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]",
+                   help="add a virtio-blk disk on PCI (repeatable)")
+    p.add_argument("--virtio-rng", action="store_true", help="add a virtio-rng device (host entropy) on PCI")
     p.add_argument("--config", metavar="FILE",
                    help="boot the VM a JSON file describes (as written by --print-config); "
                         "it replaces the other VM options")
@@ -175,7 +179,12 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     initrd = [s for s in (args.initrd or "").split(",") if s]
     if not args.kernel and not initrd:
         from ..guest.initramfs import ensure_default_initramfs
-        initrd = [str(ensure_default_initramfs())]
+        # virtio devices: the stock kernel has their drivers as modules, which the initramfs then carries
+        release = (os.path.basename(kernel).partition("vmlinuz-")[2] or None
+                   if getattr(args, "drive", None) or getattr(args, "virtio_rng", False) else None)
+        if release and not os.path.isdir(f"/lib/modules/{release}"):
+            release = None      # a kernel with its drivers built in (or none at all)
+        initrd = [str(ensure_default_initramfs(release=release))]
     cfg = VmConfig(kernel=kernel, initrd=initrd,
                    cmdline=args.append if args.append is not None else DEFAULT_CMDLINE,
                    mem_mib=parse_mem_size(args.mem), cpus=args.cpus, engine=engine,
@@ -191,7 +200,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    kvmclock=not getattr(args, "no_kvmclock", False),
                    vmware_backdoor=getattr(args, "vmware_backdoor", False),
                    guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)),
-                   block_store=_block_store(args))
+                   block_store=_block_store(args),
+                   drives=[parse_drive(t) for t in getattr(args, "drive", [])],
+                   virtio_rng=getattr(args, "virtio_rng", False))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")

@@ -5,6 +5,12 @@ prints a marker and hands the console to an interactive shell.
 gzip is used because every kernel with initramfs support can unpack it
 (the Debian cloud kernel has CONFIG_RD_GZIP=y, like nearly all others).
 
+When the kernel being booted has its drivers as modules (the stock Debian
+kernel: virtio_pci, virtio_blk, virtio-rng), `ensure_default_initramfs(
+release=...)` builds a variant that carries them, with their dependencies
+from modules.dep, under /lib/modules/<release>/, and /init insmods them in
+dependency order (listed in /etc/pyvmm-modules) before the marker.
+
 Kernel command-line switches the /init script understands:
 
     pyvmm.poweroff   power off right after printing the marker (smoke tests)
@@ -48,6 +54,10 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || echo "init: cannot mount devtmpfs
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /tmp
+# Drivers the kernel has as modules (virtio): load them, dependencies first.
+if [ -f /etc/pyvmm-modules ]; then
+    for m in $(cat /etc/pyvmm-modules); do insmod "$m" || echo "init: cannot load $m"; done
+fi
 hostname pyvmm
 printf '\\n{READY_MARKER}\\n'
 case " $(cat /proc/cmdline) " in
@@ -107,10 +117,52 @@ def _load_busybox(busybox_path: str) -> bytes:
     return data
 
 
-def build_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> bytes:
+MODULES_ROOT = "/lib/modules"
+MODULES_LIST = "etc/pyvmm-modules"
+# What a guest needs for pyvmm's virtio devices (issue 16 part 5).
+VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio-rng")
+
+
+def module_closure(release: str, names: tuple[str, ...] | list[str], root: str = MODULES_ROOT) -> list[str]:
+    """Paths (relative to root/release) of modules `names` and everything
+    they depend on, each after its dependencies, from modules.dep.
+    Raises ConfigError when modules.dep or a named module is missing."""
+    dep_file = Path(root) / release / "modules.dep"
+    try:
+        text = dep_file.read_text()
+    except OSError as e:
+        raise ConfigError(f"{dep_file}: {e.strerror}") from None
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in text.splitlines():
+        path, colon, rest = line.partition(":")
+        if colon:
+            deps[path] = rest.split()
+            by_name[Path(path).name.split(".ko")[0]] = path
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for d in reversed(deps.get(path, [])):    # modprobe loads the list from its end
+            visit(d)
+        order.append(path)
+
+    for name in names:
+        path = by_name.get(name) or by_name.get(name.replace("-", "_"))
+        if path is None:
+            raise ConfigError(f"kernel {release} has no module {name} (see {dep_file})")
+        visit(path)
+    return order
+
+
+def build_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX, release: str | None = None,
+                            modules: tuple[str, ...] = VIRTIO_MODULES,
+                            modules_root: str = MODULES_ROOT) -> bytes:
     """The default initramfs as gzip-compressed newc cpio bytes. The result
-    depends only on the busybox binary (timestamps are zero).
-    Raises ConfigError when no usable static busybox is found."""
+    depends only on the busybox binary (timestamps are zero), and, with a
+    kernel `release`, on the `modules` it then carries and loads.
+    Raises ConfigError when no usable static busybox is found, or a module."""
     busybox = _load_busybox(busybox_path)
     w = CpioWriter()
     for d in DIRS:
@@ -128,8 +180,31 @@ def build_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> bytes:
     w.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     w.add_file("etc/group", b"root:x:0:\n", 0o644)
     w.add_file("init", INIT_SCRIPT.encode(), 0o755)
+    if release is not None:
+        _add_modules(w, release, modules, modules_root)
     archive = w.finish()
     return gzip.compress(archive, compresslevel=9, mtime=0)
+
+
+def _add_modules(w: CpioWriter, release: str, names: tuple[str, ...], root: str) -> None:
+    paths = module_closure(release, names, root)
+    made = {"lib", "lib/modules"}
+    w.add_dir("lib", 0o755)
+    w.add_dir("lib/modules", 0o755)
+    for rel in paths:
+        parts = f"lib/modules/{release}/{rel}".split("/")
+        for i in range(3, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                w.add_dir(d, 0o755)
+                made.add(d)
+        try:
+            data = (Path(root) / release / rel).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{root}/{release}/{rel}: {e.strerror}") from None
+        w.add_file("/".join(parts), data, 0o644)
+    listing = "".join(f"/lib/modules/{release}/{rel}\n" for rel in paths)
+    w.add_file(MODULES_LIST, listing.encode(), 0o644)
 
 
 def default_initramfs_path() -> Path:
@@ -138,12 +213,12 @@ def default_initramfs_path() -> Path:
 
 
 def write_default_initramfs(path: str | os.PathLike | None = None,
-                            busybox_path: str = DEFAULT_BUSYBOX) -> Path:
+                            busybox_path: str = DEFAULT_BUSYBOX, release: str | None = None) -> Path:
     """Builds the default initramfs and writes it (atomically) to `path`,
     default `default_initramfs_path()`. Returns the path.
     Raises ConfigError when busybox is unusable or the file cannot be written."""
     target = Path(path) if path is not None else default_initramfs_path()
-    data = build_default_initramfs(busybox_path)
+    data = build_default_initramfs(busybox_path, release)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=target.parent)
@@ -160,10 +235,15 @@ def write_default_initramfs(path: str | os.PathLike | None = None,
     return target
 
 
-def ensure_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> Path:
+def ensure_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX, release: str | None = None) -> Path:
     """The cached default initramfs, rebuilt when missing or older than the
-    busybox binary or this module. Raises ConfigError as write_default_initramfs."""
-    target = default_initramfs_path()
+    busybox binary or this module; with a kernel `release`, the variant
+    that carries and loads that kernel's virtio modules.
+    Raises ConfigError as write_default_initramfs."""
+    if release is None:
+        target = default_initramfs_path()
+    else:
+        target = pyvmm_cache(f"initramfs-virtio-{release}.cpio.gz")
     try:
         built = target.stat().st_mtime
         newest_input = max(os.stat(busybox_path).st_mtime, os.stat(__file__).st_mtime)
@@ -171,4 +251,4 @@ def ensure_default_initramfs(busybox_path: str = DEFAULT_BUSYBOX) -> Path:
             return target
     except OSError:
         pass
-    return write_default_initramfs(target, busybox_path)
+    return write_default_initramfs(target, busybox_path, release)

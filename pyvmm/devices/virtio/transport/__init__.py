@@ -1,0 +1,1 @@
+"""virtio transports: pci.py (modern virtio-pci)."""
