@@ -3,12 +3,16 @@
 A device knows only offsets inside its own range; where it sits is decided by
 whoever inserts it (the builder).  What the bus dispatches to is the
 `Registers` half of the device contract (device.py): a Device, or a window
-onto part of one (OffsetView, the PIC's ELCR, the PIT's port 0x61)."""
+onto part of one (OffsetView, the PIC's ELCR, the PIT's port 0x61).
+
+`rep ins/outs` is looped here, once for every engine (read_many/write_many):
+the device still sees one access per element."""
 
 from __future__ import annotations
 
 import bisect
 import logging
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -19,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _MISS = object()
 ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+_ELEMENT = {1: "B", 2: "H", 4: "I", 8: "Q"}    # struct codes of rep ins/outs elements
 
 
 @dataclass
@@ -124,6 +129,43 @@ class Bus:
                 m.device.write(addr - m.base, size, value)
         else:
             m.device.write(addr - m.base, size, value)
+
+    def read_many(self, addr: int, size: int, count: int) -> bytes:
+        """`count` reads of `size` bytes at one address (`rep ins`), packed
+        little-endian in order: the device sees each element, as with read()."""
+        m = self._cache.get(addr, _MISS)
+        if m is _MISS:
+            m = self.find(addr)
+        if m is None:
+            self.unmapped_reads += count
+            return b"\xff" * (size * count)
+        m.reads += count
+        read, offset, mask = m.device.read, addr - m.base, ALL_ONES[size]
+        if m.serialize:
+            with self.lock:
+                return b"".join([(read(offset, size) & mask).to_bytes(size, "little") for _ in range(count)])
+        return b"".join([(read(offset, size) & mask).to_bytes(size, "little") for _ in range(count)])
+
+    def write_many(self, addr: int, size: int, data: bytes) -> None:
+        """One write of `size` bytes at one address per element of `data`
+        (`rep outs`), in order; a short tail element is dropped."""
+        m = self._cache.get(addr, _MISS)
+        if m is _MISS:
+            m = self.find(addr)
+        count = len(data) // size
+        if m is None:
+            self.unmapped_writes += count
+            return
+        m.writes += count
+        write, offset = m.device.write, addr - m.base
+        values = struct.unpack_from(f"<{count}{_ELEMENT[size]}", data)
+        if m.serialize:
+            with self.lock:
+                for v in values:
+                    write(offset, size, v)
+        else:
+            for v in values:
+                write(offset, size, v)
 
     def stats(self) -> dict:
         """Accesses per device name, plus unmapped counts."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.boot import layout, multiboot
+from pyvmm.boot import elf, layout, multiboot
 from pyvmm.config import VmConfig
 from pyvmm.cpu import CR0_PE, CR0_PG
 from pyvmm.devices.fw_cfg import PORT_RANGE, FwCfg
@@ -361,7 +361,7 @@ def _low_kernels(tmp_path: Path) -> dict[str, tuple[Path, int]]:
 
 def test_low_elf_has_a_segment_below_1mib(tmp_path):
     image = _low_kernels(tmp_path)["elf_ff000"][0].read_bytes()
-    assert min(s.paddr for s in multiboot.read_elf(image).segments) < 0x100000
+    assert min(p.p_paddr for p in elf.parse_elf(image).loads()) < 0x100000
 
 
 @pytest.mark.parametrize("name", ["elf_ff000", "aout_8000"])

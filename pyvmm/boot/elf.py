@@ -1,8 +1,13 @@
-"""ELF kernels: headers, PT_LOAD segments, PT_NOTE notes, loading at physical addresses.
+"""ELF kernels: headers, PT_LOAD segments, notes, loading at physical addresses.
 
-Only what a loader needs: the ELF header, the program headers and notes
-(ELF32 and ELF64, little-endian).  Segments go to their p_paddr, as a boot
-loader does for vmlinux, Multiboot and PVH kernels.
+The one ELF parser of pyvmm: the Linux (vmlinux), Multiboot and PVH loaders
+all read their kernels here.  Only what a loader needs: the ELF header, the
+program headers and notes (ELF32 and ELF64, little-endian), including the
+Xen PHYS32_ENTRY note that says a kernel can be booted by PVH.  Segments go
+to their p_paddr, as a boot loader does.
+
+Every offset and size is checked against the file before it is used, so a
+cut-off or hostile file gets a one-line ImageError, never a struct.error.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Iterator
 
 from ..errors import ImageError
 from ..memory import GuestMemory
+from .layout import HIMEM_START
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,10 @@ ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB = 1
 EM_386, EM_X86_64 = 3, 62
 PT_LOAD, PT_NOTE = 1, 4
+SHT_NOTE = 7
+XEN_NOTE_OWNER = "Xen"
+XEN_ELFNOTE_GUEST_OS = 6
+XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 # Header layouts as struct formats with their field names; ELF32 and ELF64
 # order the program header fields differently.
@@ -37,6 +47,11 @@ _PHDR_LAYOUT = {
                  ("p_type", "p_offset", "p_vaddr", "p_paddr", "p_filesz", "p_memsz", "p_flags", "p_align")),
     ELFCLASS64: (struct.Struct("<IIQQQQQQ"),
                  ("p_type", "p_flags", "p_offset", "p_vaddr", "p_paddr", "p_filesz", "p_memsz", "p_align")),
+}
+# sh_type, sh_offset, sh_size of a section header, and the least e_shentsize.
+_SHDR_TYPE_OFFSET_SIZE = {
+    ELFCLASS32: (struct.Struct("<4xI8xII"), 40),
+    ELFCLASS64: (struct.Struct("<4xI16xQQ"), 64),
 }
 _NOTE_HDR = struct.Struct("<III")                  # namesz, descsz, type
 
@@ -61,6 +76,9 @@ class ElfFile:
     elf_type: int
     entry: int
     phdrs: list[ProgramHeader]
+    shoff: int = 0
+    shentsize: int = 0
+    shnum: int = 0
 
     @property
     def is_64bit(self) -> bool:
@@ -68,6 +86,14 @@ class ElfFile:
 
     def loads(self) -> list[ProgramHeader]:
         return [p for p in self.phdrs if p.p_type == PT_LOAD and p.p_memsz]
+
+    def physical_entry(self) -> int:
+        """e_entry moved from a segment's virtual to its physical address
+        (they differ for higher-half kernels), as a 32-bit address."""
+        for p in self.loads():
+            if p.p_vaddr <= self.entry < p.p_vaddr + p.p_memsz:
+                return (p.p_paddr + self.entry - p.p_vaddr) & 0xFFFFFFFF
+        return self.entry & 0xFFFFFFFF
 
 
 @dataclass
@@ -102,7 +128,8 @@ def is_elf(data: bytes) -> bool:
 def parse_elf(data: bytes) -> ElfFile:
     """Parses the ELF header and program headers.
 
-    Raises ImageError for a non-ELF, big-endian, unknown-class or truncated file."""
+    Raises ImageError for a non-ELF, big-endian, unknown-class or truncated
+    file, or one whose program header table lies outside it."""
     if len(data) < _EHDR_IDENT.size or data[:4] != ELF_MAGIC:
         raise ImageError("not an ELF file")
     _, cls, enc, _, _, _ = _EHDR_IDENT.unpack_from(data, 0)
@@ -115,39 +142,69 @@ def parse_elf(data: bytes) -> ElfFile:
         raise ImageError(f"truncated ELF file: {len(data)} bytes")
     h = dict(zip(_EHDR_FIELDS, rest.unpack_from(data, _EHDR_IDENT.size)))
     phs, names = _PHDR_LAYOUT[cls]
-    if h["e_phnum"] and h["e_phentsize"] < phs.size:
-        raise ImageError(f"ELF program header size {h['e_phentsize']} is too small")
-    phdrs = []
-    for i in range(h["e_phnum"]):
-        off = h["e_phoff"] + i * h["e_phentsize"]
-        if off + phs.size > len(data):
-            raise ImageError(f"truncated ELF file: program header {i} at {off} is past its end")
-        phdrs.append(ProgramHeader(**dict(zip(names, phs.unpack_from(data, off)))))
+    phoff, phnum, phentsize = h["e_phoff"], h["e_phnum"], h["e_phentsize"]
+    if phnum and phentsize < phs.size:
+        raise ImageError(f"ELF program header size {phentsize} is too small")
+    table_end = phoff + phnum * phentsize
+    if phnum and table_end > len(data):
+        raise ImageError(f"truncated ELF file: program header table 0x{phoff:x}-0x{table_end:x} "
+                         f"is past its end ({len(data)} bytes)")
+    phdrs = [ProgramHeader(**dict(zip(names, phs.unpack_from(data, phoff + i * phentsize))))
+             for i in range(phnum)]
     return ElfFile(elf_class=cls, machine=h["e_machine"], elf_type=h["e_type"],
-                   entry=h["e_entry"], phdrs=phdrs)
+                   entry=h["e_entry"], phdrs=phdrs, shoff=h["e_shoff"],
+                   shentsize=h["e_shentsize"], shnum=h["e_shnum"])
 
 
-def elf_notes(data: bytes, elf: ElfFile | None = None) -> Iterator[ElfNote]:
+def elf_notes(data: bytes, elf: ElfFile | None = None, sections: bool = False) -> Iterator[ElfNote]:
     """Yields every note of every PT_NOTE segment as ElfNote(owner, type, desc).
 
-    Raises ImageError when the file is not ELF or a note runs past its segment."""
+    With `sections`, a file without PT_NOTE notes has its SHT_NOTE sections
+    read instead (some linker scripts keep notes out of the program headers).
+    Raises ImageError when the file is not ELF or a note area or a note runs
+    past its end."""
     elf = elf or parse_elf(data)
+    found = False
     for ph in elf.phdrs:
-        if ph.p_type != PT_NOTE:
-            continue
-        align = 8 if ph.p_align == 8 else 4
-        seg = data[ph.p_offset:ph.p_offset + ph.p_filesz]
-        off = 0
-        while off + _NOTE_HDR.size <= len(seg):
-            namesz, descsz, ntype = _NOTE_HDR.unpack_from(seg, off)
-            name_off = off + _NOTE_HDR.size
-            desc_off = name_off + _align(namesz, align)
-            end = desc_off + _align(descsz, align)
-            if desc_off + descsz > len(seg):
-                raise ImageError(f"ELF note at file offset {ph.p_offset + off} runs past its segment")
-            owner = seg[name_off:name_off + namesz].rstrip(b"\0").decode("latin-1")
-            yield ElfNote(owner, ntype, bytes(seg[desc_off:desc_off + descsz]))
-            off = end
+        if ph.p_type == PT_NOTE:
+            for note in _notes_in(data, ph.p_offset, ph.p_filesz, 8 if ph.p_align == 8 else 4,
+                                  "segment"):
+                found = True
+                yield note
+    if sections and not found:
+        for offset, size in _note_sections(data, elf):
+            yield from _notes_in(data, offset, size, 4, "section")
+
+
+def _notes_in(data: bytes, offset: int, size: int, align: int, what: str) -> Iterator[ElfNote]:
+    if offset + size > len(data):
+        raise ImageError(f"truncated ELF file: note {what} 0x{offset:x}-0x{offset + size:x} "
+                         f"is past its end ({len(data)} bytes)")
+    seg = memoryview(data)[offset:offset + size]
+    off = 0
+    while off + _NOTE_HDR.size <= len(seg):
+        namesz, descsz, ntype = _NOTE_HDR.unpack_from(seg, off)
+        name_off = off + _NOTE_HDR.size
+        desc_off = name_off + _align(namesz, align)
+        if desc_off + descsz > len(seg):
+            raise ImageError(f"ELF note at file offset {offset + off} runs past its {what}")
+        owner = bytes(seg[name_off:name_off + namesz]).rstrip(b"\0").decode("latin-1")
+        yield ElfNote(owner, ntype, bytes(seg[desc_off:desc_off + descsz]))
+        off = desc_off + _align(descsz, align)
+
+
+def _note_sections(data: bytes, elf: ElfFile) -> list[tuple[int, int]]:
+    """(offset, size) of each SHT_NOTE section; none when the section table
+    is absent or does not fit in the file (sections are optional to a loader)."""
+    shdr, min_size = _SHDR_TYPE_OFFSET_SIZE[elf.elf_class]
+    if not elf.shoff or elf.shentsize < min_size or elf.shoff + elf.shnum * elf.shentsize > len(data):
+        return []
+    out = []
+    for i in range(elf.shnum):
+        stype, offset, size = shdr.unpack_from(data, elf.shoff + i * elf.shentsize)
+        if stype == SHT_NOTE:
+            out.append((offset, size))
+    return out
 
 
 def _align(n: int, a: int) -> int:
@@ -164,13 +221,48 @@ def is_linux_elf(data: bytes) -> bool:
         return False
 
 
-def load_elf(memory: GuestMemory, data: bytes, elf: ElfFile | None = None) -> ElfImage:
+def pvh_entry(data: bytes, elf: ElfFile | None = None) -> int | None:
+    """The 32-bit physical entry of the Xen PHYS32_ENTRY note (PVH boot), or None.
+
+    Raises ImageError when the file is not ELF or its notes are malformed."""
+    for note in elf_notes(data, elf, sections=True):
+        if note.owner == XEN_NOTE_OWNER and note.type == XEN_ELFNOTE_PHYS32_ENTRY and len(note.desc) >= 4:
+            # The note holds a 32-bit address, stored in 4 or 8 bytes.
+            return struct.unpack_from("<I", note.desc)[0]
+    return None
+
+
+def load_elf(memory: GuestMemory, data: bytes, elf: ElfFile | None = None, *,
+             what: str = "", low_ok: bool = True) -> ElfImage:
     """Copies every PT_LOAD segment to its p_paddr and zero-fills its bss.
 
+    `what` ("PVH kernel") prefixes the error messages; without `low_ok` a
+    segment below 1 MiB, where pyvmm keeps its boot data, is refused.
     Raises ImageError when the file is malformed, has no loadable segment,
-    needs more memory than the guest has, or puts a segment outside RAM;
-    nothing is written in those cases."""
-    elf = elf or parse_elf(data)
+    has segments past its end or overlapping each other, needs more memory
+    than the guest has, or puts a segment outside RAM; nothing is written
+    in those cases."""
+    prefix = f"{what}: " if what else ""
+    try:
+        elf = elf or parse_elf(data)
+        _check_loads(memory, data, elf, low_ok)
+    except ImageError as e:
+        raise ImageError(f"{prefix}{e}") from None
+    loads = elf.loads()
+    segments = []
+    view = memoryview(data)
+    for p in loads:
+        memory.write(p.p_paddr, view[p.p_offset:p.p_offset + p.p_filesz])
+        if p.p_memsz > p.p_filesz:
+            memory.fill(p.p_paddr + p.p_filesz, p.p_memsz - p.p_filesz)
+        segments.append((p.p_paddr, p.p_memsz))
+        log.debug("ELF segment 0x%x+0x%x (file 0x%x)", p.p_paddr, p.p_memsz, p.p_filesz)
+    low = min(p.p_paddr for p in loads)
+    high = max(p.p_paddr + p.p_memsz for p in loads)
+    return ElfImage(entry=elf.entry, low=low, high=high, is_64bit=elf.is_64bit, segments=segments)
+
+
+def _check_loads(memory: GuestMemory, data: bytes, elf: ElfFile, low_ok: bool) -> None:
     loads = elf.loads()
     if not loads:
         raise ImageError("ELF file has no loadable segment")
@@ -181,23 +273,22 @@ def load_elf(memory: GuestMemory, data: bytes, elf: ElfFile | None = None) -> El
         raise ImageError(f"kernel needs {_mib(high - low)} MiB (0x{low:x}-0x{high:x}) "
                          f"but the guest has only {ram_mib} MiB of RAM")
     for i, p in enumerate(loads):
+        end = p.p_paddr + p.p_memsz
         if p.p_filesz > p.p_memsz:
             raise ImageError(f"ELF segment {i}: file size 0x{p.p_filesz:x} exceeds memory size 0x{p.p_memsz:x}")
         if p.p_offset + p.p_filesz > len(data):
             raise ImageError(f"truncated ELF file: segment {i} needs bytes up to "
                              f"{p.p_offset + p.p_filesz}, file has {len(data)}")
+        if p.p_paddr < HIMEM_START and not low_ok:
+            raise ImageError(f"ELF segment {i} loads at 0x{p.p_paddr:x}, below 1 MiB where pyvmm "
+                             f"keeps boot data")
         if not memory.is_ram(p.p_paddr, p.p_memsz):
-            raise ImageError(f"ELF segment {i} at 0x{p.p_paddr:x}-0x{p.p_paddr + p.p_memsz:x} is "
+            raise ImageError(f"ELF segment {i} at 0x{p.p_paddr:x}-0x{end:x} is "
                              f"outside guest RAM ({ram_mib} MiB)")
-    segments = []
-    view = memoryview(data)
-    for p in loads:
-        memory.write(p.p_paddr, view[p.p_offset:p.p_offset + p.p_filesz])
-        if p.p_memsz > p.p_filesz:
-            memory.fill(p.p_paddr + p.p_filesz, p.p_memsz - p.p_filesz)
-        segments.append((p.p_paddr, p.p_memsz))
-        log.debug("ELF segment 0x%x+0x%x (file 0x%x)", p.p_paddr, p.p_memsz, p.p_filesz)
-    return ElfImage(entry=elf.entry, low=low, high=high, is_64bit=elf.is_64bit, segments=segments)
+    by_addr = sorted(range(len(loads)), key=lambda i: loads[i].p_paddr)
+    for a, b in zip(by_addr, by_addr[1:]):
+        if loads[b].p_paddr < loads[a].p_paddr + loads[a].p_memsz:
+            raise ImageError(f"ELF segments {a} and {b} overlap at 0x{loads[b].p_paddr:x}")
 
 
 def _mib(n: int) -> int:

@@ -20,8 +20,8 @@ loaded already, and the spec leaves GDTR undefined); when the kernel covers
 the info structure or the data area, both move to the pages after the
 modules.
 
-The small ELF reader and the segment/module loaders here are shared with the
-PVH loader (pvh.py).
+ELF kernels are parsed and loaded by elf.py, the one ELF reader; the module
+loader and the boot data area here are shared with the PVH loader (pvh.py).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass
 
 from ..config import VmConfig
 from ..errors import ImageError
 from ..memory import GuestMemory
 from . import layout
+from .elf import is_elf, load_elf, parse_elf
 from .entry import protected_mode_32
 from .result import BootResult
 
@@ -74,90 +74,6 @@ MODULE = struct.Struct("<IIII")   # mod_start, mod_end, string, reserved
 MMAP_ENTRY = struct.Struct("<IQQI")  # size (20, not counting itself), base, length, type
 
 
-# ---------------------------------------------------------------- ELF reader
-ELF_MAGIC = b"\x7fELF"
-PT_LOAD, PT_NOTE = 1, 4
-SHT_NOTE = 7
-
-
-@dataclass
-class Segment:
-    paddr: int
-    vaddr: int
-    offset: int
-    filesz: int
-    memsz: int
-
-
-@dataclass
-class Elf:
-    entry: int
-    segments: list[Segment]                 # PT_LOAD only
-    notes: list[tuple[str, int, bytes]]     # (owner, type, desc)
-
-
-def _note_list(image: bytes, off: int, size: int, align: int) -> list[tuple[str, int, bytes]]:
-    out = []
-    end = min(off + size, len(image))
-    while off + 12 <= end:
-        namesz, descsz, ntype = struct.unpack_from("<III", image, off)
-        name_off = off + 12
-        desc_off = name_off + ((namesz + 3) & ~3)
-        nxt = desc_off + ((descsz + align - 1) & ~(align - 1))
-        if desc_off + descsz > end:
-            break
-        owner = image[name_off:name_off + namesz].rstrip(b"\0").decode("latin-1")
-        out.append((owner, ntype, bytes(image[desc_off:desc_off + descsz])))
-        off = nxt
-    return out
-
-
-def read_elf(image: bytes) -> Elf:
-    """Parses the program headers (and notes) of a little-endian x86 ELF32/ELF64.
-
-    Raises ImageError when the file is not such an ELF or its headers are cut off."""
-    if len(image) < 52 or image[:4] != ELF_MAGIC:
-        raise ImageError("not an ELF file")
-    cls, data = image[4], image[5]
-    if data != 1 or cls not in (1, 2):
-        raise ImageError("unsupported ELF (need little-endian ELF32 or ELF64)")
-    try:
-        if cls == 1:
-            entry, phoff, shoff = struct.unpack_from("<III", image, 24)
-            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 42)
-            ph_fmt = "<IIIIIIII"  # type, offset, vaddr, paddr, filesz, memsz, flags, align
-        else:
-            entry, phoff, shoff = struct.unpack_from("<QQQ", image, 24)
-            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 54)
-            ph_fmt = "<IIQQQQQQ"  # type, flags, offset, vaddr, paddr, filesz, memsz, align
-        if phoff + phnum * phentsize > len(image):
-            raise ImageError("ELF program headers run past the end of the file")
-        segments: list[Segment] = []
-        notes: list[tuple[str, int, bytes]] = []
-        for i in range(phnum):
-            f = struct.unpack_from(ph_fmt, image, phoff + i * phentsize)
-            if cls == 1:
-                ptype, offset, vaddr, paddr, filesz, memsz, _flags, align = f
-            else:
-                ptype, _flags, offset, vaddr, paddr, filesz, memsz, align = f
-            if ptype == PT_LOAD and memsz:
-                segments.append(Segment(paddr, vaddr, offset, filesz, memsz))
-            elif ptype == PT_NOTE:
-                notes += _note_list(image, offset, filesz, 8 if (cls == 2 and align == 8) else 4)
-        if not notes and shoff and shoff + shnum * shentsize <= len(image):
-            for i in range(shnum):
-                base = shoff + i * shentsize
-                if cls == 1:
-                    _n, stype, _fl, _a, soff, ssize = struct.unpack_from("<IIIIII", image, base)
-                else:
-                    _n, stype, _fl, _a, soff, ssize = struct.unpack_from("<IIQQQQ", image, base)
-                if stype == SHT_NOTE:
-                    notes += _note_list(image, soff, ssize, 4)
-    except struct.error as e:
-        raise ImageError(f"truncated ELF headers ({e})") from None
-    return Elf(entry, segments, notes)
-
-
 # ---------------------------------------------------------- shared loaders
 def check_load_range(memory: GuestMemory, start: int, end: int, what: str,
                      low_ok: bool = False) -> None:
@@ -168,36 +84,6 @@ def check_load_range(memory: GuestMemory, start: int, end: int, what: str,
     if end <= start or not memory.is_ram(start, end - start):
         raise ImageError(f"{what} at 0x{start:x}..0x{end:x} is outside guest RAM "
                          f"({memory.size >> 20} MiB)")
-
-
-def load_elf_segments(memory: GuestMemory, image: bytes, elf: Elf, what: str,
-                      low_ok: bool = False) -> tuple[int, int]:
-    """Copies every PT_LOAD to its p_paddr and zeroes its bss; returns (lowest, end).
-
-    Raises ImageError for segments outside the file or outside RAM (or
-    below 1 MiB unless `low_ok`)."""
-    if not elf.segments:
-        raise ImageError(f"{what}: ELF has no loadable segments")
-    for seg in elf.segments:
-        if seg.offset + seg.filesz > len(image):
-            raise ImageError(f"{what}: ELF segment at file offset 0x{seg.offset:x} is truncated")
-        if seg.filesz > seg.memsz:
-            raise ImageError(f"{what}: ELF segment at 0x{seg.paddr:x} has p_filesz > p_memsz")
-        check_load_range(memory, seg.paddr, seg.paddr + seg.memsz, what, low_ok)
-    for seg in elf.segments:
-        memory.write(seg.paddr, image[seg.offset:seg.offset + seg.filesz])
-        if seg.memsz > seg.filesz:
-            memory.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-    low = min(s.paddr for s in elf.segments)
-    return low, max(s.paddr + s.memsz for s in elf.segments)
-
-
-def elf_physical_entry(elf: Elf) -> int:
-    """e_entry, moved from a segment's virtual to its physical address when they differ."""
-    for seg in elf.segments:
-        if seg.vaddr <= elf.entry < seg.vaddr + seg.memsz:
-            return (seg.paddr + elf.entry - seg.vaddr) & 0xFFFFFFFF
-    return elf.entry & 0xFFFFFFFF
 
 
 def load_modules(memory: GuestMemory, paths: list[str], start: int) -> list[tuple[int, int, str]]:
@@ -348,12 +234,13 @@ def load(memory: GuestMemory, config: VmConfig, image: bytes) -> BootResult:
         low, end, entry = _load_aout(memory, image, off)
         spans = [(low, end)]
     else:
-        if image[:4] != ELF_MAGIC:
+        if not is_elf(image):
             raise ImageError("multiboot: image is not ELF and its header has no address fields (flag 16)")
-        elf = read_elf(image)
-        low, end = load_elf_segments(memory, image, elf, "multiboot kernel", low_ok=True)
-        spans = [(s.paddr, s.paddr + s.memsz) for s in elf.segments]
-        entry = elf_physical_entry(elf)
+        elf = parse_elf(image)
+        loaded = load_elf(memory, image, elf, what="multiboot kernel")
+        low, end = loaded.low, loaded.high
+        spans = [(addr, addr + size) for addr, size in loaded.segments]
+        entry = elf.physical_entry()
     modules = load_modules(memory, list(config.initrd), end)
     top = max([end] + [a + n for a, n, _ in modules])
     info_addr, data_addr = _boot_data_place(memory, spans, top)

@@ -22,15 +22,13 @@ from ..memory import GuestMemory
 from . import layout
 from .acpi import RSDP_ADDR
 from .entry import protected_mode_32
-from .multiboot import (ELF_MAGIC, DataArea, Elf, load_elf_segments, load_modules,
-                        read_elf)
+from .elf import (XEN_ELFNOTE_GUEST_OS, XEN_NOTE_OWNER, ElfFile, elf_notes, is_elf, load_elf,
+                  parse_elf, pvh_entry)
+from .multiboot import DataArea, load_modules
 from .result import BootResult
 
 log = logging.getLogger(__name__)
 
-XEN_NOTE_OWNER = "Xen"
-XEN_ELFNOTE_GUEST_OS = 6
-XEN_ELFNOTE_PHYS32_ENTRY = 18
 START_INFO_MAGIC = 0x336EC578
 START_INFO_VERSION = 1
 
@@ -41,34 +39,25 @@ MODLIST_ENTRY = struct.Struct("<QQQQ")   # paddr, size, cmdline_paddr, reserved
 MEMMAP_ENTRY = struct.Struct("<QQII")    # addr, size, type, reserved
 
 
-def _is_linux(elf: Elf) -> bool:
-    for owner, ntype, desc in elf.notes:
-        if owner == "Linux":
+def _is_linux(image: bytes, elf: ElfFile) -> bool:
+    for note in elf_notes(image, elf, sections=True):
+        if note.owner == "Linux":
             return True
-        if owner == XEN_NOTE_OWNER and ntype == XEN_ELFNOTE_GUEST_OS \
-                and desc.rstrip(b"\0").lower() == b"linux":
+        if note.owner == XEN_NOTE_OWNER and note.type == XEN_ELFNOTE_GUEST_OS \
+                and note.desc.rstrip(b"\0").lower() == b"linux":
             return True
     return False
 
 
-def pvh_entry(elf: Elf) -> int | None:
-    """The 32-bit physical entry from the Xen PHYS32_ENTRY note, or None."""
-    for owner, ntype, desc in elf.notes:
-        if owner == XEN_NOTE_OWNER and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) >= 4:
-            # The note holds a 32-bit address, stored in 4 or 8 bytes.
-            return struct.unpack_from("<I", desc)[0]
-    return None
-
-
 def probe(image: bytes) -> bool:
     """True for an ELF with a Xen PHYS32_ENTRY note that is not a Linux kernel."""
-    if image[:4] != ELF_MAGIC:
+    if not is_elf(image):
         return False
     try:
-        elf = read_elf(image)
+        elf = parse_elf(image)
+        return pvh_entry(image, elf) is not None and not _is_linux(image, elf)
     except ImageError:
         return False
-    return pvh_entry(elf) is not None and not _is_linux(elf)
 
 
 def load(memory: GuestMemory, config: VmConfig, image: bytes) -> BootResult:
@@ -77,11 +66,12 @@ def load(memory: GuestMemory, config: VmConfig, image: bytes) -> BootResult:
     Raises ImageError when the image is not an ELF with the PVH note, when
     its segments or modules fall outside guest RAM, or when the entry point
     is not inside a loaded segment."""
-    elf = read_elf(image)
-    entry = pvh_entry(elf)
+    elf = parse_elf(image)
+    entry = pvh_entry(image, elf)
     if entry is None:
         raise ImageError("PVH: ELF has no Xen PHYS32_ENTRY note")
-    low, end = load_elf_segments(memory, image, elf, "PVH kernel")
+    loaded = load_elf(memory, image, elf, what="PVH kernel", low_ok=False)
+    low, end = loaded.low, loaded.high
     if not low <= entry < end:
         raise ImageError(f"PVH: entry 0x{entry:x} is outside the loaded kernel 0x{low:x}..0x{end:x}")
     modules = load_modules(memory, list(config.initrd), end)

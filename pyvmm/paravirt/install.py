@@ -1,28 +1,24 @@
 """Wiring pyvmm's paravirtual interface into a built machine.
 
 `attach(machine)` runs after the engine's prepare(): it makes the
-Hypervisor and, per engine, adds the CPUID leaves, the hypercall-page MSR
-and the path from the hypercall page to the dispatcher:
-  bt: c.pv / c.pv_msr on each vCPU (engines/bt/pvcall.py, bt/system.py),
-      and a CPUID table wrapper answering pyvmm's leaves;
-  hw: CPUID entries, KVM user-space MSR exits, the doorbell port.
-With config.paravirt False nothing is added: the guest sees no signature,
-vmcall is #UD under bt and the MSR #GPs."""
+Hypervisor, asks the engine to route hypercalls to it and adds pyvmm's
+CPUID leaves through the engine (engines/base.py: attach_hypercalls,
+add_cpuid_leaves).  How each engine does it lives with the engine:
+  bt: c.pv / c.pv_msr on each vCPU and a CPUID overlay (engines/bt/services.py);
+  hw: KVM user-space MSR exits, the doorbell port, CPUID entries
+      (engines/kvm/services.py).
+With config.paravirt False, or an engine without a hypercall path, nothing
+is added: the guest sees no signature, vmcall is #UD under bt and the MSR #GPs."""
 
 from __future__ import annotations
 
 import logging
 
-from ..engines.bt.cpuid import CpuidOverlay
 from ..machine import EXIT_OK, Machine, StopReason
 from . import abi
 from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
-
-
-class PvCpuidTable(CpuidOverlay):
-    """A bt CpuidTable with pyvmm's leaves in front (same lookup())."""
 
 
 def make_hypervisor(machine: Machine) -> Hypervisor:
@@ -51,46 +47,37 @@ def make_hypervisor(machine: Machine) -> Hypervisor:
 
 
 def offered_features(engine: str) -> int:
-    """The feature bits pyvmm offers under `engine`.  Under hw on a host
-    whose KVM shadows the guest's page tables (kvm_pvm, or no VT-x/AMD-V),
-    FEAT_MMU is withheld: mmu_update writes the tables from user space, past
-    KVM's write protection, and KVM_SET_SREGS does not drop the shadow pages
-    built from them, so a changed or recycled table would keep being used
-    stale (see docs/paravirt.md).  The operations still answer."""
+    """The feature bits pyvmm offers under the engine named `engine` on this
+    host (what attach() gets from the engine itself)."""
     if engine == "hw":
         from ..engines.kvm import hostfit
-        if hostfit.kernel_mode_emulated():
-            return abi.FEATURES & ~(abi.FEAT_MMU | abi.FEAT_UPDATE_VA)
+        return features_for(hostfit.kernel_mode_emulated())
+    return features_for(False)
+
+
+def features_for(shadowed_page_tables: bool) -> int:
+    """The feature bits pyvmm offers.  Where the engine's host shadows the
+    guest's page tables (KVM on kvm_pvm, or without VT-x/AMD-V), FEAT_MMU is
+    withheld: mmu_update writes the tables from user space, past KVM's write
+    protection, and KVM_SET_SREGS does not drop the shadow pages built from
+    them, so a changed or recycled table would keep being used stale (see
+    docs/paravirt.md).  The operations still answer."""
+    if shadowed_page_tables:
+        return abi.FEATURES & ~(abi.FEAT_MMU | abi.FEAT_UPDATE_VA)
     return abi.FEATURES
 
 
 def attach(machine: Machine) -> Hypervisor | None:
     """Adds the paravirtual interface to a machine whose engine is prepared
-    (None when config.paravirt is off). Raises EngineError (hw) when KVM
-    cannot give pyvmm the MSR exits."""
+    (None when config.paravirt is off or the engine has no hypercall path).
+    Raises EngineError (hw) when KVM cannot give pyvmm the MSR exits."""
     if not getattr(machine.config, "paravirt", True):
         return None
     hv = make_hypervisor(machine)
     eng = machine.engine
-    leaves = abi.cpuid_leaves(features=offered_features(eng.name))
-    if eng.name == "bt":
-        for c in eng.cpus:
-            c.pv = hv
-            c.pv_msr = abi.MSR_HYPERCALL_PAGE
-            c.cpuid = PvCpuidTable(c.cpuid, leaves)
-    elif eng.name == "hw":
-        from ..devices.pv_doorbell import PvDoorbell
-        from ..engines.kvm import pvexit
-        pvexit.add_cpuid(eng, leaves)
-        pvexit.enable_msr_exits(eng)
-        msr = abi.MSR_HYPERCALL_PAGE
-        eng.exit_hooks[pvexit.EXIT_X86_RDMSR] = lambda v: pvexit.msr_exit(hv, msr, v, False)
-        eng.exit_hooks[pvexit.EXIT_X86_WRMSR] = lambda v: pvexit.msr_exit(hv, msr, v, True)
-        bell = PvDoorbell(lambda: pvexit.doorbell(eng, hv), abi.VERSION)
-        machine.io_bus.insert(abi.DOORBELL_PORT, abi.DOORBELL_LENGTH, bell, "pv-doorbell")
-        machine.devices["pv_doorbell"] = bell
-    else:
+    if not eng.attach_hypercalls(hv, abi.MSR_HYPERCALL_PAGE):
         return None
+    eng.add_cpuid_leaves(abi.cpuid_leaves(features=features_for(eng.shadows_guest_page_tables())))
     machine.devices["paravirt"] = hv
     log.debug("paravirt: %r on %s", hv, eng.name)
     return hv

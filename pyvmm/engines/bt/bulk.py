@@ -1,8 +1,9 @@
-"""Fast path for `rep stos` and `rep movs` going forward (DF=0): whole runs
-inside one page of plain RAM are done as one slice assignment instead of
-one MMU access per element.
+"""Fast path for `rep stos`, `rep movs`, `rep ins` and `rep outs` going
+forward (DF=0): whole runs inside one page of plain RAM are done as one
+slice assignment instead of one MMU access per element (and, for ins/outs,
+one Bus.read_many/write_many call, the bus looping over the elements).
 
-`rep_fast(...)` does as much as it can and leaves the registers exactly
+`rep_fast(...)` and `rep_io(...)` do as much as it can and leaves the registers exactly
 as the element-by-element loop would at that point, so string.py's loop
 finishes the rest (page crossings by an element, code or page-table pages,
 MMIO, overlapping moves).  Raises GuestFault (#PF/#GP) with the registers
@@ -19,7 +20,7 @@ def rep_fast(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> Non
     """op "stos" or "movs"; am: address-size mask; es/src: segment bases;
     lam: linear address mask."""
     R = c.R
-    keep = ~am
+    keep = 0 if am == 0xFFFFFFFF else ~am   # a 32-bit register write clears bits 63:32
     mmu = c.mmu
     while not c.pending:
         count = R[1] & am
@@ -54,4 +55,37 @@ def rep_fast(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> Non
                 return
             d[0][d[1]:d[1] + nb] = (R[0] & MASK[size]).to_bytes(size, "little") * n
         R[7] = (R[7] & keep) | ((di + nb) & am)
+        R[1] = (R[1] & keep) | ((count - n) & am)
+
+
+def rep_io(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> None:
+    """op "ins" (port DX to ES:rDI) or "outs" (seg:rSI to port DX), in-page
+    runs at a time.  The memory side is translated before the port is
+    touched, so a fault leaves no element half done."""
+    R = c.R
+    keep = 0 if am == 0xFFFFFFFF else ~am   # a 32-bit register write clears bits 63:32
+    mmu = c.mmu
+    port = R[2] & 0xFFFF
+    idx, base = (7, es) if op == "ins" else (6, src)
+    while not c.pending:
+        count = R[1] & am
+        if count == 0:
+            return
+        off = R[idx] & am
+        la = (base + off) & lam
+        n = min(count, (PAGE - (la & 0xFFF)) // size, (am - off) // size + 1 if am != MASK[8] else count)
+        if n <= 0:
+            return                          # an element crosses the page: element by element
+        nb = n * size
+        if op == "ins":
+            d = mmu.wspan(la)
+            if d is None:
+                return
+            d[0][d[1]:d[1] + nb] = c.io.read_many(port, size, n)
+        else:
+            s = mmu.rspan(la)
+            if s is None:
+                return
+            c.io.write_many(port, size, bytes(s[0][s[1]:s[1] + nb]))
+        R[idx] = (R[idx] & keep) | ((off + nb) & am)
         R[1] = (R[1] & keep) | ((count - n) & am)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
-from .bulk import rep_fast
+from .bulk import rep_fast, rep_io
 from .gen import MASK, SEG_INDEX, Gen
 
 M = X.Mnemonic
@@ -24,9 +24,11 @@ def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
     lam = 0xFFFFFFFFFFFFFFFF if c.mode[0] == 64 else 0xFFFFFFFF
     es = 0 if c.mode[0] == 64 else sb[0]
     src = sb[seg] if (c.mode[0] != 64 or seg >= 4) else 0
-    keep = ~am
+    keep = 0 if am == 0xFFFFFFFF else ~am   # a 32-bit register write clears bits 63:32
     if rep and step > 0 and op in ("stos", "movs"):
         rep_fast(c, op, size, am, es, src, lam)   # whole in-page runs at once
+    elif rep and step > 0 and op in ("ins", "outs"):
+        rep_io(c, op, size, am, es, src, lam)     # whole in-page runs, the bus loops
     while True:
         if rep:
             if R[1] & am == 0:
