@@ -6,8 +6,9 @@ import pytest
 
 from pyvmm.devices.platform.clock import GuestClock
 from pyvmm.devices.platform.lapic import LocalApic
-from pyvmm.engines.bt import system
-from pyvmm.engines.bt.cpuid import CpuidTable
+from pyvmm.engines.bt import features, system
+from pyvmm.engines.bt.cpuid import FEATURES, CpuidTable
+from pyvmm.engines.bt.sem import EMITTERS
 from pyvmm.engines.bt.engine import BtCpu
 from pyvmm.engines.bt.faults import GuestFault
 from pyvmm.bus import Bus
@@ -29,9 +30,37 @@ def test_vendor_and_tsc_frequency_leaves():
     assert t.lookup(0x80000007, 0)[3] & (1 << 8)          # invariant TSC
 
 
+def _advertised(table: CpuidTable, name: str) -> bool:
+    if name not in FEATURES:
+        return False
+    leaf, reg, bit = FEATURES[name]
+    return bool(table.lookup(leaf, 0)[reg] >> bit & 1)
+
+
+# Implemented but deliberately not advertised yet, with the reason.
+HELD_BACK = {
+    # xsave/xrstor/xgetbv/xsetbv exist for x87+SSE state only; Linux is
+    # offered XSAVE together with AVX state (issue 14, part 4).
+    "xsave": "no AVX state component yet",
+}
+
+
 def test_features_match_what_the_translator_implements():
-    _, _, ecx, edx = CpuidTable().lookup(1, 0)
-    for bit in (0, 4, 5, 6, 8, 9, 15, 16, 19, 23, 24, 25, 26):   # fpu tsc msr pae cx8 apic cmov pat clflush mmx fxsr sse sse2
+    """An instruction-set feature is advertised exactly when the emitter
+    table implements its instructions (features.INSTRUCTIONS): nothing
+    advertised is missing, nothing implemented goes unadvertised unless
+    HELD_BACK says why (and then it must really be implemented)."""
+    table = CpuidTable()
+    have = features.implemented(EMITTERS)
+    wrong = {name: ("advertised, not implemented" if _advertised(table, name) else "implemented, not advertised")
+             for name in features.INSTRUCTIONS
+             if _advertised(table, name) != (name in have) and name not in HELD_BACK}
+    assert not wrong, wrong
+    for name in HELD_BACK:
+        assert name in have and not _advertised(table, name), f"{name}: drop it from HELD_BACK"
+    assert {"sse4_2", "ssse3", "bmi2", "popcnt"} <= have     # x86-64-v2 and part of v3, at least
+    _, _, ecx, edx = table.lookup(1, 0)
+    for bit in (6, 9, 16):                                   # pae apic pat
         assert edx >> bit & 1, bit
     assert ecx >> 24 & 1                                     # TSC deadline
     for bit in (26, 27, 28, 21, 17):                         # xsave osxsave avx x2apic pcid

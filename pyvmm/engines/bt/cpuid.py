@@ -31,10 +31,11 @@ LEAF1_EDX = {"fpu": 0, "de": 2, "pse": 3, "tsc": 4, "msr": 5, "pae": 6,
              "cx8": 8, "apic": 9, "mtrr": 12, "pge": 13, "cmov": 15,
              "pat": 16, "pse36": 17, "clflush": 19, "mmx": 23, "fxsr": 24, "sse": 25,
              "sse2": 26}
-LEAF1_ECX = {"cx16": 13, "popcnt": 23, "tsc_deadline_timer": 24, "rdrand": 30}
-LEAF7_EBX = {"tsc_adjust": 1, "rdseed": 18}
+LEAF1_ECX = {"pni": 0, "ssse3": 9, "cx16": 13, "sse4_1": 19, "sse4_2": 20, "movbe": 22, "popcnt": 23,
+             "tsc_deadline_timer": 24, "rdrand": 30}
+LEAF7_EBX = {"tsc_adjust": 1, "bmi1": 3, "bmi2": 8, "rdseed": 18, "adx": 19}
 EXT1_EDX = {"syscall": 11, "nx": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29}
-EXT1_ECX = {"lahf_lm": 0}
+EXT1_ECX = {"lahf_lm": 0, "abm": 5}
 
 FEATURES: dict[str, tuple[int, int, int]] = {}
 for _regs, _leaf, _reg in ((LEAF1_EDX, 1, 3), (LEAF1_ECX, 1, 2), (LEAF7_EBX, 7, 1),

@@ -26,7 +26,8 @@ CR0_EM, CR0_TS, CR0_MP = 4, 8, 2
 CR4_OSFXSR = 1 << 9
 
 # Legacy-SSE instructions whose 16-byte memory operand may be misaligned.
-UNALIGNED_OK = frozenset({M.MOVUPS, M.MOVUPD, M.MOVDQU, M.LDDQU})
+UNALIGNED_OK = frozenset({M.MOVUPS, M.MOVUPD, M.MOVDQU, M.LDDQU, M.PCMPESTRI, M.PCMPESTRI64,
+                          M.PCMPESTRM, M.PCMPESTRM64, M.PCMPISTRI, M.PCMPISTRM})
 
 _FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _SFMT = {1: "b", 2: "h", 4: "i", 8: "q"}
