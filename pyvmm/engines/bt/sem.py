@@ -5,18 +5,20 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import alu, ctrl, fxsave, legacy32, simd, sse, ssefp, string, sysem, sysext, x87
+from . import bmi, sse4, sse42str, ssse3
 from . import pvcall
+from . import mmx
 
 M = X.Mnemonic
 
 EMITTERS: dict = {}
-for _family in (alu, ctrl, string, sysem):
+for _family in (alu, ctrl, string, sysem, bmi):
     EMITTERS.update(_family.EMITTERS)
 
 # SSE/x87 families: their emitters, the runtime helpers their generated code
 # calls (merged into the translator's namespace), and the string/SSE twins.
-_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext, legacy32, pvcall)
-EXPORTS: dict = dict(simd.HELPERS)
+_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext, legacy32, pvcall, ssse3, sse4, sse42str)
+EXPORTS: dict = dict(simd.HELPERS, **bmi.EXPORTS)
 FP_MNEMONICS: set = set()
 for _family in _FP_FAMILIES:
     EMITTERS.update(_family.EMITTERS)
@@ -24,6 +26,10 @@ for _family in _FP_FAMILIES:
     FP_MNEMONICS |= set(_family.EMITTERS) - getattr(_family, "PURE", frozenset())
 for _m, _em in ssefp.SSE_STRING_TWINS.items():
     EMITTERS[_m] = simd.string_or_sse(string.EMITTERS[_m], _em)
+# MMX: the MM-register forms of SSE mnemonics dispatch by operand (mmx.merge).
+mmx.merge(EMITTERS)
+EXPORTS.update(mmx.EXPORTS)
+FP_MNEMONICS |= set(mmx.MMX_EMITTERS)
 
 # Instructions after which the block ends (they change the mode, CPL,
 # interrupt flag or segment state that the translation depends on).

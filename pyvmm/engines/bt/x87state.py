@@ -1,11 +1,11 @@
 """x87 FPU state for the bt vCPU, kept in `c.fpu` (created on first use).
 
-Registers hold Python floats (binary64), so results carry 53-bit rather
-than 64-bit precision: the precision-control field is ignored and values
-loaded from 80-bit memory are rounded, except that a register whose value
-came unchanged from memory or fxrstor keeps its 80-bit image (`raw`), so
-fld/fstp m80 and fxsave/fxrstor copy it bit-exactly. FIP/FDP/FOP are not
-tracked (saved as 0) and exceptions behave as masked (no #MF).
+A register's value is its 80-bit image (`raw`, an int; None only for a
+register nothing has written yet, which reads as the image of `regs`).
+`regs` keeps the nearest binary64 value of each image as a cache. The
+arithmetic works on the images in exact 80-bit precision under FCW.RC and
+FCW.PC (x87arith.py, x87math.py). FIP/FDP/FOP are not tracked (saved as 0)
+and exceptions behave as masked (no #MF).
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from .faults import NM, GuestFault
 CR0_MP, CR0_EM, CR0_TS = 2, 4, 8
 C0, C1, C2, C3 = 0x100, 0x200, 0x400, 0x4000
 IE, SF_ = 0x1, 0x40
+ES_B = 0x8080
+CW_WRITABLE, CW_ONE = 0x1F3F, 0x40   # FCW bit 6 reads as 1, bits 7 and 13-15 as 0
+
+
+def control_word(v: int) -> int:
+    """The FCW the CPU keeps when v is loaded."""
+    return (v & CW_WRITABLE) | CW_ONE
 INDEFINITE80 = 0xFFFFC000000000000000
 
 
@@ -54,6 +61,7 @@ class Fpu:
     def __init__(self) -> None:
         self.regs = [0.0] * 8          # physical registers
         self.raw: list[int | None] = [None] * 8
+        self.src_denormal = False      # the last binary32/64 memory operand was a denormal
         self.init()
 
     def init(self) -> None:
@@ -70,7 +78,12 @@ class Fpu:
         return [self.regs[(self.top + i) & 7] for i in range(8) if not self.empty[(self.top + i) & 7]]
 
     def status(self) -> int:
-        return (self.sw & ~0x3800) | self.top << 11
+        """FSW with TOP; ES and B say whether an unmasked exception is pending
+        (`sw` itself never holds them: loads drop them)."""
+        sw = self.sw
+        if sw & 0x3F and sw & ~self.cw & 0x3F:
+            sw |= ES_B
+        return (sw & ~0x3800) | self.top << 11
 
     def tag_abridged(self) -> int:
         return sum(1 << i for i in range(8) if not self.empty[i])
@@ -109,6 +122,8 @@ class Fpu:
         if not self.empty[top]:
             self.sw |= IE | SF_ | C1
             v, raw = math.nan, INDEFINITE80
+        else:
+            self.sw &= ~C1
         self.top = top
         self.regs[top], self.raw[top], self.empty[top] = v, raw, False
 
@@ -118,16 +133,6 @@ class Fpu:
 
     def set_cc(self, bits: int) -> None:
         self.sw = (self.sw & ~(C0 | C1 | C2 | C3)) | bits
-
-    def round_int(self, x: float) -> int:
-        rc = self.cw >> 10 & 3
-        if rc == 0:
-            return round(x)
-        if rc == 1:
-            return math.floor(x)
-        if rc == 2:
-            return math.ceil(x)
-        return math.trunc(x)
 
 
 def fpu_of(c) -> Fpu:
