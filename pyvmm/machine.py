@@ -10,9 +10,13 @@ from typing import TYPE_CHECKING
 
 from .bus import Bus
 from .config import VmConfig
+from .device import Stateful
+from .errors import StateError
 from .memory import GuestMemory
+from .runstate import RunState, require
 
 if TYPE_CHECKING:
+    from .loop import EventLoop
     from .engines.base import Engine
 
 log = logging.getLogger(__name__)
@@ -48,12 +52,54 @@ class Machine:
     io_bus: Bus
     mmio_bus: Bus
     lock: threading.RLock
-    devices: dict[str, object] = field(default_factory=dict)
+    # Every piece of device state by name (device.py's contract); the
+    # bus-mapped ones are also on io_bus or mmio_bus.
+    devices: dict[str, Stateful] = field(default_factory=dict)
     engine: "Engine | None" = None
     boot_protocol: str = ""
     stop_status: StopStatus | None = None
     crash_state: object = None  # CpuState of a vCPU that crashed, for reports
+    # The machine's one event loop (loop.py): console input, timers; its
+    # callbacks run under `lock`.  The builder makes and starts it.
+    loop: "EventLoop | None" = None
+    state: RunState = RunState.CONFIGURED
     _stop_event: threading.Event = field(default_factory=threading.Event)
+    # Orders run-state commands; not `lock`, which vCPUs take for I/O while
+    # a pause waits for them.
+    _phase: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- run state (runstate.py) -------------------------------------------------
+    def run(self) -> None:
+        """Runs the engine until a stop request: configured -> running ->
+        stopped. Raises StateError in another state, and whatever the
+        engine's run() raises (GuestCrash)."""
+        with self._phase:
+            require(self.state, "run", RunState.CONFIGURED)
+            self.state = RunState.RUNNING
+        try:
+            self.engine.run()
+        finally:
+            with self._phase:
+                self.state = RunState.STOPPED
+
+    def pause(self) -> None:
+        """Stops every vCPU at an instruction boundary with its state saved
+        (engine.save_state() reads it) and guest time held; returns once they
+        all have. Any thread but a vCPU's, without holding `lock`. Raises
+        StateError unless running (or if the machine stops meanwhile)."""
+        with self._phase:
+            require(self.state, "pause", RunState.RUNNING)
+            if not self.engine.pause():
+                raise StateError("pause: the machine stopped")
+            self.state = RunState.PAUSED
+
+    def resume(self) -> None:
+        """Lets the vCPUs of a paused machine go on, guest time with them.
+        Raises StateError unless paused."""
+        with self._phase:
+            require(self.state, "resume", RunState.PAUSED)
+            self.engine.resume()
+            self.state = RunState.RUNNING
 
     def request_stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
         """Asks the engine to stop; the first request wins. Any thread."""
@@ -71,6 +117,9 @@ class Machine:
         with self.lock:
             self.stop_status = None
         self._stop_event.clear()
+        with self._phase:
+            if self.state is RunState.STOPPED:
+                self.state = RunState.CONFIGURED
 
     @property
     def stopping(self) -> bool:

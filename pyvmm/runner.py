@@ -62,7 +62,12 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
 
     reboots = 0
     console_started = False
+    qmp = None
     try:
+        if config.qmp:
+            from .api.endpoint import parse_endpoint
+            from .api.qmp import QmpServer
+            qmp = QmpServer([parse_endpoint(spec) for spec in config.qmp])
         while True:
             machine = build_machine(config, console.write)
             current[:] = [machine]
@@ -73,22 +78,56 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
                 console_started = True
             else:
                 console.attach(machine.loop)    # the rebooted machine's loop
+            if qmp is not None:
+                qmp.attach(machine)
+                if reboots == 0:
+                    qmp.wait_for_client()
             start = time.perf_counter()
             try:
                 machine.run()
             except GuestCrash:
                 raise
             finally:
+                if qmp is not None:
+                    qmp.detach()
                 stats = collect_stats(machine, time.perf_counter() - start)
                 destroy_machine(machine)
             status = machine.stop_status
             if status.reason is StopReason.RESET and not config.no_reboot and reboots < MAX_REBOOTS:
                 reboots += 1
                 log.info("guest reset (%s): rebooting", status.detail)
+                if qmp is not None:
+                    qmp.emit_in_order("RESET", reset_event(status))
                 continue
+            if qmp is not None:
+                qmp.emit_in_order("SHUTDOWN", shutdown_event(status))
             return RunResult(status, stats, reboots)
     finally:
+        if qmp is not None:
+            qmp.close()
         console.close()
+
+
+def reset_event(status: StopStatus) -> dict:
+    """QMP's RESET event data for a reset that reboots the machine."""
+    from .api.commands import RESET_DETAIL
+    host = status.detail == RESET_DETAIL
+    return {"guest": not host, "reason": "host-qmp-system-reset" if host else "guest-reset"}
+
+
+def shutdown_event(status: StopStatus) -> dict:
+    """QMP's SHUTDOWN event data (its ShutdownCause names) for how a run ended."""
+    from .api.commands import QUIT_DETAIL, RESET_DETAIL
+    if status.reason is StopReason.USER:
+        host = "host-qmp-quit" if status.detail == QUIT_DETAIL else "host-ui"
+        return {"guest": False, "reason": host}
+    if status.reason is StopReason.RESET:
+        if status.detail == RESET_DETAIL:
+            return {"guest": False, "reason": "host-qmp-system-reset"}
+        return {"guest": True, "reason": "guest-reset"}
+    if status.reason is StopReason.HALTED:
+        return {"guest": True, "reason": "guest-panic"}
+    return {"guest": True, "reason": "guest-shutdown"}
 
 
 def write_stats_json(path: str, result: RunResult, config: VmConfig) -> None:

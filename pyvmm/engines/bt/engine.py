@@ -317,6 +317,28 @@ class BtEngine(Engine):
                      guest_s=guest / 1e9, idle_s=self.idle_ns / 1e9, translate_s=translate / 1e9,
                      vmm_s=max(self.run_ns - guest - self.idle_ns, 0) / 1e9)
 
+    # -- for installers of guest interfaces (engines/base.py; bt/services.py)
+    def add_cpuid_leaves(self, leaves, hypervisor_bit: bool = False) -> None:
+        from . import services
+        services.add_cpuid_leaves(self, leaves, hypervisor_bit)
+
+    def cpuid_leaf(self, leaf: int) -> tuple[int, int, int, int]:
+        from . import services
+        return services.cpuid_leaf(self, leaf)
+
+    def guest_clock_hz(self) -> tuple[int, int]:
+        from . import services
+        return services.clock_hz()
+
+    def attach_hypercalls(self, hv, msr: int) -> bool:
+        from . import services
+        services.attach_hypercalls(self, hv, msr)
+        return True
+
+    def port_caller(self, ports):
+        from . import services
+        return services.port_caller(self, ports)
+
     def stats(self) -> dict:
         if not self.cpus:
             return {}

@@ -262,11 +262,16 @@ class HybridEngine(Engine):
 
     def _io(self, mm, direction, size, port, count, off) -> None:
         bus = self.machine.io_bus
-        for i in range(off, off + size * count, size):
+        end = off + size * count
+        if count == 1:
             if direction == abi.IO_OUT:
-                bus.write(port, size, int.from_bytes(mm[i:i + size], "little"))
+                bus.write(port, size, int.from_bytes(mm[off:end], "little"))
             else:
-                mm[i:i + size] = bus.read(port, size).to_bytes(size, "little")
+                mm[off:end] = bus.read(port, size).to_bytes(size, "little")
+        elif direction == abi.IO_OUT:       # rep outs/ins: the bus loops over the elements
+            bus.write_many(port, size, mm[off:end])
+        else:
+            mm[off:end] = bus.read_many(port, size, count)
 
     def _syscall(self, c, regs, user_cs, user_ss, user_bases) -> None:
         """The guest executed `syscall` at RCX-2: run it in bt from the user

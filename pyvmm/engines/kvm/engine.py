@@ -227,7 +227,8 @@ class KvmEngine(Engine):
         fd = vcpu.fd
         run, RUN, get_errno = _ioctl, abi.RUN, ctypes.get_errno
         counts = self.exit_counts[vcpu.index]
-        io_read, io_write = machine.io_bus.read, machine.io_bus.write
+        io_bus = machine.io_bus
+        io_read, io_write = io_bus.read, io_bus.write
         mmio_read, mmio_write = machine.mmio_bus.read, machine.mmio_bus.write
         unpack_exit = abi.IO_EXIT_WITH_REASON.unpack_from
         unpack_mmio = abi.MMIO_EXIT.unpack_from
@@ -264,12 +265,10 @@ class KvmEngine(Engine):
                         io_write(port, size, from_bytes(mm[off:off + size], "little"))
                     else:
                         mm[off:off + size] = io_read(port, size).to_bytes(size, "little")
-                elif direction == IO_OUT:  # rep outs: the bus sees each element
-                    for i in range(off, off + size * count, size):
-                        io_write(port, size, from_bytes(mm[i:i + size], "little"))
+                elif direction == IO_OUT:  # rep outs: the bus loops over the elements
+                    io_bus.write_many(port, size, mm[off:off + size * count])
                 else:
-                    for i in range(off, off + size * count, size):
-                        mm[i:i + size] = io_read(port, size).to_bytes(size, "little")
+                    mm[off:off + size * count] = io_bus.read_many(port, size, count)
             elif reason == EXIT_MMIO:
                 addr, data, length, is_write = unpack_mmio(mm, UNION)
                 if is_write:
@@ -359,6 +358,39 @@ class KvmEngine(Engine):
             addr += chunk
             size -= chunk
         return out
+
+    def platform_devices(self) -> dict:
+        if not self.machine.config.irqchip:
+            return {}
+        from .platform_state import KvmPlatformState
+        # the in-kernel PIC, IOAPIC, PIT and APICs, as found at power-on
+        return {"kvm_platform": KvmPlatformState(self)}
+
+    # -- for installers of guest interfaces (engines/base.py; kvm/services.py)
+    def add_cpuid_leaves(self, leaves, hypervisor_bit: bool = False) -> None:
+        from . import services     # KVM's own table says "hypervisor" already
+        services.add_cpuid_leaves(self, leaves)
+
+    def cpuid_leaf(self, leaf: int) -> tuple[int, int, int, int]:
+        from . import services
+        return services.cpuid_leaf(self, leaf)
+
+    def guest_clock_hz(self) -> tuple[int, int]:
+        from . import services
+        return services.clock_hz(self)
+
+    def shadows_guest_page_tables(self) -> bool:
+        from . import hostfit      # kvm_pvm, or no VT-x/AMD-V: KVM shadows the guest's tables
+        return hostfit.kernel_mode_emulated()
+
+    def attach_hypercalls(self, hv, msr: int) -> bool:
+        from . import services
+        services.attach_hypercalls(self, hv, msr)
+        return True
+
+    def port_caller(self, ports):
+        from . import services
+        return services.port_caller(self)
 
     def stats(self) -> dict:
         exits: dict[str, int] = {}
