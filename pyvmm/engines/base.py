@@ -8,23 +8,45 @@ asks it to stop (poweroff, reset, debug exit) or when the guest crashes."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Protocol
 
+from ..bus import Bus
+from ..config import VmConfig
 from ..costs import Costs
 from ..cpu import CpuState
 from ..errors import EngineError
+from ..memory import GuestMemory
 
 if TYPE_CHECKING:
     from typing import Callable
 
-    from ..machine import Machine
     from .callerregs import CallerRegs
+
+
+class MachinePort(Protocol):
+    """What an engine uses of the machine it runs (machine.Machine is one):
+    guest memory and the buses, the devices by name, the config, and the
+    stop request; the engine never needs the rest (run states, the event
+    loop, the builder's bookkeeping)."""
+    config: VmConfig
+    memory: GuestMemory
+    io_bus: Bus
+    mmio_bus: Bus
+    devices: dict
+    lock: threading.RLock
+    stop_status: object
+    crash_state: object
+
+    def request_stop(self, reason, code: int = 0, detail: str = "") -> None: ...
+
+    def wait_stopped(self, timeout: float | None = None) -> bool: ...
 
 
 class Engine(ABC):
     name = "?"
 
-    def __init__(self, machine: "Machine"):
+    def __init__(self, machine: MachinePort):
         self.machine = machine
 
     def __repr__(self) -> str:
