@@ -71,6 +71,103 @@ def parse_drive(text: str) -> DriveConfig:
 
 
 @dataclass
+class NetConfig:
+    """One virtio-net NIC (`--net tap=IFNAME[,mac=MAC][,id=NAME]`)."""
+    tap: str
+    mac: str | None = None       # None: 52:54:00:12:34:56 + the NIC's index
+    id: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> "NetConfig":
+        """Raises ConfigError for a NIC that is not an object of these fields."""
+        if not isinstance(data, dict) or not isinstance(data.get("tap"), str):
+            raise ConfigError(f"{where}: nets: {json.dumps(data)} is not a NIC (needs a \"tap\")")
+        for key, value in data.items():
+            if key not in ("tap", "mac", "id") or not isinstance(value, (str, type(None))):
+                raise ConfigError(f"{where}: nets: bad key or value {key!r}")
+        net = cls(**data)
+        net.validate()
+        return net
+
+    def validate(self) -> None:
+        from .devices.virtio.net import parse_mac
+        from .net.port import NetError
+        from .net.tap import check_ifname
+        try:
+            check_ifname(self.tap)
+        except NetError as e:
+            raise ConfigError(f"--net {e}") from None
+        if self.mac is not None:
+            try:
+                parse_mac(self.mac)
+            except ValueError as e:
+                raise ConfigError(f"--net mac={self.mac}: {e}") from None
+
+
+def parse_net(text: str) -> NetConfig:
+    """Parses `tap=IFNAME[,mac=MAC][,id=NAME]`. Raises ConfigError."""
+    opts: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key in opts:
+            raise ConfigError(f"--net {text!r}: expected key=value items (tap=IFNAME,mac=MAC,id=NAME)")
+        opts[key] = value
+    if "tap" not in opts:
+        raise ConfigError(f"--net {text!r}: a backend is required (tap=IFNAME)")
+    net = NetConfig(tap=opts.pop("tap"), mac=opts.pop("mac", None), id=opts.pop("id", None))
+    if opts:
+        raise ConfigError(f"--net {text!r}: unknown option {sorted(opts)[0]!r}")
+    net.validate()
+    return net
+
+
+def _options(text: str, flag: str) -> tuple[str, dict[str, str]]:
+    """QEMU's `KIND,key=value,...` as (KIND, options). Raises ConfigError."""
+    kind, *parts = text.split(",")
+    opts: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or key in opts:
+            raise ConfigError(f"{flag} {text!r}: expected {kind},key=value,...")
+        opts[key] = value
+    return kind, opts
+
+
+def parse_qemu_nets(netdevs: list[str], devices: list[str]) -> list[NetConfig]:
+    """QEMU's `-netdev tap,id=N,ifname=IF` with `-device virtio-net-pci,
+    netdev=N[,mac=MAC]`, as NICs in -device order. Raises ConfigError."""
+    backends: dict[str, str] = {}
+    for text in netdevs:
+        kind, opts = _options(text, "-netdev")
+        if kind != "tap":
+            raise ConfigError(f"-netdev {text!r}: only tap backends are supported")
+        if not opts.get("id") or not opts.get("ifname"):
+            raise ConfigError(f"-netdev {text!r}: id=N and ifname=IF are required")
+        unknown = set(opts) - {"id", "ifname", "script", "downscript"}
+        if unknown or opts.get("script", "no") != "no" or opts.get("downscript", "no") != "no":
+            raise ConfigError(f"-netdev {text!r}: unsupported option "
+                              f"{sorted(unknown)[0] if unknown else 'script'!r}")
+        backends[opts["id"]] = opts["ifname"]
+    nets, used = [], set()
+    for text in devices:
+        kind, opts = _options(text, "-device")
+        if kind != "virtio-net-pci":
+            raise ConfigError(f"-device {text!r}: only virtio-net-pci is supported here")
+        netdev = opts.pop("netdev", None)
+        if netdev not in backends or netdev in used:
+            raise ConfigError(f"-device {text!r}: netdev={netdev} names no (unused) -netdev")
+        used.add(netdev)
+        net = NetConfig(tap=backends[netdev], mac=opts.pop("mac", None), id=opts.pop("id", netdev))
+        if opts:
+            raise ConfigError(f"-device {text!r}: unknown option {sorted(opts)[0]!r}")
+        net.validate()
+        nets.append(net)
+    if set(backends) - used:
+        raise ConfigError(f"-netdev id={sorted(set(backends) - used)[0]} has no -device virtio-net-pci")
+    return nets
+
+
+@dataclass
 class VmConfig:
     kernel: str | None = None
     initrd: list[str] = field(default_factory=list)  # several only for Multiboot modules
@@ -118,8 +215,13 @@ class VmConfig:
     block_store: str | None = None
     # virtio-blk disks (devices/virtio/block.py) on PCI bus 0, in slot order.
     drives: list[DriveConfig] = field(default_factory=list)
+    # virtio-net NICs (devices/virtio/net.py) on PCI bus 0, after the disks.
+    nets: list[NetConfig] = field(default_factory=list)
     # a virtio-rng device (devices/virtio/rng.py) giving host entropy.
     virtio_rng: bool = False
+    # QMP control sockets (api/qmp.py), as given to --qmp:
+    # "unix:PATH,server[,wait=off]" or "tcp:HOST:PORT,server[,wait=off]".
+    qmp: list[str] = field(default_factory=list)
     verbose: bool = False
 
     def validate(self) -> None:
@@ -136,6 +238,12 @@ class VmConfig:
             raise ConfigError(f"unknown mmu {self.mmu!r} (choose from {', '.join(MMU_MODES)})")
         for drive in self.drives:
             drive.validate()
+        if self.qmp:
+            from .api.endpoint import parse_endpoint
+            for spec in self.qmp:
+                parse_endpoint(spec)
+        for net in self.nets:
+            net.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,6 +295,10 @@ def _field_value(key: str, value, default, where: str):
         if not isinstance(value, list):
             raise bad
         return [DriveConfig.from_dict(v, where) for v in value]
+    if key == "nets":
+        if not isinstance(value, list):
+            raise bad
+        return [NetConfig.from_dict(v, where) for v in value]
     if key in _PAIRS:
         if value is None:
             return None

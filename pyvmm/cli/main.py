@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from ..config import DEFAULT_CMDLINE, VmConfig, parse_drive, parse_mem_size
+from ..config import DEFAULT_CMDLINE, VmConfig, parse_drive, parse_mem_size, parse_net, parse_qemu_nets
 from ..errors import ConfigError, GuestCrash, VmmError
 from ..machine import EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE
 
@@ -121,7 +121,17 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--drive", "-drive", action="append", default=[],
                    metavar="file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]",
                    help="add a virtio-blk disk on PCI (repeatable)")
+    p.add_argument("--net", action="append", default=[], metavar="tap=IFNAME[,mac=MAC][,id=NAME]",
+                   help="add a virtio-net NIC on PCI on a host TAP device, created when missing (repeatable)")
+    p.add_argument("-netdev", dest="netdev", action="append", default=[], metavar="tap,id=N,ifname=IF",
+                   help="QEMU spelling of a TAP backend, for -device virtio-net-pci,netdev=N[,mac=MAC]")
+    p.add_argument("-device", dest="qemu_device", action="append", default=[], metavar="virtio-net-pci,netdev=N",
+                   help="QEMU spelling of a NIC on a -netdev")
     p.add_argument("--virtio-rng", action="store_true", help="add a virtio-rng device (host entropy) on PCI")
+    p.add_argument("--qmp", "-qmp", action="append", default=[],
+                   metavar="unix:PATH,server[,wait=off] | tcp:HOST:PORT,server[,wait=off]",
+                   help="serve the QEMU Machine Protocol there (repeatable); with wait=on, QEMU's default, "
+                        "the guest starts once a client has connected")
     p.add_argument("--config", metavar="FILE",
                    help="boot the VM a JSON file describes (as written by --print-config); "
                         "it replaces the other VM options")
@@ -147,7 +157,8 @@ def _block_store(args: argparse.Namespace) -> str | None:
 
 
 # `pyvmm run` options that are not part of the VM a --config file describes.
-_NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose"}
+# --qmp sockets may be given beside --config (they add to the file's).
+_NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose", "qmp"}
 
 
 def _config_file(args: argparse.Namespace) -> VmConfig:
@@ -159,6 +170,8 @@ def _config_file(args: argparse.Namespace) -> VmConfig:
         raise ConfigError(f"--config describes the whole VM: drop {names} (or put them in the file)")
     cfg = VmConfig.load(args.config)
     cfg.verbose = cfg.verbose or args.verbose
+    cfg.qmp = [*cfg.qmp, *getattr(args, "qmp", [])]
+    cfg.validate()
     for path in [p for p in [cfg.kernel, *cfg.initrd] if p]:
         if not os.path.exists(path):
             raise ConfigError(f"{args.config}: {path}: no such file")
@@ -181,7 +194,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         from ..guest.initramfs import ensure_default_initramfs
         # virtio devices: the stock kernel has their drivers as modules, which the initramfs then carries
         release = (os.path.basename(kernel).partition("vmlinuz-")[2] or None
-                   if getattr(args, "drive", None) or getattr(args, "virtio_rng", False) else None)
+                   if getattr(args, "drive", None) or getattr(args, "virtio_rng", False)
+                   or getattr(args, "net", None) or getattr(args, "qemu_device", None) else None)
         if release and not os.path.isdir(f"/lib/modules/{release}"):
             release = None      # a kernel with its drivers built in (or none at all)
         initrd = [str(ensure_default_initramfs(release=release))]
@@ -202,7 +216,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)),
                    block_store=_block_store(args),
                    drives=[parse_drive(t) for t in getattr(args, "drive", [])],
-                   virtio_rng=getattr(args, "virtio_rng", False))
+                   nets=[parse_net(t) for t in getattr(args, "net", [])]
+                   + parse_qemu_nets(getattr(args, "netdev", []), getattr(args, "qemu_device", [])),
+                   virtio_rng=getattr(args, "virtio_rng", False),
+                   qmp=list(getattr(args, "qmp", [])))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")
@@ -284,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench.add_parser("paper", help="guestos nano-benchmarks under bt, bt+pv, hw, hw+pv, QEMU (bench/paper.py)")
     sub.add_parser("img", help="disk images: create, info, convert, check, compare, map, resize, snapshot, commit")
+    sub.add_parser("switch", help="virtual switch: run NAME, status NAME")
     return parser
 
 
@@ -294,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["img"]:  # its own parser, qemu-img's spellings (pyvmm/cli/img.py)
         from .img import main as img_main
         return img_main(argv[1:])
+    if argv[:1] == ["switch"]:  # its own parser (pyvmm/cli/switch.py)
+        from .switch import main as switch_main
+        return switch_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
