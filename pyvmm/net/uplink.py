@@ -1,0 +1,143 @@
+"""The switch's ways out to the host: a TAP device the switch creates (or
+attaches to) and AF_PACKET on an existing interface (veth or physical).
+
+Both are non-blocking fds the switch's selector loop waits on. A TAP
+opener lives here for now; pyvmm/net/tap.py (virtio-net's backend) may
+take it over."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+PACKET_OUTGOING = 4
+TP_STATUS_VLAN_VALID = 0x10
+AUXDATA = struct.Struct("=IIIHHHH")    # struct tpacket_auxdata
+READ_BATCH = 64                         # frames per wake-up, so one uplink cannot starve the rest
+GONE = (errno.ENODEV, errno.ENXIO, errno.EBADF, errno.EBADFD, errno.EIO)
+
+
+class UplinkGone(OSError):
+    """The interface behind the uplink disappeared."""
+
+
+def open_tap(ifname: str) -> int:
+    """A non-blocking fd for TAP device ifname (made if missing), frames
+    without the packet-info header. Raises OSError."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class TapUplink:
+    def __init__(self, ifname: str):
+        self.ifname = ifname
+        self.fd = open_tap(ifname)
+        self.kind = "tap"
+
+    def __repr__(self) -> str:
+        return f"TapUplink({self.ifname}, fd={self.fd})"
+
+    def read_frames(self) -> list[bytes]:
+        """Raises UplinkGone when the device is gone."""
+        out = []
+        for _ in range(READ_BATCH):
+            try:
+                out.append(os.read(self.fd, 65536))
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in GONE:
+                    raise UplinkGone(e.errno, f"TAP {self.ifname}: {e.strerror}") from None
+                break
+        return out
+
+    def send(self, frame: bytes) -> bool:
+        try:
+            return os.write(self.fd, frame) == len(frame)
+        except OSError:
+            return False            # full, or the link is down: a dropped frame
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class PacketUplink:
+    """AF_PACKET bound to ifname. VLAN tags that the kernel moved into
+    packet metadata (VLAN offload) are put back into the frame, so the
+    switch sees what was on the wire."""
+
+    def __init__(self, ifname: str):
+        self.ifname = ifname
+        self.kind = "packet"
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            self.sock.bind((ifname, ETH_P_ALL))
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.fd = self.sock.fileno()
+
+    def __repr__(self) -> str:
+        return f"PacketUplink({self.ifname}, fd={self.fd})"
+
+    def read_frames(self) -> list[bytes]:
+        out = []
+        for _ in range(READ_BATCH):
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(AUXDATA.size))
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in GONE or (e.errno == errno.ENETDOWN and not _exists(self.ifname)):
+                    raise UplinkGone(e.errno, f"{self.ifname}: {e.strerror}") from None
+                break           # the link went down (reported once); it may come back up
+            if addr[2] == PACKET_OUTGOING:      # our own transmissions, looped back to us
+                continue
+            for level, kind, value in anc:
+                if level == SOL_PACKET and kind == PACKET_AUXDATA and len(value) >= AUXDATA.size:
+                    status, _l, _s, _m, _n, tci, tpid = AUXDATA.unpack_from(value)
+                    if status & TP_STATUS_VLAN_VALID:
+                        data = data[:12] + struct.pack(">HH", tpid or 0x8100, tci) + data[12:]
+            out.append(data)
+        return out
+
+    def send(self, frame: bytes) -> bool:
+        try:
+            return self.sock.send(frame) == len(frame)
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.sock.close()
+            self.fd = -1
+
+
+def _exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)
+        return True
+    except OSError:
+        return False
+
+
+def open_uplink(kind: str, ifname: str) -> TapUplink | PacketUplink:
+    return TapUplink(ifname) if kind == "tap" else PacketUplink(ifname)
