@@ -6,7 +6,7 @@ gzip is used because every kernel with initramfs support can unpack it
 (the Debian cloud kernel has CONFIG_RD_GZIP=y, like nearly all others).
 
 When the kernel being booted has its drivers as modules (the stock Debian
-kernel: virtio_pci, virtio_blk, virtio-rng), `ensure_default_initramfs(
+kernel: virtio_pci, virtio_blk, virtio-rng, virtio_net), `ensure_default_initramfs(
 release=...)` builds a variant that carries them, with their dependencies
 from modules.dep, under /lib/modules/<release>/, and /init insmods them in
 dependency order (listed in /etc/pyvmm-modules) before the marker.
@@ -120,7 +120,7 @@ def _load_busybox(busybox_path: str) -> bytes:
 MODULES_ROOT = "/lib/modules"
 MODULES_LIST = "etc/pyvmm-modules"
 # What a guest needs for pyvmm's virtio devices (issue 16 part 5).
-VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio-rng")
+VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio-rng", "virtio_net")   # virtio_net pulls net_failover, failover
 
 
 def module_closure(release: str, names: tuple[str, ...] | list[str], root: str = MODULES_ROOT) -> list[str]:

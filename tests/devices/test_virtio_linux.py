@@ -1,19 +1,26 @@
-"""The stock Debian kernel under bt finds pyvmm's PCI bus through the DSDT,
-loads virtio_pci, virtio_blk and virtio-rng from the initramfs pyvmm builds
-for it, sees /dev/vda of the image's size, reads back what the host wrote,
-writes a sector the host then reads, and gets bytes from /dev/hwrng.
+"""The stock Debian kernel under bt and hybrid finds pyvmm's PCI bus through
+the DSDT, loads virtio_pci, virtio_blk and virtio-rng from the initramfs
+pyvmm builds for it, sees /dev/vda of the image's size, reads back what the
+host wrote, writes a sector the host then reads, and gets bytes from
+/dev/hwrng.  Its second disk is a qcow2 overlay over a raw ext4 base made
+with mkfs.ext4 -d: the guest mounts it, reads the host's file and writes
+its own; the writes land in the overlay only (the base is unchanged) until
+`pyvmm img commit` merges them (issue 17 part 5).
 
 A full bt boot takes many minutes of host time; PYVMM_BT_BOOT_TIMEOUT
 (seconds, default 5400) bounds the wait, as in tests/test_linux_bt.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 
 from ..guest_session import GuestSession
-from ..hostfacts import require_debian_cloud_kernel
+from ..hostfacts import require_debian_cloud_kernel, require_from_setup
 
 pytestmark = [pytest.mark.slow]
 
@@ -22,13 +29,40 @@ CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 SECTORS = 16387                      # 8 MiB and 3 sectors: a size nothing else has
 
 
-def test_linux_uses_a_virtio_disk_and_rng_under_bt(tmp_path):
+def _ext4_base_and_overlay(tmp_path, marker: str) -> tuple:
+    """A 16 MiB raw ext4 image holding hello.txt, and a qcow2 overlay on it."""
+    require_from_setup(programs=["mkfs.ext4", "debugfs"], package="e2fsprogs")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello.txt").write_text(f"host says {marker}\n")
+    base, overlay = tmp_path / "base.raw", tmp_path / "overlay.qcow2"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(base), "16M"], check=True)
+    made = _pyvmm("img", "create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    assert made.returncode == 0, made.stderr
+    return base, overlay
+
+
+def _pyvmm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+
+
+def _debugfs_cat(image, name: str) -> str:
+    return subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("engine", ["bt", "hybrid"])
+def test_linux_uses_virtio_disks_and_rng(tmp_path, engine):
     require_debian_cloud_kernel()
     disk = tmp_path / "vda.raw"
     marker = os.urandom(8).hex()
     disk.write_bytes(marker.encode() + bytes(SECTORS * 512 - len(marker)))
-    with GuestSession("run", "--engine", "bt", "--no-reboot", "--mem", "256M", "--append", CMDLINE,
-                      "--drive", f"file={disk},format=raw,id=disk0", "--virtio-rng") as g:
+    base, overlay = _ext4_base_and_overlay(tmp_path, marker)
+    base_before = hashlib.sha256(base.read_bytes()).hexdigest()
+    with GuestSession("run", "--engine", engine, "--no-reboot", "--mem", "256M", "--append", CMDLINE,
+                      "--drive", f"file={disk},format=raw,id=disk0", "--virtio-rng",
+                      "--drive", f"file={overlay},format=qcow2,id=disk1") as g:
         g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
         assert "init: cannot load" not in g.output
         sent = g.send("cat /sys/block/vda/size\n")
@@ -42,6 +76,17 @@ def test_linux_uses_a_virtio_disk_and_rng_under_bt(tmp_path):
         g.expect(r"\nWRITE-OK\r?\n", timeout=600, after=sent)
         sent = g.send("head -c 64 /dev/hwrng | wc -c\n")
         g.expect(r"\n\s*64\r?\n", timeout=600, after=sent)
+        sent = g.send("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && cat /mnt/hello.txt\n")
+        g.expect(rf"\nhost says {marker}\r?\n", timeout=600, after=sent)
+        sent = g.send(f"echo guest says {marker} > /mnt/guest.txt && umount /mnt && sync && echo UMOUNT-OK\n")
+        g.expect(r"\nUMOUNT-OK\r?\n", timeout=600, after=sent)
         g.send("poweroff -f\n")
         assert g.wait(timeout=600) == 0
     assert disk.read_bytes()[512:512 + 17] == b"GUEST-WROTE-THIS\n"
+    # The guest's writes went to the overlay only, and pass qemu-img's check.
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == base_before
+    assert subprocess.run(["qemu-img", "check", "-q", str(overlay)]).returncode == 0
+    committed = _pyvmm("img", "commit", str(overlay))
+    assert committed.returncode == 0, committed.stderr
+    assert _debugfs_cat(base, "guest.txt") == f"guest says {marker}\n"
+    assert subprocess.run(["e2fsck", "-fn", str(base)], capture_output=True).returncode == 0

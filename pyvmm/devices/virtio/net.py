@@ -1,0 +1,188 @@
+"""virtio-net (virtio 1.2, section 5.1): one receive queue (0) and one
+transmit queue (1) in front of a NetPort (net/port.py: a TAP device, a
+switch port, or a test's fake).
+
+Every buffer starts with the 12-byte struct virtio_net_hdr (VERSION_1
+always has num_buffers).  No offloads are offered, so the guest sends
+complete frames with their checksums, and the header the device writes in
+front of a received frame is all zeroes but num_buffers = 1.
+
+Features: MAC (always: the address lives in the device, so it survives
+snapshots and migration) and STATUS (link up).
+
+TX: each chain is a header and a frame in device-readable buffers; the
+frame goes to the backend and the chain comes back with 0 bytes written.
+RX: a frame from the backend (on the machine's event loop) fills one
+chain of device-writable buffers.  When the guest has posted no buffer,
+or the device is not running, frames are HELD, up to RX_BACKLOG of them
+(then newer ones are dropped and counted), and delivered when the driver
+next kicks the receive queue.  A frame longer than the chain is dropped
+and the chain returned empty.
+
+A chain in the wrong direction (writable buffers on TX, readable ones on
+RX) or without room for the header is a QueueError: NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import Callable
+
+from ...device import as_int
+from ...memory import GuestMemory
+from ...net.port import MAX_FRAME, NetPort
+from .device import VirtioDevice
+from .queue import QueueError, VirtQueue
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID_NET = 1
+RX_QUEUE, TX_QUEUE = 0, 1
+QUEUE_SIZE = 256
+RX_BACKLOG = 256
+
+F_MAC, F_STATUS = 1 << 5, 1 << 16
+S_LINK_UP = 1
+
+# struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = NET_HDR.size                       # 12
+RX_HEADER = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)    # no offloads; one buffer per frame
+CONFIG = struct.Struct("<6sHH")                   # mac, status, max_virtqueue_pairs
+ETH_MIN = 14
+
+
+def parse_mac(text: str) -> bytes:
+    """`52:54:00:12:34:56` as 6 bytes. Raises ValueError."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address (six hex pairs separated by ':')")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ValueError(f"{text!r} is a multicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def default_mac(index: int) -> bytes:
+    """The address of the index-th NIC without mac=: QEMU's locally
+    administered 52:54:00:12:34:56, counting up."""
+    return bytes((0x52, 0x54, 0x00, 0x12, 0x34, (0x56 + index) & 0xFF))
+
+
+class VirtioNet(VirtioDevice):
+    """A NIC with address `mac` (6 bytes) on `port`.  `wake(queue)` is set
+    by the board (install.py) to the transport's notify: the device calls
+    it when a frame arrives, so the transport runs process() with the
+    queue's checks and raises the interrupt the driver asked for."""
+
+    DEVICE_ID = DEVICE_ID_NET
+    QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, memory: GuestMemory, port: NetPort, mac: bytes):
+        super().__init__(memory)
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.port = port
+        self.mac = bytes(mac)
+        self.features = F_MAC | F_STATUS
+        self.wake: Callable[[int], None] | None = None
+        self.backlog: deque[bytes] = deque()
+        self.rx_frames = self.tx_frames = 0
+        self.rx_dropped = self.tx_dropped = 0
+        port.on_receive(self.receive)
+
+    def __repr__(self) -> str:
+        return (f"VirtioNet({format_mac(self.mac)}, rx={self.rx_frames}, tx={self.tx_frames}, "
+                f"held={len(self.backlog)}, dropped rx={self.rx_dropped} tx={self.tx_dropped})")
+
+    def config_bytes(self) -> bytes:
+        return CONFIG.pack(self.mac, S_LINK_UP, 1)
+
+    # --- frames from the backend --------------------------------------------------------
+
+    def receive(self, frame: bytes) -> None:
+        """A frame for the guest (called on the event loop)."""
+        if len(self.backlog) >= RX_BACKLOG:
+            self.rx_dropped += 1
+            return
+        self.backlog.append(frame)
+        if self.wake is not None:
+            self.wake(RX_QUEUE)
+
+    # --- the queues ---------------------------------------------------------------------
+
+    def process(self, index: int, queue: VirtQueue) -> None:
+        if index == TX_QUEUE:
+            self._transmit(queue)
+        elif index == RX_QUEUE:
+            self._fill(queue)
+
+    def _transmit(self, queue: VirtQueue) -> None:
+        while True:
+            chain = queue.pop()
+            if chain is None:
+                return
+            if chain.writable:
+                raise QueueError(f"virtio-net TX chain {chain.head} has device-writable buffers")
+            length = chain.readable_len
+            if length < NET_HDR_SIZE:
+                raise QueueError(f"virtio-net TX chain {chain.head} of {length} bytes has no header")
+            if not ETH_MIN <= length - NET_HDR_SIZE <= MAX_FRAME:
+                self.tx_dropped += 1     # a runt or a giant: the guest's loss, not a protocol error
+            else:
+                self.port.send(chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE))
+                self.tx_frames += 1
+            queue.add_used(chain.head, 0)
+
+    def _fill(self, queue: VirtQueue) -> None:
+        while self.backlog:
+            chain = queue.pop()
+            if chain is None:
+                return                   # held until the driver posts buffers
+            if chain.readable:
+                raise QueueError(f"virtio-net RX chain {chain.head} has device-readable buffers")
+            room = chain.writable_len
+            if room < NET_HDR_SIZE:
+                raise QueueError(f"virtio-net RX chain {chain.head} of {room} bytes has no room "
+                                 "for the header")
+            frame = self.backlog.popleft()
+            if len(frame) > room - NET_HDR_SIZE:
+                self.rx_dropped += 1
+                queue.add_used(chain.head, 0)
+                continue
+            chain.write(self.memory, 0, RX_HEADER)
+            chain.write(self.memory, NET_HDR_SIZE, frame)
+            self.rx_frames += 1
+            queue.add_used(chain.head, NET_HDR_SIZE + len(frame))
+
+    # --- contract -----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        self.backlog.clear()
+
+    def close(self) -> None:
+        self.port.close()
+
+    def save_fields(self) -> dict:
+        # Held frames are not saved: a network may lose frames, and the
+        # MAC is the device's (the restoring side is built with it).
+        return {"mac": format_mac(self.mac), "rx_frames": self.rx_frames, "tx_frames": self.tx_frames,
+                "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped}
+
+    def restore_fields(self, state: dict) -> None:
+        mac = parse_mac(state["mac"]) if "mac" in state else self.mac
+        counts = [as_int(state.get(k, 0)) for k in ("rx_frames", "tx_frames", "rx_dropped", "tx_dropped")]
+        self.mac = mac
+        self.rx_frames, self.tx_frames, self.rx_dropped, self.tx_dropped = counts
+        self.backlog.clear()
+
+
+__all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "NET_HDR",
+           "NET_HDR_SIZE", "RX_QUEUE", "TX_QUEUE", "RX_BACKLOG"]
