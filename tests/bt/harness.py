@@ -12,10 +12,11 @@ import tempfile
 from dataclasses import dataclass
 
 from pyvmm.bus import Bus
+from pyvmm.boot import layout
 from pyvmm.boot.entry import long_mode_64
-from pyvmm.cpu import GPR_NAMES
+from pyvmm.cpu import CR0_MP, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, GPR_NAMES, Segment
 from pyvmm.engines.bt.engine import BtCpu
-from pyvmm.engines.bt.faults import GuestFault
+from pyvmm.engines.bt.faults import GuestFault, SmcRestart
 from pyvmm.memory import GuestMemory
 
 CODE_ADDR = 0x200000
@@ -23,6 +24,8 @@ DATA_ADDR = 0x300000
 DATA_SIZE = 0x1000
 STACK_TOP = 0x3FF000
 ARITH = 0x8D5
+# 16-bit code runs with CS based at the code, DS/ES/SS at the data.
+CODE16_BASES = (CODE_ADDR, DATA_ADDR)
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Outcome:
     data: bytes
     vector: int | None = None   # exception raised, if any
     rip: int = 0
+    error_code: int | None = None   # of that exception, where it has one
+    cr2: int | None = None          # at a #PF
 
 
 def needs_unicorn_and_as():
@@ -105,16 +110,16 @@ class BtOracle:
         st = self.state
         st.regs = dict(zip(GPR_NAMES, regs))
         st.rflags = rflags
-        st.rip = CODE_ADDR
+        st.rip = CODE_ADDR - st.cs.base
         cpu = BtCpu(mem, Bus("io"), Bus("mmio"))
         if self.hot_after is not None:
             cpu.translator.hot_after = self.hot_after
-        vector = None
+        vector = fault = None
         try:
             cpu.load(st)
             if setup is not None:
                 setup(cpu)
-            end = CODE_ADDR + len(code)
+            end = CODE_ADDR + len(code) - st.cs.base
             for _ in range(limit):
                 if cpu.rip == end or cpu.halted:
                     break
@@ -125,13 +130,77 @@ class BtOracle:
                         fn = cpu.jmp[la] = cpu.translator.lookup()
                     fn(cpu)
                 except GuestFault as f:
-                    vector = f.vector
+                    fault = f
                     break
+                except SmcRestart:   # a store into translated code: the engine reruns it alone
+                    cpu.mmu.smc_ok = True
+                    try:
+                        cpu.translator.lookup(True)(cpu)
+                    except GuestFault as f:
+                        fault = f
+                        break
+                    finally:
+                        cpu.mmu.smc_ok = False
         finally:
             cpu.detach()
         out = Outcome(list(cpu.R), cpu.rflags, mem.read(DATA_ADDR, len(data)), vector, cpu.rip)
+        if fault is not None:
+            out.vector, out.error_code, out.cr2 = fault.vector, fault.error_code, fault.cr2
         out.cpu = cpu
         return out
+
+
+USER_PT = 0x600000
+_P, _W, _U = 1, 2, 4
+
+
+class UserBtOracle(BtOracle):
+    """BtOracle laid out as KvmOracle is: CPL3, and 4 KiB user pages over
+    2-4 MiB whose flags set_page changes, so page faults compare too."""
+
+    def __init__(self, hot_after: int | None = COMPILED):
+        super().__init__(hot_after)
+        mem, st = self.mem, self.state
+        mem.write_u64(layout.PML4_ADDR, mem.read_u64(layout.PML4_ADDR) | _U)
+        mem.write_u64(layout.PDPT_ADDR, mem.read_u64(layout.PDPT_ADDR) | _U)
+        mem.write_u64(layout.PD_ADDR + 8, USER_PT | _P | _W | _U)
+        self.reset_pages()
+        st.cr0 |= CR0_WP | CR0_MP
+        st.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT     # as KvmOracle: SSE enabled
+        self.set_code_bits(64)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(st, name, Segment(selector=0x1B, limit=0xFFFFFFFF, type=3, dpl=3, db=1, g=1))
+
+    def run(self, code: bytes, regs: list[int], rflags: int, data: bytes, limit: int = 10000,
+            setup=None) -> Outcome:
+        """BtOracle.run; the hlt after the snippet raises #GP at CPL3, which
+        marks the end here."""
+        out = super().run(code, regs, rflags, data, limit, setup)
+        if out.vector == 13 and out.rip == CODE_ADDR + len(code) - self.state.cs.base:
+            out.vector = out.error_code = None
+        return out
+
+    def set_page(self, linear: int, flags: int) -> None:
+        """Sets the PTE flags of the user page holding `linear` (0 unmaps)."""
+        index = (linear - 0x200000) >> 12
+        if not 0 <= index < 512:
+            raise ValueError(f"{linear:#x} is not in the user 2 MiB at 0x200000")
+        self.mem.write_u64(USER_PT + 8 * index, (0x200000 + (index << 12)) | flags)
+
+    def reset_pages(self) -> None:
+        """Maps every user page present, writable and user-accessible again."""
+        for i in range(512):
+            self.mem.write_u64(USER_PT + 8 * i, (0x200000 + (i << 12)) | _P | _W | _U)
+
+    def set_code_bits(self, bits: int) -> None:
+        """A 64-bit user code segment, or a 32/16-bit one (compatibility
+        mode; 16-bit code with the CODE16_BASES)."""
+        cs_base, data_base = CODE16_BASES if bits == 16 else (0, 0)
+        st = self.state
+        st.cs = Segment(selector={64: 0x23, 32: 0x3B, 16: 0x43}[bits], base=cs_base, limit=0xFFFFFFFF, type=0xB,
+                        dpl=3, db=1 if bits == 32 else 0, l=1 if bits == 64 else 0, g=1)
+        for name in ("ds", "es", "ss"):
+            getattr(st, name).base = data_base
 
 
 class UnicornOracle:

@@ -9,11 +9,13 @@ Guest physical layout (one memory slot, identity-mapped):
 
     0x1000 GDT   0x2000 IDT   0x3000 TSS   0x4000 handler stubs
     0x5000 the vector slot the stubs write
-    0x8000 PML4  0x9000 PDPT  0xA000 PD (2 MiB pages: 0-2M supervisor, 2-4M user)
+    0x8000 PML4  0x9000 PDPT  0xA000 PD (0-2M: a supervisor 2 MiB page)
+    0xB000 PT    (2-4M: user 4 KiB pages, so set_page can unmap or protect one)
+    0x20000..    one more PML4/PDPT/PD/PT chain per set of page flags (_cr3)
     0x1F000 top of the CPL0 stack (TSS.RSP0)
     harness.CODE_ADDR code, harness.DATA_ADDR data, harness.STACK_TOP stack (user)
 
-The snippet is followed by `int3`; every vector's handler stores its vector
+The snippet is followed by `int3` (`ud2` in compatibility mode); every vector's handler stores its vector
 number in the slot and executes `hlt`, which (no in-kernel irqchip) returns
 KVM_EXIT_HLT. The GPRs other than RSP are untouched by the handler; RIP,
 RFLAGS and the user RSP come from the interrupt frame on the CPL0 stack.
@@ -41,16 +43,21 @@ from tests import hostfacts  # noqa: E402
 
 MEM_SIZE = 4 << 20
 GDT, IDT, TSS, STUBS, SLOT = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
-PML4, PDPT, PD = 0x8000, 0x9000, 0xA000
+PML4, PDPT, PD, PT = 0x8000, 0x9000, 0xA000, 0xB000
+CHAINS = 0x20000      # further page-table chains, 16 KiB each (set_page)
+USER_BASE = 0x200000
 KSTACK_TOP = 0x1F000
 NVEC = 32
 STUB_SIZE = 16
 NO_VECTOR = 0xFFFFFFFF
 # Selectors: kernel code/data, then user data/code (the SYSRET order), TSS.
 KCODE, KDATA, UDATA, UCODE, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
+# User code segments for compatibility mode (after the 16-byte TSS descriptor).
+UCODE32, UCODE16 = 0x3B, 0x43
 BP = 3
 WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _P, _W, _U, _PS = 1, 2, 4, 0x80
+USER_PAGE = _P | _W | _U
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
 EFER_LME, EFER_LMA = 0x100, 0x400
@@ -66,9 +73,10 @@ def kvm_usable() -> str | None:
     return hostfacts.kvm_missing()
 
 
-def _segment(selector: int, code: bool, dpl: int) -> abi.Segment:
+def _segment(selector: int, code: bool, dpl: int, bits: int = 64) -> abi.Segment:
     return abi.Segment(base=0, limit=0xFFFFFFFF, selector=selector, type=0xB if code else 0x3,
-                       present=1, dpl=dpl, db=0 if code else 1, s=1, l=1 if code else 0, g=1)
+                       present=1, dpl=dpl, db=0 if code and bits != 32 else 1, s=1,
+                       l=1 if code and bits == 64 else 0, g=1)
 
 
 def _descriptor(seg: abi.Segment) -> int:
@@ -113,6 +121,7 @@ class KvmOracle:
         self._write_tables()
         self.sregs = self._sregs()
         self.regs = abi.Regs()
+        self.end_marker = b"\xCC"
         self.runs = 0
 
     # -- setup ------------------------------------------------------------------
@@ -121,7 +130,8 @@ class KvmOracle:
         kcode, kdata = _segment(KCODE, True, 0), _segment(KDATA, False, 0)
         udata, ucode = _segment(UDATA, False, 3), _segment(UCODE, True, 3)
         tss_lo, tss_hi = _tss_descriptor(TSS, 0x67)
-        gdt = [0, _descriptor(kcode), _descriptor(kdata), _descriptor(udata), _descriptor(ucode), tss_lo, tss_hi]
+        gdt = [0, _descriptor(kcode), _descriptor(kdata), _descriptor(udata), _descriptor(ucode), tss_lo, tss_hi,
+               _descriptor(_segment(UCODE32, True, 3, 32)), _descriptor(_segment(UCODE16, True, 3, 16))]
         m[GDT:GDT + 8 * len(gdt)] = struct.pack(f"<{len(gdt)}Q", *gdt)
         for v in range(NVEC):
             h = STUBS + v * STUB_SIZE
@@ -129,9 +139,63 @@ class KvmOracle:
             m[h:h + STUB_SIZE] = _stub(v)
         # 64-bit TSS: RSP0 at offset 4, I/O map base beyond the limit (no bitmap).
         m[TSS:TSS + 0x68] = struct.pack("<IQ", 0, KSTACK_TOP).ljust(0x66, b"\0") + struct.pack("<H", 0x68)
-        m[PML4:PML4 + 8] = struct.pack("<Q", PDPT | _P | _W | _U)
-        m[PDPT:PDPT + 8] = struct.pack("<Q", PD | _P | _W | _U)
-        m[PD:PD + 16] = struct.pack("<QQ", 0 | _P | _W | _PS, 0x200000 | _P | _W | _U | _PS)
+        self._pages: dict[int, int] = {}
+        self._chains = {frozenset(): PML4}
+        self._write_chain(PML4, {})
+
+    def set_page(self, linear: int, flags: int) -> None:
+        """Sets the PTE flags (P, RW, US; 0 unmaps) of the user 4 KiB page
+        holding `linear` for the next runs."""
+        index = (linear - USER_BASE) >> 12
+        if not 0 <= index < 512:
+            raise ValueError(f"{linear:#x} is not in the user 2 MiB at {USER_BASE:#x}")
+        if flags == USER_PAGE:
+            self._pages.pop(index, None)
+        else:
+            self._pages[index] = flags
+
+    def reset_pages(self) -> None:
+        """Maps every user page present, writable and user-accessible again."""
+        self._pages = {}
+
+    def _cr3(self) -> int:
+        """The CR3 of a page-table chain for the current page flags. KVM's
+        shadow paging (kvm_pvm) does not see host writes to guest page tables,
+        so a chain, once used, never changes: each set of flags gets its own
+        PML4/PDPT/PD/PT, and a new CR3 makes KVM load it."""
+        key = frozenset(self._pages.items())
+        cr3 = self._chains.get(key)
+        if cr3 is None:
+            cr3 = CHAINS + 0x4000 * len(self._chains)
+            if cr3 + 0x4000 > USER_BASE:
+                raise EngineError("oracle: too many page-flag sets")
+            self._write_chain(cr3, self._pages)
+            self._chains[key] = cr3
+        return cr3
+
+    def _write_chain(self, pml4: int, pages: dict[int, int]) -> None:
+        m = self.mem
+        pdpt, pd, pt = pml4 + 0x1000, pml4 + 0x2000, pml4 + 0x3000
+        m[pml4:pml4 + 0x1000] = struct.pack("<Q", pdpt | _P | _W | _U).ljust(0x1000, b"\0")
+        m[pdpt:pdpt + 0x1000] = struct.pack("<Q", pd | _P | _W | _U).ljust(0x1000, b"\0")
+        m[pd:pd + 0x1000] = struct.pack("<QQ", 0 | _P | _W | _PS, pt | _P | _W | _U).ljust(0x1000, b"\0")
+        m[pt:pt + 0x1000] = struct.pack("<512Q", *[(USER_BASE + (i << 12)) | pages.get(i, USER_PAGE)
+                                                  for i in range(512)])
+
+    def set_code_bits(self, bits: int) -> None:
+        """Runs later snippets in a 64-bit code segment, or in a 32- or
+        16-bit one (compatibility mode) at CPL3. 16-bit code runs with CS
+        based at the code and DS/ES/SS at the data (harness.CODE16_BASES),
+        so 16-bit offsets reach them."""
+        self.sregs.cs = _segment({64: UCODE, 32: UCODE32, 16: UCODE16}[bits], True, 3, bits)
+        cs_base, data_base = harness.CODE16_BASES if bits == 16 else (0, 0)
+        self.sregs.cs.base = cs_base
+        for name in ("ds", "es", "ss"):
+            getattr(self.sregs, name).base = data_base
+        # kvm_pvm reports int3 in compatibility mode as #UD, and 16-bit #UD
+        # and #BP (KVM's emulator there fetches without the CS base) as #PF:
+        # the end is int3, ud2 or, for 16-bit code, hlt (#GP at CPL3).
+        self.end_marker = {64: b"\xCC", 32: b"\x0F\x0B", 16: b"\xF4"}[bits]
 
     def _sregs(self) -> abi.Sregs:
         s = self.vcpu.get_sregs()
@@ -142,7 +206,7 @@ class KvmOracle:
         s.ss = udata
         s.tr = abi.Segment(base=TSS, limit=0x67, selector=TSS_SEL, type=0xB, present=1, s=0)
         s.ldt = abi.Segment(selector=0, type=0x2, present=1, s=0, limit=0xFFFF, unusable=1)
-        s.gdt.base, s.gdt.limit = GDT, 7 * 8 - 1
+        s.gdt.base, s.gdt.limit = GDT, 9 * 8 - 1
         s.idt.base, s.idt.limit = IDT, NVEC * 16 - 1
         s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
         s.cr3 = PML4
@@ -166,13 +230,15 @@ class KvmOracle:
         m = self.mem
         start = harness.CODE_ADDR
         end = start + len(code)
-        m[start:end + 1] = code + b"\xCC"
+        m[start:end + len(self.end_marker)] = code + self.end_marker
         m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)] = data
         m[SLOT:SLOT + 4] = struct.pack("<I", NO_VECTOR)
         r = self.regs
         for name, i in zip(_KVM_REG_ORDER, _FROM_HARNESS):
             setattr(r, name, regs[i])
-        r.rip, r.rflags = start, rflags
+        base = self.sregs.cs.base
+        r.rip, r.rflags = start - base, rflags
+        self.sregs.cr3 = self._cr3()
         self.vcpu.set_sregs(self.sregs)
         self.vcpu.set_regs(r)
         reason = self._enter()
@@ -191,9 +257,16 @@ class KvmOracle:
         rip, _cs, rf, rsp, _ss = struct.unpack_from("<5Q", m, frame)
         values = [getattr(out, n) for n in GPR_NAMES]
         values[4] = rsp
-        if vector == BP and rip == end + 1:
-            return harness.Outcome(values, rf, bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)]), None, end)
-        return harness.Outcome(values, rf, bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)]), vector, rip)
+        after = bytes(m[harness.DATA_ADDR:harness.DATA_ADDR + len(data)])
+        end -= base
+        if (vector, rip) in ((BP, end + 1), ({b"\x0F\x0B": 6, b"\xF4": 13}.get(self.end_marker), end)):
+            return harness.Outcome(values, rf, after, None, end)
+        outcome = harness.Outcome(values, rf, after, vector, rip)
+        if vector in WITH_ERROR_CODE:
+            outcome.error_code = struct.unpack_from("<Q", m, out.rsp)[0]
+        if vector == 14:   # the handler stub leaves CR2 alone
+            outcome.cr2 = self.vcpu.get_sregs().cr2
+        return outcome
 
     def _enter(self) -> int:
         while True:

@@ -39,6 +39,18 @@ def _spmask(g: Gen) -> int:
     return MASK[g.sbits // 8]
 
 
+def _canonical_target(g: Gen, t: str, undo: str = "") -> None:
+    """In 64-bit mode, a near branch to a non-canonical address raises #GP
+    at the branch, with nothing changed (`undo` restores what was)."""
+    if g.bits != 64:
+        return
+    g.fault()
+    g.emit(f"if (({t} + 0x800000000000) & 0xFFFFFFFFFFFFFFFF) >> 48:")
+    if undo:
+        g.emit(f"    {undo}")
+    g.emit("    raise GuestFault(13, 0)")
+
+
 def push(g: Gen, v: str, size: int, fwd: bool = False) -> None:
     """Emits a push of expression v (size bytes).  With fwd, v (a constant
     or a local nothing else assigns) is recorded in g.fwd, so a matching pop
@@ -96,6 +108,7 @@ def _jmp(g: Gen) -> None:
         return
     if g.ins.op_kind(0) in (X.OpKind.REGISTER, X.OpKind.MEMORY) and not g.ins.is_jmp_far_indirect:
         g.emit(f"t = {g.read(0)}")
+        _canonical_target(g, "t")
         _exit(g, "t")
         return
     _far(g)
@@ -124,7 +137,11 @@ def _jcc(g: Gen) -> None:
 
 def _loop(g: Gen) -> None:
     m = g.ins.mnemonic
-    creg = g.ins.op1_register if g.ins.op_count > 1 else Rg.RCX
+    # The count is CX, ECX or RCX by the address size (0x67 included), not the mode.
+    if m in (M.JCXZ, M.JECXZ, M.JRCXZ):
+        creg = {M.JCXZ: Rg.CX, M.JECXZ: Rg.ECX, M.JRCXZ: Rg.RCX}[m]
+    else:
+        creg = {16: Rg.CX, 32: Rg.ECX, 64: Rg.RCX}[X.OpCodeInfo(g.ins.code).address_size]
     size = X.RegisterInfo(creg).size
     if m in (M.JCXZ, M.JECXZ, M.JRCXZ):
         cond = f"not {g.rreg(creg)}"
@@ -156,6 +173,7 @@ def _call(g: Gen) -> None:
     size = _opsize(g)
     if ins.op_kind(0) in (X.OpKind.REGISTER, X.OpKind.MEMORY):
         g.emit(f"t = {g.read(0)}")
+        _canonical_target(g, "t")
     else:
         g.emit(f"t = {ins.near_branch_target:#x}")
     push(g, f"{ins.next_ip & MASK[size]:#x}", size, fwd=True)
@@ -169,7 +187,11 @@ def _ret(g: Gen) -> None:
         _far(g)
         return
     size = _opsize(g)
+    if g.bits == 64:
+        g.emit(f"o4 = {g.reg(4)}")
     known = pop_expr(g, size, fwd=not g.ins.op_count)
+    if known is None or not known.startswith("0x"):   # not a return address this trace's call pushed
+        _canonical_target(g, "p", undo=f"{g.reg(4)} = o4")
     if g.ins.op_count:
         n = g.ins.immediate(0) & 0xFFFF
         spm = _spmask(g)
@@ -210,20 +232,35 @@ def _pop(g: Gen) -> None:
         g.helper(f"c.load_seg({idx}, c.pop({size}))")
         _exit(g, f"{g.ins.next_ip:#x}")
         return
-    pop_expr(g, size, fwd=g.is_reg(0))
     if g.is_mem(0):
-        # The address uses RSP after the pop.
+        # The address uses RSP after the pop; a faulting store leaves RSP as it was.
+        sp = g.reg(4)
+        g.emit(f"o4 = {sp}")
+        pop_expr(g, size)
+        g.addr()
+        g.emit(f"n4 = {sp}; {sp} = o4")
         g.write(0, "p", size)
+        g.emit(f"{sp} = n4")
     else:
+        pop_expr(g, size, fwd=True)
         g.write(0, "p", size)
 
 
 def _leave(g: Gen) -> None:
     size = _opsize(g)
     spm = _spmask(g)
-    g.emit(f"r4 = (r4 & ~{spm:#x}) | (r5 & {spm:#x})")
     g.reg(4), g.reg(5)
+    # RSP changes only once the pop has read the stack (a fault leaves it).
+    g.emit("o4 = r4")
+    g.emit(f"r4 = (r4 & ~{spm:#x}) | (r5 & {spm:#x})")
+    g.fault()
+    g.emit("try:")
+    g.ind += 1
     pop_expr(g, size)
+    g.ind -= 1
+    g.emit("except GuestFault:")
+    g.emit("    r4 = o4")
+    g.emit("    raise")
     g.wreg({2: Rg.BP, 4: Rg.EBP, 8: Rg.RBP}[size], "p")
 
 
@@ -235,8 +272,18 @@ def _enter(g: Gen) -> None:
         g.helper(f"ENTER(c, {size}, {alloc}, {level})")
         return
     bp = {2: Rg.BP, 4: Rg.EBP, 8: Rg.RBP}[size]
-    push(g, g.rreg(bp), size)
     spm = _spmask(g)
+    g.emit(f"o4 = {g.reg(4)}")
+    push(g, g.rreg(bp), size)
+    # SDM ENTER: #PF also if a write at the final stack pointer would fault
+    # (checked after the push, which stays written; RSP does not change).
+    g.bind("SB")
+    final = f"(({g.reg(4)} - {alloc}) & {spm:#x})"
+    g.emit("try:")
+    g.emit(f"    {g.bind('rw1')}({final if g.bits == 64 else f'(SB[2] + {final}) & 0xFFFFFFFF'})")
+    g.emit("except GuestFault:")
+    g.emit(f"    {g.reg(4)} = o4")
+    g.emit("    raise")
     g.emit(f"fp = r4 & {spm:#x}")
     g.wreg(bp, f"fp & {MASK[size]:#x}")
     g.emit(f"r4 = (r4 & ~{spm:#x}) | ((fp - {alloc}) & {spm:#x})")

@@ -36,6 +36,10 @@ _IMM = {OK.IMMEDIATE8, OK.IMMEDIATE16, OK.IMMEDIATE32, OK.IMMEDIATE64, OK.IMMEDI
 _FLAG_NAME = re.compile(r"\bf[orab]\b")
 _UNPACK = {2: ("U16", 0xFFE), 4: ("U32", 0xFFC), 8: ("U64", 0xFF8)}
 _PACK = {2: ("P16", 0xFFE), 4: ("P32", 0xFFC), 8: ("P64", 0xFF8)}
+_INFO = X.InstructionInfoFactory()
+# Operand accesses that write: a read-modify-write reads with write intent
+# (cmpxchg writes even when the compare fails).
+_WRITES = frozenset({X.OpAccess.READ_WRITE, X.OpAccess.READ_COND_WRITE})
 
 
 class Unsupported(Exception):
@@ -196,6 +200,25 @@ class Gen:
         return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TR.get({la} >> 12)) "
                 f"and {la} & 0xFFF <= {lim:#x} else {slow})")
 
+    def rmem_for_write(self, size: int, la: str = "a") -> str:
+        """rmem for the read of a read-modify-write: the fast path needs a
+        writable mapping (TW), the slow path checks for writing first, so a
+        fault reports a write as the CPU does."""
+        self.fault()
+        slow = f"{self.bind(f'rw{size}')}({la})"
+        if not la.isidentifier():
+            return slow
+        self.bind("TW")
+        if size == 1:
+            return f"(_e[0][_e[1] + ({la} & 0xFFF)] if (_e := TW.get({la} >> 12)) else {slow})"
+        fn, lim = _UNPACK[size]
+        return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TW.get({la} >> 12)) "
+                f"and {la} & 0xFFF <= {lim:#x} else {slow})")
+
+    def written(self, i: int) -> bool:
+        """Whether the instruction also writes operand i (its reads then have write intent)."""
+        return _INFO.info(self.ins).op_access(i) in _WRITES
+
     def load(self, target: str, size: int, la: str = "a") -> None:
         """Emits `target = <size bytes at la>` (see rmem)."""
         self.emit(f"{target} = {self.rmem(size, la)}")
@@ -230,7 +253,10 @@ class Gen:
         if k == OK.MEMORY:
             self.addr()
             t = f"m{i}"
-            self.load(t, size)
+            if size in (1, 2, 4, 8) and self.written(i):
+                self.emit(f"{t} = {self.rmem_for_write(size)}")
+            else:
+                self.load(t, size)
             return t
         if k in _IMM:
             return f"{self.imm(i, size):#x}"

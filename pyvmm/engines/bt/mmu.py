@@ -367,11 +367,33 @@ class Mmu:
         o = entry[1] + (la & 0xFFF)
         return int.from_bytes(entry[0][o:o + size], "little")
 
+    def read_for_write(self, la: int, size: int) -> int:
+        """The read of a read-modify-write: both pages are checked for
+        writing first, so a fault has the error code of a write, as the CPU
+        reports it (W set, even when the page is only missing)."""
+        self.translate(la, WRITE)
+        if (la & 0xFFF) + size > 0x1000:
+            self.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, WRITE)
+        return self.read_slow(la, size)
+
+    def rw1(self, la: int) -> int:
+        return self.read_for_write(la, 1)
+
+    def rw2(self, la: int) -> int:
+        return self.read_for_write(la, 2)
+
+    def rw4(self, la: int) -> int:
+        return self.read_for_write(la, 4)
+
+    def rw8(self, la: int) -> int:
+        return self.read_for_write(la, 8)
+
     def write_slow(self, la: int, size: int, v: int) -> None:
         if (la & 0xFFF) + size > 0x1000:
-            # Check both pages first so a fault leaves memory untouched.
+            # Check both pages first so a fault leaves memory untouched; a
+            # fault on the second reports its first byte in CR2, as the CPU does.
             self.translate(la, WRITE)
-            self.translate((la + size - 1) & 0xFFFFFFFFFFFFFFFF, WRITE)
+            self.translate(((la | 0xFFF) + 1) & 0xFFFFFFFFFFFFFFFF, WRITE)
             for i in range(size):
                 self.write_slow((la + i) & 0xFFFFFFFFFFFFFFFF, 1, (v >> (8 * i)) & 0xFF)
             return

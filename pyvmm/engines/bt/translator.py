@@ -133,6 +133,7 @@ class Translator:
         if mmu is not None:     # the slow memory paths: globals of every block, not bound per run
             for n in (1, 2, 4, 8):
                 self.ns[f"rd{n}"], self.ns[f"wr{n}"] = getattr(mmu, f"rd{n}"), getattr(mmu, f"wr{n}")
+                self.ns[f"rw{n}"] = getattr(mmu, f"rw{n}")
         self.translated = 0          # blocks translated (cold or compiled)
         self.compiled = 0            # of which compiled whole (at once or when hot)
         self.invalidated = 0
