@@ -13,14 +13,12 @@ Rg = X.Register
 
 
 def _exit(g: Gen, rip: str) -> None:
-    from .translator import Translator
-    Translator.exit(g, rip, g.k)
+    g.exit(rip, g.k)
     g.ends = True
 
 
 def _goto(g: Gen, target: int) -> None:
-    from .translator import Translator
-    Translator.branch(g, target, g.k)
+    g.branch(target, g.k)
     g.ends = True
 
 
@@ -128,8 +126,7 @@ def _jcc(g: Gen) -> None:
     if g.tail is not None:
         g.tail(g)                       # the taken path, copied in: it loops back or leaves
     else:
-        from .translator import Translator
-        Translator.branch(g, g.ins.near_branch_target, g.k)
+        g.branch(g.ins.near_branch_target, g.k)
     g.ind -= 1
     if g.next_ip != g.ins.next_ip:      # else the trace goes on along the fall-through path
         _exit(g, f"{g.ins.next_ip:#x}")
@@ -154,8 +151,7 @@ def _loop(g: Gen) -> None:
             cond += f" and {g.cond(5)}"
     g.emit(f"if {cond}:")
     g.ind += 1
-    from .translator import Translator
-    Translator.branch(g, g.ins.near_branch_target, g.k)
+    g.branch(g.ins.near_branch_target, g.k)
     g.ind -= 1
     _exit(g, f"{g.ins.next_ip:#x}")
 

@@ -83,6 +83,23 @@ class Gen:
             self.emit(f"n = {self.k}")
             self.faultable = True
 
+    # -- leaving the block -----------------------------------------------------
+    def exit(self, rip_expr: str, k: int) -> None:
+        """Leaves the block after instruction k with RIP = rip_expr, through
+        the one epilogue after the block's loop (Translator._assemble): a
+        block with many side exits writes its registers back in one place,
+        which keeps its source, and so its compile time, small."""
+        self.emit(f"_xr = {rip_expr}; _xk = {k + 1}")
+        self.emit("break")
+
+    def branch(self, target: int, k: int) -> None:
+        """Jumps to a constant target: loops when it is the block start."""
+        if target == self.start:
+            self.emit("if not c.pending and ic < 4096:")  # bounded: timers are polled between blocks
+            self.emit(f"    ic += {k + 1}")
+            self.emit("    continue")
+        self.exit(f"{target:#x}", k)
+
     # -- operands ------------------------------------------------------------
     def kind(self, i: int) -> int:
         return self.ins.op_kind(i)

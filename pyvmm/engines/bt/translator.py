@@ -477,7 +477,7 @@ class Translator:
             if why is not None:
                 if k > 0:
                     n_ok = k
-                    self.exit(g, f"{ins.ip:#x}", k - 1)
+                    g.exit(f"{ins.ip:#x}", k - 1)
                     break
                 self._warn(ins, why)
                 g.emit(f"n = {k}")
@@ -490,11 +490,11 @@ class Translator:
                 n_ok = k + 1
                 break
             if k == len(insns) - 1:
-                self.exit(g, f"{ins.next_ip:#x}", k)
+                g.exit(f"{ins.next_ip:#x}", k)
         while skips:                # the trace stopped inside a region: its taken path leaves
             sk = skips.pop()
             self._close_body(g, sk)
-            self.exit(g, f"{sk.target:#x}", sk.k)
+            g.exit(f"{sk.target:#x}", sk.k)
             g.ind -= 1
         return self._assemble(g, rips or [start]), n_ok
 
@@ -560,7 +560,7 @@ class Translator:
             for i, t in enumerate(tail):
                 why = self._emit(g, t, s0 + i, live[i], tail[i + 1].ip if i + 1 < len(tail) else None)
                 if why is not None:
-                    self.exit(g, f"{t.ip:#x}", s0 + i - 1)
+                    g.exit(f"{t.ip:#x}", s0 + i - 1)
                     break
                 if g.ends:
                     break
@@ -610,24 +610,6 @@ class Translator:
             self.warned.add(key)
             log.warning("bt: #UD for unsupported instruction at %#x (%s): %s", ins.ip, why,
                         X.FastFormatter().format(ins) if ins.code != X.Code.INVALID else "invalid")
-
-    @staticmethod
-    def exit(g: Gen, rip_expr: str, k: int) -> None:
-        """Leaves the block after instruction k with RIP = rip_expr, through
-        the one epilogue after the block's loop (_assemble): a block with
-        many side exits writes its registers back in one place, which keeps
-        its source, and so its compile time, small."""
-        g.emit(f"_xr = {rip_expr}; _xk = {k + 1}")
-        g.emit("break")
-
-    @staticmethod
-    def branch(g: Gen, target: int, k: int) -> None:
-        """Jumps to a constant target: loops when it is the block start."""
-        if target == g.start:
-            g.emit("if not c.pending and ic < 4096:")  # bounded: timers are polled between blocks
-            g.emit(f"    ic += {k + 1}")
-            g.emit("    continue")
-        Translator.exit(g, f"{target:#x}", k)
 
     def _assemble(self, g: Gen, rips: list[int]) -> str:
         regs = sorted(g.regs)
