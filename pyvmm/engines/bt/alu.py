@@ -6,6 +6,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
+from .facts import Fact
 from .gen import GPR, MASK, SEG_INDEX, SIGN, Gen, Unsupported
 
 M = X.Mnemonic
@@ -421,3 +422,15 @@ for _n in dir(M):
         EMITTERS[getattr(M, _n)] = _setcc
     elif _n.startswith("CMOV") and len(_n) <= 7:
         EMITTERS[getattr(M, _n)] = _cmovcc
+
+# This family's rows of the instruction-facts table (facts.py).
+FACTS = {
+    **{m: Fact.READS_LAZY for m in (M.SHL, M.SAL, M.SHR, M.SAR, M.ROL, M.ROR, M.RCL, M.RCR,
+                                    M.SHLD, M.SHRD, M.BSF, M.BSR, M.BT, M.BTS, M.BTR, M.BTC)},
+    M.LEA: Fact.NO_ACCESS, M.NOP: Fact.NO_ACCESS,
+    M.DIV: Fact.HELPER, M.IDIV: Fact.HELPER,
+}
+for _m in (M.ADD, M.SUB, M.ADC, M.SBB, M.AND, M.OR, M.XOR, M.CMP, M.TEST, M.INC, M.DEC, M.NEG,
+           M.NOT, M.MOV, M.MOVZX, M.MOVSX, M.MOVSXD, M.SHL, M.SAL, M.SHR, M.SAR, M.IMUL, M.LEA,
+           M.NOP):
+    FACTS[_m] = FACTS.get(_m, Fact.NONE) | Fact.FWD_KEEP

@@ -6,6 +6,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
+from .facts import Fact
 from .gen import MASK, SEG_INDEX, Gen, Unsupported
 
 M = X.Mnemonic
@@ -366,3 +367,12 @@ EMITTERS = {
 }
 for _n in ("JO", "JNO", "JB", "JAE", "JE", "JNE", "JBE", "JA", "JS", "JNS", "JP", "JNP", "JL", "JGE", "JLE", "JG"):
     EMITTERS[getattr(M, _n)] = _jcc
+
+# This family's rows of the instruction-facts table (facts.py).
+FACTS = {
+    **{m: Fact.ENDS_BLOCK | Fact.CPL0_GOES_ON for m in (M.POPF, M.POPFD, M.POPFQ)},
+    **{m: Fact.HELPER for m in (M.PUSHF, M.PUSHFD, M.PUSHFQ, M.INT, M.INT3, M.INTO, M.IRET, M.IRETD,
+                                 M.IRETQ, M.ENTER)},
+    **{m: Fact.FWD_KEEP for m in (M.JMP, M.JE, M.JNE, M.JB, M.JAE, M.JBE, M.JA, M.JL, M.JGE, M.JLE, M.JG,
+                                   M.JS, M.JNS)},
+}

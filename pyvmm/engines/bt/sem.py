@@ -1,4 +1,5 @@
-"""The instruction table: mnemonic -> emitter, from the semantic families."""
+"""The instruction table: mnemonic -> emitter, from the semantic families,
+and the facts the translator needs about each (facts.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from . import alu, ctrl, fxsave, legacy32, simd, sse, ssefp, string, sysem, syse
 from . import bmi, sse4, sse42str, ssse3
 from . import pvcall
 from . import mmx
+from .facts import Fact, having, merge
 
 M = X.Mnemonic
 
@@ -31,17 +33,17 @@ mmx.merge(EMITTERS)
 EXPORTS.update(mmx.EXPORTS)
 FP_MNEMONICS |= set(mmx.MMX_EMITTERS)
 
-# Instructions after which the block ends (they change the mode, CPL,
-# interrupt flag or segment state that the translation depends on).
-ENDS_BLOCK = frozenset({
-    M.HLT, M.CLI, M.STI, M.LGDT, M.LIDT, M.LTR, M.LLDT, M.LMSW, M.INVLPG, M.WRMSR,
-    M.POPF, M.POPFD, M.POPFQ, M.IN, M.OUT, M.SWAPGS, M.SYSCALL, M.SYSRET, M.SYSRETQ,
-})
+# The instruction-facts table (facts.py): every family's FACTS rows, and
+# HELPER for the SIMD/x87 forms (their generated code calls helpers that
+# see the whole CPU state).  The sets below are what the translator tests.
+FACTS: dict = {}
+for _family in (alu, ctrl, string, sysem):
+    merge(FACTS, _family.FACTS)
+merge(FACTS, {m: Fact.HELPER for m in FP_MNEMONICS})
 
-# Instructions implemented through a helper that sees the whole CPU state
-# (flag liveness treats them as reading the flags).
-HELPER_MNEMONICS = frozenset(
-    set(sysem.EMITTERS) | set(string.EMITTERS) - {M.MOV}
-    | {M.PUSHF, M.PUSHFD, M.PUSHFQ, M.INT, M.INT3, M.INTO, M.IRET, M.IRETD, M.IRETQ,
-       M.ENTER, M.DIV, M.IDIV}
-    | FP_MNEMONICS)
+ENDS_BLOCK = having(FACTS, Fact.ENDS_BLOCK)
+CPL0_GOES_ON = having(FACTS, Fact.CPL0_GOES_ON)
+HELPER_MNEMONICS = having(FACTS, Fact.HELPER)
+READS_LAZY = having(FACTS, Fact.READS_LAZY)
+NO_ACCESS = having(FACTS, Fact.NO_ACCESS)
+FWD_KEEP = having(FACTS, Fact.FWD_KEEP)

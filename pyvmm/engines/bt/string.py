@@ -9,6 +9,7 @@ import iced_x86 as X
 
 from . import flags as F
 from .bulk import rep_fast, rep_io
+from .facts import Fact
 from .gen import MASK, SEG_INDEX, Gen
 
 M = X.Mnemonic
@@ -221,3 +222,7 @@ for _m in ("MOVS", "STOS", "LODS", "CMPS", "SCAS", "INS", "OUTS"):
     for _s in "BWDQ":
         if hasattr(M, _m + _s):
             EMITTERS[getattr(M, _m + _s)] = _emit
+
+# This family's rows of the instruction-facts table (facts.py): every string
+# form runs through a helper.
+FACTS = {m: Fact.HELPER for m in EMITTERS}

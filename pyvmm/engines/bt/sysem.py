@@ -5,6 +5,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from .ctrl import _exit
+from .facts import Fact
 from .gen import GPR, MASK, SEG_INDEX, Gen, Unsupported
 
 M = X.Mnemonic
@@ -230,3 +231,13 @@ EMITTERS = {
     M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
     M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand, M.INT1: _int1,
 }
+
+# This family's rows of the instruction-facts table (facts.py): every form
+# counts as a helper (MOV too: its control- and debug-register forms are),
+# and those that change what the translation depends on end the block.
+FACTS = {m: Fact.HELPER for m in EMITTERS}
+for _m in (M.HLT, M.CLI, M.STI, M.LGDT, M.LIDT, M.LTR, M.LLDT, M.LMSW, M.INVLPG, M.WRMSR, M.IN, M.OUT,
+           M.SWAPGS, M.SYSCALL, M.SYSRET, M.SYSRETQ):
+    FACTS[_m] = FACTS.get(_m, Fact.NONE) | Fact.ENDS_BLOCK
+for _m in (M.CLI, M.STI):
+    FACTS[_m] |= Fact.CPL0_GOES_ON

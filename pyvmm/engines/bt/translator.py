@@ -21,7 +21,8 @@ from . import flags as F
 from .faults import UD, GuestFault
 from .gen import GPR, Gen, Unsupported
 from .mmu import FETCH, P16, P32, P64, U16, U32, U64
-from .sem import EMITTERS, ENDS_BLOCK, EXPORTS, HELPER_MNEMONICS
+from .sem import (CPL0_GOES_ON, EMITTERS, ENDS_BLOCK, EXPORTS, FWD_KEEP, HELPER_MNEMONICS, NO_ACCESS,
+                  READS_LAZY)
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ FC = X.FlowControl
 _ARITH6 = (X.RflagsBits.OF | X.RflagsBits.SF | X.RflagsBits.ZF | X.RflagsBits.AF
            | X.RflagsBits.CF | X.RflagsBits.PF)
 _M = X.Mnemonic
-# Emitters that read the lazy flags although the architecture may not
-# (a shift by zero leaves the flags alone; bsf/bsr keep them for a zero source).
-_READS_LAZY = frozenset({_M.SHL, _M.SAL, _M.SHR, _M.SAR, _M.ROL, _M.ROR, _M.RCL, _M.RCR,
-                         _M.SHLD, _M.SHRD, _M.BSF, _M.BSR, _M.BT, _M.BTS, _M.BTR, _M.BTC})
-# Ending instructions inlined at CPL0 that leave the block only when needed.
-_CPL0_GOES_ON = frozenset({_M.CLI, _M.STI, _M.POPF, _M.POPFD, _M.POPFQ})
-# Memory-operand forms that never access memory (so never fault on it).
-_NO_ACCESS = frozenset({_M.LEA, _M.NOP})
-# Instructions a pushed value may stay forwardable across (ctrl.push):
-# register/immediate forms that store nothing and leave RSP alone.
-_FWD_KEEP = frozenset({_M.ADD, _M.SUB, _M.ADC, _M.SBB, _M.AND, _M.OR, _M.XOR, _M.CMP, _M.TEST, _M.INC,
-                       _M.DEC, _M.NEG, _M.NOT, _M.MOV, _M.MOVZX, _M.MOVSX, _M.MOVSXD, _M.SHL, _M.SAL,
-                       _M.SHR, _M.SAR, _M.IMUL, _M.LEA, _M.NOP, _M.JMP, _M.JE, _M.JNE, _M.JB, _M.JAE,
-                       _M.JBE, _M.JA, _M.JL, _M.JGE, _M.JLE, _M.JG, _M.JS, _M.JNS})
 _SP = frozenset({X.Register.RSP, X.Register.ESP, X.Register.SP, X.Register.SPL})
 _NEAR = (X.OpKind.NEAR_BRANCH16, X.OpKind.NEAR_BRANCH32, X.OpKind.NEAR_BRANCH64)
 _SYNC_OUT = "#SYNC_OUT"
@@ -342,7 +329,7 @@ class Translator:
                 out.append(ins)
                 m = ins.mnemonic
                 if single or len(out) >= MAX_INSNS or off + ins.len >= 0x1000 or (
-                        m in ENDS_BLOCK and not (c.mode[2] == 0 and m in _CPL0_GOES_ON)):
+                        m in ENDS_BLOCK and not (c.mode[2] == 0 and m in CPL0_GOES_ON)):
                     return out
                 if ins.flow_control == FC.NEXT or ins.is_jcc_short_or_near:
                     continue    # a jcc leaves through a side exit; the trace goes on falling through
@@ -380,7 +367,7 @@ class Translator:
             ins = insns[k]
             mod = ins.rflags_modified & _ARITH6
             rd = ins.rflags_read & _ARITH6
-            faults = ((ins.mnemonic not in _NO_ACCESS
+            faults = ((ins.mnemonic not in NO_ACCESS
                        and any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count)))
                       or ins.mnemonic in HELPER_MNEMONICS or ins.is_stack_instruction
                       or ins.is_string_instruction or ins.mnemonic not in EMITTERS
@@ -391,7 +378,7 @@ class Translator:
             out[k] = live
             if mod == _ARITH6 and not rd:
                 live = False
-            if rd or (mod and mod != _ARITH6) or faults or (ins.mnemonic in _READS_LAZY and not _sets_all(ins)):
+            if rd or (mod and mod != _ARITH6) or faults or (ins.mnemonic in READS_LAZY and not _sets_all(ins)):
                 live = True
         return out
 
@@ -446,9 +433,9 @@ class Translator:
         m = ins.mnemonic
         if m in (_M.PUSH, _M.POP, _M.CALL, _M.RET):
             return True
-        if m not in _FWD_KEEP:
+        if m not in FWD_KEEP:
             return False
-        return m in _NO_ACCESS or not any(ins.op_kind(i) == X.OpKind.MEMORY for i in ops)
+        return m in NO_ACCESS or not any(ins.op_kind(i) == X.OpKind.MEMORY for i in ops)
 
     def generate(self, insns: list, start: int) -> tuple[str, int]:
         """The Python source of a block running `insns` (a decoded trace
