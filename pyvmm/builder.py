@@ -11,7 +11,7 @@ from typing import Callable
 from .boot import layout
 from .boot.result import BootResult
 from .bus import Bus
-from .config import MIB, VmConfig
+from .config import MIB, VmConfig, parse_serial
 from .engines.base import Engine
 from .errors import ConfigError
 from .irq import IrqLine
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # The PC board: where each legacy device sits and which ISA IRQ it drives.
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+# COM1..COM4: the PC's I/O ports and ISA IRQs for the UARTs of config.serials.
+SERIAL_PORTS = ((COM1_PORT, COM1_IRQ), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 I8042_BASE, I8042_IRQ_KBD, I8042_IRQ_AUX = 0x60, 1, 12
 RTC_PORT, RTC_IRQ = 0x70, 8
 POST_PORT = 0x80
@@ -56,6 +58,22 @@ def _irq(machine: Machine, gsi: int) -> IrqLine:
     return IrqLine(gsi, lambda g, level: machine.engine.set_irq(g, level) if machine.engine else None)
 
 
+def _serial_sink(machine: Machine, spec: str, console: Output) -> Output:
+    """Where a UART's output goes: the console, nowhere, or a file (opened
+    for appending now, closed with the machine). Raises ConfigError."""
+    kind, path = parse_serial(spec)
+    if kind == "stdio":
+        return console
+    if kind == "null":
+        return lambda data: None
+    try:
+        f = open(path, "ab", buffering=0)
+    except OSError as e:
+        raise ConfigError(f"serial port file {path}: {e.strerror or e}") from None
+    machine.closers.append(f.close)
+    return f.write
+
+
 def add_legacy_devices(machine: Machine, output: Output) -> None:
     """UART, keyboard controller, RTC, POST port and the optional test devices."""
     from .devices.legacy.debug_exit import DebugExit
@@ -65,8 +83,11 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
     from .devices.legacy.serial8250 import Serial8250
 
     cfg, io = machine.config, machine.io_bus
-    serial = Serial8250(_irq(machine, COM1_IRQ), output)
-    io.insert(COM1_PORT, 8, serial, "serial0")
+    for i, spec in enumerate(cfg.serials):
+        port, irq = SERIAL_PORTS[i]
+        uart = Serial8250(_irq(machine, irq), _serial_sink(machine, spec, output))
+        io.insert(port, 8, uart, f"serial{i}")
+        machine.devices[f"serial{i}"] = uart
 
     def on_reset() -> None:
         machine.request_stop(StopReason.RESET, EXIT_OK, "i8042 reset")
@@ -79,7 +100,7 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
     io.insert(RTC_PORT, 2, rtc, "rtc")
     post = Port80()
     io.insert(POST_PORT, 1, post, "post")
-    machine.devices.update(serial0=serial, i8042=kbd, rtc=rtc, post=post)
+    machine.devices.update(i8042=kbd, rtc=rtc, post=post)
     if cfg.debug_exit is not None:
         base, size = cfg.debug_exit
 
@@ -181,6 +202,8 @@ def build_machine(config: VmConfig, output: Output,
         if machine.engine is not None:
             machine.engine.close()
         machine.loop.close()
+        for close in machine.closers:
+            close()
         memory.close()
         raise
     finally:
@@ -199,6 +222,8 @@ def destroy_machine(machine: Machine) -> None:
     pv = machine.devices.get("paravirt")
     if pv is not None:
         pv.close()  # cancels a pending one-shot timer
+    for close in machine.closers:
+        close()
     from .devices.virtio.install import close as close_virtio
     close_virtio(machine)   # disk images
     machine.memory.close()

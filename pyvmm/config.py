@@ -222,6 +222,9 @@ class VmConfig:
     # QMP control sockets (api/qmp.py), as given to --qmp:
     # "unix:PATH,server[,wait=off]" or "tcp:HOST:PORT,server[,wait=off]".
     qmp: list[str] = field(default_factory=list)
+    # 16550 UARTs COM1..COM4 in order (builder.SERIAL_PORTS), each "stdio"
+    # (the console), "null" or "file:PATH" (output appended to PATH).
+    serials: list[str] = field(default_factory=lambda: ["stdio"])
     verbose: bool = False
 
     def validate(self) -> None:
@@ -244,6 +247,10 @@ class VmConfig:
                 parse_endpoint(spec)
         for net in self.nets:
             net.validate()
+        if len(self.serials) > MAX_SERIALS:
+            raise ConfigError(f"{len(self.serials)} serial ports: a PC has at most {MAX_SERIALS} (COM1-COM4)")
+        for spec in self.serials:
+            parse_serial(spec)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -331,6 +338,18 @@ def _field_value(key: str, value, default, where: str):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+MAX_SERIALS = 4
+
+
+def parse_serial(spec: str) -> tuple[str, str]:
+    """("stdio"|"null"|"file", path) of a serial port backend spec. Raises ConfigError."""
+    if spec in ("stdio", "null"):
+        return spec, ""
+    if spec.startswith("file:") and len(spec) > 5:
+        return "file", spec[5:]
+    raise ConfigError(f"bad serial port {spec!r} (stdio, null or file:PATH)")
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*$")

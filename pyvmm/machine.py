@@ -62,6 +62,8 @@ class Machine:
     # The machine's one event loop (loop.py): console input, timers; its
     # callbacks run under `lock`.  The builder makes and starts it.
     loop: "EventLoop | None" = None
+    # Called by destroy_machine after the devices stop: files the builder opened.
+    closers: list = field(default_factory=list)
     state: RunState = RunState.CONFIGURED
     _stop_event: threading.Event = field(default_factory=threading.Event)
     # Orders run-state commands; not `lock`, which vCPUs take for I/O while

@@ -54,7 +54,9 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
 
     def feed(data: bytes) -> None:
         if current:
-            current[0].devices["serial0"].receive(data)
+            uart = current[0].devices.get("serial0")
+            if uart is not None:            # console input goes to COM1
+                uart.receive(data)
 
     def on_quit() -> None:
         if current:

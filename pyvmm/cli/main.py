@@ -89,6 +89,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--cpuid-hide", default="", metavar="FEATURES", help="comma-separated CPUID features to hide, e.g. cx16,xsave")
     p.add_argument("--debug-exit", nargs="?", const="iobase=0xf4,iosize=4", metavar="iobase=N,iosize=N",
                    help="add QEMU's isa-debug-exit device (writing v exits with (v<<1)|1)")
+    p.add_argument("--serial", "-serial", action="append", metavar="stdio|null|file:PATH",
+                   help="the next 16550 UART, COM1..COM4 in order (repeatable; default: COM1 on the console)")
     p.add_argument("--fw-cfg", action="append", default=[], metavar="name=NAME,file=PATH", help="add a named fw_cfg file")
     p.add_argument("--no-guest-fit", action="store_true",
                    help="hw on hosts that emulate guest kernel mode: do not hide the CPU features "
@@ -206,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    cpuid_hide=[s for s in args.cpuid_hide.split(",") if s],
                    debug_exit=parse_debug_exit(args.debug_exit) if args.debug_exit else None,
                    fw_cfg_files=[parse_fw_cfg(t) for t in args.fw_cfg],
+                   serials=args.serial or ["stdio"],
                    host_decompress=not args.no_host_decompress, mmu=args.mmu,
                    deterministic=args.deterministic, verbose=args.verbose,
                    fit_guest_to_host=not args.no_guest_fit,
