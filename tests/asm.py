@@ -214,3 +214,17 @@ def elf_image(segments: list[tuple[int, int, bytes, int]], entry: int, *,
         header = ident + struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, entry, ehsize, 0, 0,
                                      ehsize, phentsize, nph, 40, 0, 0)
     return header + phdrs + body
+
+
+MULTIBOOT_HEADER = """
+.text
+.globl _start
+.align 4
+    .long 0x1BADB002, 0, -(0x1BADB002)
+_start:
+"""
+
+
+def multiboot_kernel(body: str) -> Path:
+    """A 32-bit Multiboot ELF at 1 MiB whose entry runs `body` (AT&T syntax)."""
+    return assemble(MULTIBOOT_HEADER + body, fmt="elf32", org=0x100000)

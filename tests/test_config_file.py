@@ -14,16 +14,11 @@ import pytest
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 
-from .asm import assemble
+from .asm import multiboot_kernel
 from .guest_session import REPO
 
 # A Multiboot kernel that writes 21 to the isa-debug-exit port at once.
 EXIT_KERNEL = """
-.text
-.globl _start
-.align 4
-    .long 0x1BADB002, 0, -(0x1BADB002)
-_start:
     mov $21, %al
     out %al, $0xf4
 1:  hlt
@@ -59,7 +54,7 @@ def test_bad_config_values_are_refused(data, message):
 
 
 def test_print_config_then_boot_from_it(tmp_path):
-    kernel = assemble(EXIT_KERNEL, fmt="elf32", org=0x100000)
+    kernel = multiboot_kernel(EXIT_KERNEL)
     printed = _pyvmm("run", "--kernel", str(kernel), "--engine", "bt", "--mem", "32M", "--debug-exit",
                      "--no-reboot", "--no-bt-cache", "--print-config")
     assert printed.returncode == 0, printed.stderr

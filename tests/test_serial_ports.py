@@ -11,16 +11,11 @@ import pytest
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 
-from .asm import assemble
+from .asm import multiboot_kernel
 from .guest_session import REPO
 
 # A Multiboot kernel that writes 'A' to COM1 and 'B' to COM2, then exits with 21.
 TWO_UARTS = """
-.text
-.globl _start
-.align 4
-    .long 0x1BADB002, 0, -(0x1BADB002)
-_start:
     mov $0x3f8, %dx
     mov $'A', %al
     out %al, %dx
@@ -40,7 +35,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_each_uart_writes_where_its_spec_says(tmp_path):
-    kernel = assemble(TWO_UARTS, fmt="elf32", org=0x100000)
+    kernel = multiboot_kernel(TWO_UARTS)
     log = tmp_path / "com2.log"
     common = ["--kernel", str(kernel), "--engine", "bt", "--mem", "32M", "--debug-exit", "--no-reboot",
               "--no-bt-cache"]
@@ -64,7 +59,7 @@ def test_bad_serial_specs_are_refused(serials, message):
 
 
 def test_an_unwritable_serial_file_is_one_line(tmp_path):
-    ran = _run("--kernel", str(assemble(TWO_UARTS, fmt="elf32", org=0x100000)), "--engine", "bt",
+    ran = _run("--kernel", str(multiboot_kernel(TWO_UARTS)), "--engine", "bt",
                "--serial", f"file:{tmp_path}/no/such/dir/x")
     lines = ran.stderr.decode().strip().splitlines()
     assert ran.returncode == 1 and len(lines) == 1 and "serial port file" in lines[0], ran.stderr

@@ -11,16 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.asm import assemble
+from tests.asm import multiboot_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 
 IDLE_KERNEL = """
-.text
-.globl _start
-.align 4
-    .long 0x1BADB002, 0, -(0x1BADB002)
-_start:
     sti
 1:  hlt
     jmp 1b
@@ -31,7 +26,7 @@ _kernel: list[Path] = []
 
 def idle_kernel() -> Path:
     if not _kernel:
-        _kernel.append(assemble(IDLE_KERNEL, fmt="elf32", org=0x100000))
+        _kernel.append(multiboot_kernel(IDLE_KERNEL))
     return _kernel[0]
 
 
