@@ -118,7 +118,7 @@ def test_abi_10_pyvmm_gets_the_mmu_update_fallback(image, monkeypatch, capfd):
     its ABI 1.0 path (mmu_update + flush_tlb) and gives the same results."""
     from pyvmm.cli.main import main
     from pyvmm.paravirt import abi, install
-    monkeypatch.setattr(install, "offered_features", lambda engine: abi.FEATURES & ~abi.FEAT_UPDATE_VA)
+    monkeypatch.setattr(install, "features_for", lambda shadowed: abi.FEATURES & ~abi.FEAT_UPDATE_VA)
     code = main(guestos.pyvmm_command(image, "bt", True, guestos.cmdline(iters=20, forks=3))[3:])
     out = capfd.readouterr().out
     res = guestos.parse(out)
@@ -139,14 +139,19 @@ def test_cmdline_and_parse():
 
 
 def test_mmu_feature_withheld_only_on_shadow_paging_hw_hosts():
+    from pyvmm.engines.bt.engine import BtEngine
     from pyvmm.engines.kvm import hostfit
+    from pyvmm.engines.kvm.engine import KvmEngine
     from pyvmm.paravirt import abi
-    from pyvmm.paravirt.install import offered_features
-    assert offered_features("bt") == abi.FEATURES
-    hw = offered_features("hw")
-    assert hw | abi.FEAT_MMU | abi.FEAT_UPDATE_VA == abi.FEATURES     # update_va is an MMU call
-    assert bool(hw & abi.FEAT_MMU) == bool(hw & abi.FEAT_UPDATE_VA) == (not hostfit.kernel_mode_emulated())
-    assert abi.cpuid_leaves(features=hw)[abi.CPUID_BASE + 1][1] == hw
+    from pyvmm.paravirt.install import features_for
+    # what each engine says of its host; attach() offers features_for(that)
+    assert not BtEngine.shadows_guest_page_tables(None)
+    assert KvmEngine.shadows_guest_page_tables(None) == hostfit.kernel_mode_emulated()
+    assert features_for(False) == abi.FEATURES
+    shadowed = features_for(True)
+    assert shadowed | abi.FEAT_MMU | abi.FEAT_UPDATE_VA == abi.FEATURES     # update_va is an MMU call
+    assert not shadowed & abi.FEAT_MMU and not shadowed & abi.FEAT_UPDATE_VA
+    assert abi.cpuid_leaves(features=shadowed)[abi.CPUID_BASE + 1][1] == shadowed
 
 
 def test_bench_paper_cli_prints_table_and_result(image):

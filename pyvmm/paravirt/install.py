@@ -46,15 +46,6 @@ def make_hypervisor(machine: Machine) -> Hypervisor:
     return Hypervisor(machine.memory, console, inject, stop, clock_ns, machine.config.engine, machine.loop)
 
 
-def offered_features(engine: str) -> int:
-    """The feature bits pyvmm offers under the engine named `engine` on this
-    host (what attach() gets from the engine itself)."""
-    if engine == "hw":
-        from ..engines.kvm import hostfit
-        return features_for(hostfit.kernel_mode_emulated())
-    return features_for(False)
-
-
 def features_for(shadowed_page_tables: bool) -> int:
     """The feature bits pyvmm offers.  Where the engine's host shadows the
     guest's page tables (KVM on kvm_pvm, or without VT-x/AMD-V), FEAT_MMU is
