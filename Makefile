@@ -13,7 +13,7 @@ run: setup
 BT_EXAMPLES ?= 20000
 
 test: setup
-	PYVMM_BT_EXAMPLES=$(BT_EXAMPLES) $(PYTHON) -m pytest -q -ra
+	PYVMM_BT_EXAMPLES=$(BT_EXAMPLES) $(PYTHON) -m pytest -q -ra --durations=15
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" -x
