@@ -206,30 +206,24 @@ class Gen:
         """Expression loading `size` bytes at linear address `la`: a soft-TLB
         hit (one dict lookup) reads the RAM mapping in place, anything else
         calls the MMU's slow path (which may raise GuestFault)."""
-        self.fault()
-        slow = f"{self.bind(f'rd{size}')}({la})"
-        if not la.isidentifier():
-            return slow
-        self.bind("TR")
-        if size == 1:
-            return f"(_e[0][_e[1] + ({la} & 0xFFF)] if (_e := TR.get({la} >> 12)) else {slow})"
-        fn, lim = _UNPACK[size]
-        return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TR.get({la} >> 12)) "
-                f"and {la} & 0xFFF <= {lim:#x} else {slow})")
+        return self._load(size, la, "rd", "TR")
 
     def rmem_for_write(self, size: int, la: str = "a") -> str:
         """rmem for the read of a read-modify-write: the fast path needs a
         writable mapping (TW), the slow path checks for writing first, so a
         fault reports a write as the CPU does."""
+        return self._load(size, la, "rw", "TW")
+
+    def _load(self, size: int, la: str, slow_name: str, tlb: str) -> str:
         self.fault()
-        slow = f"{self.bind(f'rw{size}')}({la})"
+        slow = f"{self.bind(f'{slow_name}{size}')}({la})"
         if not la.isidentifier():
             return slow
-        self.bind("TW")
+        self.bind(tlb)
         if size == 1:
-            return f"(_e[0][_e[1] + ({la} & 0xFFF)] if (_e := TW.get({la} >> 12)) else {slow})"
+            return f"(_e[0][_e[1] + ({la} & 0xFFF)] if (_e := {tlb}.get({la} >> 12)) else {slow})"
         fn, lim = _UNPACK[size]
-        return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := TW.get({la} >> 12)) "
+        return (f"({fn}(_e[0], _e[1] + ({la} & 0xFFF))[0] if (_e := {tlb}.get({la} >> 12)) "
                 f"and {la} & 0xFFF <= {lim:#x} else {slow})")
 
     def written(self, i: int) -> bool:
