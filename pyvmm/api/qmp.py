@@ -128,11 +128,14 @@ class QmpServer:
         self.endpoints = endpoints
         self.target = Target(name=name, emit=self.emit)
         self._listeners: dict[int, tuple[socket.socket, Endpoint]] = {}
+        # Set once a client has connected to that listener (whoever accepted it).
+        self._connected: dict[int, threading.Event] = {}
         try:
             for ep in endpoints:
                 sock = ep.listen()
                 sock.setblocking(False)
                 self._listeners[sock.fileno()] = (sock, ep)
+                self._connected[sock.fileno()] = threading.Event()
         except Exception:
             self.close()
             raise
@@ -170,18 +173,15 @@ class QmpServer:
         self._loop = None
 
     def wait_for_client(self) -> None:
-        """Blocks until one client has connected to each endpoint that waits
-        (QEMU's wait=on), so a management tool sees the guest from its start."""
-        for fd, (sock, ep) in list(self._listeners.items()):
+        """Blocks until a client has connected to each endpoint that waits
+        (QEMU's wait=on), so a management tool sees the guest from its start.
+        The machine's event loop does the accepting (attach() comes first)."""
+        for fd, (_sock, ep) in list(self._listeners.items()):
             if not ep.wait:
                 continue
             print(f"pyvmm: waiting for a QMP connection on {ep}", file=sys.stderr, flush=True)
-            sock.setblocking(True)
-            try:
-                conn, peer = sock.accept()
-            finally:
-                sock.setblocking(False)
-            self._add_client(conn, peer)
+            while not self._connected[fd].wait(0.5) and not self._closing:
+                pass
 
     # -- events --------------------------------------------------------------------
     def emit(self, event: str, data: dict | None = None) -> None:
@@ -213,6 +213,7 @@ class QmpServer:
             log.warning("qmp: accept failed: %s", e)
             return
         self._add_client(conn, peer)
+        self._connected[fd].set()
 
     def _add_client(self, conn: socket.socket, peer) -> None:
         conn.setblocking(False)
