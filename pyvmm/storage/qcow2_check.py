@@ -11,12 +11,12 @@ rewrites COPIED flags.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
-from .checkresult import EXIT_CLEAN, EXIT_CORRUPT, EXIT_ERRORS, EXIT_LEAKS, CheckResult
+from .checkresult import CheckResult
 from .image import ImageBase, ImageError
 from .qcow2_layout import DATA, INCOMPAT_CORRUPT, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, \
     compressed_geometry
+
 
 class _Counter:
     """Reference counts recomputed from the tables."""
