@@ -16,6 +16,9 @@ Instruction counts are exact: each guest's loop count and body length are
 known (a rep-prefixed instruction counts once, as hardware's
 instructions-retired does); the count bt reports is printed beside them.
 The mix rate is total instructions / total time over the five guests.
+An AVX2 row (bench/avx2_loop.py) runs a gcc -O2 -march=x86-64-v3 loop
+under bt and natively, the same repetitions in the same run; it is not
+part of the mix.
 Goals: >= 10 M insn/s on the mix (CPython 3.11), cpl0 >= 2x hw.
 Ends with: RESULT bt_mips=<mix M/s> cpl0_vs_hw=<ratio> ..."""
 
@@ -163,11 +166,33 @@ def run_hw(w: Workload, n: int) -> float:
         destroy_machine(m)
 
 
+def run_avx2(reps: int) -> str:
+    """The AVX2 row (bench/avx2_loop.py): the same gcc -O2 -march=x86-64-v3
+    loop natively and under bt; returns its RESULT fields."""
+    import avx2_loop
+    with avx2_loop.workdir() as d:
+        kernel, native = avx2_loop.build(d)
+        m = _machine(build_guest(avx2_loop.guest_source(kernel, DATA, reps), "long"), "bt")
+        try:
+            t = time.perf_counter()
+            m.engine.run()
+            dt = time.perf_counter() - t
+            _check_halted(m, "bt avx2")
+            counted = m.engine.stats().get("instructions", -1)
+        finally:
+            destroy_machine(m)
+        dn = min(avx2_loop.run_native(native, reps) for _ in range(3))
+    print(f"avx2     {counted:>10} (bt count) {counted / dt / 1e6:>9.3f} M/s under bt; native {dn * 1e6:.1f} us "
+          f"for the same {reps} reps: bt/native time = {dt / dn:.0f}x")
+    return f" avx2={counted / dt / 1e6:.3f} avx2_bt_vs_native_time={dt / dn:.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200_000, help="loop iterations per translated guest")
     ap.add_argument("--interp-div", type=int, default=20, help="interpreted runs do iters/this")
     ap.add_argument("--no-hw", action="store_true", help="skip the KVM comparison")
+    ap.add_argument("--avx2-reps", type=int, default=100, help="repetitions of the AVX2 loop (0: skip its row)")
     args = ap.parse_args(argv)
     n, ni = args.iters, max(args.iters // args.interp_div, 1)
     hw_ok = not args.no_hw and os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -196,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print("hw engine skipped (/dev/kvm unusable or --no-hw)")
     print(f"mix (all five guests, translated): {mix / 1e6:.2f} M insn/s wall-clock, "
           f"{total_i / total_c / 1e6:.2f} M insn/s of process CPU time (a loaded host lowers the first)")
+    avx2 = run_avx2(args.avx2_reps) if args.avx2_reps else ""
     print(f"RESULT bt_mips={mix / 1e6:.2f} cpl0_vs_hw={ratio:.2f} bt_mips_cpu={total_i / total_c / 1e6:.2f} "
           + " ".join(f"{k}={v / 1e6:.2f}" for k, v in results.items())
-          + f" hw_cpl0={hw_rate / 1e6:.2f}")
+          + f" hw_cpl0={hw_rate / 1e6:.2f}" + avx2)
     return 0
 
 

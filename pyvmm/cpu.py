@@ -104,6 +104,10 @@ class CpuState:
     # x87/SSE state as the 512-byte FXSAVE image (SDM vol. 1, 10.5.1); None:
     # not captured (a boot state), the engine keeps its reset values.
     fxsave: bytes | None = None
+    # XCR0 (reset 1: x87 only) and bits 255:128 of YMM0-15 (None: not
+    # captured, as fxsave; else 16 integers), the AVX state beyond fxsave.
+    xcr0: int = 1
+    ymmh: list[int] | None = None
 
     SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 

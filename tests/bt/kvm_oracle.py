@@ -108,7 +108,7 @@ class KvmOracle:
 
     Raises EngineError from the constructor when KVM cannot be opened or set up."""
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str = "/dev/kvm", avx_state: bool = False):
         self.kvm = Kvm(path)
         self.vm = self.kvm.create_vm()
         self.mem = mmap.mmap(-1, MEM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -117,6 +117,8 @@ class KvmOracle:
         self.vm.add_memory(0, MEM_SIZE, host)
         self.vcpu = self.vm.create_vcpu(0)
         self._fd = self.vcpu.fd
+        if avx_state:
+            self._enable_avx_state()
         self._run_mm = self.vcpu.run_mm
         self._write_tables()
         self.sregs = self._sregs()
@@ -267,6 +269,27 @@ class KvmOracle:
         if vector == 14:   # the handler stub leaves CR2 alone
             outcome.cr2 = self.vcpu.get_sregs().cr2
         return outcome
+
+    def _enable_avx_state(self) -> None:
+        """Gives the vCPU the host's CPUID and XCR0 = x87|SSE|AVX, so that
+        KVM_GET_XSAVE carries the YMM upper halves (vector_state).  Must run
+        before the first KVM_RUN (KVM refuses CPUID changes after it)."""
+        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        buf = bytearray(392)
+        struct.pack_into("<IIIIQ", buf, 0, 1, 0, 0, 0, 7)    # nr_xcrs, flags, {xcr 0, value 7}
+        if _ioctl(self._fd, abi.SET_XCRS, ctypes.addressof((ctypes.c_uint8 * len(buf)).from_buffer(buf))) < 0:
+            raise EngineError(f"oracle: KVM_SET_XCRS: {errno.errorcode.get(ctypes.get_errno())}")
+
+    def vector_state(self) -> tuple[list[int], int]:
+        """The 16 YMM registers (256-bit ints) and MXCSR as the last run left
+        them, from KVM_GET_XSAVE's standard layout: XMM at 160, MXCSR at 24,
+        bits 255:128 of YMM at 576 (its AVX component)."""
+        buf = bytearray(abi.XSAVE_AREA_SIZE)
+        if _ioctl(self._fd, abi.GET_XSAVE, ctypes.addressof((ctypes.c_uint8 * len(buf)).from_buffer(buf))) < 0:
+            raise EngineError(f"oracle: KVM_GET_XSAVE: {errno.errorcode.get(ctypes.get_errno())}")
+        ymm = [int.from_bytes(buf[160 + 16 * i:176 + 16 * i], "little")
+               | int.from_bytes(buf[576 + 16 * i:592 + 16 * i], "little") << 128 for i in range(16)]
+        return ymm, struct.unpack_from("<I", buf, 24)[0]
 
     def _enter(self) -> int:
         while True:

@@ -18,7 +18,8 @@ from pyvmm.boot.entry import long_mode_64, protected_mode_32, real_mode  # noqa:
 from pyvmm.bus import Bus  # noqa: E402
 from pyvmm.config import VmConfig  # noqa: E402
 from pyvmm.engines.bt.engine import BtEngine, execute_one  # noqa: E402
-from pyvmm.machine import EXIT_HALTED, Machine, StopReason  # noqa: E402
+from pyvmm.cli.exitcodes import EXIT_HALTED, exit_code  # noqa: E402
+from pyvmm.machine import Machine, StopReason  # noqa: E402
 from pyvmm.memory import GuestMemory  # noqa: E402
 from tests.asm import PollingUart  # noqa: E402
 
@@ -68,7 +69,7 @@ msg: .asciz "hello from long mode\\n"
     st = run_guest(m, eng, long_mode_64(m.memory, 0x100000))
     assert bytes(uart.out) == b"hello from long mode\n"
     assert m.stop_status.reason == StopReason.HALTED
-    assert m.stop_status.code == EXIT_HALTED
+    assert exit_code(m.stop_status) == EXIT_HALTED
     assert st.regs["rbx"] == 0x1122334455667788
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from pyvmm.devices.platform.clock import GuestClock
 from pyvmm.devices.platform.lapic import LocalApic
-from pyvmm.engines.bt import features, system
+from pyvmm.engines.bt import cpumodel, features, system
 from pyvmm.engines.bt.cpuid import FEATURES, CpuidTable
 from pyvmm.engines.bt.sem import EMITTERS
 from pyvmm.engines.bt.engine import BtCpu
@@ -37,33 +37,25 @@ def _advertised(table: CpuidTable, name: str) -> bool:
     return bool(table.lookup(leaf, 0)[reg] >> bit & 1)
 
 
-# Implemented but deliberately not advertised yet, with the reason.
-HELD_BACK = {
-    # xsave/xrstor/xgetbv/xsetbv exist for x87+SSE state only; Linux is
-    # offered XSAVE together with AVX state (issue 14, part 4).
-    "xsave": "no AVX state component yet",
-}
-
-
 def test_features_match_what_the_translator_implements():
-    """An instruction-set feature is advertised exactly when the emitter
-    table implements its instructions (features.INSTRUCTIONS): nothing
-    advertised is missing, nothing implemented goes unadvertised unless
-    HELD_BACK says why (and then it must really be implemented)."""
+    """An instruction-set feature is advertised by the default model (v3)
+    exactly when the emitter table implements its instructions
+    (features.INSTRUCTIONS) and x86-64-v3 (with bt's extras) includes it:
+    nothing advertised is missing, nothing implemented of v3 goes unadvertised."""
     table = CpuidTable()
     have = features.implemented(EMITTERS)
+    level = cpumodel.LEVELS["v3"]
     wrong = {name: ("advertised, not implemented" if _advertised(table, name) else "implemented, not advertised")
              for name in features.INSTRUCTIONS
-             if _advertised(table, name) != (name in have) and name not in HELD_BACK}
+             if _advertised(table, name) != (name in have and name in level)}
     assert not wrong, wrong
-    for name in HELD_BACK:
-        assert name in have and not _advertised(table, name), f"{name}: drop it from HELD_BACK"
-    assert {"sse4_2", "ssse3", "bmi2", "popcnt"} <= have     # x86-64-v2 and part of v3, at least
+    assert {"sse4_2", "ssse3", "bmi2", "popcnt", "xsave"} <= have     # x86-64-v2 and part of v3, at least
     _, _, ecx, edx = table.lookup(1, 0)
     for bit in (6, 9, 16):                                   # pae apic pat
         assert edx >> bit & 1, bit
     assert ecx >> 24 & 1                                     # TSC deadline
-    for bit in (26, 27, 28, 21, 17):                         # xsave osxsave avx x2apic pcid
+    assert ecx >> 26 & 1                                     # xsave
+    for bit in (27, 21, 17):                                 # osxsave (live only) x2apic pcid
         assert not ecx >> bit & 1, bit
     _, _, ecx8, edx8 = CpuidTable().lookup(0x80000001, 0)
     assert edx8 >> 11 & 1 and edx8 >> 20 & 1 and edx8 >> 29 & 1   # syscall nx lm

@@ -504,6 +504,12 @@ def _cpu(**kw) -> FakeCpu:
     return FakeCpu(CpuidTable(), **kw)
 
 
+def _cpu_v2(**kw) -> FakeCpu:
+    """A vCPU of --cpu-model v2: no XSAVE."""
+    from pyvmm.engines.bt.cpuid import CpuidTable
+    return FakeCpu(CpuidTable(model="v2"), **kw)
+
+
 LMA = sysregs.EFER_LMA | sysregs.EFER_LME
 
 
@@ -516,7 +522,8 @@ LMA = sysregs.EFER_LMA | sysregs.EFER_LME
     ("CR0 bit 32", lambda: sysregs.check_cr0(_cpu(), 1 << 32 | 0x11)),
     ("CR8 bit 4", lambda: sysregs.check_cr8(0x10)),
     ("EFER.LME changed with paging on", lambda: sysregs.check_efer(_cpu(cr0=0x80000011), sysregs.EFER_LME)),
-    ("XCR0 AVX (not offered)", lambda: sysregs.check_xcr0(_cpu(), 7)),
+    ("XCR0 AVX (not offered)", lambda: sysregs.check_xcr0(_cpu_v2(), 7)),
+    ("XCR0 MPX (not offered)", lambda: sysregs.check_xcr0(_cpu(), 0x1F)),
     ("XCR0 without x87", lambda: sysregs.check_xcr0(_cpu(), 2)),
 ])
 def test_long_mode_and_xcr0_rules(what, call):
@@ -529,9 +536,9 @@ def test_long_mode_and_xcr0_rules(what, call):
 def test_rules_follow_cpuid():
     """A feature added to CPUID is accepted without a change in sysregs."""
     from pyvmm.engines.bt.cpuid import CpuidTable
-    table = CpuidTable()
+    table = CpuidTable(model="v2")
     cpu = FakeCpu(table, mode=(64, 64, 0), efer=LMA, cr4=0x20)
-    assert not sysregs.cr4_allowed(cpu) & (1 << 18 | 1 << 17 | 1 << 22)   # no XSAVE, PCID, PKU today
+    assert not sysregs.cr4_allowed(cpu) & (1 << 18 | 1 << 17 | 1 << 22)   # no XSAVE (v2), PCID, PKU
     a, b, c, d = table.lookup(1, 0)
     table.leaves[(1, 0)] = (a, b, c | 1 << 26 | 1 << 17, d)                # offer XSAVE and PCID
     a, b, c, d = table.lookup(7, 0)
@@ -550,11 +557,13 @@ def test_wrmsr_and_cr_writes_on_the_vcpu():
     from pyvmm.engines.bt import system
     from pyvmm.engines.bt.faults import GuestFault
     from pyvmm.engines.bt.cpu import VCpu
+    from pyvmm.engines.bt.cpuid import CpuidTable
     from pyvmm.bus import Bus
     from pyvmm.memory import GuestMemory
     mem = GuestMemory(4 << 20)
     try:
         c = VCpu(mem, Bus("io"), Bus("mmio"))
+        c.cpuid = CpuidTable()
         for idx in (0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083, 0x175, 0x176):
             with pytest.raises(GuestFault):
                 system.wrmsr(c, idx, 0x0000800000000000)
@@ -566,7 +575,7 @@ def test_wrmsr_and_cr_writes_on_the_vcpu():
             system.wrmsr(c, 0x12345678, 0)
         cr4 = c.cr4
         with pytest.raises(GuestFault):
-            system.write_cr(c, 4, 1 << 18)        # OSXSAVE: XSAVE is not offered
+            system.write_cr(c, 4, 1 << 22)        # PKE: PKU is not offered
         assert c.cr4 == cr4
         with pytest.raises(GuestFault):
             system.write_cr(c, 8, 0x10)
@@ -580,7 +589,7 @@ LONG_PROBES = [   # (instructions, faults?)
     ("mov rax, cr3\nbts rax, 63\nmov cr3, rax", True),        # no-flush bit without PCIDE
     ("mov rax, cr3\nmov cr3, rax", False),                    # the fast path: same CR3
     ("mov rax, cr4\nand eax, ~0x20\nmov cr4, rax", True),     # PAE cleared in long mode
-    ("mov rax, cr4\nbts eax, 18\nmov cr4, rax", True),        # OSXSAVE: XSAVE not offered
+    ("mov rax, cr4\nbts eax, 22\nmov cr4, rax", True),        # PKE: PKU not offered
     ("mov rax, cr4\nbts eax, 17\nmov cr4, rax", True),        # PCIDE: PCID not offered
     ("mov rax, cr0\nbtr eax, 31\nmov cr0, rax", True),        # PG cleared in 64-bit mode
     ("mov eax, 0x10\nmov cr8, rax", True),                    # CR8 bits 63:4

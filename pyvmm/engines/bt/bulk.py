@@ -14,6 +14,23 @@ from __future__ import annotations
 from .gen import MASK
 
 PAGE = 0x1000
+TICK_BYTES = 0x10000      # a long rep looks at the timers after each 64 KiB
+
+
+def rep_tick(c, elements: int) -> None:
+    """A rep string instruction did `elements` more iterations.  The CPU
+    takes interrupts between iterations (SDM Vol. 1, 7.3.9.2 / REP), so
+    when a timer is due the run stops there (pending): RCX/RSI/RDI stay
+    partly advanced, RIP stays on the rep, and the dispatcher delivers.
+    Under deterministic time each iteration takes as long as an
+    instruction, so a timer can come due in the middle of a long rep."""
+    clk, intc = c.clock, c.intc
+    if clk is None or intc is None:
+        return
+    if clk.deterministic:
+        clk.advance_ns(int(elements * clk.ns_per_insn))
+    if clk.now_ns() >= intc.next_deadline_ns():
+        c.pending = True
 
 
 def rep_fast(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> None:
@@ -22,10 +39,16 @@ def rep_fast(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> Non
     R = c.R
     keep = 0 if am == 0xFFFFFFFF else ~am   # a 32-bit register write clears bits 63:32
     mmu = c.mmu
+    done = 0
     while not c.pending:
         count = R[1] & am
         if count == 0:
             return
+        if done >= TICK_BYTES:
+            rep_tick(c, done // size)
+            done = 0
+            if c.pending:
+                return
         di = R[7] & am
         dla = (es + di) & lam
         n = min(count, (PAGE - (dla & 0xFFF)) // size, (am - di) // size + 1 if am != MASK[8] else count)
@@ -56,6 +79,7 @@ def rep_fast(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> Non
             d[0][d[1]:d[1] + nb] = (R[0] & MASK[size]).to_bytes(size, "little") * n
         R[7] = (R[7] & keep) | ((di + nb) & am)
         R[1] = (R[1] & keep) | ((count - n) & am)
+        done += nb
 
 
 def rep_io(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> None:
@@ -67,10 +91,16 @@ def rep_io(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> None:
     mmu = c.mmu
     port = R[2] & 0xFFFF
     idx, base = (7, es) if op == "ins" else (6, src)
+    done = 0
     while not c.pending:
         count = R[1] & am
         if count == 0:
             return
+        if done >= TICK_BYTES:
+            rep_tick(c, done // size)
+            done = 0
+            if c.pending:
+                return
         off = R[idx] & am
         la = (base + off) & lam
         n = min(count, (PAGE - (la & 0xFFF)) // size, (am - off) // size + 1 if am != MASK[8] else count)
@@ -89,3 +119,4 @@ def rep_io(c, op: str, size: int, am: int, es: int, src: int, lam: int) -> None:
             c.io.write_many(port, size, bytes(s[0][s[1]:s[1] + nb]))
         R[idx] = (R[idx] & keep) | ((off + nb) & am)
         R[1] = (R[1] & keep) | ((count - n) & am)
+        done += nb

@@ -39,12 +39,17 @@ class VCpu:
         self.io = io_bus
         self.index = index
         self.mmu = Mmu(memory, mmio_bus, on_code_write, guard, shadow)
+        # SMAP lets explicit supervisor accesses reach user pages while
+        # EFLAGS.AC is set (at CPL < 3; implicit accesses never: sys_rd/sys_wr).
+        self.mmu.ac = lambda: self.cpl < 3 and bool(self.rf & 0x40000)
         self.jmp: dict[int, object] = {}   # fetch linear address -> block, for the current mode
         self.mmu.jmp = self.jmp
         self.clock = None       # GuestClock (RDTSC); None: host perf counter
         self.lapic = None       # LocalApic for the APIC MSRs; None: no APIC
         self.cpuid = None       # CpuidTable; None: the default table
         self.shadow_int = False  # interrupt shadow (after sti / mov ss)
+        self.shadow_rip = -1     # RIP of the one instruction STI's shadow covers; -1: wherever RIP is
+        self.intc = None        # the platform's interrupt controllers (irq_window); None: none
         self.R = [0] * 16
         self.rip = 0
         self.lf = F.CLEAR
@@ -72,6 +77,10 @@ class VCpu:
         self.halted = False
         self.icount = 0
         self.xmm = [0] * 16
+        # Bits 255:128 of each YMM register (AVX), kept apart so that SSE code,
+        # which never touches them, stays as it is.
+        self.ymmh = [0] * 16
+        self.xcr0 = 1           # x87 only until the guest's XSETBV
         self.mxcsr = 0x1F80
         self.fpu_env = bytes(512)
         self.rip_back = False
@@ -159,6 +168,8 @@ class VCpu:
         else:
             pg = PG_32
         self.mmu.pge = bool(self.cr4 & 0x80)    # CR4.PGE: shadow mode shares global entries
+        self.mmu.smep = bool(self.cr4 & 0x100000)   # CR4.SMEP, CR4.SMAP: part of the space's key
+        self.mmu.smap = bool(self.cr4 & 0x200000)
         self.mmu.configure(pg, self.cr3, bool(self.cr0 & CR0_WP), bool(self.efer & EFER_NXE),
                            self.cpl == 3, bits == 64)
 
@@ -177,7 +188,13 @@ class VCpu:
         supervisor pages even at CPL 3, as the CPU's own accesses are."""
         m = self.mmu
         if not m.user:
-            return self.rd(la, size)
+            if not m.smap:
+                return self.rd(la, size)
+            m.implicit = True           # SMAP ignores EFLAGS.AC for implicit accesses
+            try:
+                return self.rd(la, size)
+            finally:
+                m.implicit = False
         la &= M64
         e = m.pairs[0][0].get(la >> 12)     # the supervisor map: no switch to it and back
         if e is not None and la & 0xFFF <= 0x1000 - size:
@@ -192,7 +209,13 @@ class VCpu:
         """An implicit supervisor-mode write (descriptor accessed/busy bits)."""
         m = self.mmu
         if not m.user:
-            return self.wr(la, size, v)
+            if not m.smap:
+                return self.wr(la, size, v)
+            m.implicit = True
+            try:
+                return self.wr(la, size, v)
+            finally:
+                m.implicit = False
         m.configure(m.mode, m.cr3, m.wp, m.nxe, False, m.long)
         try:
             self.wr(la, size, v)
@@ -452,7 +475,10 @@ class VCpu:
             self.load_cs(cs)
             self.rip = ip
             mask = 0xFFFF if size == 2 else 0x257FD5
+            was_if = self.rf & F.IF
             self.set_rflags((self.rflags & ~mask) | (fl & mask))
+            if self.rf & F.IF and not was_if:
+                self.irq_window()
             return
         lm64 = self.mode[0] == 64
         ip = self.pop(size)
@@ -467,7 +493,10 @@ class VCpu:
         else:
             sp = ss = None
         old_cpl = self.cpl
+        was_if = self.rf & F.IF
         self._popf_value(fl, size, old_cpl)
+        if self.rf & F.IF and not was_if:
+            self.irq_window()
         self.load_cs(cs)
         self.rip = ip if size != 2 else ip & 0xFFFF
         self.rf_rip = self.rip if self.rf & F.RF else -1
@@ -504,8 +533,20 @@ class VCpu:
         cur = self.rflags
         self.set_rflags((cur & ~mask) | (v & mask))
 
+    def irq_window(self) -> bool:
+        """IF just went to 1 (STI, POPF, IRET, SYSRET): when an interrupt
+        waits, ask the dispatcher in (pending), so it is taken at the next
+        instruction boundary, not at the end of the slice.  Returns pending."""
+        intc = self.intc
+        if intc is not None and intc.pending(self.index):
+            self.pending = True
+        return self.pending
+
     def popf(self, v: int, size: int) -> None:
+        was_if = self.rf & F.IF
         self._popf_value(v, size, self.cpl)
+        if self.rf & F.IF and not was_if:
+            self.irq_window()
         self.rf &= ~F.RF                # POPF clears RF (SDM POPF); only IRET loads it
         if self.rf & F.TF:
             self.pending = True         # single-step from the next instruction on (smp.py)

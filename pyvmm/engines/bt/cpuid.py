@@ -1,16 +1,20 @@
 """CPUID for the bt engine: a table of what the translator really implements.
 
 The table advertises a GenuineIntel family-6 CPU with the base features
-x86-64 Linux requires and nothing the translator lacks (no XSAVE, AVX,
-PCID, x2APIC, MONITOR, ...).  Leaves 0x15/0x16 give the TSC and crystal
+x86-64 Linux requires, the instruction-set features of its `--cpu-model`
+(cpumodel.py: an x86-64 level or the host's, never one the translator
+lacks), and no PCID, x2APIC, MONITOR, ....  With XSAVE, leaf 0xD
+describes the x87, SSE and (with AVX) AVX state components.  CPUID.1:
+ECX.OSXSAVE and the XSAVE area size for the current XCR0 (0xD.0:EBX)
+follow the vCPU's state: system.py's `live_bits()` adds them at execution time.  Leaves 0x15/0x16 give the TSC and crystal
 frequencies of the GuestClock, and 0x80000007 EDX bit 8 says the TSC is
 invariant, so Linux takes the TSC frequency as given and never calibrates
 it against the PIT (which fails under a slow engine).  The KVM paravirtual
 leaves (0x40000000...) and the hypervisor bit are not here: kvmpv.py wraps
 this table with them (unless --no-kvmclock).
 
-`CpuidTable(cpu_index, ncpus, hide)` answers `lookup(leaf, subleaf)`.
-Only the constructor raises (ConfigError for an unknown feature name)."""
+`CpuidTable(cpu_index, ncpus, hide, model)` answers `lookup(leaf, subleaf)`.
+Only the constructor raises (ConfigError for an unknown feature name or model)."""
 
 from __future__ import annotations
 
@@ -18,32 +22,16 @@ import logging
 
 from ...devices.platform.clock import cpuid_15, cpuid_16
 from ...errors import ConfigError
+from . import cpumodel
 
 log = logging.getLogger(__name__)
 
-VENDOR = b"GenuineIntel"
-MAX_BASIC = 0x16
-MAX_EXTENDED = 0x80000008
-SIGNATURE = 0x000306A9           # family 6, model 0x3A, stepping 9
+from .cpuidbits import (  # noqa: F401  (FEATURES, VENDOR, BRAND: re-exported for callers)
+    BRAND, EXT1_ECX, EXT1_EDX, FEATURES, LEAF1_ECX, LEAF1_EDX, LEAF7_EBX, MAX_BASIC, MAX_EXTENDED,
+    SIGNATURE, VENDOR, XGETBV1, XSAVEC, XSAVEOPT)
+from .hostcpu import host_cpuid
+from .xstate import AVX, AVX_OFF, AVX_SIZE, area_size
 
-# (leaf, register, bit) for each feature, named as in /proc/cpuinfo.
-LEAF1_EDX = {"fpu": 0, "de": 2, "pse": 3, "tsc": 4, "msr": 5, "pae": 6,
-             "cx8": 8, "apic": 9, "mtrr": 12, "pge": 13, "cmov": 15,
-             "pat": 16, "pse36": 17, "clflush": 19, "mmx": 23, "fxsr": 24, "sse": 25,
-             "sse2": 26}
-LEAF1_ECX = {"pni": 0, "ssse3": 9, "cx16": 13, "sse4_1": 19, "sse4_2": 20, "movbe": 22, "popcnt": 23,
-             "tsc_deadline_timer": 24, "rdrand": 30}
-LEAF7_EBX = {"tsc_adjust": 1, "bmi1": 3, "bmi2": 8, "rdseed": 18, "adx": 19}
-EXT1_EDX = {"syscall": 11, "nx": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29}
-EXT1_ECX = {"lahf_lm": 0, "abm": 5}
-
-FEATURES: dict[str, tuple[int, int, int]] = {}
-for _regs, _leaf, _reg in ((LEAF1_EDX, 1, 3), (LEAF1_ECX, 1, 2), (LEAF7_EBX, 7, 1),
-                           (EXT1_EDX, 0x80000001, 3), (EXT1_ECX, 0x80000001, 2)):
-    for _name, _bit in _regs.items():
-        FEATURES[_name] = (_leaf, _reg, _bit)
-
-BRAND = b"pyvmm bt virtual CPU @ 2.00GHz".ljust(48, b"\0")
 
 
 def _vendor_words() -> tuple[int, int, int]:
@@ -61,16 +49,25 @@ def _bits(names) -> int:
 class CpuidTable:
     """The CPUID answers of one vCPU (APIC id = its index)."""
 
-    def __init__(self, cpu_index: int = 0, ncpus: int = 1, hide: list[str] | None = None):
+    def __init__(self, cpu_index: int = 0, ncpus: int = 1, hide: list[str] | None = None,
+                 model: str = "v3"):
         unknown = [h for h in hide or [] if h not in FEATURES]
         if unknown:
             raise ConfigError(f"bt: unknown CPUID feature(s) to hide: {', '.join(unknown)}")
         self.cpu_index = cpu_index
         self.ncpus = ncpus
+        self.model = model
         hidden = set(hide or [])
+        offered = cpumodel.advertised(model)
+        if "xsave" in hidden:          # AVX state needs XSAVE (as KVM's hiding does)
+            hidden |= {"avx", "avx2", "fma", "f16c"}
+        if "avx" in hidden:
+            hidden |= {"avx2", "fma", "f16c"}
+        self.features = {name for name in FEATURES if name not in hidden
+                         and (name in offered or not cpumodel.is_instruction_feature(name))}
         regs = {(1, 3): 0, (1, 2): 0, (7, 1): 0, (0x80000001, 3): 0, (0x80000001, 2): 0}
         for name, (leaf, reg, bit) in FEATURES.items():
-            if name not in hidden:
+            if name in self.features:
                 regs[(leaf, reg)] |= 1 << bit
         if ncpus > 1:
             regs[(1, 3)] |= 1 << 28                       # HTT: several logical CPUs
@@ -97,6 +94,8 @@ class CpuidTable:
             (0x80000007, 0): (0, 0, 0, 1 << 8),            # invariant TSC
             (0x80000008, 0): (0x3028, 0, 0, 0),            # 40-bit physical, 48-bit virtual
         }
+        if "xsave" in self.features:
+            self._xsave_leaves(model)
         for i in range(3):
             words = [int.from_bytes(BRAND[16 * i + 4 * j:16 * i + 4 * j + 4], "little") for j in range(4)]
             self.leaves[(0x80000002 + i, 0)] = tuple(words)  # type: ignore[assignment]
@@ -108,14 +107,27 @@ class CpuidTable:
         self.leaves[(4, 3)] = (0x163 | cores | ((ncpus - 1) << 14), 0x03C0003F, 0xFFF, 6)  # L3 4M
         self.leaves[(4, 4)] = (0, 0, 0, 0)
 
+    def _xsave_leaves(self, model: str) -> None:
+        """Leaf 0xD: the state components XCR0 may enable and their layout."""
+        xcr0 = 3 | (AVX if "avx" in self.features else 0)
+        self.leaves[(0xD, 0)] = (xcr0, area_size(1), area_size(xcr0), 0)
+        sub1 = XSAVEOPT | XSAVEC | XGETBV1
+        if model == "host":
+            sub1 &= host_cpuid(0xD, 1)[0]
+        self.leaves[(0xD, 1)] = (sub1, area_size(1), 0, 0)
+        if xcr0 & AVX:
+            self.leaves[(0xD, 2)] = (AVX_SIZE, AVX_OFF, 0, 0)
+
     def __repr__(self) -> str:
-        return f"CpuidTable(cpu={self.cpu_index}, ncpus={self.ncpus})"
+        return f"CpuidTable(cpu={self.cpu_index}, ncpus={self.ncpus}, model={self.model})"
 
     def lookup(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
         """(eax, ebx, ecx, edx) for a leaf. Leaves above the maximum answer
         as the highest basic leaf does, as Intel CPUs do."""
         if leaf == 7 and sub:
             return (0, 0, 0, 0)
+        if leaf == 0xD:
+            return self.leaves.get((0xD, sub), (0, 0, 0, 0))
         if leaf in (4, 0xB):
             key = (leaf, sub)
             if key in self.leaves:

@@ -307,6 +307,7 @@ def _popf(g: Gen) -> None:
         g.emit(f"c.rf = (((o & ~{mask:#x}) | (p & {mask:#x})) & {0x3F7FD7 & ~F.ARITH & ~F.RF:#x}) | 2")
         g.set_flags(F.RAW, 1, f"p & {F.ARITH:#x}")
         g.emit(f"if c.rf & {F.TF:#x}: c.pending = True")   # single-step from here on (smp.py)
+        g.emit(f"if (c.rf & ~o) & {F.IF:#x}: c.irq_window()")  # an interrupt may be due now
         g.emit("if (c.rf & ~o) & 0x300 or c.pending:")
         g.ind += 1
         _exit(g, f"{g.ins.next_ip:#x}")

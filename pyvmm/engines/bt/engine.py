@@ -18,7 +18,8 @@ from ...errors import EngineError
 from ...runstate import PauseGate
 from ..base import Engine
 from .cpu import VCpu
-from .faults import DB, GuestFault, SmcRestart
+from .cpuid import CpuidTable
+from .faults import DB, ApicRestart, GuestFault, SmcRestart
 from .jumpcache import JumpCaches
 from .shadow import PageGuard
 from .translator import Translator
@@ -36,6 +37,7 @@ class BtCpu(VCpu):
                  shadow: bool = False, index: int = 0):
         super().__init__(memory, io_bus, mmio_bus, on_code_write=self._code_written,
                          guard=guard, shadow=shadow, index=index)
+        self.cpuid = CpuidTable(index)    # the default model; prepare() gives the configured one
         self.translator = Translator(self)
         self.jumps = JumpCaches()
         self.jmp = self.mmu.jmp = self.jumps.new()
@@ -45,6 +47,7 @@ class BtCpu(VCpu):
         self.faults = 0              # exceptions delivered (all vectors)
         self.interrupts = 0          # external interrupts and NMIs delivered
         self.smc_restarts = 0        # instructions re-run alone after writing their own code page
+        self.apic_restarts = 0       # local APIC writes re-run alone so an interrupt is taken next
         self.blocks_ns = 0           # host time inside run_blocks (translated code + lookups)
 
     def update_mode(self) -> None:
@@ -99,12 +102,16 @@ class BtCpu(VCpu):
         except GuestFault as f:
             self.faults += 1
             self.deliver(f)
-        except SmcRestart:
-            self._smc_restart()
+        except SmcRestart as e:
+            self._smc_restart(e)
 
-    def _smc_restart(self) -> None:
-        """Re-runs, alone, an instruction that wrote to a page of translated code."""
-        self.smc_restarts += 1
+    def _smc_restart(self, why: SmcRestart) -> None:
+        """Re-runs, alone, an instruction that wrote to a page of translated
+        code (or to the local APIC: faults.ApicRestart)."""
+        if isinstance(why, ApicRestart):
+            self.apic_restarts += 1
+        else:
+            self.smc_restarts += 1
         self.mmu.smc_ok = True
         try:
             self.translator.lookup(True)(self)
@@ -132,8 +139,8 @@ class BtCpu(VCpu):
         except GuestFault as f:
             self.faults += 1
             self.deliver(f)
-        except SmcRestart:
-            self._smc_restart()
+        except SmcRestart as e:
+            self._smc_restart(e)
         finally:
             self.blocks_ns += time.perf_counter_ns() - t0
 
@@ -191,7 +198,6 @@ class BtEngine(Engine):
 
     def prepare(self) -> None:
         """Creates the vCPUs. Raises EngineError / ConfigError for a bad setup."""
-        from .cpuid import CpuidTable
         from .smp import Scheduler
         m = self.machine
         mode = getattr(m.config, "mmu", "shadow")
@@ -208,7 +214,9 @@ class BtEngine(Engine):
             c = BtCpu(m.memory, m.io_bus, m.mmio_bus, self.guard, mode == "shadow", i)
             c.clock = self.clock
             c.lapic = self.intc.lapics[i]
-            c.cpuid = CpuidTable(i, n, hide)
+            c.intc = self.intc
+            c.mmu.lapic = c.lapic
+            c.cpuid = CpuidTable(i, n, hide, getattr(m.config, "cpu_model", "v3"))
             self.cpus.append(c)
         m.memory.dirty_sources.append(self.guard)    # the translator's writes feed the dirty log
         if getattr(m.config, "kvmclock", True) and m.config.engine == "bt":
@@ -235,11 +243,17 @@ class BtEngine(Engine):
     def set_irq(self, gsi: int, level: int) -> None:
         self.intc.set_irq(gsi, level)
 
+    def signal_msi(self, address: int, data: int) -> None:
+        self.intc.signal_msi(address, data)
+
     def load_state(self, cpu: int, state: CpuState) -> None:
         self.cpus[cpu].load(state)
         if state.fxsave is not None:
             from .fxstate import from_fxsave
             from_fxsave(self.cpus[cpu], state.fxsave)
+        self.cpus[cpu].xcr0 = state.xcr0
+        if state.ymmh is not None:
+            self.cpus[cpu].ymmh = list(state.ymmh)
         self.cpus[cpu].halted = False
         self.cpus[cpu].translator.flush()
         self.cpus[cpu].jmp.clear()
@@ -250,6 +264,7 @@ class BtEngine(Engine):
         from .fxstate import to_fxsave
         st = self.cpus[cpu].save()
         st.fxsave = to_fxsave(self.cpus[cpu])
+        st.xcr0, st.ymmh = self.cpus[cpu].xcr0, list(self.cpus[cpu].ymmh)
         return st
 
     def kick(self) -> None:

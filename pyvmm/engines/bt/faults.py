@@ -33,6 +33,13 @@ class SmcRestart(Exception):
     instruction is restarted on the single-instruction path."""
 
 
+class ApicRestart(SmcRestart):
+    """Translated code tried to write the local APIC page (an ICR self-IPI,
+    a TPR or EOI write can make an interrupt deliverable at once): the
+    instruction is run alone, then the dispatcher takes what is pending
+    before the next instruction (SDM Vol. 3, 6.6)."""
+
+
 class BlockExit(Exception):
     """An instruction changed state the translation depends on (mode, CPL,
     segment, interrupt flag): leave the block after it."""

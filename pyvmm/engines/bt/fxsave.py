@@ -1,15 +1,14 @@
-"""fxsave/fxrstor and a minimal xsave family (x87 + SSE components only,
-XCR0 <= 3), xgetbv/xsetbv.
+"""fxsave/fxrstor, and the legacy-region helpers the XSAVE family
+(xsave.py) shares.
 
 The 512-byte legacy area (Intel SDM Vol. 1, 10.5.1): FCW, FSW, abridged
 FTW, FOP, FIP, FDP, MXCSR, MXCSR_MASK, ST0-7 (16-byte slots, 10 bytes used),
-XMM0-15 (XMM0-7 outside 64-bit mode). FOP/FIP/FDP are saved as 0 (not
-tracked); reserved bytes are left untouched. XCR0 lives in `c.xcr0`
-(created on first use, reset value 1).
+XMM0-15 (XMM0-7 outside 64-bit mode). FOP/FIP/FDP (with FCS/FDS in the
+32-bit form) are the last non-control x87 instruction's (x87state.py);
+reserved bytes are left untouched.
 
-Helpers raise GuestFault: #NM (CR0.TS/EM), #GP(0) for a misaligned area,
-reserved MXCSR bits or a bad XCR0, #UD when CR4.OSXSAVE is clear (xgetbv,
-xsetbv, xsave*)."""
+Helpers raise GuestFault: #NM (CR0.TS/EM), #GP(0) for a misaligned area
+or reserved MXCSR bits."""
 
 from __future__ import annotations
 
@@ -17,21 +16,19 @@ import struct
 
 import iced_x86 as X
 
-from .faults import GP, NM, UD, GuestFault
+from .faults import GP, NM, GuestFault
 from .gen import Gen
 from .mmu import WRITE
-from .sysregs import check_xcr0
-from .x87state import from80, fpu_of
+from .x87state import from80, fpu_of, pointers_fxsave
 
 M = X.Mnemonic
 M64 = 0xFFFFFFFFFFFFFFFF
 CR0_EM, CR0_TS = 4, 8
-CR4_OSFXSR, CR4_OSXSAVE = 1 << 9, 1 << 18
+CR4_OSFXSR = 1 << 9
 MXCSR_MASK = 0xFFFF
-XCR0_SUPPORTED = 3
 # Header: fcw, fsw, ftw, reserved, fop, fip(8), fdp(8), mxcsr, mxcsr_mask
 LEGACY_HDR = struct.Struct("<HHBBHQQII")
-ST_OFF, XMM_OFF, XSAVE_HDR = 32, 160, 512
+ST_OFF, XMM_OFF = 32, 160
 
 
 def _check(c) -> None:
@@ -58,16 +55,18 @@ def _nregs(c) -> int:
 
 
 def _probe(c, a: int, n: int) -> None:
-    """Touches the whole area for writing first, so a fault changes nothing."""
-    for off in range(0, n, 0x1000):
-        c.mmu.translate((a + off) & M64, WRITE)
-    c.mmu.translate((a + n - 1) & M64, WRITE)
+    """Touches the whole area for writing first, so a fault changes nothing
+    (and CR2 is the first byte missing: each page from its first byte used)."""
+    at, end = a, a + n
+    while at < end:
+        c.mmu.translate(at & M64, WRITE)
+        at = (at | 0xFFF) + 1
 
 
-def save_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
+def save_legacy(c, a: int, x87: bool = True, sse: bool = True, wide: bool = False) -> None:
     f = fpu_of(c)
     if x87:
-        hdr = LEGACY_HDR.pack(f.cw, f.status(), f.tag_abridged(), 0, 0, 0, 0, 0, 0)
+        hdr = LEGACY_HDR.pack(f.cw, f.status(), f.tag_abridged(), 0, *pointers_fxsave(f, wide), 0, 0)
         _store(c, a, 0, hdr[:24])
         for i in range(8):
             _store(c, a, ST_OFF + 16 * i, f.image(i).to_bytes(10, "little"))
@@ -102,12 +101,13 @@ def load_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
             c.xmm[i] = int.from_bytes(data[XMM_OFF + 16 * i:XMM_OFF + 16 * i + 16], "little")
 
 
-def fxsave(c, a: int) -> None:
+def fxsave(c, a: int, wide: bool = False) -> None:
+    """FXSAVE (wide: FXSAVE64, 64-bit FIP/FDP)."""
     _check(c)
     if a & 15:
         raise GuestFault(GP, 0)
     _probe(c, a, 512)
-    save_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR))
+    save_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR), wide)
 
 
 def fxrstor(c, a: int) -> None:
@@ -117,97 +117,16 @@ def fxrstor(c, a: int) -> None:
     load_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR))
 
 
-def _xcr0(c) -> int:
-    return getattr(c, "xcr0", 1)
-
-
-def _xcheck(c, a: int) -> None:
-    if not c.cr4 & CR4_OSXSAVE:
-        raise GuestFault(UD)
-    if c.cr0 & CR0_TS:
-        raise GuestFault(NM)
-    if a & 63:
-        raise GuestFault(GP, 0)
-
-
-def xsave(c, a: int, mask: int) -> None:
-    """xsave/xsaveopt: components mask & XCR0; XSTATE_BV updated for them."""
-    _xcheck(c, a)
-    rfbm = mask & _xcr0(c)
-    _probe(c, a, 576)
-    save_legacy(c, a, bool(rfbm & 1), bool(rfbm & 2))
-    bv = c.rd((a + XSAVE_HDR) & M64, 8)
-    c.wr((a + XSAVE_HDR) & M64, 8, (bv & ~rfbm) | rfbm)
-
-
-def xrstor(c, a: int, mask: int) -> None:
-    """xrstor: components in mask & XCR0; those absent from XSTATE_BV are
-    set to their initial state."""
-    _xcheck(c, a)
-    rfbm = mask & _xcr0(c)
-    bv, comp = c.rd((a + XSAVE_HDR) & M64, 8), c.rd((a + XSAVE_HDR + 8) & M64, 8)
-    if bv & ~_xcr0(c) or comp:
-        raise GuestFault(GP, 0)
-    if rfbm & 2 or rfbm & 1:
-        mx = c.rd((a + 24) & M64, 4)
-        if rfbm & 2 and mx & ~MXCSR_MASK:
-            raise GuestFault(GP, 0)
-    load_legacy(c, a, bool(rfbm & bv & 1), bool(rfbm & bv & 2))
-    if rfbm & 1 and not bv & 1:
-        fpu_of(c).init()
-    if rfbm & 2 and not bv & 2:
-        c.xmm[:] = [0] * 16
-    if rfbm & 2:
-        c.mxcsr = c.rd((a + 24) & M64, 4)
-
-
-def xgetbv(c) -> int:
-    if not c.cr4 & CR4_OSXSAVE:
-        raise GuestFault(UD)
-    idx = c.R[1] & 0xFFFFFFFF
-    if idx == 0:
-        return _xcr0(c)
-    if idx == 1:
-        return _xcr0(c) & 3
-    raise GuestFault(GP, 0)
-
-
-def xsetbv(c) -> None:
-    if not c.cr4 & CR4_OSXSAVE:
-        raise GuestFault(UD)
-    v = (c.R[0] & 0xFFFFFFFF) | (c.R[2] & 0xFFFFFFFF) << 32
-    if c.cpl > 0 or c.R[1] & 0xFFFFFFFF:
-        raise GuestFault(GP, 0)
-    check_xcr0(c, v)            # reserved, unsupported or inconsistent bits: #GP(0)
-    c.xcr0 = v
-
-
-EXPORTS = {"FXSAVE": fxsave, "FXRSTOR": fxrstor, "XSAVE": xsave, "XRSTOR": xrstor,
-           "XGETBV": xgetbv, "XSETBV": xsetbv}
-
-_MASK = "(R[0] & 0xFFFFFFFF) | (R[2] & 0xFFFFFFFF) << 32"
+EXPORTS = {"FXSAVE": fxsave, "FXRSTOR": fxrstor}
 
 
 def _fx(g: Gen) -> None:
     m = g.ins.mnemonic
     g.addr()
     if m in (M.FXSAVE, M.FXSAVE64):
-        g.helper("FXSAVE(c, a)")
-    elif m in (M.FXRSTOR, M.FXRSTOR64):
+        g.helper(f"FXSAVE(c, a, {m == M.FXSAVE64})")
+    else:
         g.helper("FXRSTOR(c, a)")
-    elif m in (M.XSAVE, M.XSAVE64, M.XSAVEOPT, M.XSAVEOPT64):
-        g.helper(f"XSAVE(c, a, {_MASK})")
-    else:
-        g.helper(f"XRSTOR(c, a, {_MASK})")
 
 
-def _xcr(g: Gen) -> None:
-    if g.ins.mnemonic == M.XGETBV:
-        g.helper("t = XGETBV(c); R[0] = t & 0xFFFFFFFF; R[2] = t >> 32")
-    else:
-        g.helper("XSETBV(c)")
-
-
-EMITTERS = {m: _fx for m in (M.FXSAVE, M.FXSAVE64, M.FXRSTOR, M.FXRSTOR64, M.XSAVE, M.XSAVE64,
-                              M.XSAVEOPT, M.XSAVEOPT64, M.XRSTOR, M.XRSTOR64)}
-EMITTERS.update({M.XGETBV: _xcr, M.XSETBV: _xcr})
+EMITTERS = {m: _fx for m in (M.FXSAVE, M.FXSAVE64, M.FXRSTOR, M.FXRSTOR64)}

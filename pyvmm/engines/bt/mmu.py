@@ -22,6 +22,10 @@ cached, so its accesses always reach the MMIO bus.  Pages holding translated
 code are kept out of `tw`, so writes to them take the slow path, which tells
 the translation cache (self-modifying code).
 
+A walk checks P, RW, US and NX at every level with CR0.WP, EFER.NXE and
+CR4.SMEP/SMAP (EFLAGS.AC), and reserved bits (#PF with RSVD), as
+tests/test_paging_matrix.py checks against QEMU over the combinations.
+
 The interface the translator uses is rd1/2/4/8(la), wr1/2/4/8(la, v),
 translate(la, access) and flush(); a later shadow-page-table MMU keeps it.
 Raises GuestFault(#PF / #GP) for inaccessible or non-canonical addresses.
@@ -35,7 +39,7 @@ import struct
 from typing import Callable
 
 from . import shadowcheck
-from .faults import GP, PF, GuestFault, SmcRestart
+from .faults import GP, PF, ApicRestart, GuestFault, SmcRestart
 from .shadow import MAX_SPACES, GlobalTlb, PageGuard
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,12 @@ READ, WRITE, FETCH = 0, 1, 2
 PG_NONE, PG_32, PG_PAE, PG_LONG = 0, 1, 2, 3
 _P, _W, _U, _A, _D, _PS = 1, 2, 4, 0x20, 0x40, 0x80
 _NX = 1 << 63
+LAPIC_PAGE = 0xFEE00      # the local APIC's MMIO page (relocation is not supported)
 _ADDR = 0x000FFFFFFFFFF000
+# MAXPHYADDR as CPUID leaf 0x80000008 reports it (cpuid.py): entry bits from
+# it to 51 are reserved (#PF with RSVD set).
+PHYS_BITS = 40
+_RSVD_ADDR = _ADDR & ~((1 << PHYS_BITS) - 1)
 
 
 def _new_pairs() -> tuple:
@@ -95,9 +104,15 @@ class Mmu:
         self.cr3 = 0
         self.wp = False
         self.nxe = False
+        self.smep = False      # CR4.SMEP, CR4.SMAP (set by the vCPU before configure)
+        self.smap = False
+        self.ac: Callable[[], bool] = lambda: False   # EFLAGS.AC, for SMAP (set by the vCPU)
+        self.implicit = False  # an implicit supervisor access (descriptor tables): SMAP ignores AC
+        self._cacheable = True
         self.user = False      # CPL == 3
         self.long = False      # canonical checks
         self.smc_ok = False    # single-step path: let writes to code pages through
+        self.lapic = None      # this vCPU's local APIC: a write that may deliver ends the block
         self._tables: list[int] = []     # guest-physical addresses of the entries the last walk read
         self._tsize = 8
         self._gleaf = False    # the last walk ended at a global entry (G bit, CR4.PGE)
@@ -111,12 +126,12 @@ class Mmu:
     def configure(self, mode: int, cr3: int, wp: bool, nxe: bool, user: bool, long: bool) -> None:
         """Selects the address space for the current paging state and CPL
         (switching between supervisor and user maps costs nothing)."""
-        key = (mode, (cr3 & _ADDR) if mode else 0, wp, nxe, long)
+        key = (mode, (cr3 & _ADDR) if mode else 0, wp, nxe, long, self.smep, self.smap)
         self.mode, self.cr3, self.wp, self.nxe, self.user, self.long = mode, cr3, wp, nxe, user, long
         if key != self.key:
             self.key = key
             if self.shadow:
-                if self.globals.rekey((mode, wp, nxe, long)):
+                if self.globals.rekey((mode, wp, nxe, long, self.smep, self.smap)):
                     self.jmp.clear()
                 self.guard.resync()     # other spaces' entries must be in sync when used
                 pairs = self.spaces.get(key)
@@ -189,10 +204,14 @@ class Mmu:
         self.guard.unprotect_code(ppn)
 
     # -- walk ---------------------------------------------------------------
-    def _pf(self, la: int, access: int, present: bool) -> GuestFault:
+    def _pf(self, la: int, access: int, present: bool, rsvd: bool = False) -> GuestFault:
         self.page_faults += 1
         err = (1 if present else 0) | (2 if access == WRITE else 0) | (4 if self.user else 0)
-        if access == FETCH and self.nxe:
+        if rsvd:
+            err |= 0x9              # a reserved bit: P and RSVD
+        # I/D only where the CPU can tell fetches apart: SMEP, or NXE with
+        # PAE/4-level paging (SDM 4.7).
+        if access == FETCH and (self.smep or (self.nxe and self.mode != PG_32)):
             err |= 0x10
         return GuestFault(PF, err, cr2=la)
 
@@ -218,7 +237,11 @@ class Mmu:
     def translate(self, la: int, access: int) -> tuple[int, bool]:
         """Walks the page tables: returns (physical address, writable).
 
-        Raises GuestFault(#PF) when the access is not allowed."""
+        Each entry is checked for presence, then for reserved bits; a
+        non-leaf entry gets its accessed bit as the walk passes it (even
+        when the access then faults, as the CPU sets it on the entries it
+        uses), the leaf gets A (and D on a write) only when the access is
+        allowed.  Raises GuestFault(#PF) when the access is not allowed."""
         if self.long and not (la < 0x0000800000000000 or la >= 0xFFFF800000000000):
             raise GuestFault(GP, 0)
         if self.mode == PG_NONE:
@@ -238,6 +261,13 @@ class Mmu:
             levels = [(self.cr3 & _ADDR) + ((la >> 39) & 0x1FF) * 8, None, None, None]
             size, shifts = 8, (39, 30, 21, 12)
         writable, user, nx = True, True, False
+        # Reserved in every PAE/4-level entry: address bits from MAXPHYADDR
+        # on (to bit 62 with PAE, where 4-level paging ignores 62:52), and NX
+        # without EFER.NXE.  Also reserved: PS in a PML4E, and bits 13.. of
+        # a large page's base (bit 12 is its PAT bit); bit 21 of a 4 MiB page.
+        rsvd = _RSVD_ADDR if self.nxe else _RSVD_ADDR | _NX
+        if self.mode == PG_PAE:
+            rsvd |= 0x7FF0000000000000
         entries = []
         if self.mode == PG_PAE:
             entries.append(((self.cr3 & 0xFFFFFFE0) + ((la >> 30) & 3) * 8, pdpte))
@@ -246,14 +276,17 @@ class Mmu:
             e = self._rdpte(addr, size)
             if not e & _P:
                 raise self._pf(la, access, False)
+            last = shift == 12 or (e & _PS and shift in (21, 22, 30))
+            if size == 8 and (e & rsvd or (shift == 39 and e & _PS)
+                              or (last and shift != 12 and e & ((1 << shift) - 1) & ~0x1FFF)):
+                raise self._pf(la, access, True, rsvd=True)
+            if last and shift == 22 and e & (1 << 21):
+                raise self._pf(la, access, True, rsvd=True)
             entries.append((addr, e))
             writable &= bool(e & _W)
             user &= bool(e & _U)
             if size == 8 and self.nxe and e & _NX:
                 nx = True
-            last = shift == 12 or (e & _PS and (shift in (21, 30) or (shift == 22)))
-            if shift == 39:
-                last = False
             if last:
                 if shift == 22:  # 4 MiB page (PSE): bits 13-20 are PA 32-39
                     base = (e & 0xFFC00000) | ((e >> 13) & 0xFF) << 32
@@ -261,21 +294,27 @@ class Mmu:
                     base = e & _ADDR & ~((1 << shift) - 1)
                 pa = base + (la & ((1 << shift) - 1))
                 break
+            self._setbits(addr, size, e, _A)
             addr = (e & (_ADDR if size == 8 else 0xFFFFF000)) + ((la >> shifts[depth + 1]) & (0x3FF if size == 4 else 0x1FF)) * size
         if self.user and not user:
             raise self._pf(la, access, True)
+        if not self.user and user:
+            if access == FETCH and self.smep:
+                raise self._pf(la, access, True)
+            if access != FETCH and self.smap and (self.implicit or not self.ac()):
+                raise self._pf(la, access, True)
         if access == WRITE and not writable and (self.user or self.wp):
             raise self._pf(la, access, True)
         if access == FETCH and nx:
             raise self._pf(la, access, True)
-        start = 1 if self.mode == PG_PAE else 0
-        for i in range(start, len(entries)):
-            a, e = entries[i]
-            bits = _A | (_D if access == WRITE and i == len(entries) - 1 else 0)
-            self._setbits(a, size, e, bits)
+        a, e = entries[-1]
+        self._setbits(a, size, e, _A | (_D if access == WRITE else 0))
         self._tables = [a for a, _ in entries]
         self._tsize = size
         self._gleaf = self.pge and self.shadow and GLOBALS and bool(entries[-1][1] & 0x100)
+        # A supervisor's view of a user page under SMAP depends on EFLAGS.AC,
+        # so it is never cached (every access walks and checks AC).
+        self._cacheable = not (self.smap and user and not self.user)
         ok_write = writable or not (self.user or self.wp)
         dirty = access == WRITE or bool(entries[-1][1] & _D)
         return pa, ok_write and dirty
@@ -335,6 +374,8 @@ class Mmu:
             return None, pa
         mm, off = mem.locate(page, 0x1000)
         entry = (mm, off, ppn)
+        if not self._cacheable:
+            return entry, pa
         vpn = la >> 12
         tr, tw = self.tr, self.tw
         tr[vpn] = entry
@@ -399,6 +440,9 @@ class Mmu:
             return
         entry, pa = self._fill(la, WRITE)
         if entry is None:
+            if pa >> 12 == LAPIC_PAGE and not self.smc_ok and self.lapic is not None \
+                    and self.lapic.write_may_deliver(pa & 0xFFF):
+                raise ApicRestart()
             self.mmio.write(pa, size, v)
             return
         ppn = entry[2]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import iced_x86 as X
 
-from . import cpuid
+from .cpuidbits import VENDOR
 from .faults import NM, UD, GuestFault
 from .gen import MASK, SEG_INDEX, Gen, Unsupported
 from .simd import check_sse, xreg
@@ -68,7 +68,7 @@ def emms(c) -> None:
 def _vendor_ebx(c) -> int:
     table = getattr(c, "cpuid", None)
     if table is None:
-        return int.from_bytes(cpuid.VENDOR[:4], "little")
+        return int.from_bytes(VENDOR[:4], "little")
     return table.lookup(0, 0)[1]
 
 

@@ -7,8 +7,10 @@ import iced_x86 as X
 
 from . import alu, ctrl, fxsave, legacy32, simd, sse, ssefp, string, sysem, sysext, x87
 from . import bmi, sse4, sse42str, ssse3
+from . import xsave
 from . import pvcall
 from . import mmx
+from . import avx_fp, avx_shuffle, f16c, fma, vex
 from .facts import Fact, having, merge
 
 M = X.Mnemonic
@@ -19,7 +21,8 @@ for _family in (alu, ctrl, string, sysem, bmi):
 
 # SSE/x87 families: their emitters, the runtime helpers their generated code
 # calls (merged into the translator's namespace), and the string/SSE twins.
-_FP_FAMILIES = (sse, ssefp, x87, fxsave, sysext, legacy32, pvcall, ssse3, sse4, sse42str)
+_FP_FAMILIES = (sse, ssefp, x87, fxsave, xsave, sysext, legacy32, pvcall, ssse3, sse4, sse42str)
+_FP_FAMILIES += (vex, avx_shuffle, avx_fp, fma, f16c)   # the VEX (AVX, AVX2, FMA, F16C) forms
 EXPORTS: dict = dict(simd.HELPERS, **bmi.EXPORTS)
 FP_MNEMONICS: set = set()
 for _family in _FP_FAMILIES:

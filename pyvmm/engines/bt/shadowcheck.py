@@ -23,10 +23,11 @@ ENABLED = EVERY > 0
 def _walk(mmu, key: tuple, user: bool, vpn: int, access: int):
     """(ppn, writable) of a fresh walk in the space `key`, or None on a fault.
     Saves and restores the MMU's configuration and counters; A/D bits may be set."""
-    mode, cr3, wp, nxe, long = key
-    saved = (mmu.mode, mmu.cr3, mmu.wp, mmu.nxe, mmu.user, mmu.long, mmu._tables, mmu._tsize,
-             mmu.walks, mmu.page_faults)
+    mode, cr3, wp, nxe, long, smep, smap = key
+    saved = (mmu.mode, mmu.cr3, mmu.wp, mmu.nxe, mmu.user, mmu.long, mmu.smep, mmu.smap,
+             mmu._tables, mmu._tsize, mmu.walks, mmu.page_faults)
     mmu.mode, mmu.cr3, mmu.wp, mmu.nxe, mmu.user, mmu.long = mode, cr3, wp, nxe, user, long
+    mmu.smep, mmu.smap = smep, smap
     la = vpn << 12
     if la & (1 << 47):
         la |= 0xFFFF000000000000
@@ -36,8 +37,8 @@ def _walk(mmu, key: tuple, user: bool, vpn: int, access: int):
     except GuestFault:
         return None
     finally:
-        (mmu.mode, mmu.cr3, mmu.wp, mmu.nxe, mmu.user, mmu.long, mmu._tables, mmu._tsize,
-         mmu.walks, mmu.page_faults) = saved
+        (mmu.mode, mmu.cr3, mmu.wp, mmu.nxe, mmu.user, mmu.long, mmu.smep, mmu.smap,
+         mmu._tables, mmu._tsize, mmu.walks, mmu.page_faults) = saved
 
 
 def _where_from(mmu, maps, vpn: int) -> str:

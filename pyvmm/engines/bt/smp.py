@@ -22,7 +22,8 @@ import threading
 
 from ...cpu import CpuState, Segment
 from ...errors import GuestCrash
-from ...machine import EXIT_HALTED, StopReason
+from ...machine import StopReason
+from . import debugregs
 from . import flags as F
 from .cpu import TripleFault
 from .faults import NMI, GuestFault, SmcRestart
@@ -106,9 +107,19 @@ class Scheduler:
         """Delivers an NMI or a maskable interrupt to c if one may be taken."""
         intc, i = self.intc, c.index
         if c.shadow_int:
-            c.shadow_int = False
-            if not c.halted:
-                return
+            # STI / MOV SS hold interrupts off for one instruction: if one
+            # waits, that instruction runs alone first, then it is taken.
+            held = not c.halted and c.shadow_rip in (-1, c.rip)
+            c.shadow_int, c.shadow_rip = False, -1
+            if held:
+                if not (intc.nmi[i] or c.rf & F.IF and intc.pending(i)):
+                    return
+                if debugregs.armed(c):
+                    debugregs.step(c)
+                elif c.rf & F.TF:
+                    c.single_step()
+                else:
+                    c.execute_one()
         if intc.nmi[i] and intc.take_nmi(i):
             c.interrupts += 1
             c.deliver(GuestFault(NMI), external=True)
@@ -130,7 +141,12 @@ class Scheduler:
                 return False
             c.pending = False
             c.shadow_int = False
-            if c.rf & F.TF:
+            if debugregs.armed(c):      # DR7 enables a breakpoint: checked per instruction
+                for _ in range(SLICE):
+                    debugregs.step(c)
+                    if c.halted or c.pending:
+                        break
+            elif c.rf & F.TF:
                 c.single_step()         # a #DB trap after each instruction
             else:
                 c.run_blocks(SLICE)
@@ -138,7 +154,7 @@ class Scheduler:
             trail = "; ".join(f"vec={v} err={e} rip={r:#x} cpl={p} cr2={cr2 if cr2 is None else hex(cr2)}"
                               f"{' ext' if x else ''}" for v, e, r, p, cr2, x in c.trail)
             log.warning("bt: triple fault on vCPU %d at rip=%#x; last deliveries: %s", c.index, c.rip, trail)
-            m.request_stop(StopReason.RESET, 0, f"triple fault on vCPU {c.index} at rip={c.rip:#x}")
+            m.request_stop(StopReason.RESET, f"triple fault on vCPU {c.index} at rip={c.rip:#x}")
         except (GuestFault, SmcRestart) as e:  # pragma: no cover - defensive
             raise GuestCrash(f"bt: unhandled {e!r} at rip={c.rip:#x}") from None
         finally:
@@ -181,7 +197,7 @@ class Scheduler:
         live = [c for c in self.cpus if not self.waiting_sipi[c.index]]
         if live and all(not c.rf & F.IF for c in live) and not any(intc.nmi):
             c = live[0]
-            m.request_stop(StopReason.HALTED, EXIT_HALTED, f"hlt with interrupts off at {c.rip:#x}")
+            m.request_stop(StopReason.HALTED, f"hlt with interrupts off at {c.rip:#x}")
             return
         if any(intc.pending(c.index) and c.rf & F.IF for c in live) or any(intc.nmi):
             return

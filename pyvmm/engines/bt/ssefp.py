@@ -5,9 +5,11 @@ Values are computed with Python floats (IEEE binary64) from the bit
 patterns; binary32 results are rounded from the binary64 result, which is
 exact for + - * / sqrt. NaN results follow the SSE rules (first NaN source,
 quieted; the default NaN for invalid operations). Limitations: only the
-round-to-nearest mode is used for arithmetic (MXCSR.RC is honoured by the
-rounding conversions), FTZ/DAZ are ignored, and the MXCSR exception flags
-are not updated (all exceptions behave as masked).
+ADD/SUB/MUL/DIV/SQRT/MIN/MAX, the compares (CMPcc, (U)COMIS) and the
+conversions go through ssearith.py, which honours MXCSR (rounding,
+DAZ/FTZ, flags, unmasked exceptions); fparith & co. here remain for the
+horizontal SSE3 forms (ssse3.py), which still round to nearest without
+flags.
 
 Generated code raises GuestFault as described in simd.py."""
 
@@ -22,6 +24,7 @@ from . import flags as F
 from .gen import MASK, Gen
 from .ops import sx
 from .simd import check_sse, xread, xreg, xwrite
+from .ssearith import sse_arith, sse_cmp, sse_comis, sse_cvt_packed, sse_f2f, sse_f2i, sse_i2f
 
 M = X.Mnemonic
 M64 = 0xFFFFFFFFFFFFFFFF
@@ -195,7 +198,9 @@ def cvt_packed(m: int, s: int, mxcsr: int) -> int:
 
 
 EXPORTS = {"FPARITH": fparith, "FPCMP": fpcmp, "COMIS": comis, "INT2FP": int2fp,
-           "FP2INT": fp2int, "FPCONV": fpconv, "CVTPACKED": cvt_packed}
+           "FP2INT": fp2int, "FPCONV": fpconv, "CVTPACKED": cvt_packed, "SSE_ARITH": sse_arith,
+           "SSE_CMP": sse_cmp, "SSE_COMIS": sse_comis, "SSE_I2F": sse_i2f, "SSE_F2I": sse_f2i,
+           "SSE_F2F": sse_f2f, "SSE_CVT_PACKED": sse_cvt_packed}
 
 # mnemonic -> (op, width, scalar)
 _ARITH = {}
@@ -209,7 +214,7 @@ def _arith_em(g: Gen) -> None:
     op, w, scalar = _ARITH[g.ins.mnemonic]
     d = xreg(g, 0)
     s = xread(g, 1, w if scalar else 16)
-    g.emit(f"c.xmm[{d}] = FPARITH({op}, c.xmm[{d}], {s}, {w}, {scalar})")
+    g.emit(f"SSE_ARITH(c, {op}, {d}, {s}, {w}, {scalar})")   # MXCSR: ssearith.py
 
 
 def _cmp_em(g: Gen) -> None:
@@ -219,7 +224,7 @@ def _cmp_em(g: Gen) -> None:
     scalar = m in (M.CMPSD, M.CMPSS)
     d = xreg(g, 0)
     s = xread(g, 1, w if scalar else 16)
-    g.emit(f"c.xmm[{d}] = FPCMP(c.xmm[{d}], {s}, {w}, {g.ins.immediate(2) & 7}, {scalar})")
+    g.emit(f"SSE_CMP(c, {d}, {s}, {w}, {g.ins.immediate(2) & 7}, {scalar})")   # MXCSR: ssearith.py
 
 
 def _comis(g: Gen) -> None:
@@ -227,7 +232,8 @@ def _comis(g: Gen) -> None:
     w = 8 if g.ins.mnemonic in (M.UCOMISD, M.COMISD) else 4
     m = MASK[w]
     s = xread(g, 1, w)
-    g.emit(f"t = COMIS(c.xmm[{xreg(g, 0)}] & {m:#x}, {s} & {m:#x}, {w})")
+    ordered = g.ins.mnemonic in (M.COMISS, M.COMISD, M.VCOMISS, M.VCOMISD)
+    g.emit(f"t = SSE_COMIS(c, c.xmm[{xreg(g, 0)}] & {m:#x}, {s} & {m:#x}, {w}, {ordered})")
     g.set_flags(F.RAW, 8, "t")
 
 
@@ -238,24 +244,29 @@ def _cvt_em(g: Gen) -> None:
         w = 8 if m == M.CVTSI2SD else 4
         size = g.size(1)
         d = xreg(g, 0)
-        g.emit(f"t = INT2FP(SX({g.read(1, size)}, {size}), {w})")
+        g.emit(f"t = SSE_I2F(c, SX({g.read(1, size)}, {size}), {w})")
         g.emit(f"c.xmm[{d}] = (c.xmm[{d}] & ~{MASK[w]:#x}) | t")
     elif m in (M.CVTTSD2SI, M.CVTSD2SI, M.CVTTSS2SI, M.CVTSS2SI):
         w = 8 if m in (M.CVTTSD2SI, M.CVTSD2SI) else 4
-        mode = "4" if m in (M.CVTTSD2SI, M.CVTTSS2SI) else "(c.mxcsr >> 13 & 3)"
+        trunc = m in (M.CVTTSD2SI, M.CVTTSS2SI)
         s = xread(g, 1, w)
         size = g.size(0)
-        g.wreg(g.ins.op0_register, f"FP2INT({s} & {MASK[w]:#x}, {w}, {size}, {mode})")
+        g.emit(f"t = SSE_F2I(c, {s} & {MASK[w]:#x}, {w}, {size}, {trunc})")
+        g.wreg(g.ins.op0_register, "t")
     elif m in (M.CVTSD2SS, M.CVTSS2SD):
         wf, wt = (8, 4) if m == M.CVTSD2SS else (4, 8)
         d = xreg(g, 0)
         s = xread(g, 1, wf)
-        g.emit(f"t = FPCONV({s} & {MASK[wf]:#x}, {wf}, {wt})")
+        g.emit(f"t = SSE_F2F(c, {s} & {MASK[wf]:#x}, {wf}, {wt})")
         g.emit(f"c.xmm[{d}] = (c.xmm[{d}] & ~{MASK[wt]:#x}) | t")
     else:
         half = m in (M.CVTDQ2PD, M.CVTPS2PD)
         s = xread(g, 1, 8 if half else 16)
-        g.emit(f"c.xmm[{xreg(g, 0)}] = CVTPACKED({int(m)}, {s}, c.mxcsr)")
+        g.emit(f"c.xmm[{xreg(g, 0)}] = SSE_CVT_PACKED(c, {_PACKED_KIND[m]!r}, {s})")
+
+
+_PACKED_KIND = {M.CVTDQ2PS: "dq2ps", M.CVTDQ2PD: "dq2pd", M.CVTPS2DQ: "ps2dq", M.CVTTPS2DQ: "tps2dq",
+                M.CVTPD2DQ: "pd2dq", M.CVTTPD2DQ: "tpd2dq", M.CVTPS2PD: "ps2pd", M.CVTPD2PS: "pd2ps"}
 
 
 def _movs(g: Gen) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import flags as F
-from .bulk import rep_fast, rep_io
+from .bulk import rep_fast, rep_io, rep_tick
 from .facts import Fact
 from .gen import MASK, SEG_INDEX, Gen
 
 M = X.Mnemonic
 _KIND = {M.MOVSB: 1, M.MOVSW: 2, M.MOVSD: 4, M.MOVSQ: 8}
+TICK_ELEMENTS = 1024      # element by element, a rep looks at the timers this often
 
 
 def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
@@ -30,6 +31,7 @@ def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
         rep_fast(c, op, size, am, es, src, lam)   # whole in-page runs at once
     elif rep and step > 0 and op in ("ins", "outs"):
         rep_io(c, op, size, am, es, src, lam)     # whole in-page runs, the bus loops
+    left = TICK_ELEMENTS
     while True:
         if rep:
             if R[1] & am == 0:
@@ -70,6 +72,10 @@ def run_string(c, op: str, size: int, rep: int, asz: int, seg: int) -> None:
             zf = (c.lf[1] & MASK[size]) == 0
             if (rep == 1 and not zf) or (rep == 2 and zf):
                 return
+        left -= 1
+        if not left:
+            rep_tick(c, TICK_ELEMENTS)
+            left = TICK_ELEMENTS
         if c.pending and R[1] & am:
             c.rip_back = True  # resume this instruction after the interruption
             return

@@ -54,6 +54,7 @@ def _mov_special(g: Gen) -> bool:
         g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_CR(c, {_CR[r1]})")
     elif r0 in _DR:
         g.helper(f"NEED_CPL0(c); WRITE_DR(c, {_DR[r0]}, R[{GPR[r1][0]}])")
+        _end(g)                      # DR7 may arm breakpoints (debugregs.py)
     elif r1 in _DR:
         g.helper(f"NEED_CPL0(c); R[{GPR[r0][0]}] = READ_DR(c, {_DR[r1]})")
     elif r0 in SEG_INDEX:
@@ -108,8 +109,12 @@ def _cli(g: Gen) -> None:
         if g.ins.mnemonic == M.CLI:
             g.emit("c.rf &= ~0x200")
             return
-        g.emit("if not c.rf & 0x200: c.shadow_int = True")
-        g.emit("c.rf |= 0x200")
+        # the shadow covers the next instruction only: it is kept with its
+        # RIP, since this block may run on past it (smp.py)
+        g.emit("if not c.rf & 0x200:")
+        g.emit(f"    c.shadow_int = True; c.shadow_rip = {g.ins.next_ip:#x}")
+        g.emit("    c.rf |= 0x200")
+        g.emit("    c.irq_window()")
         g.emit("if c.pending:")
         g.ind += 1
         _end(g)

@@ -55,11 +55,7 @@ EFER_FEATURE = {
 
 
 def _table(c):
-    t = c.cpuid
-    if t is None:
-        from .cpuid import CpuidTable
-        t = c.cpuid = CpuidTable(c.index)
-    return t
+    return c.cpuid      # every BtCpu has one (engine.py); the engine gives it its model
 
 
 def _offered(c, feature: tuple[int, int, int, int]) -> bool:

@@ -12,10 +12,12 @@ import time
 import iced_x86 as X
 
 from . import flags as F
-from .faults import GP, UD, GuestFault
+from .cpuidbits import CR4_OSXSAVE, OSXSAVE
+from .faults import DB, GP, UD, GuestFault
 from .rng import rdrand
 from .gen import MASK, SEG_INDEX, GPR, Gen, Unsupported
 from .string import run_string
+from .xstate import area_size
 from .sysregs import canonical, check_cr0, check_cr3, check_cr4, check_cr8, check_efer
 
 log = logging.getLogger(__name__)
@@ -78,14 +80,22 @@ def port_out(c, port: int, size: int, v: int) -> None:
     c.io.write(port, size, v & MASK[size])
 
 
+def live_bits(c, leaf: int, sub: int, regs: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """A CpuidTable answer with the bits that follow vCPU c's state: OSXSAVE
+    (CR4.OSXSAVE, where XSAVE is offered), the XSAVE area size for the
+    current XCR0 (0xD.0:EBX) and for XCR0 in the compacted form (0xD.1:EBX)."""
+    a, b, cx, d = regs
+    if leaf == 1 and cx >> 26 & 1 and c.cr4 & CR4_OSXSAVE:
+        cx |= OSXSAVE
+    elif leaf == 0xD and sub in (0, 1) and a:
+        b = area_size(c.xcr0)
+    return a, b, cx, d
+
+
 def cpuid(c) -> None:
     leaf = c.R[0] & 0xFFFFFFFF
     sub = c.R[1] & 0xFFFFFFFF
-    table = c.cpuid
-    if table is None:
-        from .cpuid import CpuidTable
-        table = c.cpuid = CpuidTable(c.index)
-    a, b, cc, d = table.lookup(leaf, sub)
+    a, b, cc, d = live_bits(c, leaf, sub, c.cpuid.lookup(leaf, sub))
     c.R[0], c.R[3], c.R[1], c.R[2] = a, b, cc, d
 
 
@@ -233,12 +243,15 @@ def write_cr(c, n: int, v: int) -> None:
     elif n == 8:
         check_cr8(v)
         c.cr8 = v
+        if c.lapic is not None:         # CR8 is TPR[7:4] (SDM Vol. 3, 11.8.6.1)
+            c.lapic.write_reg(0x80, v << 4)
     else:
         raise GuestFault(UD)
 
 
 DR6_FIXED1, DR6_FIXED0 = 0xFFFF0FF0, 0x1000     # reserved bits of DR6 (no RTM, no bus lock)
 DR7_FIXED1, DR7_FIXED0 = 0x400, 0xD800           # reserved bits of DR7 (no RTM)
+DR7_GD, DR6_BD = 1 << 13, 1 << 13
 CR4_DE = 1 << 3
 
 
@@ -255,6 +268,7 @@ def write_dr(c, n: int, v: int) -> None:
     """mov to DRn: #GP(0) for bits 63:32 of DR6/DR7; reserved bits keep
     their fixed values."""
     n = _dr_index(c, n)
+    _general_detect(c)
     if n >= 6:
         if v >> 32:
             raise GuestFault(GP, 0)
@@ -262,13 +276,28 @@ def write_dr(c, n: int, v: int) -> None:
     elif c.mode[0] != 64:
         v &= 0xFFFFFFFF
     c.dr[n] = v
+    if n == 7:
+        c.pending = True                # breakpoints on or off: the dispatcher picks the path (debugregs.py)
 
 
 def read_dr(c, n: int) -> int:
-    return c.dr[_dr_index(c, n)]
+    n = _dr_index(c, n)
+    _general_detect(c)
+    return c.dr[n]
+
+
+def _general_detect(c) -> None:
+    """DR7.GD: any MOV DR is a #DB fault, with DR6.BD set and GD cleared
+    so the handler may use the debug registers (SDM Vol. 3, 18.2.4)."""
+    if c.dr[7] & DR7_GD:
+        c.dr[7] &= ~DR7_GD
+        c.dr[6] |= DR6_BD
+        raise GuestFault(DB)
 
 
 def read_cr(c, n: int) -> int:
+    if n == 8 and c.lapic is not None:
+        return c.lapic.tpr >> 4
     return {0: c.cr0, 2: c.cr2, 3: c.cr3, 4: c.cr4, 8: c.cr8}[n]
 
 
@@ -322,6 +351,9 @@ def cli_sti(c, on: bool) -> None:
         raise GuestFault(GP, 0)
     if on and not c.rf & F.IF:
         c.shadow_int = True             # no interrupt before the next instruction
+        c.shadow_rip = -1               # the block ends here: the next one is at RIP
+        c.rf |= F.IF
+        c.irq_window()
     c.rf = (c.rf | F.IF) if on else (c.rf & ~F.IF)
 
 
@@ -429,6 +461,8 @@ def sysret(c, size: int) -> None:
     c.set_rflags((c.R[11] & 0x3C7FD7) | 2)
     c.cpl = 3
     c.update_mode()
+    if c.rf & F.IF:
+        c.irq_window()
     if c.rf & F.TF:
         c.pending = True                # single-step from the next instruction on (smp.py)
 

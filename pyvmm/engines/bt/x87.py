@@ -14,12 +14,12 @@ import iced_x86 as X
 
 from . import flags as F
 from . import x87arith, x87env, x87math
-from .gen import Gen, Unsupported
+from .gen import SEG_INDEX, Gen, Unsupported
 from .ops import sx
 from .x87arith import from_float_bits, is_denormal_float, to_float_bits
 from .x87image import DE, PE, ZE, denormal, is_inf, is_nan, is_zero, unsupported
 from .x87state import (C0, C1, C2, C3, CW_ONE, CW_WRITABLE, IE, INDEFINITE80, SF_, from80, fpu_of, to80,
-                       x87_trap)
+                       x87_mf, x87_trap)
 
 M = X.Mnemonic
 Rg = X.Register
@@ -120,10 +120,18 @@ def fist(f, size: int, trunc: bool) -> int:
     return v & ((1 << (8 * size)) - 1)
 
 
+def _unmasked_pre(f, before: int) -> bool:
+    """Whether this instruction raised an unmasked IE, DE or ZE (flags not
+    set before it): the CPU then leaves its operands and the stack alone
+    (no store, no pop) and #MF follows at the next waiting instruction."""
+    return bool(f.sw & ~before & ~f.cw & (IE | DE | ZE))
+
+
 def farith(f, op: int, dst: int, src: int, raw: int, pop: bool) -> None:
     """ST(dst) = ST(dst) op ST(src), or op raw (an 80-bit image) when src is
     -1; op numbers as in the x87 /r field. An empty register among them is a
     stack underflow: the result is the indefinite NaN."""
+    before = f.sw
     if f.empty[(f.top + dst) & 7] or src >= 0 and f.empty[(f.top + src) & 7]:
         f.get(dst)
         if src >= 0:
@@ -147,6 +155,8 @@ def farith(f, op: int, dst: int, src: int, raw: int, pop: bool) -> None:
                 f.src_denormal = False        # a division by zero takes precedence over DE
         if src < 0:
             _memory_denormal(f, r, a, b)
+    if _unmasked_pre(f, before):
+        return
     f.put(dst, from80(r), r)
     if pop:
         f.pop()
@@ -182,6 +192,7 @@ def _pair(f, i: int) -> tuple[int, int] | None:
 
 def fcom_set(f, i: int, raw: int, pops: int, ordered: bool) -> None:
     """fcom/fucom of ST(0) with ST(i), or with raw when i is -1."""
+    before = f.sw
     ops = _pair(f, 0) if i < 0 else _pair(f, i)
     f.sw &= ~C1                 # fcom clears C1; fcomi leaves it (the CPU does)
     if ops is None:
@@ -192,6 +203,8 @@ def fcom_set(f, i: int, raw: int, pops: int, ordered: bool) -> None:
         if i < 0:
             _memory_denormal(f, 0 if cc != C3 | C2 | C0 else INDEFINITE80, ops[0], b)
         f.set_cc(cc)
+    if _unmasked_pre(f, before):
+        return                  # the condition codes are set, but nothing is popped
     for _ in range(pops):
         f.pop()
 
@@ -236,6 +249,7 @@ def funary(f, m: int) -> None:
             f.put(0, math.nan, INDEFINITE80)
         return
     b = f.raw80(0)
+    before = f.sw
     if m == M.FCHS:
         r = b ^ (1 << 79)
         f.sw &= ~C1
@@ -248,6 +262,8 @@ def funary(f, m: int) -> None:
         r = x87arith.round_int(f, b)
     else:   # FTST
         f.set_cc(fcom(f, b, 0, True))
+        return
+    if _unmasked_pre(f, before):
         return
     f.put(0, from80(r), r)
 
@@ -276,7 +292,7 @@ def fxch(f, i: int) -> None:
     f.sw &= ~C1
 
 
-EXPORTS = {"FPU": fpu_of, "X87_TRAP": x87_trap, "FLD_MEM": fld_mem, "FST_FLOAT": fst_float,
+EXPORTS = {"FPU": fpu_of, "X87_TRAP": x87_trap, "X87_MF": x87_mf, "FLD_MEM": fld_mem, "FST_FLOAT": fst_float,
            "FIST": fist, "FARITH": farith, "FCOM_SET": fcom_set, "FCOMI": fcomi, "FXAM": fxam,
            "FUNARY": funary, "FXCH": fxch, "FCMOV": fcmov, "FLD_ST": fld_st}
 EXPORTS.update(x87env.EXPORTS)
@@ -284,10 +300,29 @@ EXPORTS.update(x87math.EXPORTS)
 
 
 # -- emitters ---------------------------------------------------------------------------
-def _pre(g: Gen) -> None:
+def _pre(g: Gen, waits: bool = True, control: bool = False) -> None:
     g.fault()
     g.bind("c")
     g.emit("if c.cr0 & 0xC: X87_TRAP(c)")
+    if waits:
+        g.emit("X87_MF(c)")        # a pending unmasked exception: #MF first
+    if not control:
+        _pointers(g)
+
+
+def _pointers(g: Gen) -> None:
+    """Records FIP/FCS, FOP and (with a memory operand) FDP/FDS, as a
+    non-control x87 instruction does (x87state.Fpu.init)."""
+    ins = g.ins
+    enc = X.Encoder(g.bits)
+    enc.encode(ins, ins.ip)
+    raw = enc.take_buffer()
+    at = next(i for i, b in enumerate(raw) if 0xD8 <= b <= 0xDF)
+    fop = (raw[at] & 7) << 8 | raw[at + 1]
+    g.emit(f"_f = FPU(c); _f.fip = {ins.ip:#x}; _f.fcs = c.seg[1].selector; _f.fop = {fop:#x}")
+    if any(ins.op_kind(i) == X.OpKind.MEMORY for i in range(ins.op_count)):
+        seg = SEG_INDEX[ins.memory_segment]
+        g.emit(f"_f.fdp = {g.ea()}; _f.fds = c.seg[{seg}].selector")
 
 
 def _sti(g: Gen, i: int) -> int:
@@ -420,6 +455,11 @@ def _fmath(g: Gen) -> None:
     g.emit(f"f = FPU(c); {_MATH[g.ins.mnemonic]}")
 
 
+# The control forms that do not check for a pending exception (the FWAIT
+# of FINIT, FSTSW... decodes as an instruction of its own).
+_NO_WAIT = frozenset({M.FNINIT, M.FNCLEX, M.FNSTCW, M.FNSTSW, M.FNSTENV, M.FNSAVE})
+# The control instructions, which leave FIP/FDP/FOP alone (SDM Vol. 1, 8.1.8).
+_CONTROL = _NO_WAIT | {M.FLDCW, M.FLDENV, M.FRSTOR}
 _ENV_FORMS = {M.FNSTENV: "FNSTENV", M.FSTENV: "FNSTENV", M.FLDENV: "FLDENV", M.FNSAVE: "FNSAVE",
               M.FSAVE: "FNSAVE", M.FRSTOR: "FRSTOR"}
 
@@ -430,13 +470,14 @@ def _fctl(g: Gen) -> None:
         g.fault()
         g.bind("c")
         g.emit("if c.cr0 & 0xA == 0xA: X87_TRAP(c, True)")
+        g.emit("X87_MF(c)")
         return
     if m == M.FLDCW:
-        _pre(g)
+        _pre(g, control=True)
         g.addr()
         g.emit(f"FPU(c).cw = {g.rmem(2)} & {CW_WRITABLE:#x} | {CW_ONE:#x}")
         return
-    _pre(g)
+    _pre(g, waits=m not in _NO_WAIT, control=m in _CONTROL)
     if m in (M.FNINIT, M.FINIT):
         g.emit("FPU(c).init()")
     elif m in (M.FNCLEX, M.FCLEX):

@@ -5,8 +5,10 @@ conversions to and from binary32/binary64 memory operands.
 Each operation is computed exactly on integer significands and rounded
 once (x87image.pack_round) under FCW.RC to the precision FCW.PC selects
 (24, 53 or 64 bits; the exponent keeps its 15-bit range), setting PE, C1,
-OE, UE, DE, ZE and IE as the CPU does for masked exceptions. Unmasked
-exceptions (#MF) are not raised.
+OE, UE, DE, ZE and IE as the CPU does for masked exceptions. An unmasked
+IE/DE/ZE leaves the operands alone (x87.farith) and #MF follows at the next
+waiting instruction (x87state.x87_mf); unmasked OE/UE still store the
+masked response, not the exponent-adjusted one.
 
 Nothing here raises; results are 80-bit images (Python ints)."""
 

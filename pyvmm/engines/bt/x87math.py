@@ -10,7 +10,9 @@ inexact result and C1 when it rounded away from zero, C2 as the SDM says
 
 The CPU's transcendentals are not correctly rounded (SDM vol. 1, 8.3.10:
 within 1 ulp); these are, so a result may differ from silicon in the last
-bit of the 64-bit significand. Unmasked exceptions (#MF) are not raised."""
+bit of the 64-bit significand. An unmasked exception they flag raises #MF
+at the next waiting instruction (x87state.x87_mf), but these still store
+their masked response."""
 
 from __future__ import annotations
 

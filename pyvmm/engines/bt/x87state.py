@@ -4,17 +4,19 @@ A register's value is its 80-bit image (`raw`, an int; None only for a
 register nothing has written yet, which reads as the image of `regs`).
 `regs` keeps the nearest binary64 value of each image as a cache. The
 arithmetic works on the images in exact 80-bit precision under FCW.RC and
-FCW.PC (x87arith.py, x87math.py). FIP/FDP/FOP are not tracked (saved as 0)
-and exceptions behave as masked (no #MF).
+FCW.PC (x87arith.py, x87math.py). FIP/FCS/FOP/FDP/FDS record the last
+non-control instruction (x87.py) as an Intel CPU does.
+An unmasked exception stays pending in FSW (ES) and raises #MF at the
+next waiting x87 instruction when CR0.NE is set (x87_mf).
 """
 
 from __future__ import annotations
 
 import math
 
-from .faults import NM, GuestFault
+from .faults import MF, NM, GuestFault
 
-CR0_MP, CR0_EM, CR0_TS = 2, 4, 8
+CR0_MP, CR0_EM, CR0_TS, CR0_NE = 2, 4, 8, 0x20
 C0, C1, C2, C3 = 0x100, 0x200, 0x400, 0x4000
 IE, SF_ = 0x1, 0x40
 ES_B = 0x8080
@@ -65,11 +67,18 @@ class Fpu:
         self.init()
 
     def init(self) -> None:
-        """fninit: control/status/tags reset; register contents are kept."""
+        """fninit: control/status/tags and the last-instruction pointers
+        reset; register contents are kept."""
         self.empty = [True] * 8
         self.top = 0
         self.cw = 0x37F
         self.sw = 0
+        # The last non-control instruction: its CS:IP, opcode (11 bits) and
+        # memory operand (DS:offset), as an Intel CPU records them (the
+        # vendor bt presents; CPUID 7.EBX bits 6/13 clear: always updated,
+        # FCS/FDS kept).  AMD saves them in FXSAVE only while FSW.ES is set,
+        # unless CPUID 0x80000008.EBX[2] (XSaveErPtr) says otherwise.
+        self.fip = self.fcs = self.fop = self.fdp = self.fds = 0
 
     def __repr__(self) -> str:
         return f"Fpu(top={self.top}, cw={self.cw:#x}, sw={self.status():#x}, st={self.stack()})"
@@ -144,6 +153,17 @@ def fpu_of(c) -> Fpu:
     return f
 
 
+def x87_mf(c) -> None:
+    """A waiting x87 instruction (all but FNINIT, FNCLEX, FNSTCW, FNSTSW,
+    FNSTENV, FNSAVE) finds an unmasked exception pending (FSW.ES): with
+    CR0.NE it raises #MF before it runs (SDM Vol. 1, 8.7).  With NE clear
+    the PC's FERR#/IRQ13 route is not modelled: the instruction goes on.
+    Raises GuestFault."""
+    f = getattr(c, "fpu", None)
+    if f is not None and f.sw & ~f.cw & 0x3F and c.cr0 & CR0_NE:
+        raise GuestFault(MF)
+
+
 def x87_trap(c, wait: bool = False) -> None:
     """#NM for CR0.EM or CR0.TS (fwait: TS and MP). Raises GuestFault."""
     if wait:
@@ -151,3 +171,11 @@ def x87_trap(c, wait: bool = False) -> None:
             raise GuestFault(NM)
     elif c.cr0 & (CR0_EM | CR0_TS):
         raise GuestFault(NM)
+
+
+def pointers_fxsave(f, wide: bool) -> tuple[int, int, int]:
+    """(FOP, bytes 8-15, bytes 16-23) of an FXSAVE image: FXSAVE64 stores
+    64-bit FIP and FDP; FXSAVE stores 32-bit offsets with FCS and FDS."""
+    if wide:
+        return f.fop, f.fip, f.fdp
+    return f.fop, (f.fip & 0xFFFFFFFF) | f.fcs << 32, (f.fdp & 0xFFFFFFFF) | f.fds << 32

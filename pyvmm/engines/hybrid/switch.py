@@ -43,7 +43,8 @@ from ..bt.cpu import SEG_NAMES
 from ..bt.fxstate import from_fxsave, to_fxsave
 from ..kvm import abi
 from ..kvm.device import ioctl
-from ..kvm.state import FXSAVE_HEADER, MXCSR_MASK, _from_kvm_segment, _to_kvm_segment
+from ..kvm.state import (FXSAVE_HEADER, MXCSR_MASK, XCR0_RESET, _from_kvm_segment, _to_kvm_segment, put_ymmh,
+                         set_xcr0, ymmh_from_xsave)
 
 SYSCALL_SENTINEL = 0xFFFFFFFFFFFFF000   # the top page: unmapped in Linux and in pyvmm's test guests
 MSR_SYSENTER_CS = 0x174
@@ -69,6 +70,8 @@ class UserSwitch:
         # (KVM_SET_SREGS alone costs ~60 us here: it resets KVM's MMU context).
         self._kvm_sregs = bytes(self.sregs)
         self._kvm_fpu: bytes | None = None
+        self._kvm_ymmh: list[int] | None = None
+        self._kvm_xcr0 = XCR0_RESET
         self._kvm_msrs: tuple | None = None
         self.skipped = 0
         self.cpuid_faulting = vcpu.set_msrs({MSR_MISC_FEATURES_ENABLES: CPUID_FAULT}) == 1
@@ -109,18 +112,28 @@ class UserSwitch:
             self.vcpu.set_msrs({MSR_STAR: fixed[0], MSR_FMASK: fixed[1], MSR_LSTAR: SYSCALL_SENTINEL,
                                 MSR_CSTAR: SYSCALL_SENTINEL, MSR_SYSENTER_CS: 0})
             self._kvm_msrs = fixed
+        if c.xcr0 != self._kvm_xcr0:
+            # The kernel's XSETBV (under bt) reaches the CPU that runs user code.
+            try:
+                set_xcr0(self.vcpu, c.xcr0)
+            except OSError as e:
+                raise EngineError(f"hybrid: KVM refused the guest's XCR0 {c.xcr0:#x}: {e.strerror}") from None
+            self._kvm_xcr0 = c.xcr0
         image = to_fxsave(c)
-        if image != self._kvm_fpu:
-            self._put_fpu(image)
+        if image != self._kvm_fpu or c.ymmh != self._kvm_ymmh:
+            self._put_fpu(image, c.ymmh if c.xcr0 & 4 else None)
             self._kvm_fpu = image
+            self._kvm_ymmh = list(c.ymmh)
 
-    def _put_fpu(self, image: bytes) -> None:
-        # KVM_SET_XSAVE with x87+SSE marked in use: on kvm_pvm KVM_SET_FPU
-        # alone leaves the XSAVE header calling SSE initial (kvm/state.py).
+    def _put_fpu(self, image: bytes, ymmh: list[int] | None) -> None:
+        # KVM_SET_XSAVE with x87+SSE (and AVX) marked in use: on kvm_pvm
+        # KVM_SET_FPU alone leaves the XSAVE header calling SSE initial (kvm/state.py).
         buf = self._xsave
         buf[0:416] = image[0:416]
         xstate_bv = struct.unpack_from("<Q", buf, 512)[0] | 3
         struct.pack_into("<Q", buf, 512, xstate_bv)
+        if ymmh is not None:
+            put_ymmh(buf, ymmh)
         ioctl(self.vcpu.fd, abi.SET_XSAVE, self._xsave_buf)
 
     # -- KVM -> bt ----------------------------------------------------------------
@@ -160,5 +173,8 @@ class UserSwitch:
         image = bytes(image)
         from_fxsave(c, image)
         self._kvm_fpu = image if to_fxsave(c) == image else None
+        if c.xcr0 & 4:
+            c.ymmh = ymmh_from_xsave(self._xsave)
+            self._kvm_ymmh = list(c.ymmh)
         if changed:
             c.update_mode()

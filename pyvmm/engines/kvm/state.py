@@ -6,6 +6,7 @@ import ctypes
 import struct
 
 from ...cpu import GPR_NAMES, CpuState, DescriptorTable, Segment
+from ...errors import EngineError
 from . import abi
 from .device import KvmVcpu, ioctl
 
@@ -53,14 +54,20 @@ def load(vcpu: KvmVcpu, st: CpuState, boot_msrs: bool = True) -> None:
     msrs.update(st.msrs)
     if msrs:
         vcpu.set_msrs(msrs)
+    if st.xcr0 != XCR0_RESET:
+        try:
+            set_xcr0(vcpu, st.xcr0)
+        except OSError as e:
+            raise EngineError(f"KVM refused the guest's XCR0 {st.xcr0:#x}: {e.strerror}") from None
     if st.fxsave is not None:
-        set_fxsave(vcpu, st.fxsave)
+        set_fxsave(vcpu, st.fxsave, st.ymmh)
 
 
-def set_fxsave(vcpu: KvmVcpu, image: bytes) -> None:
-    """Loads an FXSAVE image through KVM_SET_XSAVE (legacy region, x87 and SSE
-    marked in use) and KVM_SET_FPU: on this host KVM_SET_FPU alone leaves the
-    XSAVE header calling SSE initial, so the guest would see zeros."""
+def set_fxsave(vcpu: KvmVcpu, image: bytes, ymmh: list[int] | None = None) -> None:
+    """Loads an FXSAVE image (and the upper YMM halves, when given) through
+    KVM_SET_XSAVE (x87, SSE and AVX marked in use) and KVM_SET_FPU: on this
+    host KVM_SET_FPU alone leaves the XSAVE header calling SSE initial, so
+    the guest would see zeros."""
     buf = bytearray(abi.XSAVE_AREA_SIZE)
     try:
         ioctl(vcpu.fd, abi.GET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
@@ -69,10 +76,57 @@ def set_fxsave(vcpu: KvmVcpu, image: bytes) -> None:
         buf[32:416] = image[32:416]
         xstate_bv = struct.unpack_from("<Q", buf, 512)[0] | 3
         struct.pack_into("<Q", buf, 512, xstate_bv)
+        if ymmh is not None:
+            put_ymmh(buf, ymmh)
         ioctl(vcpu.fd, abi.SET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
     except OSError:
         pass
     vcpu.set_fpu(fpu_from_fxsave(image))
+
+
+# -- the AVX state: XCR0 (KVM_GET/SET_XCRS) and YMM_Hi128 in the XSAVE area --
+XCR0_RESET = 1
+XCR0_AVX = 4
+YMMH_OFFSET = 576                # standard-form offset of XSAVE component 2
+_XCRS = struct.Struct("<II")     # struct kvm_xcrs: nr_xcrs, flags; then {xcr, reserved, value} x 16
+
+
+def get_xcr0(vcpu: KvmVcpu) -> int:
+    """The vCPU's XCR0 (KVM_GET_XCRS); the reset value where KVM has none."""
+    buf = (ctypes.c_uint8 * 392)()
+    try:
+        ioctl(vcpu.fd, abi.GET_XCRS, buf)
+    except OSError:
+        return XCR0_RESET
+    for i in range(_XCRS.unpack_from(buf, 0)[0]):
+        xcr, _, value = struct.unpack_from("<IIQ", buf, 8 + 16 * i)
+        if xcr == 0:
+            return value
+    return XCR0_RESET
+
+
+def set_xcr0(vcpu: KvmVcpu, value: int) -> None:
+    """KVM_SET_XCRS with XCR0 = value. Raises OSError where KVM refuses it
+    (a component its CPUID for the vCPU does not offer)."""
+    buf = (ctypes.c_uint8 * 392)()
+    _XCRS.pack_into(buf, 0, 1, 0)
+    struct.pack_into("<IIQ", buf, 8, 0, 0, value)
+    ioctl(vcpu.fd, abi.SET_XCRS, buf)
+
+
+def ymmh_from_xsave(buf: bytes | bytearray) -> list[int]:
+    """YMM0-15 bits 255:128 from a standard-form XSAVE area (zeros when its
+    XSTATE_BV calls the AVX state initial)."""
+    if not struct.unpack_from("<Q", buf, 512)[0] & XCR0_AVX:
+        return [0] * 16
+    return [int.from_bytes(buf[YMMH_OFFSET + 16 * i:YMMH_OFFSET + 16 * i + 16], "little") for i in range(16)]
+
+
+def put_ymmh(buf: bytearray, ymmh: list[int]) -> None:
+    """Writes YMM0-15 bits 255:128 into a standard-form XSAVE area, marked in use."""
+    for i in range(16):
+        buf[YMMH_OFFSET + 16 * i:YMMH_OFFSET + 16 * i + 16] = (ymmh[i] & ((1 << 128) - 1)).to_bytes(16, "little")
+    struct.pack_into("<Q", buf, 512, struct.unpack_from("<Q", buf, 512)[0] | XCR0_AVX)
 
 
 # The FXSAVE image's legacy header: FCW, FSW, abridged FTW, FOP, FIP, FDP, MXCSR, MXCSR_MASK.
@@ -115,6 +169,13 @@ def save(vcpu: KvmVcpu) -> CpuState:
         sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer)
     st.msrs = vcpu.get_msrs(list(STATE_MSRS))
     st.fxsave = _fxsave(vcpu)
+    st.xcr0 = get_xcr0(vcpu)
+    buf = bytearray(abi.XSAVE_AREA_SIZE)
+    try:
+        ioctl(vcpu.fd, abi.GET_XSAVE, (ctypes.c_uint8 * abi.XSAVE_AREA_SIZE).from_buffer(buf))
+        st.ymmh = ymmh_from_xsave(buf)
+    except OSError:
+        pass
     return st
 
 
