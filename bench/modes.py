@@ -114,7 +114,7 @@ def run_raw(engine: str, outer: int, uwork: int, syscalls: bool, timeout: float)
         engine = autoselect.choose(None).engine
     cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
     m = build_machine(cfg, lambda b: None, boot=boot_for(user_guest(outer, uwork, 3, syscalls=syscalls)))
-    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, 124, "timeout"))
+    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, "timeout"))
     timer.start()
     t0 = time.perf_counter()
     try:

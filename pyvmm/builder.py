@@ -16,7 +16,7 @@ from .engines.base import Engine
 from .errors import ConfigError
 from .irq import IrqLine
 from .loop import EventLoop
-from .machine import EXIT_OK, Machine, StopReason
+from .machine import Machine, StopReason
 from .memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
         machine.devices[f"serial{i}"] = uart
 
     def on_reset() -> None:
-        machine.request_stop(StopReason.RESET, EXIT_OK, "i8042 reset")
+        machine.request_stop(StopReason.RESET, "i8042 reset")
 
     kbd = I8042(on_reset, _irq(machine, I8042_IRQ_KBD), _irq(machine, I8042_IRQ_AUX))
     for offset, length, part in kbd.ranges():  # two ports: 0x61 between them is the PIT's
@@ -105,7 +105,8 @@ def add_legacy_devices(machine: Machine, output: Output) -> None:
         base, size = cfg.debug_exit
 
         def on_exit(code: int) -> None:
-            machine.request_stop(StopReason.DEBUG_EXIT, code, f"isa-debug-exit code {code}")
+            # The device reports QEMU's status (v << 1) | 1; the machine keeps v.
+            machine.request_stop(StopReason.DEBUG_EXIT, f"isa-debug-exit code {code}", value=code >> 1)
 
         debug_exit = DebugExit(on_exit, size)
         io.insert(base, size, debug_exit, "debug-exit")
@@ -125,7 +126,7 @@ def add_firmware(machine: Machine) -> None:
     acpi.write_acpi_tables(machine.memory, cfg.cpus, pci_root_aml() if wants_pci(cfg) else b"")
 
     def on_poweroff() -> None:
-        machine.request_stop(StopReason.POWEROFF, EXIT_OK, "ACPI poweroff")
+        machine.request_stop(StopReason.POWEROFF, "ACPI poweroff")
 
     clock = machine.devices.get("clock")   # the bt platform's guest clock
     pm = acpi_pm.AcpiPm(on_poweroff=on_poweroff, sci=_irq(machine, acpi.SCI_IRQ),
@@ -165,6 +166,8 @@ def build_machine(config: VmConfig, output: Output,
     Raises VmmError subclasses for bad configs, images or hosts."""
     config.validate()
     config = fit_guest(config)
+    from .devices.virtio.install import with_mmio_cmdline
+    config = with_mmio_cmdline(config)   # virtio_mmio.device= for --transport mmio
     cleanup = None
     if config.engine in BT_PLATFORM_ENGINES:
         from .engines.bt.bootprep import prepare
@@ -181,7 +184,7 @@ def build_machine(config: VmConfig, output: Output,
             make_platform(machine)   # PIC, PIT, IOAPIC, local APICs and the guest clock
         add_firmware(machine)
         from .devices.virtio.install import attach as attach_virtio
-        attach_virtio(machine, lambda gsi: _irq(machine, gsi))   # PCI bus 0 and its virtio devices
+        attach_virtio(machine, lambda gsi: _irq(machine, gsi), output)   # PCI bus 0 and its virtio devices
         if boot is None:
             from .boot.loader import load_guest
             result = load_guest(memory, config)

@@ -23,26 +23,21 @@ log = logging.getLogger(__name__)
 
 
 class StopReason(enum.Enum):
+    """Why a machine stopped; the CLI maps each to a process exit code
+    (cli/exitcodes.py), the machine and its engines never see one."""
     POWEROFF = "poweroff"      # guest powered off (ACPI, test device)
     RESET = "reset"            # guest asked for a reset (i8042, triple fault)
-    DEBUG_EXIT = "debug-exit"  # guest wrote to the isa-debug-exit port
+    DEBUG_EXIT = "debug-exit"  # guest wrote StopStatus.value to the isa-debug-exit port
     HALTED = "halted"          # every vCPU halted with interrupts off: nothing can wake it
-    USER = "user"              # the user quit (Ctrl-A x, signal)
-
-
-# pyvmm's exit codes (documented in the README and --help).
-EXIT_OK = 0          # guest powered off, or reset with --no-reboot, or user quit
-EXIT_ERROR = 1       # bad input or host problem (one-line error)
-EXIT_USAGE = 2       # bad command line
-EXIT_GUEST_CRASH = 3  # the engine could not go on (e.g. KVM emulation failure)
-EXIT_HALTED = 4      # guest halted forever with interrupts disabled
+    USER = "user"              # the user quit (Ctrl-A x, signal, QMP quit)
+    ERROR = "error"            # a vCPU thread failed; run() raises what it was
 
 
 @dataclass
 class StopStatus:
     reason: StopReason
-    code: int = 0  # the process exit code this stop maps to
     detail: str = ""
+    value: int = 0  # DEBUG_EXIT: the value the guest wrote
 
 
 @dataclass
@@ -64,6 +59,10 @@ class Machine:
     loop: "EventLoop | None" = None
     # Called by destroy_machine after the devices stop: files the builder opened.
     closers: list = field(default_factory=list)
+    # Called by pause() once the vCPUs stopped, from its thread without
+    # `lock`: each returns when its device's work in flight (disk requests)
+    # has completed into guest memory, so a paused machine saves whole.
+    drains: list = field(default_factory=list)
     state: RunState = RunState.CONFIGURED
     _stop_event: threading.Event = field(default_factory=threading.Event)
     # Orders run-state commands; not `lock`, which vCPUs take for I/O while
@@ -93,6 +92,12 @@ class Machine:
             require(self.state, "pause", RunState.RUNNING)
             if not self.engine.pause():
                 raise StateError("pause: the machine stopped")
+            try:
+                for drain in self.drains:
+                    drain()
+            except StateError:
+                self.engine.resume()
+                raise
             self.state = RunState.PAUSED
 
     def resume(self) -> None:
@@ -103,12 +108,13 @@ class Machine:
             self.engine.resume()
             self.state = RunState.RUNNING
 
-    def request_stop(self, reason: StopReason, code: int = 0, detail: str = "") -> None:
-        """Asks the engine to stop; the first request wins. Any thread."""
+    def request_stop(self, reason: StopReason, detail: str = "", value: int = 0) -> None:
+        """Asks the engine to stop for `reason` (`value`: what a DEBUG_EXIT
+        guest wrote); the first request wins. Any thread."""
         with self.lock:
             if self.stop_status is None:
-                self.stop_status = StopStatus(reason, code, detail)
-                log.debug("stop requested: %s code=%d %s", reason.value, code, detail)
+                self.stop_status = StopStatus(reason, detail, value)
+                log.debug("stop requested: %s %s", reason.value, detail)
         self._stop_event.set()
         if self.engine is not None:
             self.engine.kick()

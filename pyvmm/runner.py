@@ -11,8 +11,8 @@ from typing import Callable
 from .builder import build_machine, destroy_machine
 from .config import VmConfig
 from .costs import Costs, machine_report
-from .errors import GuestCrash
-from .machine import EXIT_OK, Machine, StopReason, StopStatus
+from .errors import ConfigError, GuestCrash
+from .machine import Machine, StopReason, StopStatus
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,16 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
 
     def feed(data: bytes) -> None:
         if current:
+            hvc0 = getattr(current[0], "console_feed", None)
             uart = current[0].devices.get("serial0")
-            if uart is not None:            # console input goes to COM1
+            if hvc0 is not None:            # --virtio-console stdio: keyboard to hvc0
+                hvc0(data)
+            elif uart is not None:          # console input goes to COM1
                 uart.receive(data)
 
     def on_quit() -> None:
         if current:
-            current[0].request_stop(StopReason.USER, EXIT_OK, "user quit")
+            current[0].request_stop(StopReason.USER, "user quit")
 
     reboots = 0
     console_started = False
@@ -73,6 +76,8 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
         while True:
             machine = build_machine(config, console.write)
             current[:] = [machine]
+            if config.loadvm and reboots == 0:
+                _load_snapshot(machine, config.loadvm)
             if on_machine is not None:
                 on_machine(machine)
             if not console_started:
@@ -110,6 +115,17 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
         console.close()
 
 
+def _load_snapshot(machine: Machine, tag: str) -> None:
+    """--loadvm: the built machine takes the snapshot's state before it
+    first runs. Raises ConfigError (the machine is destroyed)."""
+    from .snapshot.savevm import SnapshotError, load_vm
+    try:
+        load_vm(machine, tag)
+    except SnapshotError as e:
+        destroy_machine(machine)
+        raise ConfigError(f"--loadvm {tag}: {e}") from None
+
+
 def reset_event(status: StopStatus) -> dict:
     """QMP's RESET event data for a reset that reboots the machine."""
     from .api.commands import RESET_DETAIL
@@ -132,9 +148,10 @@ def shutdown_event(status: StopStatus) -> dict:
     return {"guest": True, "reason": "guest-shutdown"}
 
 
-def write_stats_json(path: str, result: RunResult, config: VmConfig) -> None:
+def write_stats_json(path: str, result: RunResult, config: VmConfig, exit_code: int) -> None:
+    """The --stats-json report; `exit_code` is what the CLI made of the stop."""
     doc = {"config": config.to_dict(), "stop": {"reason": result.status.reason.value,
-                                                 "code": result.status.code, "detail": result.status.detail},
+                                                 "code": exit_code, "detail": result.status.detail},
            "reboots": result.reboots, **result.stats}
     with open(path, "w") as f:
         json.dump(doc, f, indent=2, default=str)

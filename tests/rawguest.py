@@ -63,7 +63,7 @@ def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=N
     machine = build_machine(cfg, output or (lambda data: None), boot=boot)
     if setup is not None:
         setup(machine)
-    timer = threading.Timer(timeout, machine.request_stop, args=(StopReason.USER, 124, "test timeout"))
+    timer = threading.Timer(timeout, machine.request_stop, args=(StopReason.USER, "test timeout"))
     timer.start()
     try:
         machine.engine.run()

@@ -61,7 +61,7 @@ class LogPort:
         elif value == 2:
             self.seen = memory.dirty_pages()
             memory.stop_dirty_log()
-            self.machine.request_stop(StopReason.POWEROFF, 0, "dirty log read")
+            self.machine.request_stop(StopReason.POWEROFF, "dirty log read")
 
 
 def _dirty(engine: str) -> set[int]:

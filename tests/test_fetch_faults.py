@@ -18,6 +18,7 @@ import struct
 
 import pytest
 
+from pyvmm.cli.exitcodes import exit_code
 from pyvmm.config import VmConfig
 from pyvmm.cpu import EFER_NXE
 
@@ -137,7 +138,7 @@ def _run(engine: str, kind: str) -> list[tuple[int, int, int, int]]:
     n = len(_cases())
     machine, _ = run_machine(cfg, _boot(kind, code), timeout=240,
                              inspect=lambda m: m.memory.read(RESULTS, 32 * n))
-    assert machine.stop_status.code == 4, f"{engine}: the guest did not finish: {machine.stop_status}"
+    assert exit_code(machine.stop_status) == 4, f"{engine}: the guest did not finish: {machine.stop_status}"
     raw = machine.inspected
     return [struct.unpack_from("<4Q", raw, 32 * i) for i in range(n)]
 

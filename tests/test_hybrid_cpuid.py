@@ -13,6 +13,7 @@ import struct
 
 import pytest
 
+from pyvmm.cli.exitcodes import exit_code
 from pyvmm.config import VmConfig
 
 from .modeguests import DATA, SYSCALL_SETUP, USTACK, boot_for, enter_user
@@ -47,7 +48,7 @@ def _answers(engine: str) -> tuple[list, list]:
     size = 16 * len(LEAVES)
     machine, _ = run_machine(cfg, boot_for(code), timeout=120,
                              inspect=lambda m: (m.memory.read(USER_OUT, size), m.memory.read(KERNEL_OUT, size)))
-    assert machine.stop_status.code == 4, f"{engine}: the guest did not finish: {machine.stop_status}"
+    assert exit_code(machine.stop_status) == 4, f"{engine}: the guest did not finish: {machine.stop_status}"
     user, kernel = machine.inspected
     split = lambda raw: [struct.unpack_from("<4I", raw, 16 * i) for i in range(len(LEAVES))]  # noqa: E731
     return split(user), split(kernel)

@@ -3,7 +3,8 @@ I/O to the UART, HLT, MMIO exits, the debug-exit port and two vCPUs."""
 
 import pytest
 
-from pyvmm.machine import EXIT_HALTED, StopReason
+from pyvmm.cli.exitcodes import EXIT_HALTED, exit_code
+from pyvmm.machine import StopReason
 
 from .rawguest import require_kvm, run_raw, build_guest
 
@@ -42,7 +43,7 @@ def test_entry_modes_print_and_halt(mode):
     run = run_raw(build_guest(printer(mode, f"hello from {mode} mode\\n"), mode), mode)
     assert run.output == f"hello from {mode} mode\n".encode()
     assert run.status.reason is StopReason.HALTED
-    assert run.status.code == EXIT_HALTED
+    assert exit_code(run.status) == EXIT_HALTED
     stats = run.machine.engine.stats()
     assert stats["exits"]["hlt"] == 1
     assert run.machine.io_bus.stats()["serial0"]["writes"] == len(f"hello from {mode} mode\n")
@@ -91,7 +92,7 @@ def test_debug_exit_port_sets_the_exit_code():
     run = run_raw(code, "prot", irqchip=True, debug_exit=(0xF4, 4))
     assert run.output == b"bye\n"
     assert run.status.reason is StopReason.DEBUG_EXIT
-    assert run.status.code == (0x2A << 1) | 1
+    assert exit_code(run.status) == (0x2A << 1) | 1
 
 
 # The BSP wakes the AP with INIT-SIPI-SIPI through the in-kernel local APIC;
@@ -141,7 +142,7 @@ def test_two_vcpus_both_run():
     run = run_raw(build_guest(BSP_WAKES_AP, "prot"), "prot", cpus=2, irqchip=True,
                   debug_exit=(0xF4, 1), extra={0x8000: ap})
     assert run.status.reason is StopReason.DEBUG_EXIT, run.status
-    assert run.status.code == (0x10 << 1) | 1
+    assert exit_code(run.status) == (0x10 << 1) | 1
     assert run.output == b"A1"  # the AP printed, and the BSP saw one AP check in
 
 

@@ -63,7 +63,7 @@ class Checkpoint:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.machine.request_stop(StopReason.USER, 0, "checkpoint")
+        self.machine.request_stop(StopReason.USER, "checkpoint")
 
 
 def _run(machine) -> None:

@@ -33,7 +33,7 @@ class Checkpoint:
     def write(self, offset: int, size: int, value: int) -> None:
         self.seen += 1
         if self.seen in self.stop_at:
-            self.machine.request_stop(StopReason.USER, 0, f"checkpoint {self.seen}")
+            self.machine.request_stop(StopReason.USER, f"checkpoint {self.seen}")
 
 
 def _machine(engine: str, stop_at=()):
@@ -45,7 +45,7 @@ def _machine(engine: str, stop_at=()):
 
 
 def _run(m, timeout: float = 120.0) -> None:
-    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, 124, "test timeout"))
+    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, "test timeout"))
     timer.start()
     try:
         m.engine.run()
@@ -83,6 +83,31 @@ def test_bt_state_round_trips_fxsave():
         assert back.fxsave[24:28] == img[24:28]
     finally:
         destroy_machine(m)
+
+
+YMMH = [(0xA5A5 + i) << 100 | i for i in range(16)]
+
+
+def test_avx_state_round_trips_bt_hw_bt():
+    """XCR0 and the upper YMM halves move with CpuState: bt -> KVM (KVM_SET_XCRS,
+    KVM_SET_XSAVE) -> bt."""
+    require_kvm()
+    bt, _ = _machine("bt")
+    cfg = VmConfig(mem_mib=64, engine="hw", irqchip=False, no_reboot=True, fit_guest_to_host=False)
+    hw = build_machine(cfg, lambda b: None, boot=boot_for(sse_guest(ROUNDS, BLOCKS)))
+    try:
+        st = bt.engine.save_state(0)
+        assert (st.xcr0, st.ymmh) == (1, [0] * 16)
+        st.cr4 |= 1 << 18
+        st.xcr0, st.ymmh = 7, list(YMMH)
+        hw.engine.load_state(0, st)
+        moved = hw.engine.save_state(0)
+        assert (moved.xcr0, moved.ymmh) == (7, YMMH)
+        bt.engine.load_state(0, moved)
+        assert (bt.engine.cpus[0].xcr0, bt.engine.cpus[0].ymmh) == (7, YMMH)
+    finally:
+        destroy_machine(hw)
+        destroy_machine(bt)
 
 
 def test_sse_guest_migrated_hw_bt_hw_matches_unmigrated_runs():

@@ -260,7 +260,7 @@ class Checkpoint:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.values.append(value)
-        self.machine.request_stop(StopReason.USER, 0, f"{self.name} {value:#x}")
+        self.machine.request_stop(StopReason.USER, f"{self.name} {value:#x}")
 
 
 def _without(data: bytes, *spans: tuple[int, int]) -> bytes:
@@ -435,7 +435,7 @@ def test_ticking_guest_moves_hw_bt_hw_and_keeps_its_tick(via_apic, busy):
         while True:
             m.clear_stop()
             timer = threading.Timer(rng.uniform(0.06, 0.15), m.request_stop,
-                                    args=(StopReason.USER, 0, "switch"))
+                                    args=(StopReason.USER, "switch"))
             before = m.engine.save_state(0).regs["rbx"] & 0xFFFFFFFF
             t0 = time.monotonic()
             timer.start()
@@ -483,7 +483,7 @@ PVTI_GPA, PV_EOI_GPA = 0x300000, 0x301000
 
 def _run_for(m, seconds: float) -> None:
     m.clear_stop()
-    timer = threading.Timer(seconds, m.request_stop, args=(StopReason.USER, 0, "switch"))
+    timer = threading.Timer(seconds, m.request_stop, args=(StopReason.USER, "switch"))
     timer.start()
     try:
         m.engine.run()

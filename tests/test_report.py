@@ -12,6 +12,7 @@ from pyvmm.config import VmConfig
 from pyvmm.costs import COUNTER_KEYS, TIME_KEYS
 from pyvmm.errors import ConfigError
 from pyvmm.report import load, table
+from pyvmm.cli.exitcodes import exit_code
 from pyvmm.runner import RunResult, collect_stats, write_stats_json
 
 from .hostfacts import kvm_missing, require_from_setup
@@ -40,7 +41,7 @@ def _report(tmp_path, engine: str) -> str:
     assert len(run.output) == 2000
     stats = collect_stats(run.machine, 0.5)
     path = tmp_path / f"{engine}.json"
-    write_stats_json(str(path), RunResult(run.status, stats), VmConfig(engine=engine))
+    write_stats_json(str(path), RunResult(run.status, stats), VmConfig(engine=engine), exit_code(run.status))
     return str(path)
 
 

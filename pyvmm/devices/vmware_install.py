@@ -26,7 +26,7 @@ import sys
 from typing import Callable
 
 from ..errors import EngineError
-from ..machine import EXIT_OK, Machine, StopReason
+from ..machine import Machine, StopReason
 from .guestrpc import GuestRpc
 from .vmware_backdoor import HB_PORT, LENGTH, PORT, VmwareBackdoor
 
@@ -84,7 +84,7 @@ def attach(machine: Machine, on_log: Callable[[str], None] = guest_log_sink) -> 
     eng = machine.engine
 
     def poweroff() -> None:
-        machine.request_stop(StopReason.POWEROFF, EXIT_OK, "vmware backdoor poweroff")
+        machine.request_stop(StopReason.POWEROFF, "vmware backdoor poweroff")
 
     rpc = GuestRpc(getattr(machine.config, "guestinfo", None) or {}, on_log, poweroff)
     regs = eng.port_caller(OPEN_PORTS)

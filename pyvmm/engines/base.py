@@ -38,7 +38,7 @@ class MachinePort(Protocol):
     stop_status: object
     crash_state: object
 
-    def request_stop(self, reason, code: int = 0, detail: str = "") -> None: ...
+    def request_stop(self, reason, detail: str = "", value: int = 0) -> None: ...
 
     def wait_stopped(self, timeout: float | None = None) -> bool: ...
 
@@ -61,6 +61,11 @@ class Engine(ABC):
     @abstractmethod
     def set_irq(self, gsi: int, level: int) -> None:
         """Drives interrupt line `gsi` to `level` (callable from any thread)."""
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """Delivers an MSI (a device's write of `data` to `address` in the
+        local APIC page; callable from any thread).  Engines without an
+        interrupt controller drop it."""
 
     @abstractmethod
     def load_state(self, cpu: int, state: CpuState) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ..machine import EXIT_OK, Machine, StopReason
+from ..machine import Machine, StopReason
 from . import abi
 from .hypervisor import Hypervisor
 
@@ -35,11 +35,11 @@ def make_hypervisor(machine: Machine) -> Hypervisor:
 
     def stop(kind: int, status: int) -> None:
         if kind == abi.SHUTDOWN_RESET:
-            machine.request_stop(StopReason.RESET, EXIT_OK, "paravirt reset")
+            machine.request_stop(StopReason.RESET, "paravirt reset")
         elif status == 0:
-            machine.request_stop(StopReason.POWEROFF, EXIT_OK, "paravirt poweroff")
+            machine.request_stop(StopReason.POWEROFF, "paravirt poweroff")
         else:
-            machine.request_stop(StopReason.DEBUG_EXIT, (status << 1) | 1, f"paravirt shutdown status {status}")
+            machine.request_stop(StopReason.DEBUG_EXIT, f"paravirt shutdown status {status}", value=status)
 
     clock = machine.devices.get("clock")
     clock_ns = clock.now_ns if clock is not None else None

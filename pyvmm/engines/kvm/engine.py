@@ -13,7 +13,7 @@ import time
 from ...costs import Costs
 from ...cpu import CpuState
 from ...errors import EngineError, GuestCrash
-from ...machine import EXIT_HALTED, EXIT_OK, StopReason
+from ...machine import StopReason
 from ...runstate import PauseGate
 from ...boot import layout
 from ..base import Engine
@@ -66,6 +66,7 @@ class KvmEngine(Engine):
         self.on_kick = None
         self.gate = PauseGate()           # vCPU threads park here while paused
         self._paused_clock_ns: int | None = None   # kvmclock when paused
+        self._paused_pit: bytes | None = None      # the in-kernel PIT when paused
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -119,6 +120,10 @@ class KvmEngine(Engine):
         if self.irqchip and self.vm is not None:
             self.vm.irq_line(gsi, level)
 
+    def signal_msi(self, address: int, data: int) -> None:
+        if self.irqchip and self.vm is not None:
+            self.vm.signal_msi(address, data)
+
     # -- running -------------------------------------------------------------
     def run(self) -> None:
         machine = self.machine
@@ -152,20 +157,51 @@ class KvmEngine(Engine):
         """Each vCPU thread parks when its KVM_RUN returns EINTR (the kick's
         immediate_exit): KVM has then completed any I/O it exited for, so
         the registers are at an instruction boundary and readable from
-        here. kvmclock is read so that resume() can give it back."""
+        here. kvmclock and the in-kernel PIT are read so that resume() can
+        give them back."""
         if not self.gate.close(len(self.vcpus), self.kick, self._stopping):
             return False
         self._paused_clock_ns = self.kvm_clock()
+        self._paused_pit = self._pit_state()
         return True
 
     def resume(self) -> None:
         """Loads kvmclock with its value at pause (KVM_SET_CLOCK), so the
-        guest's time skips the pause, then lets the vCPUs go on. (The TSC
-        itself runs on; Linux keeps time by kvmclock when it has it.)"""
+        guest's time skips the pause, and the PIT as it was (KVM_SET_PIT2),
+        then lets the vCPUs go on. (The TSC itself runs on; Linux keeps time
+        by kvmclock when it has it.)"""
         if self._paused_clock_ns is not None:
             self.kvm_clock(self._paused_clock_ns)
             self._paused_clock_ns = None
+        if self._paused_pit is not None:
+            self._pit_state(self._paused_pit)
+            self._paused_pit = None
         self.gate.open()
+
+    def _pit_state(self, load: bytes | None = None) -> bytes | None:
+        """The in-kernel PIT's state (KVM_GET_PIT2), or loads `load`; None
+        without the irqchip or where KVM refuses.  KVM's PIT runs on host
+        time and re-injects the ticks the guest missed, so a pause would
+        end in a burst of them (a second's worth for a one-second pause):
+        KVM_SET_PIT2 reloads each channel's count, restarting channel 0's
+        period, and drops the ticks that piled up (at most one, latched in
+        the 8259 during the pause, remains).  The local APIC timer needs no
+        such care: KVM coalesces its missed periods into one (measured on
+        kvm_pvm: 51 ticks at 100 Hz in the 0.5 s after a 1 s pause), and its
+        current count runs on while paused, which only shifts its phase."""
+        if not self.irqchip or self.vm is None:
+            return None
+        from .platform_state import GET_PIT2, SET_PIT2, _Pit2
+        try:
+            if load is None:
+                buf = _Pit2()
+                ioctl(self.vm.fd, GET_PIT2, buf)
+                return bytes(buf)
+            ioctl(self.vm.fd, SET_PIT2, _Pit2.from_buffer_copy(load))
+            return load
+        except OSError as e:
+            log.debug("KVM PIT: %s", e.strerror)
+            return None
 
     def _stopping(self) -> bool:
         return self.machine.stop_status is not None
@@ -205,7 +241,7 @@ class KvmEngine(Engine):
         except BaseException as e:  # handed to run() in the main thread
             if self._error is None:
                 self._error = e
-            self.machine.request_stop(StopReason.USER, 1, f"vcpu{vcpu.index}: {e}")
+            self.machine.request_stop(StopReason.ERROR, f"vcpu{vcpu.index}: {e}")
 
     def _loop(self, vcpu: KvmVcpu) -> None:
         """The exit loop: the hot path of the engine, kept flat on purpose
@@ -283,15 +319,15 @@ class KvmEngine(Engine):
         mm = vcpu.run_mm
         if reason == abi.EXIT_HLT:
             # Only without the in-kernel irqchip: nothing can ever wake the vCPU.
-            machine.request_stop(StopReason.HALTED, EXIT_HALTED, f"vcpu{vcpu.index} halted")
+            machine.request_stop(StopReason.HALTED, f"vcpu{vcpu.index} halted")
         elif reason == abi.EXIT_SHUTDOWN:
-            machine.request_stop(StopReason.RESET, EXIT_OK, "triple fault")
+            machine.request_stop(StopReason.RESET, "triple fault")
         elif reason == abi.EXIT_SYSTEM_EVENT:
             kind = abi.SYSTEM_EVENT.unpack_from(mm, abi.RUN_UNION)[0]
             if kind == abi.SYSTEM_EVENT_RESET:
-                machine.request_stop(StopReason.RESET, EXIT_OK, "system event: reset")
+                machine.request_stop(StopReason.RESET, "system event: reset")
             else:
-                machine.request_stop(StopReason.POWEROFF, EXIT_OK, f"system event {kind}")
+                machine.request_stop(StopReason.POWEROFF, f"system event {kind}")
         elif reason == abi.EXIT_INTR:
             pass
         elif reason in self.exit_hooks:   # e.g. user-space MSR exits (paravirt/install.py)
