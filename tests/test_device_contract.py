@@ -527,12 +527,35 @@ def virtio_pci() -> Rig:
     return Rig(d.fn, d.mmio, a, b, probe)
 
 
+def virtio_mmio() -> Rig:
+    from pyvmm.devices.virtio.rng import VirtioRng
+    from .devices.test_virtio_mmio import QSIZE, MmioDriver
+    d = MmioDriver(lambda memory: VirtioRng(memory, lambda n: b"\x5a" * n))
+
+    def a():
+        d.init()
+        d.submit([(32, True)])
+
+    def b():
+        d.w(0x70, 0)                     # reset
+        d.w(0x70, 1 | 2)                 # ACK | DRIVER, queue left unset
+        d.w(0x30, 0)
+        d.w(0x38, QSIZE // 2)
+
+    def probe():
+        q = d.fn.queues[0]
+        return [d.r(0x70), d.r(0x38), d.r(0x44), d.r(0x60), q.vq and q.vq.save(), d.fn.device.bytes_given,
+                list(d.edges)]
+    return Rig(d.fn, d.bus, a, b, probe)
+
+
 CASES = {"Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
          "DebugExit": debug_exit, "Pic8259": pic8259, "PicPair": pic_pair, "Pit": pit,
          "LocalApic": local_apic, "IoApic": io_apic, "PlatformInterrupts": platform,
          "GuestClock": guest_clock, "FwCfg": fwcfg, "AcpiPm": acpi, "PvDoorbell": doorbell,
          "VmwareBackdoor": backdoor, "GuestRpc": guest_rpc, "Hypervisor": hypervisor,
-         "PciHostBridge": pci_bridge, "PciFunction": pci_function, "VirtioPci": virtio_pci}
+         "PciHostBridge": pci_bridge, "PciFunction": pci_function, "VirtioPci": virtio_pci,
+         "VirtioMmio": virtio_mmio}
 # Components whose state only travels inside their owner's (and is checked there).
 PARTS = {"PitCounter": "Pit"}
 

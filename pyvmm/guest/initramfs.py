@@ -58,6 +58,21 @@ mount -t tmpfs tmpfs /tmp
 if [ -f /etc/pyvmm-modules ]; then
     for m in $(cat /etc/pyvmm-modules); do insmod "$m" || echo "init: cannot load $m"; done
 fi
+# Named virtio-console ports as /dev/virtio-ports/NAME (what udev would make);
+# names arrive just after the driver loads: wait up to 2 s for every port
+# but the console (p0) to have one.
+for try in 1 2 3 4 5 6 7 8 9 10; do
+    unnamed=0
+    for d in /sys/class/virtio-ports/vport*; do
+        case "$d" in *p0|*"vport*") ;; *) [ -s "$d/name" ] || unnamed=1 ;; esac
+    done
+    [ $unnamed = 0 ] && break
+    sleep 0.2
+done
+for f in /sys/class/virtio-ports/*/name; do
+    d=${{f%/name}}
+    [ -s "$f" ] && mkdir -p /dev/virtio-ports && ln -sf "../${{d##*/}}" /dev/virtio-ports/"$(cat "$f")"
+done
 hostname pyvmm
 printf '\\n{READY_MARKER}\\n'
 case " $(cat /proc/cmdline) " in
@@ -120,7 +135,8 @@ def _load_busybox(busybox_path: str) -> bytes:
 MODULES_ROOT = "/lib/modules"
 MODULES_LIST = "etc/pyvmm-modules"
 # What a guest needs for pyvmm's virtio devices (issue 16 part 5).
-VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio-rng", "virtio_net")   # virtio_net pulls net_failover, failover
+VIRTIO_MODULES = ("virtio_pci", "virtio_blk", "virtio-rng", "virtio_net",   # virtio_net pulls net_failover, failover
+                  "virtio_console")
 
 
 def module_closure(release: str, names: tuple[str, ...] | list[str], root: str = MODULES_ROOT) -> list[str]:

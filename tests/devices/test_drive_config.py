@@ -60,8 +60,9 @@ def test_module_closure_orders_dependencies_first(tmp_path):
 def test_initramfs_carries_and_loads_the_modules(tmp_path):
     rel = tmp_path / "9.9"
     (rel / "k").mkdir(parents=True)
-    (rel / "modules.dep").write_text("k/virtio_pci.ko:\nk/virtio_blk.ko:\nk/virtio-rng.ko:\nk/virtio_net.ko:\n")
-    for name in ("virtio_pci", "virtio_blk", "virtio-rng", "virtio_net"):
+    names = ("virtio_pci", "virtio_blk", "virtio-rng", "virtio_net", "virtio_console")
+    (rel / "modules.dep").write_text("".join(f"k/{name}.ko:\n" for name in names))
+    for name in names:
         (rel / "k" / f"{name}.ko").write_bytes(f"MODULE-{name}".encode())
     archive = gzip.decompress(build_default_initramfs(release="9.9", modules_root=str(tmp_path)))
     assert b"lib/modules/9.9/k/virtio_blk.ko" in archive and b"MODULE-virtio-rng" in archive

@@ -32,6 +32,8 @@ class Driver:
         self.slot = self.bridge.add(self.fn, "dut")
         self.irq = IrqLine(intx_gsi(self.slot), lambda gsi, level: self.levels.append((gsi, level)))
         self.fn.irq = self.irq
+        self.msis: list[tuple[int, int]] = []     # MSI-X messages (address, data) the device sent
+        self.fn.msi = lambda address, data: self.msis.append((address, data))
         self.caps = self._find_caps()
         self.next_desc = 0
         self.avail_idx = 0
@@ -61,6 +63,13 @@ class Driver:
                 caps[kind] = (bar, self.cfg_read(ptr + 8), self.cfg_read(ptr + 12))
             ptr = self.cfg_read(ptr + 1, 1)
         return caps
+
+    def find_capability(self, cap_id: int) -> int:
+        """Config offset of the first capability `cap_id` (0: none)."""
+        ptr = self.cfg_read(0x34, 1)
+        while ptr and self.cfg_read(ptr, 1) != cap_id:
+            ptr = self.cfg_read(ptr + 1, 1)
+        return ptr
 
     def _addr(self, kind: int, offset: int = 0) -> int:
         bar, off, _ = self.caps[kind]

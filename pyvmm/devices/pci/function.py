@@ -123,15 +123,17 @@ class PciFunction:
         self._initial = bytes(self.config)
         return bar
 
-    def add_capability(self, cap_id: int, body: bytes) -> int:
+    def add_capability(self, cap_id: int, body: bytes, writable: bytes = b"") -> int:
         """Appends a capability (`body` follows the id and next bytes) and
-        returns its config offset. Raises ConfigError when it does not fit."""
+        returns its config offset; `writable` masks the guest-writable bits
+        of the body (none when empty). Raises ConfigError when it does not fit."""
         offset = self._cap_free
         length = (2 + len(body) + 3) & ~3
         if offset + length > CONFIG_SIZE:
             raise ConfigError("PCI capabilities do not fit in 256 bytes of config space")
         self.config[offset] = cap_id
         self.config[offset + 2:offset + 2 + len(body)] = body
+        self.writable[offset + 2:offset + 2 + len(writable)] = writable
         self.config[self._cap_tail] = offset
         self._cap_tail = offset + 1
         self._cap_free = offset + length

@@ -173,6 +173,18 @@ class PlatformInterrupts:
             if pin is not None:
                 self.ioapic.set_irq(pin, level)
 
+    def signal_msi(self, address: int, data: int) -> None:
+        """An MSI: a device's write of `data` to `address` in the local APIC
+        page (Intel SDM vol. 3, 11.11).  Address bits 19:12 are the
+        destination, bit 2 logical mode; data bits 7:0 the vector, 10:8
+        the delivery mode.  A message outside 0xFEExxxxx is dropped."""
+        if address >> 20 != LAPIC_BASE >> 20:
+            log.debug("MSI to %#x (not the local APIC page) dropped", address)
+            return
+        dest, logical = (address >> 12) & 0xFF, bool(address & 0x4)
+        with self.lock:
+            self._deliver(dest, logical, (data >> 8) & 0x7, data & 0xFF, False)
+
     def _pic_intr(self, level: bool) -> None:
         if level:
             for i, lapic in enumerate(self.lapics):

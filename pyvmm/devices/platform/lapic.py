@@ -226,6 +226,22 @@ class LocalApic:
             self.tmr &= ~bit
         self.on_interrupt()
 
+    def write_may_deliver(self, offset: int) -> bool:
+        """Whether a write at `offset` (MMIO page) may make an interrupt
+        deliverable at once: an IPI (possibly to itself), or a TPR or EOI
+        write while a vector waits in the IRR.  Engines that run code in
+        blocks end the block there only when it may (see bt's mmu)."""
+        reg = offset & 0xFF0
+        if reg == ICR_LO:
+            return True
+        return reg in (TPR, EOI) and bool(self.irr)
+
+    def _uncovered(self) -> None:
+        """A lower TPR or an EOI may let a waiting vector through: the CPU
+        takes it at its next instruction boundary, so tell the engine."""
+        if self.irr and self.has_interrupt():
+            self.on_interrupt()
+
     def _error(self, bits: int) -> None:
         self.esr_pending |= bits
         lvt = self.lvt[LVT_ERROR]
@@ -368,8 +384,10 @@ class LocalApic:
                 self.apic_id = value >> 24
         elif reg == TPR:
             self.tpr = value & 0xFF
+            self._uncovered()
         elif reg == EOI:
             self._eoi()
+            self._uncovered()
         elif reg == LDR:
             self.ldr = value & 0xFF000000
         elif reg == DFR:

@@ -25,6 +25,7 @@ RX) or without room for the header is a QueueError: NEEDS_RESET.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 from collections import deque
@@ -73,6 +74,15 @@ def default_mac(index: int) -> bytes:
     """The address of the index-th NIC without mac=: QEMU's locally
     administered 52:54:00:12:34:56, counting up."""
     return bytes((0x52, 0x54, 0x00, 0x12, 0x34, (0x56 + index) & 0xFF))
+
+
+def derived_mac(identity: str) -> bytes:
+    """A stable address for a NIC on a shared switch: QEMU's 52:54:00
+    prefix and three bytes of SHA-256 of `identity` (what sets this VM and
+    NIC apart), so a VM keeps its MAC across runs while different VMs on
+    one switch do not all share 52:54:00:12:34:56."""
+    digest = hashlib.sha256(identity.encode()).digest()
+    return bytes((0x52, 0x54, 0x00)) + digest[:3]
 
 
 class VirtioNet(VirtioDevice):
@@ -184,5 +194,5 @@ class VirtioNet(VirtioDevice):
         self.backlog.clear()
 
 
-__all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "NET_HDR",
+__all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "derived_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "NET_HDR",
            "NET_HDR_SIZE", "RX_QUEUE", "TX_QUEUE", "RX_BACKLOG"]

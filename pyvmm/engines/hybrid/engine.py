@@ -145,6 +145,9 @@ class HybridEngine(Engine):
     def set_irq(self, gsi: int, level: int) -> None:
         self.bt.set_irq(gsi, level)
 
+    def signal_msi(self, address: int, data: int) -> None:
+        self.bt.signal_msi(address, data)
+
     def load_state(self, cpu: int, st: CpuState) -> None:
         self.bt.load_state(cpu, st)
 

@@ -89,6 +89,12 @@ class IrqLevel(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class Msi(ctypes.Structure):
+    """struct kvm_msi: an MSI write to inject (KVM_SIGNAL_MSI)."""
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32),
+                ("devid", u32), ("pad", u8 * 12)]
+
+
 class PitConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -126,6 +132,7 @@ SET_TSS_ADDR = _io(0x47)
 SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 CREATE_IRQCHIP = _io(0x60)
 IRQ_LINE = _iow(0x61, ctypes.sizeof(IrqLevel))
+SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(Msi))
 CREATE_PIT2 = _iow(0x77, ctypes.sizeof(PitConfig))
 ENABLE_CAP = _iow(0xA3, ctypes.sizeof(EnableCap))
 # vCPU ioctls
@@ -145,6 +152,7 @@ SET_MP_STATE = _iow(0x99, 4)
 GET_XSAVE = _ior(0xA4, 4096)
 SET_XSAVE = _iow(0xA5, 4096)
 GET_XCRS = _ior(0xA6, 392)
+SET_XCRS = _iow(0xA7, 392)
 XSAVE_AREA_SIZE = 4096  # what KVM_GET_XSAVE transfers (KVM_CAP_XSAVE2 reports more where AMX is on)
 
 

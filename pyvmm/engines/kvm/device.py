@@ -106,6 +106,11 @@ class KvmVm:
     def irq_line(self, irq: int, level: int) -> None:
         ioctl(self.fd, abi.IRQ_LINE, abi.IrqLevel(irq, level))
 
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: how many local APICs took it (0: none, e.g.
+        all software-disabled; KVM drops it then)."""
+        return ioctl(self.fd, abi.SIGNAL_MSI, abi.Msi(address & 0xFFFFFFFF, address >> 32, data))
+
     def create_vcpu(self, index: int) -> "KvmVcpu":
         try:
             fd = ioctl(self.fd, abi.CREATE_VCPU, index)

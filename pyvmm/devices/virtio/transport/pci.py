@@ -1,14 +1,20 @@
 """virtio-pci, modern interface only (virtio 1.2, section 4.1): a PCI
-function whose BAR 4 (64-bit memory, 16 KiB) holds the four structures
-the vendor capabilities point at:
+function whose BAR 4 (64-bit memory, 32 KiB) holds the four structures
+the vendor capabilities point at, and the MSI-X table and PBA:
 
     0x0000  common config   features with the select protocol, status, queues
     0x1000  ISR status      bit 0 queue interrupt, bit 1 config change; read clears
     0x2000  device config   the device model's config_bytes()
     0x3000  notify          queue N is notified by a write at 0x3000 + 4 * N
+    0x4000  MSI-X table     one vector per queue and one for config changes
+    0x6000  MSI-X PBA
 
-Interrupts are INTx only (no MSI-X capability, so the vector registers read
-NO_VECTOR and Linux falls back to one shared line).  The function id is
+Interrupts: while the guest has MSI-X off, INTx (ISR status says why).
+With MSI-X on, a queue interrupt is the message of the vector the driver
+wrote in that queue's queue_msix_vector and a config change that of
+config_msix_vector (pci/msix.py); NO_VECTOR there means no interrupt, and
+the ISR is not used.  A vector number beyond the table reads back as
+NO_VECTOR, which is how Linux learns it was refused.  The function id is
 0x1040 + device type and the revision 1, which is how a driver tells a
 modern-only device.
 
@@ -31,6 +37,7 @@ from ..device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, STATU
                       STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
 from ..queue import QueueError, VirtQueue
 from ...pci.function import PciFunction
+from ...pci.msix import CAP_MSIX, CTRL_ENABLE, CTRL_FUNCTION_MASK, MsiSink, MsixTable, pba_size
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +45,9 @@ VENDOR_REDHAT_QUMRANET = 0x1AF4
 MODERN_DEVICE_BASE = 0x1040
 PCI_CAP_VENDOR = 0x09
 CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE = 1, 2, 3, 4
-BAR_INDEX, BAR_SIZE = 4, 0x4000
+BAR_INDEX, BAR_SIZE = 4, 0x8000
 COMMON_OFFSET, ISR_OFFSET, DEVICE_OFFSET, NOTIFY_OFFSET = 0x0000, 0x1000, 0x2000, 0x3000
+MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET = 0x4000, 0x6000
 NOTIFY_MULTIPLIER = 4
 NO_VECTOR = 0xFFFF
 ISR_QUEUE, ISR_CONFIG = 1, 2
@@ -62,6 +70,7 @@ class QueueConfig:
         self.max_size = max_size
         self.size = max_size
         self.desc = self.driver = self.device = 0
+        self.vector = NO_VECTOR
         self.vq: VirtQueue | None = None
 
 
@@ -69,14 +78,18 @@ class VirtioPci(PciFunction):
     """A virtio device model behind the modern virtio-pci interface.  The
     object is the PCI function (config space) and the BAR's registers."""
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2          # 2: MSI-X vectors and table
 
-    def __init__(self, device: VirtioDevice, class_code: int, irq: IrqLine | None = None):
+    def __init__(self, device: VirtioDevice, class_code: int, irq: IrqLine | None = None,
+                 msi: MsiSink | None = None):
         super().__init__(VENDOR_REDHAT_QUMRANET, MODERN_DEVICE_BASE + device.DEVICE_ID, class_code,
                          revision=1, subsystem_vendor=VENDOR_REDHAT_QUMRANET, subsystem=0x1100)
         self.device = device
         self.irq = irq
+        self.msi = msi            # where MSI-X messages go: (address, data)
         self.add_bar(BAR_INDEX, BAR_SIZE, "mem64", self)
+        self.msix = MsixTable(len(device.QUEUE_SIZES) + 1, self._send_msi)
+        assert MSIX_TABLE_OFFSET + 16 * self.msix.count <= MSIX_PBA_OFFSET
         caps = [(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE), (CAP_ISR, ISR_OFFSET, 1)]
         config_len = len(device.config_bytes())
         if config_len:
@@ -88,6 +101,9 @@ class VirtioPci(PciFunction):
                                                             NOTIFY_OFFSET,
                                                             NOTIFY_MULTIPLIER * len(device.QUEUE_SIZES))
                             + struct.pack("<I", NOTIFY_MULTIPLIER))
+        self._msix_control = self.add_capability(
+            CAP_MSIX, self.msix.capability(BAR_INDEX, MSIX_TABLE_OFFSET, BAR_INDEX, MSIX_PBA_OFFSET),
+            writable=struct.pack("<H", CTRL_ENABLE | CTRL_FUNCTION_MASK)) + 2
         self._virtio_reset()
 
     def __repr__(self) -> str:
@@ -98,6 +114,7 @@ class VirtioPci(PciFunction):
         self.isr = 0
         self.dfselect = self.gfselect = self.queue_select = 0
         self.driver_features = 0
+        self.config_vector = NO_VECTOR
         self.queues = [QueueConfig(n) for n in self.device.QUEUE_SIZES]
         self.device.reset()
         self._set_line(False)
@@ -109,7 +126,18 @@ class VirtioPci(PciFunction):
         if self.irq is not None:
             self.irq.set_level(1 if level and not self.intx_disabled else 0)
 
-    def _interrupt(self, bit: int) -> None:
+    def _send_msi(self, address: int, data: int) -> None:
+        if self.msi is not None:
+            self.msi(address, data)
+
+    def _interrupt(self, bit: int, queue: int = 0) -> None:
+        """Interrupts the driver for queue `queue` (ISR_QUEUE) or a config
+        change (ISR_CONFIG): by MSI-X when the guest enabled it, else INTx."""
+        if self.msix.enabled:
+            vector = self.config_vector if bit == ISR_CONFIG else self.queues[queue].vector
+            if vector != NO_VECTOR:
+                self.msix.notify(vector)
+            return
         self.isr |= bit
         self._set_line(True)
 
@@ -132,8 +160,10 @@ class VirtioPci(PciFunction):
             return (self.device.offered >> (32 * self.dfselect)) & 0xFFFFFFFF if self.dfselect < 2 else 0
         if name == "gfeature":
             return (self.driver_features >> (32 * self.gfselect)) & 0xFFFFFFFF if self.gfselect < 2 else 0
-        if name in ("msix_config", "queue_msix"):
-            return NO_VECTOR
+        if name == "msix_config":
+            return self.config_vector
+        if name == "queue_msix":
+            return NO_VECTOR if q is None else q.vector
         if name == "num_queues":
             return len(self.queues)
         if name == "status":
@@ -156,6 +186,10 @@ class VirtioPci(PciFunction):
             self.driver_features = self.driver_features & ~(0xFFFFFFFF << shift) | value << shift
         elif name == "status":
             self._set_status(value)
+        elif name == "msix_config":
+            self.config_vector = value if value < self.msix.count else NO_VECTOR
+        elif name == "queue_msix" and q is not None:
+            q.vector = value if value < self.msix.count else NO_VECTOR
         elif q is not None and q.vq is None and name in ("queue_size", "queue_desc", "queue_driver",
                                                          "queue_device"):
             setattr(q, name[6:] if name != "queue_size" else "size", value)
@@ -218,6 +252,10 @@ class VirtioPci(PciFunction):
         if DEVICE_OFFSET <= offset < NOTIFY_OFFSET:
             data = self.device.config_bytes()[offset - DEVICE_OFFSET:offset - DEVICE_OFFSET + size]
             return int.from_bytes(data.ljust(size, b"\0"), "little")
+        if MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
+            return self.msix.table_read(offset - MSIX_TABLE_OFFSET, size)
+        if MSIX_PBA_OFFSET <= offset < MSIX_PBA_OFFSET + pba_size(self.msix.count):
+            return self.msix.pba_read(offset - MSIX_PBA_OFFSET, size)
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -225,8 +263,10 @@ class VirtioPci(PciFunction):
             self._common_write(offset - COMMON_OFFSET, size, value)
         elif DEVICE_OFFSET <= offset < NOTIFY_OFFSET:
             self.device.config_write(offset - DEVICE_OFFSET, value.to_bytes(size, "little"))
-        elif offset >= NOTIFY_OFFSET:
+        elif NOTIFY_OFFSET <= offset < MSIX_TABLE_OFFSET:
             self.notify((offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER)
+        elif MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
+            self.msix.table_write(offset - MSIX_TABLE_OFFSET, size, value)
 
     def notify(self, index: int) -> None:
         """The driver kicked queue `index`: let the device work on it."""
@@ -239,21 +279,28 @@ class VirtioPci(PciFunction):
         except VmmError as e:   # QueueError, or guest memory that is not RAM
             self.needs_reset(str(e))
         if vq.should_notify():
-            self._interrupt(ISR_QUEUE)
+            self._interrupt(ISR_QUEUE, index)
 
     # --- contract --------------------------------------------------------------------------
 
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        super().config_write(offset, size, value)
+        if offset < self._msix_control + 2 and offset + size > self._msix_control:
+            self.msix.set_control(struct.unpack_from("<H", self.config, self._msix_control)[0])
+
     def reset(self) -> None:
         super().reset()
+        self.msix.reset()
         self._virtio_reset()
 
     def save(self) -> dict:
         queues = [{"size": q.size, "desc": q.desc, "driver": q.driver, "device": q.device,
-                   "vq": None if q.vq is None else q.vq.save()} for q in self.queues]
+                   "vector": q.vector, "vq": None if q.vq is None else q.vq.save()} for q in self.queues]
         return saved(self, {"config": bytes(self.config).hex(), "status": self.status_byte,
                             "isr": self.isr, "dfselect": self.dfselect, "gfselect": self.gfselect,
                             "queue_select": self.queue_select, "driver_features": self.driver_features,
-                            "acked": self.device.acked, "queues": queues, "device": self.device.save_fields()})
+                            "acked": self.device.acked, "queues": queues, "device": self.device.save_fields(),
+                            "config_vector": self.config_vector, "msix": self.msix.save_fields()})
 
     def restore(self, state: dict) -> None:
         def load(s: dict) -> None:
@@ -264,6 +311,7 @@ class VirtioPci(PciFunction):
             for q, qs in zip(self.queues, as_list(s["queues"], len(self.queues))):
                 qs = as_dict(qs)
                 q.size, q.desc, q.driver, q.device = (as_int(qs[k]) for k in ("size", "desc", "driver", "device"))
+                q.vector = as_int(qs["vector"])
                 q.vq = None
                 if qs["vq"] is not None:
                     v = as_dict(qs["vq"])
@@ -282,6 +330,8 @@ class VirtioPci(PciFunction):
             self.queue_select, self.driver_features = as_int(s["queue_select"]), as_int(s["driver_features"])
             self.device.acked = as_int(s["acked"])
             self.device.restore_fields(as_dict(s["device"]))
+            self.config_vector = as_int(s["config_vector"])
+            self.msix.restore_fields(as_dict(s["msix"]))
             if self.on_decode_change is not None:
                 self.on_decode_change()
             self._set_line(bool(self.isr))
