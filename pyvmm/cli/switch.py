@@ -3,6 +3,10 @@ one for its status.
 
     pyvmm switch run NAME [--config switch.json] [-v]
     pyvmm switch status NAME [--json]
+    pyvmm switch stop NAME
+
+`pyvmm run --net switch=NAME` starts `pyvmm switch run NAME` itself (a
+detached process that outlives the VM) when no switch NAME answers.
 
 Clients join with QEMU's stream framing on NAME.sock (group "default") or
 NAME.GROUP.sock, e.g. `qemu ... -netdev stream,id=n0,addr.type=unix,
@@ -34,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="ports, MAC table and counters of running switch NAME")
     st.add_argument("name")
     st.add_argument("--json", action="store_true")
+    stop = sub.add_parser("stop", help="stop running switch NAME (its clients are disconnected)")
+    stop.add_argument("name")
     return p
 
 
@@ -73,6 +79,10 @@ def main(argv: list[str]) -> int:
             print(f"pyvmm switch {args.name}: listening on {client_socket_path(args.name, rundir=daemon.rundir)}",
                   file=sys.stderr, flush=True)
             daemon.run()
+            return 0
+        if args.command == "stop":
+            answer = query_status(args.name, request=b"stop")
+            print(f"pyvmm switch {args.name}: stopping (pid {answer.get('pid')})", file=sys.stderr)
             return 0
         st = query_status(args.name)
         if args.json:

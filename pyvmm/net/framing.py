@@ -40,33 +40,43 @@ class StreamDecoder:
         return f"StreamDecoder(buffered={len(self._buf)}, oversized={self.oversized})"
 
     def feed(self, data: bytes) -> list[bytes]:
+        """The whole frames completed by data, in order. Each frame is one
+        slice of the received bytes (a single copy); only an incomplete
+        tail is kept in the buffer."""
         frames: list[bytes] = []
-        buf = self._buf
-        buf += data
-        pos = 0
+        if self._buf or self._skip:
+            self._buf += data
+            buf = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data if type(data) is bytes else bytes(data)     # frames must be hashable slices
+        pos, end = 0, len(buf)
+        unpack, limit = LENGTH.unpack_from, self.max_frame
+        append = frames.append
         while True:
             if self._skip:
-                step = min(self._skip, len(buf) - pos)
+                step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
                 if self._skip:
                     break
-            if len(buf) - pos < 4:
+            if end - pos < 4:
                 break
-            (length,) = LENGTH.unpack_from(buf, pos)
-            if length > HARD_LIMIT:
-                del buf[:]
-                raise FramingError(f"frame length {length} is beyond {HARD_LIMIT}")
-            if length > self.max_frame:
+            (length,) = unpack(buf, pos)
+            if length > limit:
+                if length > HARD_LIMIT:
+                    raise FramingError(f"frame length {length} is beyond {HARD_LIMIT}")
                 self.oversized += 1
                 self._skip = length
                 pos += 4
                 continue
-            if len(buf) - pos - 4 < length:
+            stop = pos + 4 + length
+            if stop > end:
                 break
-            frames.append(bytes(buf[pos + 4:pos + 4 + length]))
-            pos += 4 + length
-        del buf[:pos]
+            append(buf[pos + 4:stop])
+            pos = stop
+        if pos < end:
+            self._buf += buf[pos:]
         return frames
 
 

@@ -7,7 +7,8 @@ the guest sends and hands over the frames the guest should receive.
                        machine's event loop (under the machine's lock)
     close()            stops receiving and releases the backend
 
-The TAP device (tap.py) is one; `pyvmm switch` ports plug in the same way.
+The TAP device (tap.py) is one; a port on a `pyvmm switch` or any QEMU
+stream server (switch_client.StreamPort) is another.
 """
 
 from __future__ import annotations

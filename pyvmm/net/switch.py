@@ -13,6 +13,12 @@ Rules:
   tagged n and tagged frames arriving map to their VLAN; VLAN 0 is untagged.
 - Runt frames (shorter than an Ethernet header), frames with a multicast or
   zero source address, and frames over the rate limit are dropped and counted.
+- Loops: nothing that came in on an uplink goes out on an uplink (as in
+  VMware's vSwitch, which is no transit switch), and a frame whose source
+  was seen on another port within the MAC table's move_hold is a
+  reflection (a guest or a miswired uplink looping frames back): it is
+  dropped and counted in rx_mac_flap, so a reflector cannot start a
+  broadcast storm or steal a live station's address.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .framing import ETH_HLEN, is_multicast, mac_text, pop_tag, push_tag, vlan_of
+from .framing import ETH_HLEN, VLAN_HLEN, mac_text, pop_tag, push_tag
 from .mactable import MacTable
 from .ratelimit import RateLimiter
 
@@ -29,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ZERO_MAC = bytes(6)
 COUNTERS = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "rx_runt", "rx_oversized",
-            "rx_bad_source", "rx_rate_limited", "rx_vlan_dropped", "rx_filtered", "tx_dropped")
+            "rx_bad_source", "rx_rate_limited", "rx_vlan_dropped", "rx_filtered", "rx_mac_flap", "tx_dropped")
 
 
 @dataclass(eq=False)
@@ -50,8 +56,7 @@ class SwitchPort:
         kind = "uplink" if self.uplink else f"group {self.group} vlan {self.vlan}"
         return f"SwitchPort({self.name}, {kind}, rx={self.counters['rx_frames']}, tx={self.counters['tx_frames']})"
 
-    def __hash__(self) -> int:
-        return id(self)
+    # eq=False keeps object's identity hash (in C, unlike a __hash__ written here)
 
 
 class Switch:
@@ -80,49 +85,76 @@ class Switch:
 
     # -- forwarding -----------------------------------------------------------
     def receive(self, ingress: SwitchPort, frame: bytes) -> None:
+        self.receive_many(ingress, (frame,))
+
+    def receive_many(self, ingress: SwitchPort, frames) -> None:
+        """Forwards the frames that arrived together on ingress. One loop
+        with everything it touches in locals: this is the switch's hot path."""
         c = ingress.counters
-        if len(frame) < ETH_HLEN:
-            c["rx_runt"] += 1
-            return
-        if ingress.limiter is not None and not ingress.limiter.allow(len(frame)):
-            c["rx_rate_limited"] += 1
-            return
-        src = frame[6:12]
-        if is_multicast(src) or src == ZERO_MAC:
-            c["rx_bad_source"] += 1
-            return
-        tag = vlan_of(frame)
-        if ingress.uplink:
-            vlan = 0 if tag is None else tag
-            if tag is not None:
-                frame = pop_tag(frame)
-            if vlan not in self.vlans:
+        limiter = ingress.limiter
+        from_uplink = ingress.uplink
+        macs = self.macs
+        learn, lookup = macs.learn, macs.lookup
+        now = macs.clock()
+        vlans = self.vlans
+        rx = rx_bytes = 0
+        for frame in frames:
+            n = len(frame)
+            if n < ETH_HLEN:
+                c["rx_runt"] += 1
+                continue
+            if limiter is not None and not limiter.allow(n):
+                c["rx_rate_limited"] += 1
+                continue
+            src = frame[6:12]
+            if src[0] & 1 or src == ZERO_MAC:
+                c["rx_bad_source"] += 1
+                continue
+            tagged = frame[12] == 0x81 and frame[13] == 0 and n >= ETH_HLEN + VLAN_HLEN
+            if from_uplink:
+                if tagged:
+                    vlan = ((frame[14] << 8) | frame[15]) & 0xFFF
+                    frame = pop_tag(frame)
+                    n -= VLAN_HLEN
+                else:
+                    vlan = 0
+                if vlan not in vlans:
+                    c["rx_vlan_dropped"] += 1
+                    continue
+            elif tagged:                # a guest may not pick its own VLAN
                 c["rx_vlan_dropped"] += 1
-                return
-        else:
-            if tag is not None:         # a guest may not pick its own VLAN
-                c["rx_vlan_dropped"] += 1
-                return
-            vlan = ingress.vlan
-        c["rx_frames"] += 1
-        c["rx_bytes"] += len(frame)
-        self.macs.learn(src, vlan, ingress)
-        if not ingress.uplink and frame[12:14] == b"\x08\x06" and len(frame) >= 42 and frame[22:28] == src:
-            spa = frame[28:32]
-            if spa != b"\0\0\0\0":          # not an ARP probe
-                self.macs.note_ipv4(src, vlan, spa)
-        dst = frame[0:6]
-        if not is_multicast(dst):
-            egress = self.macs.lookup(dst, vlan)
-            if egress is ingress:
-                c["rx_filtered"] += 1
-                return
-            if egress is not None:
-                self._deliver(egress, frame, vlan, ingress)
-                return
-        for port in list(self.ports):   # a send may remove a dead port
-            if port is not ingress and (port.uplink or port.vlan == vlan):
-                self._deliver(port, frame, vlan, ingress)
+                continue
+            else:
+                vlan = ingress.vlan
+            if not learn(src, vlan, ingress, now):
+                c["rx_mac_flap"] += 1
+                continue
+            rx += 1
+            rx_bytes += n
+            if frame[12] == 8 and frame[13] == 6 and not from_uplink and n >= 42 and frame[22:28] == src:
+                spa = frame[28:32]
+                if spa != b"\0\0\0\0":          # not an ARP probe
+                    macs.note_ipv4(src, vlan, spa)
+            if not frame[0] & 1:
+                egress = lookup(frame[0:6], vlan, now)
+                if egress is not None:
+                    if egress is ingress or (from_uplink and egress.uplink):
+                        c["rx_filtered"] += 1
+                    elif egress.uplink or egress.send_from is not None:
+                        self._deliver(egress, frame, vlan, ingress)
+                    else:                   # to a client: _deliver inlined
+                        ec = egress.counters
+                        if egress.send(frame):
+                            ec["tx_frames"] += 1
+                            ec["tx_bytes"] += n
+                        else:
+                            ec["tx_dropped"] += 1
+                    continue
+            for port in list(self.ports):   # a send may remove a dead port
+                if port is not ingress and (not from_uplink if port.uplink else port.vlan == vlan):
+                    self._deliver(port, frame, vlan, ingress)
+        c["rx_frames"] += rx
+        c["rx_bytes"] += rx_bytes
 
     def _deliver(self, port: SwitchPort, frame: bytes, vlan: int, ingress: SwitchPort) -> None:
         if port.uplink and vlan:
@@ -146,7 +178,8 @@ class Switch:
             "mac_table": {
                 "capacity": self.macs.capacity, "per_port": self.macs.per_port,
                 "max_age": self.macs.max_age, "size": len(self.macs),
-                "evicted": self.macs.evicted, "aged": self.macs.aged,
+                "evicted": self.macs.evicted, "aged": self.macs.aged, "flaps": self.macs.flaps,
+                "move_hold": self.macs.move_hold,
                 "entries": [{"mac": mac_text(mac), "vlan": vlan, "port": port.name, "age": round(age, 1)}
                             for mac, vlan, port, age in self.macs.entries()],
             },

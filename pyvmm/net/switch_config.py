@@ -1,7 +1,7 @@
 """switch.json: what `pyvmm switch run NAME --config switch.json` reads.
 
     {
-      "mac_table": {"capacity": 4096, "per_port": 1024, "max_age": 300},
+      "mac_table": {"capacity": 4096, "per_port": 1024, "max_age": 300, "move_hold": 1.0},
       "max_frame": 1522,
       "groups": {"default": {"vlan": 0},
                  "red": {"vlan": 10, "rate_limit": {"bandwidth": {"size": 1000000, "refill_time": 100},
@@ -9,11 +9,13 @@
                                                             "one_time_burst": 100}}}},
       "uplinks": [{"type": "tap", "ifname": "tap0"}, {"type": "packet", "ifname": "veth0"}],
       "teams": [{"name": "t0", "policy": "failover", "failback": true,
+                 "beacon": {"interval": 1.0, "misses": 3},
                  "uplinks": [{"type": "packet", "ifname": "eth1"}, {"type": "packet", "ifname": "eth2"}]}]
     }
 
 Team policies: failover (explicit order: first up member active, the rest
-standby), port_id, mac_hash (see team.py).
+standby), port_id, mac_hash (see team.py). "beacon" turns on beacon
+probing (true: a beacon a second, down after 3 missed); off by default.
 
 Each group gets its own client socket (NAME.sock for "default",
 NAME.GROUP.sock for the others); every port of a group gets its own token
@@ -54,6 +56,7 @@ class TeamConfig:
     uplinks: list[UplinkConfig]
     policy: str = "failover"
     failback: bool = True
+    beacon: tuple[float, int] | None = None     # (interval in seconds, misses); None: link state only
 
 
 @dataclass
@@ -61,6 +64,7 @@ class SwitchConfig:
     capacity: int = 4096
     per_port: int = 1024
     max_age: float = 300.0
+    move_hold: float = 1.0      # seconds a live station is pinned to its port (mactable.py)
     max_frame: int = DEFAULT_MAX_FRAME
     groups: dict[str, GroupConfig] = field(default_factory=lambda: {"default": GroupConfig("default")})
     uplinks: list[UplinkConfig] = field(default_factory=list)
@@ -92,13 +96,17 @@ def parse_config(data: Any) -> SwitchConfig:
     """Raises ConfigError naming the first bad field."""
     d = _keys(data, "switch config", {"mac_table", "max_frame", "groups", "uplinks", "teams"})
     cfg = SwitchConfig()
-    mt = _keys(d.get("mac_table", {}), "mac_table", {"capacity", "per_port", "max_age"})
+    mt = _keys(d.get("mac_table", {}), "mac_table", {"capacity", "per_port", "max_age", "move_hold"})
     cfg.capacity = _int(mt.get("capacity", cfg.capacity), "mac_table.capacity", 1, 1 << 20)
     cfg.per_port = _int(mt.get("per_port", min(cfg.per_port, cfg.capacity)), "mac_table.per_port", 1, cfg.capacity)
     age = mt.get("max_age", cfg.max_age)
     if isinstance(age, bool) or not isinstance(age, (int, float)) or age <= 0:
         raise ConfigError(f"mac_table.max_age must be a positive number of seconds, not {age!r}")
     cfg.max_age = float(age)
+    hold = mt.get("move_hold", cfg.move_hold)
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 60:
+        raise ConfigError(f"mac_table.move_hold must be 0..60 seconds, not {hold!r}")
+    cfg.move_hold = float(hold)
     cfg.max_frame = _int(d.get("max_frame", cfg.max_frame), "max_frame", ETH_HLEN, HARD_LIMIT)
     if "groups" in d:
         groups = _keys(d["groups"], "groups", set(d["groups"]) if isinstance(d["groups"], dict) else set())
@@ -123,7 +131,7 @@ def parse_config(data: Any) -> SwitchConfig:
     if not isinstance(teams, list):
         raise ConfigError("teams must be a list")
     for i, t in enumerate(teams):
-        t = _keys(t, f"teams[{i}]", {"name", "uplinks", "policy", "failback"})
+        t = _keys(t, f"teams[{i}]", {"name", "uplinks", "policy", "failback", "beacon"})
         name = check_name(str(t.get("name", "")), f"teams[{i}].name")
         if t.get("policy", "failover") not in TEAM_POLICIES:
             raise ConfigError(f"team {name}: policy must be one of {', '.join(TEAM_POLICIES)}")
@@ -132,11 +140,25 @@ def parse_config(data: Any) -> SwitchConfig:
         members = _uplinks(t.get("uplinks"), f"team {name}: uplinks")
         if not members:
             raise ConfigError(f"team {name} has no uplinks")
-        cfg.teams.append(TeamConfig(name, members, t.get("policy", "failover"), t.get("failback", True)))
+        cfg.teams.append(TeamConfig(name, members, t.get("policy", "failover"), t.get("failback", True),
+                                    _beacon(t.get("beacon", False), f"team {name}: beacon")))
     names = [u.ifname for u in cfg.uplinks] + [u.ifname for t in cfg.teams for u in t.uplinks]
     if len(set(names)) != len(names):
         raise ConfigError("an interface is used by two uplinks")
     return cfg
+
+
+def _beacon(value: Any, what: str) -> tuple[float, int] | None:
+    """false, true (1 s, 3 misses) or {"interval": s, "misses": n}."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return (1.0, 3)
+    b = _keys(value, what, {"interval", "misses"})
+    interval = b.get("interval", 1.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.01 <= interval <= 60:
+        raise ConfigError(f"{what}.interval must be 0.01..60 seconds, not {interval!r}")
+    return (float(interval), _int(b.get("misses", 3), f"{what}.misses", 1, 100))
 
 
 def _uplinks(items: Any, what: str) -> list[UplinkConfig]:

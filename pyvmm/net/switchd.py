@@ -69,15 +69,17 @@ def control_socket_path(name: str, rundir: Path | None = None) -> Path:
     return (rundir or run_dir()) / f"{name}.ctl"
 
 
-def query_status(name: str, rundir: Path | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """The running switch's status. Raises SwitchError when it is not running."""
+def query_status(name: str, rundir: Path | None = None, timeout: float = 5.0,
+                 request: bytes = b"status") -> dict[str, Any]:
+    """The running switch's status (or its answer to `request`: b"stop"
+    ends it). Raises SwitchError when it is not running."""
     check_name(name)
     path = control_socket_path(name, rundir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(str(path))
-            s.sendall(b"status\n")
+            s.sendall(request + b"\n")
             chunks = []
             while chunk := s.recv(65536):
                 chunks.append(chunk)
@@ -130,16 +132,18 @@ class StreamClient:
             self.daemon.drop_client(self, str(e))
             return
         self.port.counters["rx_oversized"] += self.decoder.oversized - before
-        for frame in frames:
-            self.daemon.switch.receive(self.port, frame)
+        if frames:
+            self.daemon.switch.receive_many(self.port, frames)
 
     def send(self, frame: bytes) -> bool:
-        if self.closed or len(self.out) > OUT_QUEUE_LIMIT:
+        out = self.out
+        queued = len(out)
+        if queued > OUT_QUEUE_LIMIT or self.closed:
             return False
-        if not self.out and not self.writing:
+        if not queued and not self.writing:
             self.daemon.dirty.append(self)      # flushed once after the batch, not per frame
-        self.out += LENGTH.pack(len(frame))
-        self.out += frame
+        out += LENGTH.pack(len(frame))
+        out += frame
         return True
 
     def flush(self) -> None:
@@ -168,7 +172,8 @@ class SwitchDaemon:
         self.name = check_name(name)
         self.config = config
         self.rundir = rundir or run_dir()
-        self.switch = Switch(MacTable(config.capacity, config.max_age, config.per_port),
+        self.switch = Switch(MacTable(config.capacity, config.max_age, config.per_port,
+                                      move_hold=config.move_hold),
                              {g.vlan for g in config.groups.values()})
         self.sel = selectors.DefaultSelector()
         self.listeners: dict[str, socket.socket] = {}
@@ -222,7 +227,8 @@ class SwitchDaemon:
             self.sel.register(self.links.fd, selectors.EVENT_READ, lambda _m: self.links.on_readable())
         for tc in self.config.teams:
             try:
-                team = Team(self.switch, tc.name, [(u.type, u.ifname) for u in tc.uplinks], tc.policy, tc.failback)
+                team = Team(self.switch, tc.name, [(u.type, u.ifname) for u in tc.uplinks], tc.policy, tc.failback,
+                            tc.beacon)
             except OSError as e:
                 self.close()
                 raise SwitchError(f"team {tc.name}: {e.strerror or e}") from None
@@ -290,11 +296,10 @@ class SwitchDaemon:
             del self.uplinks[port]
             self.switch.remove_port(port)
             return
-        for frame in frames:
-            if len(frame) > self.config.max_frame:
-                port.counters["rx_oversized"] += 1
-            else:
-                self.switch.receive(port, frame)
+        limit = self.config.max_frame
+        fits = [f for f in frames if len(f) <= limit]
+        port.counters["rx_oversized"] += len(frames) - len(fits)
+        self.switch.receive_many(port, fits)
 
     def _on_member(self, team: Team, member: TeamMember) -> None:
         if not team.on_member_readable(member):
@@ -319,6 +324,9 @@ class SwitchDaemon:
                 request = conn.recv(256).strip()
                 if request == b"status":
                     conn.sendall(json.dumps(self.status()).encode())
+                elif request == b"stop":
+                    conn.sendall(json.dumps({"stopping": True, "pid": os.getpid()}).encode())
+                    self.stop()
                 else:
                     conn.sendall(json.dumps({"error": "unknown request"}).encode())
             except OSError:
@@ -345,7 +353,8 @@ class SwitchDaemon:
         next_tick = time.monotonic() + TICK
         try:
             while not self._stopping:
-                timeout = 0.0 if self._soon else max(0.0, next_tick - time.monotonic())
+                wake = min([next_tick] + [t.beacon_tick() for t in self.teams])
+                timeout = 0.0 if self._soon else max(0.0, wake - time.monotonic())
                 for key, mask in self.sel.select(min(timeout, 0.5)):
                     try:
                         key.data(mask)

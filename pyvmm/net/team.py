@@ -13,7 +13,17 @@ see LinkMonitor). When a VM's frames move to another member, the team
 announces its MAC there, so the physical switches learn the new path at
 once: a gratuitous ARP for the IPv4 address the switch saw in the VM's
 own ARP, else a RARP frame (what VMware and QEMU send). With failback on, the
-team returns to a preferred member as soon as its link is back."""
+team returns to a preferred member as soon as its link is back.
+
+Beacon probing (optional, per team) finds the failures link state cannot
+see: a broken path beyond the first physical switch, a blocked switch
+port. Every `interval` each member with link sends a broadcast beacon
+(BEACON_TYPE, naming the team and the member); a member is down when for
+`misses` intervals no other member heard its beacons or it heard none of
+theirs. When that would take every member with link down (two members
+cannot tell which side broke), the beacons are inconclusive and link
+state alone decides, as VMware's vSwitch falls back to sending on all.
+Beacons are consumed by the team, never passed to the switch."""
 
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import fcntl
 import logging
 import socket
 import struct
+import time
 import zlib
 from typing import Any, Callable
 
@@ -40,6 +51,9 @@ NLMSG = struct.Struct("=IHHII")
 IFINFOMSG = struct.Struct("=BxHiII")
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTMGRP_LINK = 1
+BEACON_TYPE = b"\x88\xb6"          # IEEE local experimental ethertype 2
+BEACON_MAGIC = b"pyvmm-beacon"
+BEACON_BODY = struct.Struct(">12sIBI")   # magic, team id, member index, sequence
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -106,17 +120,27 @@ class TeamMember:
         self.ifname = ifname
         self.dev = open_uplink(kind, ifname)
         self.index = socket.if_nametoindex(ifname)
-        self.up = link_is_up(ifname)
+        self.link_up = link_is_up(ifname)
+        self.beacon_ok = True
+        self.up = self.link_up          # link_up and beacon_ok
+        self.heard_by_others = self.heard_others = 0.0     # monotonic times, for beacon probing
         self.counters = {"rx_frames": 0, "tx_frames": 0, "rx_standby_dropped": 0,
-                         "rx_loop_dropped": 0, "announced": 0}
+                         "rx_loop_dropped": 0, "announced": 0, "beacons_sent": 0, "beacons_heard": 0}
 
     def __repr__(self) -> str:
         return f"TeamMember({self.ifname}, {'up' if self.up else 'down'})"
 
 
+def beacon_frame(team_id: int, index: int, seq: int) -> bytes:
+    src = bytes((0x02, 0xBE)) + struct.pack(">HH", team_id & 0xFFFF, index)    # locally administered
+    frame = b"\xff" * 6 + src + BEACON_TYPE + BEACON_BODY.pack(BEACON_MAGIC, team_id, index, seq)
+    return frame + bytes(60 - len(frame))
+
+
 class Team:
     def __init__(self, switch: Switch, name: str, members: list[tuple[str, str]],
-                 policy: str = "failover", failback: bool = True):
+                 policy: str = "failover", failback: bool = True, beacon: tuple[float, int] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if policy not in POLICIES:
             raise ValueError(f"team policy must be one of {', '.join(POLICIES)}")
         self.switch = switch
@@ -135,6 +159,15 @@ class Team:
         self.failovers = 0
         self.active: TeamMember | None = None
         self._choose_active()
+        self.beacon = beacon
+        self.clock = clock
+        self.team_id = zlib.crc32(name.encode())
+        self.beacon_seq = 0
+        self.beacon_failures = 0
+        now = clock()
+        self.next_beacon = now
+        for m in self.members:
+            m.heard_by_others = m.heard_others = now    # a grace period of one window
 
     def __repr__(self) -> str:
         return f"Team({self.name}, {self.policy}, active={self.active})"
@@ -178,6 +211,8 @@ class Team:
         except UplinkGone:
             self.link_event(member.index, False, True)
             return False
+        if self.beacon is not None:
+            frames = [f for f in frames if not self._take_beacon(member, f)]
         if self.policy == "failover" and member is not self.active:
             member.counters["rx_standby_dropped"] += len(frames)
             return True
@@ -198,14 +233,68 @@ class Team:
         owner = self.switch.macs.lookup(frame[6:12], tag or 0)
         return owner is not None and owner is not self.port and not owner.uplink
 
+    # -- beacon probing -----------------------------------------------------------
+    def _take_beacon(self, member: TeamMember, frame: bytes) -> bool:
+        """True when frame is a beacon (of this team or another): it is consumed."""
+        if frame[12:14] != BEACON_TYPE or len(frame) < 14 + BEACON_BODY.size:
+            return False
+        magic, team_id, index, _seq = BEACON_BODY.unpack_from(frame, 14)
+        if magic != BEACON_MAGIC:
+            return False
+        if team_id == self.team_id and index < len(self.members) and self.members[index] is not member:
+            now = self.clock()
+            self.members[index].heard_by_others = now
+            member.heard_others = now
+            member.counters["beacons_heard"] += 1
+        return True
+
+    def beacon_tick(self) -> float:
+        """Sends the beacons that are due and judges the members; returns
+        when it next wants to run (monotonic seconds)."""
+        if self.beacon is None:
+            return float("inf")
+        interval, misses = self.beacon
+        now = self.clock()
+        if now < self.next_beacon:
+            return self.next_beacon
+        self.next_beacon = now + interval
+        self.beacon_seq += 1
+        for i, m in enumerate(self.members):
+            if m.link_up and m.dev.send(beacon_frame(self.team_id, i, self.beacon_seq)):
+                m.counters["beacons_sent"] += 1
+        window = interval * misses
+        linked = [m for m in self.members if m.link_up]
+        ok = {m: now - m.heard_by_others <= window and now - m.heard_others <= window for m in linked}
+        if linked and not any(ok.values()):
+            ok = dict.fromkeys(linked, True)    # inconclusive: link state decides
+        for m in linked:
+            if ok[m] != m.beacon_ok:
+                m.beacon_ok = ok[m]
+                if not ok[m]:
+                    self.beacon_failures += 1
+                log.warning("team %s: %s beacons %s", self.name, m.ifname, "back" if ok[m] else "lost")
+                self._set_up(m, m.link_up and m.beacon_ok)
+        return self.next_beacon
+
     # -- link state ---------------------------------------------------------------
     def link_event(self, index: int, up: bool, deleted: bool) -> None:
         member = next((m for m in self.members if m.index == index), None)
-        if member is None or member.up == up:
+        if member is None or member.link_up == up:
+            return
+        member.link_up = up
+        if up:      # a fresh start for its beacons: one window of grace
+            member.heard_by_others = member.heard_others = self.clock()
+            member.beacon_ok = True
+        log.warning("team %s: %s link is %s", self.name, member.ifname, "up" if up else "down")
+        self._set_up(member, up and member.beacon_ok)
+
+    def _set_up(self, member: TeamMember, up: bool) -> None:
+        """Moves traffic as member goes up or down, announcing the VMs' MACs
+        on the members that carry them now."""
+        if member.up == up:
             return
         before = {key: self._pick(mac, port) for key, mac, port in self._client_macs()}
         member.up = up
-        log.warning("team %s: %s is %s", self.name, member.ifname, "up" if up else "down")
         if self._choose_active():
             self.failovers += 1
         for (vlan, mac), mac_, port in self._client_macs():
@@ -223,7 +312,10 @@ class Team:
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "policy": self.policy, "failback": self.failback,
                 "failovers": self.failovers, "active": self.active.ifname if self.active else None,
-                "members": [{"ifname": m.ifname, "up": m.up, **m.counters} for m in self.members]}
+                "beacon": None if self.beacon is None else {"interval": self.beacon[0], "misses": self.beacon[1],
+                                                            "failures": self.beacon_failures},
+                "members": [{"ifname": m.ifname, "up": m.up, "link": m.link_up, "beacon_ok": m.beacon_ok,
+                             **m.counters} for m in self.members]}
 
     def close(self) -> None:
         for m in self.members:

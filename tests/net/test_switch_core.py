@@ -65,7 +65,10 @@ def test_mac_table_learns_moves_and_ages():
     t = MacTable(capacity=10, max_age=5, clock=clock)
     t.learn(mac(1), 0, "a")
     assert t.lookup(mac(1), 0) == "a" and t.lookup(mac(1), 7) is None
-    t.learn(mac(1), 0, "b")
+    assert not t.learn(mac(1), 0, "b")          # seen on "a" just now: a reflection, not a move
+    assert t.lookup(mac(1), 0) == "a" and t.flaps == 1
+    clock.now += t.move_hold
+    assert t.learn(mac(1), 0, "b")
     assert t.lookup(mac(1), 0) == "b" and t.count("a") == 0 and t.count("b") == 1
     clock.now += 3
     t.learn(mac(2), 0, "a")
@@ -115,7 +118,8 @@ def test_rate_limiter_needs_both_buckets():
 
 # -- forwarding ---------------------------------------------------------------
 def test_flooding_learning_and_no_hairpin():
-    sw = Switch()
+    clock = Clock()
+    sw = Switch(MacTable(clock=clock))
     a, b, c = (sw.add_port(recording_port(n)) for n in "abc")
     sw.receive(a, eth(BROADCAST, mac(1)))
     assert (len(a.got), len(b.got), len(c.got)) == (0, 1, 1)
@@ -125,10 +129,47 @@ def test_flooding_learning_and_no_hairpin():
     assert (len(a.got), len(b.got), len(c.got)) == (2, 2, 1)
     sw.receive(a, eth(b"\x01\x00\x5e\x00\x00\x01", mac(1)))   # multicast: flooded
     assert (len(a.got), len(b.got), len(c.got)) == (2, 3, 2)
+    clock.now += sw.macs.move_hold
     sw.receive(b, eth(mac(2), mac(1)))          # mac(1) moves to b; to itself: filtered
     assert b.counters["rx_filtered"] == 1 and len(b.got) == 3
     sw.remove_port(b)
     assert sw.macs.lookup(mac(2), 0) is None
+
+
+def reflecting_port(sw: Switch, name: str, **kw) -> SwitchPort:
+    """A port whose far end sends every frame straight back (a looping guest)."""
+    port = SwitchPort(name, lambda f: sw.receive(port, f) or True, **kw)
+    return port
+
+
+def test_reflecting_guests_cause_no_storm_and_keep_no_stolen_address():
+    sw = Switch()
+    a, quiet = sw.add_port(recording_port("a")), sw.add_port(recording_port("q"))
+    r1, r2 = sw.add_port(reflecting_port(sw, "r1")), sw.add_port(reflecting_port(sw, "r2"))
+    # without loop protection each reflection floods again: endless recursion
+    sw.receive(a, eth(BROADCAST, mac(1)))
+    assert len(quiet.got) == 1
+    assert r1.counters["rx_mac_flap"] == 1 and r2.counters["rx_mac_flap"] == 1
+    assert sw.macs.lookup(mac(1), 0) is a and sw.macs.flaps == 2
+    sw.receive(quiet, eth(mac(1), mac(7)))      # unicast to a still reaches a
+    assert len(a.got) == 1 and r1.counters["tx_frames"] == 1
+
+
+def test_uplinks_never_forward_to_uplinks_and_a_wired_pair_does_not_loop():
+    sw = Switch()
+    a = sw.add_port(recording_port("a"))
+    up1 = sw.add_port(recording_port("up1", uplink=True))
+    up2 = sw.add_port(recording_port("up2", uplink=True))
+    sw.receive(up1, eth(BROADCAST, mac(50)))    # from the physical network
+    assert (len(a.got), len(up2.got)) == (1, 0)
+    sw.receive(up1, eth(mac(60), mac(50)))      # unknown unicast: clients only
+    assert (len(a.got), len(up2.got)) == (2, 0)
+    sw.receive(a, eth(BROADCAST, mac(1)))       # a client's broadcast leaves by both uplinks ...
+    assert (len(up1.got), len(up2.got)) == (1, 1)
+    sw.receive(up2, up1.got[0])                  # ... and one comes back in by the other (wired together)
+    assert up2.counters["rx_mac_flap"] == 1 and len(a.got) == 2 and sw.macs.lookup(mac(1), 0) is a
+    sw.receive(a, eth(mac(50), mac(1)))          # still known on up1 only
+    assert (len(up1.got), len(up2.got)) == (2, 1)
 
 
 def test_vlans_are_isolated_and_tagged_on_uplinks():

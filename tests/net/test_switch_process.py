@@ -250,3 +250,23 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(switch):
     finally:
         for x in (stuck, sender, reader):
             x.close()
+
+
+def test_a_reflecting_client_is_dropped_and_counted(switch):
+    a, r, w = switch.client(), switch.client(), switch.client()
+    try:
+        a.send(eth(BROADCAST, mac(0x3A), b"hello"))
+        echoed = r.recv()
+        assert echoed is not None and next_payload(w) == b"hello"
+        r.send(echoed)                                          # a looping guest sends it straight back
+        w.send(eth(mac(0x3A), mac(0x3C), b"to-a"))              # still reaches a, not the reflector
+        assert next_payload(a) == b"to-a"
+        a.send(eth(BROADCAST, mac(0x3A), b"barrier"))
+        assert next_payload(w) == b"barrier"                    # the echo never reached w
+        st = switch.status()
+        names = {p["name"]: p for p in st["ports"]}
+        flapped = [p for p in names.values() if p["counters"]["rx_mac_flap"] == 1]
+        assert len(flapped) == 1 and st["mac_table"]["flaps"] >= 1
+    finally:
+        for x in (a, r, w):
+            x.close()

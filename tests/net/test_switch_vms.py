@@ -1,0 +1,132 @@
+"""Two pyvmm Linux guests (bt) on one `pyvmm switch`: both boot at once
+with `--net switch=NAME` and no MAC, the first one's NIC starts the
+switch (a detached process in a private run directory), each gets its
+own derived MAC, they ping each other both ways, and a file crosses
+over TCP (busybox nc) with its md5 checked on both ends. A QEMU TCG
+guest (same kernel and initramfs, QEMU's own `-netdev stream` client)
+joins the same switch and pings a pyvmm guest both ways.
+
+This is the one test that boots guests on the switch; it boots all three
+concurrently to keep its cost to one bt boot's wall time (QEMU's boot
+takes seconds).  No traffic
+leaves the switch's Unix sockets.  PYVMM_BT_BOOT_TIMEOUT bounds the
+boot as in tests/test_linux_bt.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvmm.guest.initramfs import ensure_default_initramfs
+from pyvmm.net.switchd import SwitchError, query_status
+
+from ..guest_session import GuestSession
+from ..hostfacts import require_debian_cloud_kernel, require_from_setup
+
+pytestmark = [pytest.mark.slow]
+
+TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
+CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+SWITCH = "vms"
+PORT = 5003
+MAC_RE = r"\n((?:[0-9a-f]{2}:){5}[0-9a-f]{2})\r?\n"
+QEMU = "qemu-system-x86_64"
+QEMU_MAC = "52:54:00:99:00:01"
+
+
+class QemuGuest(GuestSession):
+    """A QEMU process driven at its serial console like a pyvmm one."""
+
+    def __init__(self, argv: list[str]):    # noqa: super().__init__ would start pyvmm
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._out, self._err = bytearray(), bytearray()
+        self._cond = threading.Condition()
+        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+
+def qemu_guest(kernel: str, socket_path: Path) -> QemuGuest:
+    release = os.path.basename(kernel).removeprefix("vmlinuz-")
+    initrd = ensure_default_initramfs(release=release)     # the virtio variant pyvmm gives this kernel
+    return QemuGuest([QEMU, "-accel", "tcg", "-m", "192", "-nographic", "-no-reboot", "-nodefaults",
+                      "-serial", "stdio", "-kernel", kernel, "-initrd", str(initrd),
+                      "-append", f"{CMDLINE} pyvmm.test=qemu",
+                      "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={socket_path}",
+                      "-device", f"virtio-net-pci,netdev=n0,mac={QEMU_MAC}"])
+
+
+def guest(rundir: Path, which: str) -> GuestSession:
+    # The command lines differ, so the two VMs' derived MACs do too.
+    return GuestSession("run", "--engine", "bt", "--no-reboot", "--mem", "192M",
+                        "--append", f"{CMDLINE} pyvmm.test={which}", "--net", f"switch={SWITCH}",
+                        env={"PYVMM_SWITCH_DIR": str(rundir)})
+
+
+def run(g: GuestSession, command: str, pattern: str, timeout: float = 600) -> re.Match:
+    sent = g.send(command + "\n")
+    return g.expect(pattern, timeout=timeout, after=sent)
+
+
+def test_two_pyvmm_guests_and_a_qemu_guest_talk_over_the_switch():
+    kernel = require_debian_cloud_kernel()
+    require_from_setup(programs=[QEMU], package="qemu-system-x86")
+    rundir = Path(tempfile.mkdtemp(prefix="pvsv", dir="/tmp"))
+    q = None
+    try:
+        with guest(rundir, "a") as a, guest(rundir, "b") as b:
+            sock = rundir / f"{SWITCH}.sock"
+            end = time.monotonic() + 120
+            while not sock.exists():        # the pyvmm guests start the switch
+                assert time.monotonic() < end and a.proc.poll() is None, a.errors
+                time.sleep(0.2)
+            q = qemu_guest(kernel, sock)
+            q.expect("PYVMM-INIT-READY", timeout=600)
+            run(q, "cat /sys/class/net/eth0/address", rf"\n{QEMU_MAC}\r?\n")
+            run(q, "ip addr add 10.0.3.3/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
+            for g in (a, b):
+                g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
+            macs = [run(g, "cat /sys/class/net/eth0/address", MAC_RE).group(1) for g in (a, b)]
+            assert macs[0] != macs[1] and all(m.startswith("52:54:00:") for m in macs)
+            for g, addr in ((a, "10.0.3.1"), (b, "10.0.3.2")):
+                run(g, f"ip addr add {addr}/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
+            run(a, "ping -c 2 -W 60 10.0.3.2 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
+            run(b, "ping -c 2 -W 60 10.0.3.1 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
+            # the switch learned both guests' MACs, each on its own port
+            table = {e["mac"]: e["port"] for e in query_status(SWITCH, rundir)["mac_table"]["entries"]}
+            assert set(macs) <= set(table) and table[macs[0]] != table[macs[1]]
+            run(q, "ping -c 2 -W 60 10.0.3.1 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
+            run(a, "ping -c 2 -W 60 10.0.3.3 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
+
+            received = b.send(f"(nc -l -p {PORT} >/tmp/got; md5sum /tmp/got) &\n")
+            time.sleep(1)
+            mark = a.send(f"dd if=/dev/urandom of=/tmp/f bs=1024 count=96 2>/dev/null; md5sum /tmp/f; "
+                          f"sleep 1; nc 10.0.3.2 {PORT} </tmp/f && echo SENT\n")
+            sent = a.expect(r"\n([0-9a-f]{32})\s+/tmp/f\r?\n", timeout=600, after=mark)
+            a.expect(r"\nSENT\r?\n", timeout=600, after=mark)
+            got = b.expect(r"([0-9a-f]{32})\s+/tmp/got\r?\n", timeout=600, after=received)
+            assert got.group(1) == sent.group(1)
+            for g in (a, b):
+                g.send("poweroff -f\n")
+            assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0
+    finally:
+        if q is not None:
+            q.kill()
+        try:
+            query_status(SWITCH, rundir, request=b"stop")
+        except SwitchError:
+            pass
+        end = time.monotonic() + 10
+        while (rundir / f"{SWITCH}.ctl").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        for p in rundir.iterdir():
+            p.unlink()
+        rundir.rmdir()
