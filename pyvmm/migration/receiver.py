@@ -1,0 +1,108 @@
+"""The destination side (`pyvmm run ... --incoming URI`): the machine is
+built but its vCPUs wait while one stream is read and loaded; then it
+acknowledges, runs, and announces its MACs.
+
+Anything wrong with the stream raises StreamError/MigrationError, a
+one-line error, before the machine has run; the source is told why."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import VmmError
+from . import stream
+from .state import check_config, load_state
+from .uri import MigrationError, parse_uri
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+log = logging.getLogger(__name__)
+
+REFUSE_LINGER_S = 2.0
+
+
+def receive(machine: "Machine", uri_text: str, *, quiet: bool = False) -> None:
+    """Waits on `uri_text` for one migration stream and loads it into
+    `machine`, which has not run. Raises MigrationError or StreamError."""
+    uri = parse_uri(uri_text)
+    listener = uri.listen()
+    if not quiet:
+        print(f"pyvmm: waiting for an incoming migration on {uri}", file=sys.stderr, flush=True)
+    try:
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+    with conn:
+        f = conn.makefile("rb", buffering=1 << 20)
+        try:
+            load_stream(machine, f, answer=lambda line: conn.sendall(line))
+        except VmmError as e:
+            _refuse(conn, b"ERR " + str(e).encode(errors="replace")[:900] + b"\n")
+            raise
+        except OSError as e:
+            raise MigrationError(f"incoming migration: {e.strerror or e}") from None
+        _answer(conn, b"OK\n")
+    log.info("incoming migration from %s loaded", uri)
+
+
+def _answer(conn, line: bytes) -> None:
+    try:
+        conn.sendall(line)
+    except OSError:
+        pass
+
+
+def _refuse(conn, line: bytes) -> None:
+    """Sends the error, then reads what the source still sends for a moment
+    so that closing does not reset the connection before it read why."""
+    _answer(conn, line)
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(REFUSE_LINGER_S)
+        deadline = time.monotonic() + REFUSE_LINGER_S
+        while conn.recv(1 << 16) and time.monotonic() < deadline:
+            pass
+    except OSError:
+        pass
+
+
+def load_stream(machine: "Machine", f, answer=lambda line: None) -> None:
+    """Reads a whole stream from file `f` into `machine`; answer(line) replies
+    to the source's SYNC records. Raises StreamError."""
+    memory = machine.memory
+    stream.read_header(f)
+    kind, payload = stream.read_record(f)
+    if kind != stream.CONFIG:
+        raise stream.StreamError(f"migration stream starts with a {stream.NAMES[kind]} record, not config")
+    check_config(machine, stream.parse_json(kind, payload))
+    have_state = False
+    while True:
+        kind, payload = stream.read_record(f)
+        if kind == stream.PAGES and not have_state:
+            for gpa, count, data in stream.parse_pages(payload):
+                size = count * stream.PAGE
+                if not memory.is_ram(gpa, size):
+                    raise stream.StreamError(f"migration stream page run 0x{gpa:x}+0x{size:x} is outside RAM")
+                view = memory.view(gpa, size)
+                if data is None:
+                    view[:] = bytes(size)
+                else:
+                    view[:] = data
+                # Told run by run, while the source still runs, rather than
+                # all of RAM during the downtime.
+                for fn in memory.write_listeners:
+                    fn(gpa, size)
+        elif kind == stream.SYNC and not have_state:
+            answer(b"SYNC\n")
+        elif kind == stream.STATE and not have_state:
+            load_state(machine, stream.parse_json(kind, payload))
+            have_state = True
+        elif kind == stream.END and have_state:
+            break
+        else:
+            raise stream.StreamError(f"migration stream has a {stream.NAMES[kind]} record out of order")
