@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import StateError, VmmError
-from ..machine import EXIT_OK, Machine, StopReason
+from ..machine import Machine, StopReason
 from ..runstate import RunState, require
 
 # QMP's error classes (qapi/error.json); the rest map to GenericError.
@@ -53,6 +53,8 @@ class Target:
     machine: Machine | None = None
     # Serialises commands: the state a command checked stays true while it acts.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Background jobs by id (jobs.py); they outlive a reset's rebuilt machine.
+    jobs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def system_reset(t: Target, args: dict) -> dict:
     """A host reset: the runner rebuilds the machine (or, with --no-reboot,
     ends the run, as QEMU's -no-reboot does)."""
     m = _machine(t)
-    m.request_stop(StopReason.RESET, EXIT_OK, RESET_DETAIL)   # parked vCPUs see it too
+    m.request_stop(StopReason.RESET, RESET_DETAIL)   # parked vCPUs see it too
     return {}
 
 
@@ -145,17 +147,33 @@ def system_powerdown(t: Target, args: dict) -> dict:
 
 def quit_(t: Target, args: dict) -> dict:
     m = _machine(t)
-    m.request_stop(StopReason.USER, EXIT_OK, QUIT_DETAIL)   # parked vCPUs see it too
+    m.request_stop(StopReason.USER, QUIT_DETAIL)   # parked vCPUs see it too
     return {}
 
 
 def human_monitor_command(t: Target, args: dict) -> str:
+    """One HMP command line; its output (errors too, as QEMU's monitor
+    prints them) is the return value."""
     line = " ".join(args["command-line"].split())
-    if line == "info status":
-        m = _machine(t)
-        return f"VM status: {_status_name(m)}\r\n"
-    # As QEMU's monitor: an unknown command is output, not a QMP error.
-    return f"unknown command: '{line}' (pyvmm's monitor knows: info status)\r\n"
+    word = line.split(" ", 1)[0]
+    key = " ".join(line.split(" ", 2)[:2]) if word == "info" else word.split("/", 1)[0]
+    handler = HMP_COMMANDS.get(key)
+    if handler is None:
+        # As QEMU's monitor: an unknown command is output, not a QMP error.
+        return f"unknown command: '{line}' (pyvmm's monitor knows: {', '.join(sorted(HMP_COMMANDS))})\r\n"
+    rest = line[len(key):].strip() if word == "info" else line[len(word):].strip()
+    try:
+        return handler(t, word, rest)
+    except VmmError as e:
+        return f"Error: {e}\r\n"
+
+
+def hmp_info_status(t: Target, word: str, rest: str) -> str:
+    return f"VM status: {_status_name(_machine(t))}\r\n"
+
+
+# HMP commands by name ("info X" for info): fn(target, first word, the rest) -> output.
+HMP_COMMANDS: dict[str, Callable[[Target, str, str], str]] = {"info status": hmp_info_status}
 
 
 def _state_call(action: Callable[[], None]) -> None:

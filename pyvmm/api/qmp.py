@@ -30,7 +30,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..runstate import RunState
-from .commands import COMMAND_NOT_FOUND, GENERIC_ERROR, CommandError, Target, execute, query_version
+from .catalog import execute
+from .commands import COMMAND_NOT_FOUND, GENERIC_ERROR, CommandError, Target, query_version
 from .endpoint import Endpoint
 from .framing import JsonSplitter
 
@@ -372,6 +373,8 @@ class QmpServer:
             self._worker.join(2.0)
         for client in list(getattr(self, "clients", {}).values()):
             client.close(linger=CLOSE_FLUSH_S)
+        for node in getattr(self.target, "block_nodes", {}).values():   # blockdev-add's images
+            node["image"].close()
         for sock, ep in self._listeners.values():
             sock.close()
             if ep.kind == "unix":

@@ -151,8 +151,9 @@ def _find(img: ImageBase, name: str) -> tuple[list[Snapshot], Snapshot]:
     raise ImageError(f"{img.path}: no snapshot named {name!r}")
 
 
-def create_snapshot(img: ImageBase, name: str) -> Snapshot:
-    """Raises ImageError if the name is taken or a refcount would overflow."""
+def create_snapshot(img: ImageBase, name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0) -> Snapshot:
+    """Raises ImageError if the name is taken or a refcount would overflow.
+    vm_state_size: bytes of VM state already in the vmstate area (qcow2_vmstate.py)."""
     if img.readonly:
         raise ImageError(f"{img.path}: image is open read-only")
     snaps = read_snapshots(img)
@@ -169,7 +170,8 @@ def create_snapshot(img: ImageBase, name: str) -> Snapshot:
     fix_copied_flags(img)
     now = time.time_ns()
     ident = str(max((int(s.id) for s in snaps if s.id.isdigit()), default=0) + 1)
-    snap = Snapshot(ident, name, first * cs, len(l1), now // 10**9, now % 10**9, 0, 0, img.size)
+    snap = Snapshot(ident, name, first * cs, len(l1), now // 10**9, now % 10**9, vm_clock_nsec, vm_state_size,
+                    img.size)
     _write_snapshot_table(img, snaps + [snap])
     os.fsync(img.fd)
     return snap

@@ -39,9 +39,9 @@ def free_tcp_port() -> int:
 class QmpVm:
     """`pyvmm run --qmp ...` as a child process; close() kills what is left."""
 
-    def __init__(self, engine: str, qmp: list[str], *extra: str, reboot: bool = False):
+    def __init__(self, engine: str, qmp: list[str], *extra: str, reboot: bool = False, kernel: Path | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvmm", "run", "--kernel", str(idle_kernel()), "--engine", engine,
+            [sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel or idle_kernel()), "--engine", engine,
              "--mem", "32M", "--no-bt-cache", *([] if reboot else ["--no-reboot"]), *[a for spec in qmp for a in ("--qmp", spec)], *extra],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Whole-VM snapshot cost: pyvmm's snapshot-save / snapshot-load against
+QEMU's on the same guest in the same run, and QMP query-status latency.
+
+The guest (a Multiboot kernel) fills --fill MiB of RAM with a different
+non-zero word per page, then counts on COM1 forever. Each VMM runs it with
+--mem MiB of RAM and one qcow2 disk; once the count shows, a QMP client
+(pyvmm/api/client.py, for both) times snapshot-save and snapshot-load jobs
+from the command to their "concluded" event, reads the VM state's size
+from query-block's snapshot list, and times --pings query-status round
+trips. QEMU runs under TCG (--qemu-accel) with -blockdev node disk0.
+
+Goals (issue 19): save <= 1 s per 512 MiB of RAM; load < 50 ms;
+query-status p50 < 1 ms.
+Ends with: RESULT key=value ... goal_save=met|missed goal_load=met|missed goal_qmp=met|missed"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pyvmm.api.client import QmpClient  # noqa: E402
+from pyvmm.storage.create import create_image  # noqa: E402
+
+FILL_BASE = 0x1000000
+
+GUEST = """
+    mov $FILL_BASE, %edi
+5:  mov %edi, %eax
+    mov $1024, %ecx
+    rep stosl
+    cmp $FILL_END, %edi
+    jb 5b
+1:  incl 0x200000
+    mov 0x200000, %ebx
+    mov $8, %esi
+    mov $0x3f8, %dx
+2:  rol $4, %ebx
+    mov %ebx, %eax
+    and $0xf, %eax
+    add $0x30, %al
+    cmp $0x39, %al
+    jbe 3f
+    add $7, %al
+3:  out %al, %dx
+    dec %esi
+    jnz 2b
+    mov $0x0a, %al
+    out %al, %dx
+    mov $200000, %ecx
+4:  loop 4b
+    jmp 1b
+"""
+
+
+def build_kernel(fill_mib: int) -> Path:
+    from tests.asm import multiboot_kernel
+    source = GUEST.replace("FILL_BASE", hex(FILL_BASE)).replace("FILL_END", hex(FILL_BASE + (fill_mib << 20)))
+    return multiboot_kernel(source)
+
+
+class Child:
+    """A VMM process with its stdout (the guest's COM1) gathered."""
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = bytearray()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            self.out += chunk
+
+    def wait_count(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(rb"^[0-9A-F]{8}\r?$", bytes(self.out), re.M):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.proc.args[0]} exited {self.proc.returncode}: "
+                                 f"{self.proc.stderr.read().decode(errors='replace')[-500:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.proc.args[0]}: the guest did not count in {timeout:g} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def job(qmp: QmpClient, command: str, job_id: str, **args) -> float:
+    """Seconds from the command to its job's "concluded"; fails on a job error."""
+    since = len(qmp.events)
+    t = time.perf_counter()
+    qmp.execute(command, {"job-id": job_id, **args})
+    qmp.wait_event("JOB_STATUS_CHANGE", 600, since=since, match={"id": job_id, "status": "concluded"})
+    took = time.perf_counter() - t
+    info = next(j for j in qmp.execute("query-jobs") if j["id"] == job_id)
+    qmp.execute("job-dismiss", {"id": job_id})
+    if "error" in info:
+        raise SystemExit(f"{command}: {info['error']}")
+    return took
+
+
+def measure(name: str, cmd: list[str], sock: str, pings: int) -> dict:
+    child = Child(cmd)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if child.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name}: no QMP socket ({child.proc.stderr.read().decode(errors='replace')[-500:]})")
+            time.sleep(0.02)
+        qmp = QmpClient(sock)
+        child.wait_count(300)
+        where = {"vmstate": "disk0", "devices": ["disk0"]}
+        save = job(qmp, "snapshot-save", "save", tag="bench", **where)
+        load = job(qmp, "snapshot-load", "load", tag="bench", **where)
+        block = qmp.execute("query-block")
+        snaps = [s for b in block for s in b.get("inserted", {}).get("image", {}).get("snapshots", [])]
+        size = next(s["vm-state-size"] for s in snaps if s["name"] == "bench")
+        times = []
+        for _ in range(pings):
+            t = time.perf_counter()
+            qmp.execute("query-status")
+            times.append(time.perf_counter() - t)
+        times.sort()
+        try:
+            qmp.execute("quit")
+        except Exception:
+            pass
+        qmp.close()
+        return {"save_s": save, "load_s": load, "vmstate_mib": size / (1 << 20),
+                "qmp_p50_ms": statistics.median(times) * 1e3, "qmp_p99_ms": times[int(len(times) * 0.99) - 1] * 1e3}
+    finally:
+        child.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mem", type=int, default=512, help="guest RAM, MiB (default 512)")
+    p.add_argument("--fill", type=int, default=128, help="MiB of RAM the guest fills (default 128)")
+    p.add_argument("--engine", default="bt", help="pyvmm engine (default bt)")
+    p.add_argument("--qemu-accel", default="tcg", help="QEMU accelerator (default tcg)")
+    p.add_argument("--pings", type=int, default=2000, help="query-status round trips (default 2000)")
+    args = p.parse_args()
+    kernel = build_kernel(args.fill)
+    work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-snap-"))
+    try:
+        res = {}
+        disk = work / "pyvmm.qcow2"
+        create_image(str(disk), "qcow2", 64 << 20)
+        sock = str(work / "pyvmm.sock")
+        mine = measure("pyvmm", [sys.executable, "-m", "pyvmm", "run", "--kernel", str(kernel), "--engine",
+                                 args.engine, "--mem", f"{args.mem}M", "--no-reboot", "--drive",
+                                 f"file={disk},id=disk0", "--qmp", f"unix:{sock},server,wait=off"], sock, args.pings)
+        res.update({f"pyvmm_{k}": v for k, v in mine.items()})
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu:
+            qdisk = work / "qemu.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qdisk), "64M"], check=True)
+            qsock = str(work / "qemu.sock")
+            theirs = measure("qemu", [qemu, "-accel", args.qemu_accel, "-m", str(args.mem), "-kernel", str(kernel),
+                                      "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+                                      "-blockdev", f"driver=file,filename={qdisk},node-name=file0",
+                                      "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
+                                      "-device", "virtio-blk-pci,drive=disk0",
+                                      "-qmp", f"unix:{qsock},server=on,wait=off"], qsock, args.pings)
+            res.update({f"qemu_{k}": v for k, v in theirs.items()})
+        for k, v in res.items():
+            print(f"{k:22s} {v:10.3f}")
+        res["goal_save"] = "met" if res["pyvmm_save_s"] <= args.mem / 512 else "missed"
+        res["goal_load"] = "met" if res["pyvmm_load_s"] < 0.05 else "missed"
+        res["goal_qmp"] = "met" if res["pyvmm_qmp_p50_ms"] < 1.0 else "missed"
+        print(f"RESULT mem_mib={args.mem} fill_mib={args.fill} engine={args.engine} "
+              + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Block nodes and virtio-blk hotplug over QMP: blockdev-add / blockdev-del
+open and close disk images as named nodes, device_add driver=virtio-blk-pci
+puts one on PCI bus 0 in the first free slot (a guest finds it by
+rescanning the bus, e.g. Linux's /sys/bus/pci/rescan: pyvmm has no ACPI
+hotplug controller yet), device_del takes it off again and says so with
+DEVICE_DELETED.
+
+The removal is a surprise removal, done at once: the guest is expected to
+have let go of the device (Linux: /sys/bus/pci/devices/…/remove) first."""
+
+from __future__ import annotations
+
+import logging
+
+from ..storage import open_image
+from ..storage.image import ImageError
+from .commands import COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("qcow2", "raw", "vmdk")
+
+
+def _nodes(t: Target) -> dict:
+    nodes = getattr(t, "block_nodes", None)
+    if nodes is None:
+        nodes = t.block_nodes = {}
+    return nodes
+
+
+def blockdev_add(t: Target, args: dict) -> dict:
+    """QEMU's shape: {"driver": "qcow2", "node-name": N, "file": {"driver":
+    "file", "filename": PATH}, "read-only": bool} (file may be the path)."""
+    driver, name = args["driver"], args.get("node-name")
+    if driver not in FORMATS:
+        raise CommandError(f"Invalid parameter '{driver}' (pyvmm opens: {', '.join(FORMATS)})")
+    if not name:
+        raise CommandError("pyvmm needs a node-name for every block node")
+    nodes = _nodes(t)
+    if name in nodes:
+        raise CommandError(f"Duplicate nodes with node-name='{name}'")
+    spec = args.get("file")
+    if isinstance(spec, dict) and spec.get("driver", "file") == "file" and isinstance(spec.get("filename"), str):
+        path = spec["filename"]
+    elif isinstance(spec, str):
+        path = spec
+    else:
+        raise CommandError("Parameter 'file' must be {\"driver\": \"file\", \"filename\": PATH} or a path")
+    readonly = bool(args.get("read-only", False))
+    try:
+        image = open_image(path, driver, readonly=readonly)
+    except (ImageError, OSError) as e:
+        raise CommandError(f"Could not open '{path}': {e}") from None
+    nodes[name] = {"image": image, "readonly": readonly, "device": None}
+    return {}
+
+
+def blockdev_del(t: Target, args: dict) -> dict:
+    nodes = _nodes(t)
+    node = nodes.get(args["node-name"])
+    if node is None:
+        raise CommandError(f"Failed to find node with node-name='{args['node-name']}'")
+    if node["device"] is not None:
+        raise CommandError(f"Node '{args['node-name']}' is busy: attached to device '{node['device']}'")
+    node["image"].close()
+    del nodes[args["node-name"]]
+    return {}
+
+
+def device_add(t: Target, args: dict) -> dict:
+    from ..builder import _irq
+    from ..devices.pci.host import intx_gsi
+    from ..devices.virtio.install import _block_function
+    m = _machine(t)
+    driver, ident, drive = args["driver"], args.get("id"), args.get("drive")
+    if driver != "virtio-blk-pci":
+        raise CommandError(f"'{driver}' is not a valid device model name (pyvmm hotplugs: virtio-blk-pci)")
+    if not ident or not drive:
+        raise CommandError("virtio-blk-pci needs id= and drive=")
+    if ident.replace("-", "_") in m.devices:
+        raise CommandError(f"Duplicate device ID '{ident}'")
+    node = _nodes(t).get(drive)
+    if node is None:
+        raise CommandError(f"Property 'virtio-blk-pci.drive' can't find value '{drive}'")
+    if node["device"] is not None:
+        raise CommandError(f"Drive '{drive}' is already in use by '{node['device']}'")
+    bridge = m.devices.get("pci_host")
+    if bridge is None:
+        raise CommandError("this machine has no PCI bus to plug into (give it a --drive or --virtio-rng)")
+    key = ident.replace("-", "_")
+    with m.lock:
+        function = _block_function(m, node["image"], ident, node["readonly"])
+        try:
+            slot = bridge.add(function, ident)
+        except Exception:
+            function.device.stop_io()
+            raise
+        function.irq = _irq(m, intx_gsi(slot))
+        function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
+        m.devices[key] = function
+    node["device"] = ident
+    _hotplugged(m)[ident] = drive
+    log.info("hotplugged %s (node %s) in PCI slot %d", ident, drive, slot)
+    return {}
+
+
+def _hotplugged(m) -> dict:
+    """Device id -> node name of the virtio-blk devices added by device_add."""
+    found = getattr(m, "hotplugged_drives", None)
+    if found is None:
+        found = m.hotplugged_drives = {}
+    return found
+
+
+def device_del(t: Target, args: dict) -> dict:
+    m = _machine(t)
+    ident = args["id"]
+    drive = _hotplugged(m).get(ident)
+    if drive is None:
+        raise CommandError(f"Device '{ident}' not found" if ident.replace("-", "_") not in m.devices
+                           else f"Device '{ident}' was not hotplugged: pyvmm removes only what device_add added")
+    bridge = m.devices["pci_host"]
+    with m.lock:
+        slot = next(s for s, n in bridge.names.items() if n == ident)
+        function = bridge.functions[slot]
+        function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
+        bridge.remap(slot)
+        del bridge.functions[slot], bridge.names[slot]
+        function.device.drain()
+        function.device.stop_io()
+        if function.device.drain in m.drains:
+            m.drains.remove(function.device.drain)
+        del m.devices[ident.replace("-", "_")]
+    del _hotplugged(m)[ident]
+    _nodes(t)[drive]["device"] = None
+    t.emit("DEVICE_DELETED", {"device": ident, "path": f"/machine/peripheral/{ident}"})
+    return {}
+
+
+COMMANDS.update({c.name: c for c in [
+    Command("blockdev-add", blockdev_add, args={"driver": (str, True), "node-name": (str, False),
+                                                "file": (object, True), "read-only": (bool, False),
+                                                "discard": (str, False), "cache": (dict, False)}),
+    Command("blockdev-del", blockdev_del, args={"node-name": (str, True)}),
+    Command("device_add", device_add, RUNNING_OR_PAUSED,
+            {"driver": (str, True), "id": (str, False), "drive": (str, False), "bus": (str, False)}),
+    Command("device_del", device_del, RUNNING_OR_PAUSED, {"id": (str, True)}),
+]})

@@ -1,0 +1,103 @@
+"""Snapshot commands: QMP's snapshot-save / snapshot-load / snapshot-delete
+as jobs (QEMU >= 6.0 arguments: job-id, tag, vmstate, devices), query-jobs
+and job-dismiss, and HMP's savevm / loadvm / delvm / info snapshots.
+
+The work is snapshot/savevm.py's; this module stops the vCPUs around it
+(STOP and RESUME events, as QEMU emits them around a snapshot job) and
+turns its errors into QMP and HMP output."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..runstate import RunState
+from ..snapshot import savevm
+from .commands import (COMMANDS, HMP_COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine,
+                       _state_call)
+from .jobs import job_dismiss, query_jobs, start_job
+
+
+def stopped_for(t: Target, action: Callable[[], None]) -> None:
+    """Runs `action` with the vCPUs stopped, then lets a machine that was
+    running go on (STOP ... RESUME, as QEMU's savevm and loadvm)."""
+    m = _machine(t)
+    was_running = m.state is RunState.RUNNING and not m.stopping
+    if was_running:
+        _state_call(m.pause)
+        t.emit("STOP", {})
+    try:
+        action()
+    finally:
+        if was_running and m.state is RunState.PAUSED:
+            _state_call(m.resume)
+            t.emit("RESUME", {})
+
+
+def _devices(args: dict) -> list[str]:
+    devices = args["devices"]
+    if not all(isinstance(d, str) for d in devices):
+        raise CommandError("Invalid parameter type for 'devices', expected: array of strings")
+    return devices
+
+
+def snapshot_save(t: Target, args: dict) -> dict:
+    tag, drive, devices = args["tag"], args["vmstate"], _devices(args)
+    start_job(t, args["job-id"], "snapshot-save",
+              lambda: stopped_for(t, lambda: savevm.save_vm(_machine(t), tag, drive, devices)))
+    return {}
+
+
+def snapshot_load(t: Target, args: dict) -> dict:
+    tag, drive, devices = args["tag"], args["vmstate"], _devices(args)
+    start_job(t, args["job-id"], "snapshot-load",
+              lambda: stopped_for(t, lambda: savevm.load_vm(_machine(t), tag, drive, devices)))
+    return {}
+
+
+def snapshot_delete(t: Target, args: dict) -> dict:
+    tag, devices = args["tag"], _devices(args)
+    start_job(t, args["job-id"], "snapshot-delete", lambda: savevm.delete_vm(_machine(t), tag, devices))
+    return {}
+
+
+# -- HMP ----------------------------------------------------------------------------------
+def _tag(word: str, rest: str, default: str | None = None) -> str:
+    if not rest and default is None:
+        raise CommandError(f"Parameter 'name' is missing (usage: {word} TAG)")
+    return rest or default
+
+
+def hmp_savevm(t: Target, word: str, rest: str) -> str:
+    import time
+    tag = _tag(word, rest, time.strftime("vm-%Y%m%d%H%M%S"))
+    stopped_for(t, lambda: savevm.save_vm(_machine(t), tag, replace=True))
+    return ""
+
+
+def hmp_loadvm(t: Target, word: str, rest: str) -> str:
+    tag = _tag(word, rest)
+    stopped_for(t, lambda: savevm.load_vm(_machine(t), tag))
+    return ""
+
+
+def hmp_delvm(t: Target, word: str, rest: str) -> str:
+    savevm.delete_vm(_machine(t), _tag(word, rest))
+    return ""
+
+
+def hmp_info_snapshots(t: Target, word: str, rest: str) -> str:
+    return savevm.info_snapshots(_machine(t))
+
+
+SNAPSHOT_ARGS = {"job-id": (str, True), "tag": (str, True), "vmstate": (str, True), "devices": (list, True)}
+
+COMMANDS.update({c.name: c for c in [
+    Command("snapshot-save", snapshot_save, RUNNING_OR_PAUSED, SNAPSHOT_ARGS),
+    Command("snapshot-load", snapshot_load, RUNNING_OR_PAUSED, SNAPSHOT_ARGS),
+    Command("snapshot-delete", snapshot_delete, RUNNING_OR_PAUSED,
+            {"job-id": (str, True), "tag": (str, True), "devices": (list, True)}),
+    Command("query-jobs", query_jobs),
+    Command("job-dismiss", job_dismiss, args={"id": (str, True)}),
+]})
+HMP_COMMANDS.update({"savevm": hmp_savevm, "loadvm": hmp_loadvm, "delvm": hmp_delvm,
+                     "info snapshots": hmp_info_snapshots})

@@ -1,0 +1,2 @@
+"""Whole-VM snapshots: the VM state format (vmstate.py) and QEMU-style
+internal snapshots on qcow2 drives (savevm.py)."""

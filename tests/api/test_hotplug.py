@@ -1,0 +1,64 @@
+"""blockdev-add/-del and virtio-blk hotplug (api/hotplug.py) on the counter
+guest in-process: the new function answers in PCI config space, its drive
+is listed and snapshotted, device_del takes it off with DEVICE_DELETED,
+and a node in use cannot be deleted."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvmm.api.commands import CommandError
+from pyvmm.config import DriveConfig
+from pyvmm.storage.create import create_image
+
+from tests.storage.helpers import qemu_img
+
+from .counterguest import CounterVm
+
+
+def _vendor(vm: CounterVm, slot: int) -> int:
+    bus = vm.machine.io_bus
+    bus.write(0xCF8, 4, 0x80000000 | slot << 11)
+    return bus.read(0xCFC, 4) & 0xFFFF
+
+
+def test_hotplug_virtio_blk(tmp_path):
+    disk, extra = tmp_path / "disk.qcow2", tmp_path / "extra.qcow2"
+    create_image(str(disk), "qcow2", 1 << 20)
+    create_image(str(extra), "qcow2", 2 << 20)
+    vm = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    try:
+        vm.wait_counts(1)
+        assert vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "n1"},
+                      file={"driver": "file", "filename": str(extra)}) == {}
+        with pytest.raises(CommandError, match="Duplicate nodes"):
+            vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "n1"}, file=str(extra))
+        with pytest.raises(CommandError, match="can't find value 'nope'"):
+            vm.qmp("device_add", driver="virtio-blk-pci", drive="nope", id="hd1")
+        with pytest.raises(CommandError, match="not a valid device model"):
+            vm.qmp("device_add", driver="e1000", id="x")
+        assert vm.qmp("device_add", driver="virtio-blk-pci", drive="n1", id="hd1") == {}
+        with pytest.raises(CommandError, match="already in use by 'hd1'"):
+            vm.qmp("device_add", driver="virtio-blk-pci", drive="n1", id="hd2")
+        with pytest.raises(CommandError, match="Duplicate device ID"):
+            vm.qmp("device_add", driver="virtio-blk-pci", drive="disk0x", id="disk0")
+        slot = next(d["slot"] for d in vm.qmp("query-pci")[0]["devices"] if d["qdev_id"] == "hd1")
+        assert _vendor(vm, slot) == 0x1AF4
+        assert [b["device"] for b in vm.qmp("query-block")] == ["disk0", "hd1"]
+        with pytest.raises(CommandError, match="busy"):
+            vm.qmp("blockdev-del", **{"node-name": "n1"})
+        vm.qmp("snapshot-save", **{"job-id": "s", "tag": "t", "vmstate": "disk0", "devices": ["disk0", "hd1"]})
+        assert "error" not in vm.wait_job("s")
+
+        assert vm.qmp("device_del", id="hd1") == {}
+        assert vm.events[-1] == ("DEVICE_DELETED", {"device": "hd1", "path": "/machine/peripheral/hd1"})
+        assert _vendor(vm, slot) == 0xFFFF
+        assert all(d["qdev_id"] != "hd1" for d in vm.qmp("query-pci")[0]["devices"])
+        with pytest.raises(CommandError, match="was not hotplugged"):
+            vm.qmp("device_del", id="disk0")
+        assert vm.qmp("blockdev-del", **{"node-name": "n1"}) == {}
+        assert vm.qmp("query-status")["status"] == "running"
+    finally:
+        vm.close()
+    assert qemu_img("check", extra).returncode == 0
+    assert " t " in qemu_img("snapshot", "-l", extra).stdout

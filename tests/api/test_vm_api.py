@@ -1,0 +1,57 @@
+"""The Python API (pyvmm/vm.py): `from pyvmm import VM`, a child `pyvmm run`
+driven through its console and QMP socket, with no CLI parsing in the
+script: start, expect, pause/resume with events, snapshot and restore to
+the exact saved count, QMP errors as exceptions, and a clean stop."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pyvmm import VM
+from pyvmm.errors import VmmError
+from pyvmm.storage.create import create_image
+from pyvmm.vm import QmpError
+
+from .counterguest import COUNTER, counter_kernel, counts
+
+
+def test_vm_api_round_trip(tmp_path):
+    disk = tmp_path / "disk.qcow2"
+    create_image(str(disk), "qcow2", 1 << 20)
+    with VM(kernel=str(counter_kernel()), engine="bt", mem=32, drives=[{"file": str(disk), "id": "disk0"}],
+            extra_args=["--no-reboot", "--no-bt-cache"]) as vm:
+        vm.start()
+        vm.console.expect(r"00000003\r?\n", timeout=30)
+        assert vm.status() == "running"
+        vm.pause()
+        assert vm.status() == "paused" and vm.wait_event("STOP")["event"] == "STOP"
+        saved = int(vm.hmp(f"xp /1xw {COUNTER:#x}").split()[1], 16)
+        vm.snapshot("t1")
+        assert vm.status() == "paused"
+        vm.resume()
+        vm.wait_event("RESUME")
+        vm.console.expect(rf"{saved + 4:08X}\r?\n", timeout=30)
+        vm.pause()
+        mark = vm.console.mark()
+        vm.restore("t1")                                   # paused it stays paused
+        assert vm.status() == "paused"
+        vm.resume()
+        vm.console.expect(r"([0-9A-F]{8}\r?\n){3}", timeout=30, after=mark)
+        after = counts(vm.console.output.encode()[mark:])
+        assert after[:3] == [saved + 1, saved + 2, saved + 3], (saved, after)   # on from the saved count
+        with pytest.raises(QmpError) as err:
+            vm.qmp("no-such-command")
+        assert err.value.error_class == "CommandNotFound"
+        with pytest.raises(QmpError, match="already exists"):
+            vm.snapshot("t1")
+        assert re.search(r"\bt1\b", vm.hmp("info snapshots"))
+        assert vm.stop() == 0
+    assert vm.proc.returncode == 0
+
+
+def test_vm_that_cannot_start_says_why(tmp_path):
+    vm = VM(kernel=str(tmp_path / "missing"), engine="bt")
+    with pytest.raises(VmmError, match="did not start .*no such file"):
+        vm.start()
