@@ -14,6 +14,7 @@ MIB = 1 << 20
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 ENGINES = ("hw", "bt", "hybrid")
 MMU_MODES = ("shadow", "nested")
+CPU_MODELS = ("baseline", "v2", "v3", "host")    # engines/bt/cpumodel.py
 
 
 DRIVE_FORMATS = ("raw", "qcow2", "vmdk")
@@ -21,18 +22,20 @@ DRIVE_FORMATS = ("raw", "qcow2", "vmdk")
 
 @dataclass
 class DriveConfig:
-    """One virtio-blk disk (`--drive file=PATH[,format=F][,readonly=on][,id=NAME]`)."""
+    """One virtio-blk disk (`--drive file=PATH[,format=F][,readonly=on][,id=NAME][,cache=MODE]`)."""
     file: str
     format: str | None = None    # None: probed from the file's first bytes
     readonly: bool = False
     id: str | None = None        # also the disk's serial (virtio-blk GET_ID)
+    cache: str = "writeback"     # QEMU's host-cache modes (storage/cache.py)
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> "DriveConfig":
         """Raises ConfigError for a drive that is not an object of these fields."""
         if not isinstance(data, dict) or not isinstance(data.get("file"), str):
             raise ConfigError(f"{where}: drives: {json.dumps(data)} is not a drive (needs a \"file\")")
-        kinds = {"file": (str,), "format": (str, type(None)), "readonly": (bool,), "id": (str, type(None))}
+        kinds = {"file": (str,), "format": (str, type(None)), "readonly": (bool,), "id": (str, type(None)),
+                 "cache": (str,)}
         for key, value in data.items():
             if key not in kinds or not isinstance(value, kinds[key]):
                 raise ConfigError(f"{where}: drives: bad key or value {key!r}")
@@ -44,46 +47,135 @@ class DriveConfig:
         if self.format is not None and self.format not in DRIVE_FORMATS:
             raise ConfigError(f"drive {self.file}: unknown format {self.format!r} "
                               f"(choose from {', '.join(DRIVE_FORMATS)})")
+        from .storage.cache import CACHE_MODES
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"drive {self.file}: unknown cache mode {self.cache!r} "
+                              f"(choose from {', '.join(CACHE_MODES)})")
 
 
 def parse_drive(text: str) -> DriveConfig:
-    """Parses `file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]`
-    (QEMU's spelling; `if=virtio` is accepted). Raises ConfigError."""
+    """Parses `file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]
+    [,cache=MODE]` (QEMU's spelling; `if=virtio` is accepted). Raises ConfigError."""
+    drive, interface = _drive_and_interface(text)
+    if interface != "virtio":
+        raise ConfigError(f"--drive {text!r}: if=none drives need -device virtio-blk-pci,drive=ID")
+    return drive
+
+
+def parse_qemu_drives(drives: list[str], devices: list[str]) -> list[DriveConfig]:
+    """--drive texts and QEMU's `-drive file=...,if=none,id=ID` with
+    `-device virtio-blk-pci,drive=ID`: the if=virtio drives in order, then
+    those of the -devices in -device order. Raises ConfigError."""
+    out, held = [], {}
+    for text in drives:
+        drive, interface = _drive_and_interface(text)
+        if interface == "virtio":
+            out.append(drive)
+        elif not drive.id:
+            raise ConfigError(f"--drive {text!r}: if=none needs id=ID for -device virtio-blk-pci,drive=ID")
+        else:
+            held[drive.id] = drive
+    for text in devices:
+        kind, opts = _options(text, "-device")
+        if kind != "virtio-blk-pci":
+            continue
+        ref = opts.pop("drive", None)
+        if ref not in held:
+            raise ConfigError(f"-device {text!r}: drive={ref} names no (unused) -drive ...,if=none,id=ID")
+        if opts:
+            raise ConfigError(f"-device {text!r}: unknown option {sorted(opts)[0]!r}")
+        out.append(held.pop(ref))
+    if held:
+        raise ConfigError(f"-drive id={sorted(held)[0]} (if=none) has no -device virtio-blk-pci")
+    return out
+
+
+CONSOLE_DEVICES = ("virtio-serial-pci", "virtio-serial", "virtconsole", "virtserialport")
+
+
+def parse_qemu_console(chardevs: list[str], devices: list[str]) -> list[str]:
+    """QEMU's `-chardev socket,id=C,path=P,server=on[,wait=off]` (or
+    `-chardev stdio,id=C` / `null,id=C`) with `-device virtio-serial-pci`
+    and `-device virtconsole,chardev=C` / `virtserialport,chardev=C,name=N`,
+    as --virtio-console port specs in -device order. Raises ConfigError."""
+    backends: dict[str, str] = {}
+    for text in chardevs:
+        kind, opts = _options(text, "-chardev")
+        ident = opts.pop("id", None)
+        if not ident:
+            raise ConfigError(f"-chardev {text!r}: id=C is required")
+        if kind == "socket":
+            if not opts.get("path") or opts.pop("server", "off") not in ("on", "true", "yes"):
+                raise ConfigError(f"-chardev {text!r}: pyvmm serves Unix sockets only (path=P,server=on)")
+            backends[ident] = f"socket={opts.pop('path')}"
+            opts.pop("wait", None)        # pyvmm never waits for the client
+        elif kind in ("stdio", "null"):
+            backends[ident] = kind
+            opts.pop("signal", None)
+        else:
+            raise ConfigError(f"-chardev {text!r}: only socket, stdio and null backends are supported")
+        if opts:
+            raise ConfigError(f"-chardev {text!r}: unknown option {sorted(opts)[0]!r}")
+    ports, used = [], set()
+    for text in devices:
+        kind, opts = _options(text, "-device")
+        if kind not in ("virtconsole", "virtserialport"):
+            continue
+        chardev, name = opts.pop("chardev", None), opts.pop("name", None)
+        opts.pop("id", None)
+        if chardev not in backends or chardev in used:
+            raise ConfigError(f"-device {text!r}: chardev={chardev} names no (unused) -chardev")
+        if opts:
+            raise ConfigError(f"-device {text!r}: unknown option {sorted(opts)[0]!r}")
+        if kind == "virtserialport" and not name:
+            raise ConfigError(f"-device {text!r}: a virtserialport needs name=N here")
+        used.add(chardev)
+        ports.append(backends[chardev] + (f",name={name}" if kind == "virtserialport" else ""))
+    return ports
+
+
+def _drive_and_interface(text: str) -> tuple[DriveConfig, str]:
+    """A --drive text as its DriveConfig and its if= (virtio or none). Raises ConfigError."""
     opts: dict[str, str] = {}
     for part in text.split(","):
         key, eq, value = part.partition("=")
         if not eq or key in opts:
             raise ConfigError(f"--drive {text!r}: expected key=value items (file=PATH,format=raw,...)")
         opts[key] = value
-    if opts.pop("if", "virtio") != "virtio":
-        raise ConfigError(f"--drive {text!r}: only if=virtio disks are supported")
+    interface = opts.pop("if", "virtio")
+    if interface not in ("virtio", "none"):
+        raise ConfigError(f"--drive {text!r}: only if=virtio disks (or if=none with -device) are supported")
     readonly = opts.pop("readonly", "off")
     if readonly not in ("on", "off"):
         raise ConfigError(f"--drive {text!r}: readonly is on or off")
     if not opts.get("file"):
         raise ConfigError(f"--drive {text!r}: file=PATH is required")
     drive = DriveConfig(file=opts.pop("file"), format=opts.pop("format", None),
-                        readonly=readonly == "on", id=opts.pop("id", None))
+                        readonly=readonly == "on", id=opts.pop("id", None), cache=opts.pop("cache", "writeback"))
     if opts:
         raise ConfigError(f"--drive {text!r}: unknown option {sorted(opts)[0]!r}")
     drive.validate()
-    return drive
+    return drive, interface
 
 
 @dataclass
 class NetConfig:
-    """One virtio-net NIC (`--net tap=IFNAME[,mac=MAC][,id=NAME]`)."""
-    tap: str
-    mac: str | None = None       # None: 52:54:00:12:34:56 + the NIC's index
+    """One virtio-net NIC on exactly one backend: `--net tap=IFNAME`, `--net
+    switch=NAME` (a `pyvmm switch`, started when not running) or a QEMU
+    `-netdev stream` server socket (`stream`: its path); `[,mac=MAC][,id=NAME]`."""
+    tap: str | None = None
+    mac: str | None = None       # None: tap: 52:54:00:12:34:56 + index; switch/stream: derived from the VM
     id: str | None = None
+    switch: str | None = None
+    stream: str | None = None
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> "NetConfig":
         """Raises ConfigError for a NIC that is not an object of these fields."""
-        if not isinstance(data, dict) or not isinstance(data.get("tap"), str):
-            raise ConfigError(f"{where}: nets: {json.dumps(data)} is not a NIC (needs a \"tap\")")
+        if not isinstance(data, dict) or not any(isinstance(data.get(k), str) for k in NET_BACKENDS):
+            raise ConfigError(f"{where}: nets: {json.dumps(data)} is not a NIC (needs a \"tap\" or \"switch\")")
         for key, value in data.items():
-            if key not in ("tap", "mac", "id") or not isinstance(value, (str, type(None))):
+            if key not in ("mac", "id") + NET_BACKENDS or not isinstance(value, (str, type(None))):
                 raise ConfigError(f"{where}: nets: bad key or value {key!r}")
         net = cls(**data)
         net.validate()
@@ -92,11 +184,20 @@ class NetConfig:
     def validate(self) -> None:
         from .devices.virtio.net import parse_mac
         from .net.port import NetError
+        from .net.switch_config import check_name
         from .net.tap import check_ifname
+        backends = [k for k in NET_BACKENDS if getattr(self, k) is not None]
+        if len(backends) != 1:
+            raise ConfigError(f"--net: give exactly one of tap=IFNAME, switch=NAME (got {backends or 'none'})")
         try:
-            check_ifname(self.tap)
-        except NetError as e:
-            raise ConfigError(f"--net {e}") from None
+            if self.tap is not None:
+                check_ifname(self.tap)
+            elif self.switch is not None:
+                check_name(self.switch)
+            elif not self.stream:
+                raise ConfigError("-netdev stream: addr.path is empty")
+        except (NetError, ConfigError) as e:
+            raise ConfigError(f"--net {str(e).removeprefix('--net ')}") from None
         if self.mac is not None:
             try:
                 parse_mac(self.mac)
@@ -104,17 +205,21 @@ class NetConfig:
                 raise ConfigError(f"--net mac={self.mac}: {e}") from None
 
 
+NET_BACKENDS = ("tap", "switch", "stream")
+
+
 def parse_net(text: str) -> NetConfig:
-    """Parses `tap=IFNAME[,mac=MAC][,id=NAME]`. Raises ConfigError."""
+    """Parses `tap=IFNAME|switch=NAME[,mac=MAC][,id=NAME]`. Raises ConfigError."""
     opts: dict[str, str] = {}
     for part in text.split(","):
         key, eq, value = part.partition("=")
         if not eq or key in opts:
-            raise ConfigError(f"--net {text!r}: expected key=value items (tap=IFNAME,mac=MAC,id=NAME)")
+            raise ConfigError(f"--net {text!r}: expected key=value items (tap=IFNAME|switch=NAME,mac=MAC,id=NAME)")
         opts[key] = value
-    if "tap" not in opts:
-        raise ConfigError(f"--net {text!r}: a backend is required (tap=IFNAME)")
-    net = NetConfig(tap=opts.pop("tap"), mac=opts.pop("mac", None), id=opts.pop("id", None))
+    if "tap" not in opts and "switch" not in opts:
+        raise ConfigError(f"--net {text!r}: a backend is required (tap=IFNAME or switch=NAME)")
+    net = NetConfig(tap=opts.pop("tap", None), switch=opts.pop("switch", None), mac=opts.pop("mac", None),
+                    id=opts.pop("id", None))
     if opts:
         raise ConfigError(f"--net {text!r}: unknown option {sorted(opts)[0]!r}")
     net.validate()
@@ -134,30 +239,43 @@ def _options(text: str, flag: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_qemu_nets(netdevs: list[str], devices: list[str]) -> list[NetConfig]:
-    """QEMU's `-netdev tap,id=N,ifname=IF` with `-device virtio-net-pci,
-    netdev=N[,mac=MAC]`, as NICs in -device order. Raises ConfigError."""
-    backends: dict[str, str] = {}
+    """QEMU's `-netdev tap,id=N,ifname=IF` or `-netdev stream,id=N,addr.type=
+    unix,addr.path=PATH` with `-device virtio-net-pci,netdev=N[,mac=MAC]`,
+    as NICs in -device order. Raises ConfigError."""
+    backends: dict[str, dict[str, str]] = {}
     for text in netdevs:
         kind, opts = _options(text, "-netdev")
-        if kind != "tap":
-            raise ConfigError(f"-netdev {text!r}: only tap backends are supported")
-        if not opts.get("id") or not opts.get("ifname"):
-            raise ConfigError(f"-netdev {text!r}: id=N and ifname=IF are required")
-        unknown = set(opts) - {"id", "ifname", "script", "downscript"}
-        if unknown or opts.get("script", "no") != "no" or opts.get("downscript", "no") != "no":
-            raise ConfigError(f"-netdev {text!r}: unsupported option "
-                              f"{sorted(unknown)[0] if unknown else 'script'!r}")
-        backends[opts["id"]] = opts["ifname"]
+        if kind == "tap":
+            if not opts.get("id") or not opts.get("ifname"):
+                raise ConfigError(f"-netdev {text!r}: id=N and ifname=IF are required")
+            unknown = set(opts) - {"id", "ifname", "script", "downscript"}
+            if unknown or opts.get("script", "no") != "no" or opts.get("downscript", "no") != "no":
+                raise ConfigError(f"-netdev {text!r}: unsupported option "
+                                  f"{sorted(unknown)[0] if unknown else 'script'!r}")
+            backends[opts["id"]] = {"tap": opts["ifname"]}
+        elif kind == "stream":
+            # the client end of QEMU's stream netdev (a pyvmm switch is such a server)
+            if not opts.get("id") or opts.get("addr.type") != "unix" or not opts.get("addr.path"):
+                raise ConfigError(f"-netdev {text!r}: id=N, addr.type=unix and addr.path=PATH are required")
+            unknown = set(opts) - {"id", "addr.type", "addr.path", "server"}
+            if unknown or opts.get("server", "off") not in ("off", "false", "no"):
+                raise ConfigError(f"-netdev {text!r}: unsupported option "
+                                  f"{sorted(unknown)[0] if unknown else 'server'!r} (pyvmm is the client end)")
+            backends[opts["id"]] = {"stream": opts["addr.path"]}
+        else:
+            raise ConfigError(f"-netdev {text!r}: only tap and stream backends are supported")
     nets, used = [], set()
     for text in devices:
         kind, opts = _options(text, "-device")
+        if kind in ("virtio-blk-pci",) + CONSOLE_DEVICES:
+            continue            # parse_qemu_drives' or parse_qemu_console's business
         if kind != "virtio-net-pci":
-            raise ConfigError(f"-device {text!r}: only virtio-net-pci is supported here")
+            raise ConfigError(f"-device {text!r}: only virtio-net-pci and virtio-blk-pci are supported here")
         netdev = opts.pop("netdev", None)
         if netdev not in backends or netdev in used:
             raise ConfigError(f"-device {text!r}: netdev={netdev} names no (unused) -netdev")
         used.add(netdev)
-        net = NetConfig(tap=backends[netdev], mac=opts.pop("mac", None), id=opts.pop("id", netdev))
+        net = NetConfig(**backends[netdev], mac=opts.pop("mac", None), id=opts.pop("id", netdev))
         if opts:
             raise ConfigError(f"-device {text!r}: unknown option {sorted(opts)[0]!r}")
         net.validate()
@@ -198,6 +316,9 @@ class VmConfig:
     mmu: str = "shadow"
     # bt: guest time from instructions retired instead of the host clock.
     deterministic: bool = False
+    # bt (and hybrid's kernel): the x86-64 level the virtual CPU offers,
+    # "baseline", "v2", "v3" or "host" (engines/bt/cpumodel.py).
+    cpu_model: str = "v3"
     # pyvmm's paravirtual interface (paravirt/, docs/paravirt.md): CPUID
     # signature, hypercall page MSR, doorbell. False: a plain PC.
     paravirt: bool = True
@@ -219,9 +340,18 @@ class VmConfig:
     nets: list[NetConfig] = field(default_factory=list)
     # a virtio-rng device (devices/virtio/rng.py) giving host entropy.
     virtio_rng: bool = False
+    # virtio-console ports (devices/virtio/console.py), as given to
+    # --virtio-console: "stdio", "null" or "socket=PATH", with ",name=NAME"
+    # for a named port; the one without a name is the console (hvc0).
+    virtio_console: list[str] = field(default_factory=list)
+    # How the virtio devices are attached: "pci" (bus 0, transport/pci.py) or
+    # "mmio" (transport/mmio.py, announced with virtio_mmio.device=).
+    virtio_transport: str = "pci"
     # QMP control sockets (api/qmp.py), as given to --qmp:
     # "unix:PATH,server[,wait=off]" or "tcp:HOST:PORT,server[,wait=off]".
     qmp: list[str] = field(default_factory=list)
+    # Start from this internal snapshot of the drives (QEMU's -loadvm; snapshot/savevm.py).
+    loadvm: str | None = None
     # 16550 UARTs COM1..COM4 in order (builder.SERIAL_PORTS), each "stdio"
     # (the console), "null" or "file:PATH" (output appended to PATH).
     serials: list[str] = field(default_factory=lambda: ["stdio"])
@@ -239,6 +369,8 @@ class VmConfig:
             raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         if self.mmu not in MMU_MODES:
             raise ConfigError(f"unknown mmu {self.mmu!r} (choose from {', '.join(MMU_MODES)})")
+        if self.cpu_model not in CPU_MODELS:
+            raise ConfigError(f"unknown cpu model {self.cpu_model!r} (choose from {', '.join(CPU_MODELS)})")
         for drive in self.drives:
             drive.validate()
         if self.qmp:
@@ -247,6 +379,11 @@ class VmConfig:
                 parse_endpoint(spec)
         for net in self.nets:
             net.validate()
+        if self.virtio_transport not in ("pci", "mmio"):
+            raise ConfigError(f"unknown virtio transport {self.virtio_transport!r} (choose from pci, mmio)")
+        if self.virtio_console:
+            from .devices.virtio.console_ports import check_ports
+            check_ports(self.virtio_console)
         if len(self.serials) > MAX_SERIALS:
             raise ConfigError(f"{len(self.serials)} serial ports: a PC has at most {MAX_SERIALS} (COM1-COM4)")
         for spec in self.serials:

@@ -11,19 +11,10 @@ import logging
 import os
 import sys
 
-from ..config import DEFAULT_CMDLINE, VmConfig, parse_drive, parse_mem_size, parse_net, parse_qemu_nets
+from ..config import (DEFAULT_CMDLINE, VmConfig, parse_mem_size, parse_net, parse_qemu_console,
+                      parse_qemu_drives, parse_qemu_nets)
 from ..errors import ConfigError, GuestCrash, VmmError
-from ..machine import EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE
-
-
-EXIT_CODES_HELP = """exit codes:
-  0    guest powered off, reset with --no-reboot, or the user quit (Ctrl-A x)
-  1    error: bad input or a host problem (one line on stderr)
-  2    bad command line
-  3    the guest crashed in a way the engine cannot go on from (register dump on stderr)
-  4    the guest halted with interrupts disabled (nothing can wake it)
-  (v<<1)|1  the guest wrote v to the --debug-exit port (as QEMU's isa-debug-exit)
-"""
+from .exitcodes import EXIT_CODES_HELP, EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE, exit_code
 
 
 def default_kernel() -> str:
@@ -103,6 +94,9 @@ def _add_run_parser(sub) -> None:
                    help="bt: shadow page tables (default) or a walk on every TLB miss (nested-paging cost model)")
     p.add_argument("--deterministic", action="store_true",
                    help="bt: guest time from instructions retired instead of the host clock (reproducible runs)")
+    p.add_argument("--cpu-model", default="v3", metavar="baseline|v2|v3|host",
+                   help="bt/hybrid: the x86-64 level the virtual CPU offers (default v3; host: the host's "
+                        "features that pyvmm implements)")
     p.add_argument("--no-paravirt", action="store_true",
                    help="hide pyvmm's paravirtual interface (CPUID signature, hypercall page; docs/paravirt.md)")
     p.add_argument("--vmware-backdoor", action="store_true",
@@ -121,19 +115,38 @@ def _add_run_parser(sub) -> None:
                    help="bt: cap of the block store, least recently used blocks evicted past it "
                         "(default: $PYVMM_BT_CACHE_MAX, else 256M; `pyvmm cache` shows it)")
     p.add_argument("--drive", "-drive", action="append", default=[],
-                   metavar="file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]",
+                   metavar="file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]"
+                           "[,cache=writeback|writethrough|none|directsync|unsafe][,if=none]",
                    help="add a virtio-blk disk on PCI (repeatable)")
-    p.add_argument("--net", action="append", default=[], metavar="tap=IFNAME[,mac=MAC][,id=NAME]",
-                   help="add a virtio-net NIC on PCI on a host TAP device, created when missing (repeatable)")
-    p.add_argument("-netdev", dest="netdev", action="append", default=[], metavar="tap,id=N,ifname=IF",
-                   help="QEMU spelling of a TAP backend, for -device virtio-net-pci,netdev=N[,mac=MAC]")
-    p.add_argument("-device", dest="qemu_device", action="append", default=[], metavar="virtio-net-pci,netdev=N",
-                   help="QEMU spelling of a NIC on a -netdev")
+    p.add_argument("--net", action="append", default=[], metavar="tap=IFNAME|switch=NAME[,mac=MAC][,id=NAME]",
+                   help="add a virtio-net NIC on PCI on a host TAP device (created when missing) or on "
+                        "pyvmm switch NAME (started when not running) (repeatable)")
+    p.add_argument("-netdev", dest="netdev", action="append", default=[],
+                   metavar="tap,id=N,ifname=IF|stream,id=N,addr.type=unix,addr.path=P",
+                   help="QEMU spelling of a TAP or stream-client backend, for -device virtio-net-pci,netdev=N[,mac=MAC]")
+    p.add_argument("-device", dest="qemu_device", action="append", default=[],
+                   metavar="virtio-net-pci,netdev=N | virtio-blk-pci,drive=ID",
+                   help="QEMU spelling of a NIC on a -netdev, or of a disk on a -drive ...,if=none,id=ID")
     p.add_argument("--virtio-rng", action="store_true", help="add a virtio-rng device (host entropy) on PCI")
+    p.add_argument("--transport", choices=("pci", "mmio"), default="pci",
+                   help="attach the virtio devices on PCI (default) or as virtio-mmio pages announced "
+                        "on the kernel command line (virtio_mmio.device=, needs VIRTIO_MMIO_CMDLINE_DEVICES)")
+    p.add_argument("-chardev", dest="chardev", action="append", default=[],
+                   metavar="socket,id=C,path=P,server=on[,wait=off] | stdio,id=C",
+                   help="QEMU spelling of a virtio-console port's backend, for -device virtconsole,chardev=C "
+                        "or -device virtserialport,chardev=C,name=N")
+    p.add_argument("--virtio-console", action="append", default=[], metavar="stdio|null|socket=PATH[,name=NAME]",
+                   help="add a port to a virtio-console on PCI (repeatable): without name= the console "
+                        "hvc0 (stdio: keyboard input goes to it instead of COM1), with one a named port")
     p.add_argument("--qmp", "-qmp", action="append", default=[],
                    metavar="unix:PATH,server[,wait=off] | tcp:HOST:PORT,server[,wait=off]",
                    help="serve the QEMU Machine Protocol there (repeatable); with wait=on, QEMU's default, "
                         "the guest starts once a client has connected")
+    p.add_argument("--loadvm", "-loadvm", metavar="TAG",
+                   help="start from the internal snapshot TAG of the qcow2 drives (made by savevm or snapshot-save)")
+    p.add_argument("--incoming", "-incoming", metavar="tcp:HOST:PORT|unix:PATH",
+                   help="wait there for a live migration from another pyvmm (started with the same "
+                        "options), load it, and run the guest from where the source stopped")
     p.add_argument("--config", metavar="FILE",
                    help="boot the VM a JSON file describes (as written by --print-config); "
                         "it replaces the other VM options")
@@ -160,7 +173,8 @@ def _block_store(args: argparse.Namespace) -> str | None:
 
 # `pyvmm run` options that are not part of the VM a --config file describes.
 # --qmp sockets may be given beside --config (they add to the file's).
-_NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose", "qmp"}
+_NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose", "qmp", "loadvm",
+                   "incoming"}
 
 
 def _config_file(args: argparse.Namespace) -> VmConfig:
@@ -173,6 +187,7 @@ def _config_file(args: argparse.Namespace) -> VmConfig:
     cfg = VmConfig.load(args.config)
     cfg.verbose = cfg.verbose or args.verbose
     cfg.qmp = [*cfg.qmp, *getattr(args, "qmp", [])]
+    cfg.loadvm = getattr(args, "loadvm", None) or cfg.loadvm
     cfg.validate()
     for path in [p for p in [cfg.kernel, *cfg.initrd] if p]:
         if not os.path.exists(path):
@@ -197,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         # virtio devices: the stock kernel has their drivers as modules, which the initramfs then carries
         release = (os.path.basename(kernel).partition("vmlinuz-")[2] or None
                    if getattr(args, "drive", None) or getattr(args, "virtio_rng", False)
+                   or getattr(args, "virtio_console", None) or getattr(args, "chardev", None)
                    or getattr(args, "net", None) or getattr(args, "qemu_device", None) else None)
         if release and not os.path.isdir(f"/lib/modules/{release}"):
             release = None      # a kernel with its drivers built in (or none at all)
@@ -211,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    serials=args.serial or ["stdio"],
                    host_decompress=not args.no_host_decompress, mmu=args.mmu,
                    deterministic=args.deterministic, verbose=args.verbose,
+                   cpu_model=getattr(args, "cpu_model", "v3"),
                    fit_guest_to_host=not args.no_guest_fit,
                    complete_instructions=not args.no_completion,
                    paravirt=not getattr(args, "no_paravirt", False),
@@ -218,11 +235,15 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    vmware_backdoor=getattr(args, "vmware_backdoor", False),
                    guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)),
                    block_store=_block_store(args),
-                   drives=[parse_drive(t) for t in getattr(args, "drive", [])],
+                   drives=parse_qemu_drives(getattr(args, "drive", []), getattr(args, "qemu_device", [])),
                    nets=[parse_net(t) for t in getattr(args, "net", [])]
                    + parse_qemu_nets(getattr(args, "netdev", []), getattr(args, "qemu_device", [])),
                    virtio_rng=getattr(args, "virtio_rng", False),
-                   qmp=list(getattr(args, "qmp", [])))
+                   virtio_console=list(getattr(args, "virtio_console", []))
+                   + parse_qemu_console(getattr(args, "chardev", []), getattr(args, "qemu_device", [])),
+                   virtio_transport=getattr(args, "transport", "pci"),
+                   qmp=list(getattr(args, "qmp", [])),
+                   loadvm=getattr(args, "loadvm", None))
     for path in [cfg.kernel, *cfg.initrd]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")
@@ -242,21 +263,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     # in a fitted-kernel boot under bt (0.4 s of host time); this runs 3.
     gc.set_threshold(100_000, 20, 100)
 
+    incoming = [getattr(args, "incoming", None)]
+
     def announce(machine) -> None:
         if cfg.verbose:
             print(f"pyvmm: boot protocol: {machine.boot_protocol}; engine: {cfg.engine}; "
                   f"{cfg.cpus} vCPU, {cfg.mem_mib} MiB", file=sys.stderr)
+        if incoming[0]:                 # --incoming: the first machine takes the migrated state
+            from ..migration.announce import announce_in_background
+            from ..migration.receiver import receive
+            receive(machine, incoming.pop())
+            announce_in_background(machine)
 
     result = run_vm(cfg, Console(), on_machine=announce)
     if args.engine != cfg.engine:
         result.stats["mode"] = f"{args.engine}->{cfg.engine}"
     if args.stats:
         print(json.dumps(result.stats, indent=2), file=sys.stderr)
+    code = exit_code(result.status)
     if args.stats_json:
-        write_stats_json(args.stats_json, result, cfg)
+        write_stats_json(args.stats_json, result, cfg, code)
     if cfg.verbose:
         print(f"pyvmm: guest stopped: {result.status.reason.value} {result.status.detail}", file=sys.stderr)
-    return result.status.code
+    return code
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
@@ -315,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["img"]:  # its own parser, qemu-img's spellings (pyvmm/cli/img.py)
         from .img import main as img_main
         return img_main(argv[1:])
+    if argv[:1] == ["migrate"]:  # its own parser (pyvmm/migration/cli.py)
+        from ..migration.cli import main as migrate_main
+        return migrate_main(argv[1:])
     if argv[:1] == ["switch"]:  # its own parser (pyvmm/cli/switch.py)
         from .switch import main as switch_main
         return switch_main(argv[1:])

@@ -2,10 +2,16 @@
 the DSDT, loads virtio_pci, virtio_blk and virtio-rng from the initramfs
 pyvmm builds for it, sees /dev/vda of the image's size, reads back what the
 host wrote, writes a sector the host then reads, and gets bytes from
-/dev/hwrng.  Its second disk is a qcow2 overlay over a raw ext4 base made
-with mkfs.ext4 -d: the guest mounts it, reads the host's file and writes
+/dev/hwrng, with every virtio function interrupting through MSI-X.  A
+virtio-console's hvc0 and a named port, both on host Unix sockets, carry
+bytes both ways, and the named port shows up by name in sysfs and as
+/dev/virtio-ports/NAME.  Its
+second disk is a qcow2 overlay over a raw ext4 base made with
+mkfs.ext4 -d: the guest mounts it, reads the host's file and writes
 its own; the writes land in the overlay only (the base is unchanged) until
-`pyvmm img commit` merges them (issue 17 part 5).
+`pyvmm img commit` merges them (issue 17 part 5).  The same boot is
+paused and resumed twenty times over QMP while a shell loop runs, and
+keeps its clock and workload (issue 15; tests/linux_pauses.py).
 
 A full bt boot takes many minutes of host time; PYVMM_BT_BOOT_TIMEOUT
 (seconds, default 5400) bounds the wait, as in tests/test_linux_bt.py."""
@@ -14,13 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from ..guest_session import GuestSession
 from ..hostfacts import require_debian_cloud_kernel, require_from_setup
+from ..linux_pauses import check_pauses_keep_clock_and_workload, pause_qmp_args
+from ..linux_snapshot import check_snapshot_round_trip
 
 pytestmark = [pytest.mark.slow]
 
@@ -42,6 +52,30 @@ def _ext4_base_and_overlay(tmp_path, marker: str) -> tuple:
     return base, overlay
 
 
+def _connect(path: str, g: GuestSession) -> socket.socket:
+    """A client of the socket pyvmm listens on once the machine is built."""
+    deadline = time.monotonic() + 300
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            s.settimeout(600)
+            return s
+        except OSError:
+            s.close()
+            assert time.monotonic() < deadline and g.proc.poll() is None, f"no socket at {path}: {g.errors}"
+            time.sleep(0.2)
+
+
+def _recv_until(s: socket.socket, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        chunk = s.recv(4096)
+        assert chunk, f"socket closed before {marker!r} (got {got!r})"
+        got += chunk
+    return got
+
+
 def _pyvmm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=300)
@@ -60,10 +94,19 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine):
     disk.write_bytes(marker.encode() + bytes(SECTORS * 512 - len(marker)))
     base, overlay = _ext4_base_and_overlay(tmp_path, marker)
     base_before = hashlib.sha256(base.read_bytes()).hexdigest()
+    hvc_path, port_path = str(tmp_path / "hvc0.sock"), str(tmp_path / "port.sock")
     with GuestSession("run", "--engine", engine, "--no-reboot", "--mem", "256M", "--append", CMDLINE,
                       "--drive", f"file={disk},format=raw,id=disk0", "--virtio-rng",
-                      "--drive", f"file={overlay},format=qcow2,id=disk1") as g:
+                      "--drive", f"file={overlay},format=qcow2,id=disk1",
+                      *pause_qmp_args(str(tmp_path / "qmp.sock")),
+                      "--virtio-console", f"socket={hvc_path}",
+                      "--virtio-console", f"socket={port_path},name=org.pyvmm.port0") as g:
+        hvc, port = _connect(hvc_path, g), _connect(port_path, g)
+        hvc.sendall(b"HOST-TO-HVC\n")             # held until the guest reads hvc0
+        port.sendall(b"HOST-TO-PORT\n")           # held until the guest opens the port
         g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
+        # The run state's Linux check rides on this boot (tests/linux_pauses.py).
+        check_pauses_keep_clock_and_workload(g, str(tmp_path / "qmp.sock"))
         assert "init: cannot load" not in g.output
         sent = g.send("cat /sys/block/vda/size\n")
         g.expect(rf"\n{SECTORS}\r?\n", timeout=600, after=sent)
@@ -76,8 +119,25 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine):
         g.expect(r"\nWRITE-OK\r?\n", timeout=600, after=sent)
         sent = g.send("head -c 64 /dev/hwrng | wc -c\n")
         g.expect(r"\n\s*64\r?\n", timeout=600, after=sent)
+        # All four functions (two disks, rng, console) interrupt through MSI-X:
+        # each has a config vector, which Linux only requests with MSI-X on.
+        sent = g.send("grep -E 'MSI.*virtio[0-9]+-config' /proc/interrupts | wc -l\n")
+        g.expect(r"\n\s*4\r?\n", timeout=600, after=sent)
+        # virtio-console: hvc0 and the named port, both directions
+        sent = g.send("read -r line < /dev/hvc0; echo \"hvc:$line\"; echo GUEST-ON-$((40+2)) > /dev/hvc0\n")
+        g.expect(r"\nhvc:HOST-TO-HVC\r?\n", timeout=600, after=sent)
+        assert b"GUEST-ON-42" in _recv_until(hvc, b"GUEST-ON-42")
+        sent = g.send("cat /sys/class/virtio-ports/vport*p1/name; readlink /dev/virtio-ports/org.pyvmm.port0\n")
+        g.expect(r"\norg\.pyvmm\.port0\r?\n\.\./vport\d+p1\r?\n", timeout=600, after=sent)
+        # (no glob in the redirection: ash would create a file named "vport*p1")
+        sent = g.send("head -n 1 /dev/virtio-ports/org.pyvmm.port0; "
+                      "echo GUEST-ON-PORT > /dev/virtio-ports/org.pyvmm.port0\n")
+        g.expect(r"\nHOST-TO-PORT\r?\n", timeout=600, after=sent)
+        assert _recv_until(port, b"GUEST-ON-PORT\n").endswith(b"GUEST-ON-PORT\n")
         sent = g.send("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && cat /mnt/hello.txt\n")
         g.expect(rf"\nhost says {marker}\r?\n", timeout=600, after=sent)
+        # Saved with the qcow2 disk mounted, changed, loaded back (issue 19; tests/linux_snapshot.py).
+        check_snapshot_round_trip(g, str(tmp_path / "qmp.sock"), "disk1", "/mnt")
         sent = g.send(f"echo guest says {marker} > /mnt/guest.txt && umount /mnt && sync && echo UMOUNT-OK\n")
         g.expect(r"\nUMOUNT-OK\r?\n", timeout=600, after=sent)
         g.send("poweroff -f\n")
