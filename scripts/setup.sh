@@ -21,7 +21,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import pyvmm, iced_x86, lz4, zstandard, mpmath, pytest, hypothesis, unicorn, qemu.qmp" 2>/dev/null \
+if ! python3 -c "import pyvmm, iced_x86, lz4, zstandard, mpmath, pytest, xdist, hypothesis, unicorn, qemu.qmp" 2>/dev/null \
    || [ "$(python3 -c 'import pyvmm, os; print(os.path.dirname(os.path.dirname(pyvmm.__file__)))')" != "$PWD" ]; then
     echo "setup: installing the pyvmm Python package (editable) and its test tools"
     python3 -m pip install -q --disable-pip-version-check -e '.[test]'
