@@ -11,7 +11,9 @@ mkfs.ext4 -d: the guest mounts it, reads the host's file and writes
 its own; the writes land in the overlay only (the base is unchanged) until
 `pyvmm img commit` merges them (issue 17 part 5).  The same boot is
 paused and resumed twenty times over QMP while a shell loop runs, and
-keeps its clock and workload (issue 15; tests/linux_pauses.py).
+keeps its clock and workload (issue 15; tests/linux_pauses.py).  A third,
+read-only disk carries a static x86-64-v3 program (tests/v3program.py),
+which prints in the guest what it printed on the host CPU.
 
 A full bt boot takes many minutes of host time; PYVMM_BT_BOOT_TIMEOUT
 (seconds, default 5400) bounds the wait, as in tests/test_linux_bt.py."""
@@ -31,6 +33,7 @@ from ..guest_session import GuestSession
 from ..hostfacts import require_debian_cloud_kernel, require_from_setup
 from ..linux_pauses import check_pauses_keep_clock_and_workload, pause_qmp_args
 from ..linux_snapshot import check_snapshot_round_trip
+from ..v3program import build_v3_program, check_v3_program_in_guest
 
 pytestmark = [pytest.mark.slow]
 
@@ -95,9 +98,11 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine):
     base, overlay = _ext4_base_and_overlay(tmp_path, marker)
     base_before = hashlib.sha256(base.read_bytes()).hexdigest()
     hvc_path, port_path = str(tmp_path / "hvc0.sock"), str(tmp_path / "port.sock")
+    v3 = build_v3_program(tmp_path)
     with GuestSession("run", "--engine", engine, "--no-reboot", "--mem", "256M", "--append", CMDLINE,
                       "--drive", f"file={disk},format=raw,id=disk0", "--virtio-rng",
                       "--drive", f"file={overlay},format=qcow2,id=disk1",
+                      "--drive", f"file={v3.disk},format=raw,id=v3prog,readonly=on",
                       *pause_qmp_args(str(tmp_path / "qmp.sock")),
                       "--virtio-console", f"socket={hvc_path}",
                       "--virtio-console", f"socket={port_path},name=org.pyvmm.port0") as g:
@@ -119,10 +124,14 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine):
         g.expect(r"\nWRITE-OK\r?\n", timeout=600, after=sent)
         sent = g.send("head -c 64 /dev/hwrng | wc -c\n")
         g.expect(r"\n\s*64\r?\n", timeout=600, after=sent)
-        # All four functions (two disks, rng, console) interrupt through MSI-X:
+        # All five functions (three disks, rng, console) interrupt through MSI-X:
         # each has a config vector, which Linux only requests with MSI-X on.
         sent = g.send("grep -E 'MSI.*virtio[0-9]+-config' /proc/interrupts | wc -l\n")
-        g.expect(r"\n\s*4\r?\n", timeout=600, after=sent)
+        g.expect(r"\n\s*5\r?\n", timeout=600, after=sent)
+        # An x86-64-v3 program (AVX2, FMA) prints what it printed on the host CPU
+        # (issue 14): under bt every ymm instruction is translated; under hybrid
+        # it runs on the CPU with the kernel's XSAVE state handling under bt.
+        check_v3_program_in_guest(g, v3, "/dev/vdc")
         # virtio-console: hvc0 and the named port, both directions
         sent = g.send("read -r line < /dev/hvc0; echo \"hvc:$line\"; echo GUEST-ON-$((40+2)) > /dev/hvc0\n")
         g.expect(r"\nhvc:HOST-TO-HVC\r?\n", timeout=600, after=sent)
