@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..hostsocket import listen_on
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,9 @@ class Endpoint:
         """A listening socket (a stale unix socket file is replaced).
         Raises ConfigError (one line) when the host refuses."""
         try:
-            if self.kind == "unix":
-                if os.path.exists(self.address) and not os.path.isdir(self.address):
-                    os.unlink(self.address)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(self.address)
-            else:
-                info = socket.getaddrinfo(self.address, self.port, type=socket.SOCK_STREAM)[0]
-                sock = socket.socket(info[0], socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(info[4])
-            sock.listen(8)
+            return listen_on(self.kind, self.address, self.port, backlog=8)
         except OSError as e:
             raise ConfigError(f"--qmp {self}: {e.strerror or e}") from None
-        return sock
 
 
 def parse_endpoint(text: str) -> Endpoint:

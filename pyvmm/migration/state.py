@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..device import DeviceStateError
-from ..snapshot.vmstate import (FIRST_DEVICES, LAST_DEVICES, OPTIONAL_DEVICES, VmStateError, cpu_from_json,
+from ..snapshot.vmstate import (OPTIONAL_DEVICES, restore_devices_and_cpus, VmStateError, cpu_from_json,
                                 cpu_to_json)
 from .stream import StreamError
 
@@ -108,20 +108,9 @@ def load_state(machine: "Machine", doc: dict) -> None:
     if set(devices) != here:
         diff = ", ".join(sorted(set(devices) ^ here))
         raise StreamError(f"the source's devices differ from this machine's (in: {diff})")
-    order = ([n for n in FIRST_DEVICES if n in devices]
-             + [n for n in devices if n not in FIRST_DEVICES + LAST_DEVICES])
     with machine.lock:
         try:
-            for name in order:
-                if devices[name] is None:
-                    machine.devices[name].reset()
-                else:
-                    machine.devices[name].restore(devices[name])
-            for i, st in enumerate(cpus):
-                machine.engine.load_state(i, st)
-            for name in LAST_DEVICES:
-                if name in devices and devices[name] is not None:
-                    machine.devices[name].restore(devices[name])
+            restore_devices_and_cpus(machine, devices, cpus)
             if platform is not None:
                 _give_platform(machine, platform)
         except OSError as e:

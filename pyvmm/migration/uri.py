@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
 from ..errors import VmmError
+from ..hostsocket import listen_on
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -41,20 +41,9 @@ class MigrationUri:
     def listen(self) -> socket.socket:
         """A listening socket (a stale unix socket file is replaced). Raises MigrationError."""
         try:
-            if self.kind == "unix":
-                if os.path.exists(self.address) and not os.path.isdir(self.address):
-                    os.unlink(self.address)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(self.address)
-            else:
-                info = socket.getaddrinfo(self.address, self.port, type=socket.SOCK_STREAM)[0]
-                sock = socket.socket(info[0], socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(info[4])
-            sock.listen(1)
+            return listen_on(self.kind, self.address, self.port, backlog=1)
         except OSError as e:
             raise MigrationError(f"cannot listen on {self}: {e.strerror or e}") from None
-        return sock
 
 
 def parse_uri(text: str) -> MigrationUri:

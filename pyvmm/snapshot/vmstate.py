@@ -261,26 +261,35 @@ def _mib(ram) -> str:
         return "?"
 
 
+def restore_devices_and_cpus(machine: "Machine", devices: dict, cpus: list) -> None:
+    """Gives each device and vCPU its state, in the order they depend on
+    one another: the devices FIRST_DEVICES names, the others, the vCPUs,
+    then LAST_DEVICES (which read vCPU state).  A None state resets the
+    device.  The caller holds the machine's lock; raises DeviceStateError.
+    Shared by snapshot loads and incoming migrations."""
+    order = ([n for n in FIRST_DEVICES if n in devices]
+             + [n for n in devices if n not in FIRST_DEVICES + LAST_DEVICES])
+    for name in order:
+        if devices[name] is None:
+            machine.devices[name].reset()
+        else:
+            machine.devices[name].restore(devices[name])
+    for i, st in enumerate(cpus):
+        machine.engine.load_state(i, st)
+    for name in LAST_DEVICES:
+        if devices.get(name) is not None:
+            machine.devices[name].restore(devices[name])
+
+
 def apply(machine: "Machine", data: bytes, checked: tuple | None = None) -> None:
     """Loads a VM state into a machine whose vCPUs are not running.
     Everything is checked first (VmStateError, machine untouched); a
     device that refuses its state afterwards raises VmStateError too.
     checked: what check(machine, data) returned, if the caller has it."""
     cpus, devices, runs = checked if checked is not None else check(machine, data)
-    order = ([n for n in FIRST_DEVICES if n in devices]
-             + [n for n in devices if n not in FIRST_DEVICES + LAST_DEVICES])
     with machine.lock:
         _load_ram(machine, runs)
         try:
-            for name in order:
-                if devices[name] is None:
-                    machine.devices[name].reset()
-                else:
-                    machine.devices[name].restore(devices[name])
-            for i, st in enumerate(cpus):
-                machine.engine.load_state(i, st)
-            for name in LAST_DEVICES:
-                if name in devices:
-                    machine.devices[name].restore(devices[name])
+            restore_devices_and_cpus(machine, devices, cpus)
         except DeviceStateError as e:
             raise VmStateError(f"vmstate: {e}") from None

@@ -33,15 +33,13 @@ from ....device import as_dict, as_int, as_list, restore_state, saved
 from ....errors import VmmError
 from ....irq import IrqLine
 from ..device import (
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_VERSION_1,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
     VirtioDevice,
 )
 from ..queue import QueueError, VirtQueue
+from .negotiate import accept_status, open_rings
 
 log = logging.getLogger(__name__)
 
@@ -183,26 +181,11 @@ class VirtioMmio:
         if value == 0:
             self._virtio_reset()
             return
-        new = value & ~self.status
-        if new & STATUS_FEATURES_OK:
-            if self.driver_features & ~self.device.offered or not self.driver_features & F_VERSION_1:
-                log.info("virtio-mmio: FEATURES_OK refused (features %#x)", self.driver_features)
-                value &= ~STATUS_FEATURES_OK
-            else:
-                self.device.acked = self.driver_features
-        self.status = value | self.status & STATUS_NEEDS_RESET
+        self.status = accept_status(self.device, self.driver_features, self.status, value, "virtio-mmio")
 
     def _enable(self, q: QueueState) -> None:
-        if not self.status & STATUS_FEATURES_OK:
-            self.needs_reset("queue made ready before FEATURES_OK")
-            return
-        if q.size > q.max_size:
-            self.needs_reset(f"queue size {q.size} above the maximum {q.max_size}")
-            return
         try:
-            q.vq = VirtQueue(self.device.memory, q.size, q.desc, q.driver, q.device,
-                             event_idx=bool(self.device.acked & F_RING_EVENT_IDX),
-                             indirect=bool(self.device.acked & F_RING_INDIRECT_DESC))
+            q.vq = open_rings(self.device, q, self.status)
         except QueueError as e:
             self.needs_reset(str(e))
 

@@ -33,9 +33,10 @@ import struct
 from ....device import as_bool, as_dict, as_int, as_list, restore_state, saved
 from ....errors import VmmError
 from ....irq import IrqLine
-from ..device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
+from ..device import (STATUS_DRIVER_OK,
                       STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
 from ..queue import QueueError, VirtQueue
+from .negotiate import accept_status, open_rings
 from ...pci.function import PciFunction
 from ...pci.msix import CAP_MSIX, CTRL_ENABLE, CTRL_FUNCTION_MASK, MsiSink, MsixTable, pba_size
 
@@ -200,27 +201,11 @@ class VirtioPci(PciFunction):
         if value == 0:
             self._virtio_reset()
             return
-        new = value & ~self.status_byte
-        if new & STATUS_FEATURES_OK:
-            unknown = self.driver_features & ~self.device.offered
-            if unknown or not self.driver_features & F_VERSION_1:
-                log.info("virtio: FEATURES_OK refused (features %#x)", self.driver_features)
-                value &= ~STATUS_FEATURES_OK
-            else:
-                self.device.acked = self.driver_features
-        self.status_byte = value | self.status_byte & STATUS_NEEDS_RESET
+        self.status_byte = accept_status(self.device, self.driver_features, self.status_byte, value, "virtio-pci")
 
     def _enable(self, q: QueueConfig) -> None:
-        if not self.status_byte & STATUS_FEATURES_OK:
-            self.needs_reset("queue enabled before FEATURES_OK")
-            return
-        if q.size > q.max_size:
-            self.needs_reset(f"queue size {q.size} above the maximum {q.max_size}")
-            return
         try:
-            q.vq = VirtQueue(self.device.memory, q.size, q.desc, q.driver, q.device,
-                             event_idx=bool(self.device.acked & F_RING_EVENT_IDX),
-                             indirect=bool(self.device.acked & F_RING_INDIRECT_DESC))
+            q.vq = open_rings(self.device, q, self.status_byte)
         except QueueError as e:
             self.needs_reset(str(e))
 
