@@ -489,6 +489,25 @@ class Qcow2Image(ImageBase):
 
     # ---- whole-image operations ---------------------------------------
 
+    def grow_l1(self, entries: int) -> None:
+        """Makes the active L1 table at least `entries` long: the new table is
+        written before the header points at it, and the old one is freed after."""
+        if entries <= len(self.l1):
+            return
+        cs = self.cluster_size
+        clusters = -(-entries * 8 // cs)
+        first = self._alloc_run(clusters)
+        table = self.l1 + [0] * (clusters * cs // 8 - len(self.l1))
+        os.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), first * cs)
+        for c in range(first, first + clusters):
+            self._set_refcount(c, 1)
+        old_offset, old_size = self.header.l1_table_offset, len(self.l1)
+        os.pwrite(self.fd, L1_FIELDS.pack(len(table), first * cs), OFF_L1)
+        self.header.l1_size, self.header.l1_table_offset = len(table), first * cs
+        self.l1 = table
+        for c in range(old_offset // cs, -(-(old_offset + old_size * 8) // cs)):
+            self._change_refcount(c, -1)
+
     def resize(self, size: int) -> None:
         """Grows the disk (a bigger L1 table is written before the header
         points at it). Shrinking is refused. Raises ImageError."""
@@ -497,20 +516,7 @@ class Qcow2Image(ImageBase):
         if size < self.size:
             raise ImageError(f"{self.path}: shrinking a qcow2 image is not supported")
         cs = self.cluster_size
-        needed = -(-size // (cs * self.l2_entries))
-        if needed > len(self.l1):
-            clusters = -(-needed * 8 // cs)
-            first = self._alloc_run(clusters)
-            table = self.l1 + [0] * (clusters * cs // 8 - len(self.l1))
-            os.pwrite(self.fd, struct.pack(f">{len(table)}Q", *table), first * cs)
-            for c in range(first, first + clusters):
-                self._set_refcount(c, 1)
-            old_offset, old_size = self.header.l1_table_offset, len(self.l1)
-            os.pwrite(self.fd, L1_FIELDS.pack(len(table), first * cs), OFF_L1)
-            self.header.l1_size, self.header.l1_table_offset = len(table), first * cs
-            self.l1 = table
-            for c in range(old_offset // cs, -(-(old_offset + old_size * 8) // cs)):
-                self._change_refcount(c, -1)
+        self.grow_l1(-(-size // (cs * self.l2_entries)))
         os.pwrite(self.fd, U64.pack(size), OFF_SIZE)
         self.header.size = self.size = size
         os.fsync(self.fd)

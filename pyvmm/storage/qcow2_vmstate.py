@@ -18,10 +18,9 @@ keep paying copy-on-write for a state only the snapshot needs.
 from __future__ import annotations
 
 import os
-import struct
 
 from .image import CorruptImageError, ImageError, pread_exact
-from .qcow2_layout import DATA, L1_FIELDS, L1E_OFFSET_MASK, OFF_L1, OFLAG_COPIED, ZERO
+from .qcow2_layout import DATA, L1E_OFFSET_MASK, OFLAG_COPIED, ZERO
 
 IOV_BATCH = 512          # buffers per pwritev (the kernel takes at most IOV_MAX, 1024)
 
@@ -38,23 +37,8 @@ def area_offset(img) -> int:
 
 
 def grow_l1(img, entries: int) -> None:
-    """Makes the active L1 table at least `entries` long (the new table is
-    written before the header points at it; the old one is freed after)."""
-    if entries <= len(img.l1):
-        return
-    cs = img.cluster_size
-    clusters = -(-entries * 8 // cs)
-    first = img._alloc_run(clusters)
-    table = img.l1 + [0] * (clusters * cs // 8 - len(img.l1))
-    os.pwrite(img.fd, struct.pack(f">{len(table)}Q", *table), first * cs)
-    for c in range(first, first + clusters):
-        img._set_refcount(c, 1)
-    old_offset, old_size = img.header.l1_table_offset, len(img.l1)
-    os.pwrite(img.fd, L1_FIELDS.pack(len(table), first * cs), OFF_L1)
-    img.header.l1_size, img.header.l1_table_offset = len(table), first * cs
-    img.l1 = table
-    for c in range(old_offset // cs, -(-(old_offset + old_size * 8) // cs)):
-        img._change_refcount(c, -1)
+    """Makes the active L1 table at least `entries` long (Qcow2Image.grow_l1)."""
+    img.grow_l1(entries)
 
 
 def drop_area(img) -> None:
