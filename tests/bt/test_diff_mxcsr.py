@@ -1,6 +1,7 @@
 """MXCSR against the real CPU (KvmOracle: CPL3 under KVM runs natively):
 SSE/SSE2 ADD, SUB, MUL, DIV, SQRT, MIN and MAX (SS/SD/PS/PD), CMPcc
-(predicates 0-7), (U)COMISS/SD and the scalar and packed conversions
+(predicates 0-7), (U)COMISS/SD, SSE3's ADDSUB/HADD/HSUB and the scalar
+and packed conversions
 with random
 operands rich in denormals, NaNs (quiet and signalling), infinities, zeros
 and the format's extremes, under all four rounding modes, DAZ and FTZ on
@@ -37,6 +38,7 @@ EXAMPLES = int(os.environ.get("PYVMM_BT_MXCSR_EXAMPLES", "1000"))
 SEED = random.randrange(1 << 30) if os.environ.get("PYVMM_BT_RANDOM") == "1" else 1414
 XIN, MXCSR_AT = 0x200, 0x3F0
 OPS = ["add", "sub", "mul", "div", "sqrt", "min", "max"]
+SSE3_OPS = ["addsub", "hadd", "hsub"]
 PROLOGUE = f"ldmxcsr [rbp + {MXCSR_AT}]\n" + "\n".join(f"movdqu xmm{i}, [rbp + {XIN + 16 * i}]" for i in range(8))
 
 F32 = [0, 0x80000000, 0x3F800000, 0xBF800000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00800000,
@@ -94,8 +96,10 @@ def sequences(n: int, seed: int) -> list[tuple[str, bytes]]:
         kind = rng.random()
         d, s = rng.randrange(8), rng.randrange(8)
         src = f"[rbp + {16 * rng.randrange(0, 0x1F0 // 16)}]" if rng.random() < 0.25 else f"xmm{s}"
-        if kind < 0.7:
+        if kind < 0.62:
             ins = f"{rng.choice(OPS)}{rng.choice(['ss', 'sd', 'ps', 'pd'])} xmm{d}, {src}"
+        elif kind < 0.7:
+            ins = f"{rng.choice(SSE3_OPS)}{rng.choice(['ps', 'pd'])} xmm{d}, {src}"
         elif kind < 0.85:
             ins = f"cmp{rng.choice(['ss', 'sd', 'ps', 'pd'])} xmm{d}, {src}, {rng.randrange(8)}"
         elif kind < 0.92:

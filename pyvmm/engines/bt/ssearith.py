@@ -202,6 +202,23 @@ def arith_mx(op: int, d: int, s: int, w: int, scalar: bool, mx: int, cr4: int) -
     return out, mx | flags, 0
 
 
+def lanes_mx(c, pairs: list[tuple[int, int, int]], w: int) -> list[int]:
+    """Element results of (op, a, b) triples under MXCSR, for instructions
+    that pair lanes their own way (SSE3's addsub/hadd/hsub).  Sets the
+    flags; raises #XM/#UD when one is unmasked, before any result is kept."""
+    mx = c.mxcsr
+    fast = mx & 0xFFE0 == 0x1FA0
+    out, flags = [], 0
+    for op, a, b in pairs:
+        r = _fast_lane(op, a, b, w) if fast else None
+        if r is None:
+            r, f = _lane(op, a, b, w, mx)
+            flags |= f
+        out.append(r)
+    _raise_unmasked(c, flags)
+    return out
+
+
 def sse_arith(c, op: int, d: int, s: int, w: int, scalar: bool) -> None:
     """The helper translated code calls: XMM register d op= s (128-bit
     value), MXCSR updated.  Raises GuestFault(#XM or #UD) for an unmasked

@@ -2,8 +2,8 @@
 movddup/movshdup/movsldup duplicates, lddqu, and the SSSE3 integer set
 (pshufb, palignr, phadd*/phsub*, pmaddubsw, pmulhrsw, psign*, pabs*).
 
-Floating-point lanes go through ssefp.fparith, so they share its rounding
-(nearest) and NaN rules.  The MMX-register forms of SSSE3 run the same
+Floating-point lanes go through ssearith under MXCSR (rounding, DAZ/FTZ,
+flags, unmasked #XM/#UD), as the SSE arithmetic does.  The MMX-register forms of SSSE3 run the same
 helpers on 64-bit operands (zero-extended; the lane-wise ones need nothing
 else, pshufb/palignr/phadd*/phsub* take the width).
 
@@ -15,30 +15,24 @@ import iced_x86 as X
 
 from .gen import Gen, Unsupported
 from .simd import CR0_EM, CR0_TS, check_sse, lanes, unlanes, xread, xreg
-from .ssefp import fparith
+from .ssearith import ADD, SUB, lanes_mx
 
 M = X.Mnemonic
 Rg = X.Register
 M64 = 0xFFFFFFFFFFFFFFFF
-ADD, SUB = 0, 1
 
 
-# -- SSE3 floating point ----------------------------------------------------------
-def _fp(op: int, a: int, b: int, w: int) -> int:
-    return fparith(op, a, b, w, True)
-
-
-def addsub(d: int, s: int, w: int) -> int:
+# -- SSE3 floating point (under MXCSR: ssearith.lanes_mx) ------------------------
+def addsub(c, d: int, s: int, w: int) -> int:
     """Even lanes subtract, odd lanes add."""
     x, y = lanes(d, w), lanes(s, w)
-    return unlanes([_fp(SUB if i % 2 == 0 else ADD, x[i], y[i], w) for i in range(len(x))], w)
+    return unlanes(lanes_mx(c, [(SUB if i % 2 == 0 else ADD, x[i], y[i]) for i in range(len(x))], w), w)
 
 
-def hfp(op: int, d: int, s: int, w: int) -> int:
+def hfp(c, op: int, d: int, s: int, w: int) -> int:
     """haddp*/hsubp*: adjacent pairs of d, then of s."""
-    x, y = lanes(d, w), lanes(s, w)
-    v = x + y
-    return unlanes([_fp(op, v[i], v[i + 1], w) for i in range(0, len(v), 2)], w)
+    v = lanes(d, w) + lanes(s, w)
+    return unlanes(lanes_mx(c, [(op, v[i], v[i + 1]) for i in range(0, len(v), 2)], w), w)
 
 
 # -- SSSE3 integer ------------------------------------------------------------------
@@ -128,13 +122,13 @@ _W = {M.ADDSUBPS: 4, M.ADDSUBPD: 8, M.HADDPS: 4, M.HADDPD: 8, M.HSUBPS: 4, M.HSU
 
 def _addsub(g: Gen) -> None:
     w = _W[g.ins.mnemonic]
-    _set(g, lambda d, s, n: f"S3_ADDSUB({d}, {s}, {w})")
+    _set(g, lambda d, s, n: f"S3_ADDSUB(c, {d}, {s}, {w})")
 
 
 def _hfp(g: Gen) -> None:
     m = g.ins.mnemonic
     op = SUB if m in (M.HSUBPS, M.HSUBPD) else ADD
-    _set(g, lambda d, s, n: f"S3_HFP({op}, {d}, {s}, {_W[m]})")
+    _set(g, lambda d, s, n: f"S3_HFP(c, {op}, {d}, {s}, {_W[m]})")
 
 
 def _dup(g: Gen) -> None:
