@@ -6,7 +6,7 @@ from __future__ import annotations
 import iced_x86 as X
 
 from . import alu, ctrl, fxsave, legacy32, simd, sse, ssefp, string, sysem, sysext, x87
-from . import bmi, sse4, sse42str, ssse3
+from . import bmi, sse4, sse42str, sseapprox, ssse3
 from . import xsave
 from . import pvcall
 from . import mmx
@@ -21,7 +21,7 @@ for _family in (alu, ctrl, string, sysem, bmi):
 
 # SSE/x87 families: their emitters, the runtime helpers their generated code
 # calls (merged into the translator's namespace), and the string/SSE twins.
-_FP_FAMILIES = (sse, ssefp, x87, fxsave, xsave, sysext, legacy32, pvcall, ssse3, sse4, sse42str)
+_FP_FAMILIES = (sse, ssefp, sseapprox, x87, fxsave, xsave, sysext, legacy32, pvcall, ssse3, sse4, sse42str)
 _FP_FAMILIES += (vex, avx_shuffle, avx_fp, fma, f16c)   # the VEX (AVX, AVX2, FMA, F16C) forms
 EXPORTS: dict = dict(simd.HELPERS, **bmi.EXPORTS)
 FP_MNEMONICS: set = set()

@@ -26,7 +26,7 @@ import re
 
 import iced_x86 as X
 
-from . import sse, sse4, sse42str, ssefp, ssse3
+from . import sse, sse4, sse42str, sseapprox, ssefp, ssse3
 from .faults import GP, NM, UD, GuestFault
 from .gen import Gen, Unsupported
 from .simd import M128
@@ -172,7 +172,7 @@ def vwrite(g: Gen, i: int, v: str, size: int | None = None) -> None:
 
 # -- VEX forms of legacy SSE instructions ------------------------------------------
 LEGACY: dict = {}
-for _family in (sse, ssefp, ssse3, sse4, sse42str):
+for _family in (sse, ssefp, sseapprox, ssse3, sse4, sse42str):
     LEGACY.update(_family.EMITTERS)
 LEGACY.update(ssefp.SSE_STRING_TWINS)
 _BLENDV = frozenset({M.VBLENDVPS, M.VBLENDVPD, M.VPBLENDVB})
