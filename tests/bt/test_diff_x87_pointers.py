@@ -92,3 +92,28 @@ def test_fip_fdp_fop_match_the_cpu():
     finally:
         kvm.close()
     assert not bad, f"{len(bad)} differ:\n" + "\n".join(bad[:12])
+
+
+@pytest.mark.parametrize("restore, wide", [("fxrstor", False), ("fxrstor64", True)])
+def test_fxrstor_loads_the_pointers(restore, wide):
+    """FXRSTOR loads FOP/FIP/FDP (with FCS/FDS in its 32-bit form) from the
+    image, the Intel way bt presents (AMD loads them only with an exception
+    pending, so the host CPU is no reference here): the image is saved,
+    given known pointers, restored after FNINIT, and FNSTENV shows them."""
+    fip, fdp, fop, fcs, fds = 0x1234567, 0x89ABCDE, 0x5D9, 0x33, 0x2B
+    if wide:
+        patch = [f"mov rax, {fip}", "mov [rbp + 0x808], rax", f"mov rax, {fdp}", "mov [rbp + 0x810], rax"]
+    else:
+        patch = [f"mov dword ptr [rbp + 0x808], {fip}", f"mov word ptr [rbp + 0x80C], {fcs}",
+                 f"mov dword ptr [rbp + 0x810], {fdp}", f"mov word ptr [rbp + 0x814], {fds}"]
+    text = "\n".join(["fninit", "fld1", "fxsave64 [rbp + 0x800]", f"mov word ptr [rbp + 0x806], {fop}", *patch,
+                      "fninit", f"{restore} [rbp + 0x800]", f"fnstenv [rbp + {ENV}]"])
+    (code,) = harness.assemble_many([text])
+    regs = [0] * 16
+    regs[4], regs[5] = harness.STACK_TOP, harness.DATA_ADDR
+    got = harness.UserBtOracle().run(code, regs, 2, bytes(harness.DATA_SIZE))
+    assert got.vector is None
+    env_fip, env_fcs_fop, env_fdp, env_fds = struct.unpack_from("<IIII", got.data, ENV + 12)
+    assert (env_fip, env_fdp, env_fcs_fop >> 16) == (fip, fdp, fop)
+    if not wide:
+        assert (env_fcs_fop & 0xFFFF, env_fds & 0xFFFF) == (fcs, fds)

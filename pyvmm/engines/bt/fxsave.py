@@ -87,7 +87,18 @@ def x87_from_image(f, data: bytes) -> None:
         f.regs[p], f.raw[p] = from80(raw), raw
 
 
-def load_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
+def load_pointers(f, data: bytes, wide: bool) -> None:
+    """FOP, FIP and FDP (with FCS/FDS in the 32-bit form) from a legacy image."""
+    fop, fip, fdp = struct.unpack_from("<HQQ", data, 6)
+    f.fop = fop & 0x7FF
+    if wide:
+        f.fip, f.fdp, f.fcs, f.fds = fip, fdp, 0, 0
+    else:
+        f.fip, f.fcs = fip & 0xFFFFFFFF, fip >> 32 & 0xFFFF
+        f.fdp, f.fds = fdp & 0xFFFFFFFF, fdp >> 32 & 0xFFFF
+
+
+def load_legacy(c, a: int, x87: bool = True, sse: bool = True, wide: bool = False) -> None:
     data = _bytes_in(c, a, 512 if sse else 160)
     if sse:
         mxcsr = struct.unpack_from("<I", data, 24)[0]
@@ -95,6 +106,7 @@ def load_legacy(c, a: int, x87: bool = True, sse: bool = True) -> None:
             raise GuestFault(GP, 0)
     if x87:
         x87_from_image(fpu_of(c), data)
+        load_pointers(fpu_of(c), data, wide)
     if sse:
         c.mxcsr = mxcsr
         for i in range(_nregs(c)):
@@ -110,11 +122,12 @@ def fxsave(c, a: int, wide: bool = False) -> None:
     save_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR), wide)
 
 
-def fxrstor(c, a: int) -> None:
+def fxrstor(c, a: int, wide: bool = False) -> None:
+    """FXRSTOR (wide: FXRSTOR64, 64-bit FIP/FDP)."""
     _check(c)
     if a & 15:
         raise GuestFault(GP, 0)
-    load_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR))
+    load_legacy(c, a, True, bool(c.cr4 & CR4_OSFXSR), wide)
 
 
 EXPORTS = {"FXSAVE": fxsave, "FXRSTOR": fxrstor}
@@ -126,7 +139,7 @@ def _fx(g: Gen) -> None:
     if m in (M.FXSAVE, M.FXSAVE64):
         g.helper(f"FXSAVE(c, a, {m == M.FXSAVE64})")
     else:
-        g.helper("FXRSTOR(c, a)")
+        g.helper(f"FXRSTOR(c, a, {m == M.FXRSTOR64})")
 
 
 EMITTERS = {m: _fx for m in (M.FXSAVE, M.FXSAVE64, M.FXRSTOR, M.FXRSTOR64)}

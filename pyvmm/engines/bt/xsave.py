@@ -31,6 +31,7 @@ from .fxsave import (
     _nregs,
     _probe,
     _store,
+    load_pointers,
     x87_from_image,
 )
 from .gen import Gen
@@ -130,17 +131,6 @@ def _header_ok(c, bv: int, comp: int, rest: bytes) -> bool:
     return not (bv & ~c.xcr0 or comp or any(rest[:8]))
 
 
-def _load_pointers(f, data: bytes, wide: bool) -> None:
-    """FOP, FIP and FDP (with FCS/FDS in the 32-bit form) from a legacy image."""
-    fop, fip, fdp = struct.unpack_from("<HQQ", data, 6)
-    f.fop = fop & 0x7FF
-    if wide:
-        f.fip, f.fdp, f.fcs, f.fds = fip, fdp, 0, 0
-    else:
-        f.fip, f.fcs = fip & 0xFFFFFFFF, fip >> 32 & 0xFFFF
-        f.fdp, f.fds = fdp & 0xFFFFFFFF, fdp >> 32 & 0xFFFF
-
-
 def xrstor(c, a: int, wide: bool = False) -> None:
     """XRSTOR: for i in RFBM, component i is loaded when XSTATE_BV[i] is set
     and initialised when it is clear.  The standard form loads MXCSR when
@@ -169,7 +159,7 @@ def xrstor(c, a: int, wide: bool = False) -> None:
     if rfbm & X87:
         image = data[:160] if load & X87 else X87_INIT_IMAGE
         x87_from_image(fpu_of(c), image)
-        _load_pointers(fpu_of(c), image, wide)
+        load_pointers(fpu_of(c), image, wide)
     if rfbm & SSE:
         for i in range(n):
             c.xmm[i] = int.from_bytes(data[XMM_OFF + 16 * i:XMM_OFF + 16 * i + 16], "little") if load & SSE else 0
