@@ -16,7 +16,7 @@ from . import flags as F
 from . import x87arith, x87env, x87math
 from .gen import SEG_INDEX, Gen, Unsupported
 from .ops import sx
-from .x87arith import from_float_bits, is_denormal_float, to_float_bits
+from .x87arith import NOT_STORED, from_float_bits, is_denormal_float, to_float_bits
 from .x87image import DE, PE, ZE, denormal, is_inf, is_nan, is_zero, unsupported
 from .x87state import (C0, C1, C2, C3, CW_ONE, CW_WRITABLE, IE, INDEFINITE80, SF_, from80, fpu_of, to80,
                        x87_mf, x87_trap)
@@ -74,16 +74,18 @@ def fld_st(f, i: int) -> None:
         f.push(f.regs[(f.top + i) & 7], f.raw80(i))
 
 
-def fst_float(f, size: int) -> int:
+def fst_float(f, size: int) -> int | None:
     """Bits of ST(0) as a float of `size` bytes, rounded under FCW.RC; an
-    empty ST(0) stores the format's indefinite NaN (stack underflow)."""
+    empty ST(0) stores the format's indefinite NaN (stack underflow).  None:
+    an unmasked overflow or underflow keeps the store (and pop) from happening."""
     if f.empty[f.top]:
         f.get(0)
         return {4: 0xFFC00000, 8: 0xFFF8000000000000, 10: INDEFINITE80}[size]
     if size == 10:
         f.sw &= ~C1
         return f.raw80(0)
-    return to_float_bits(f, f.raw80(0), size)
+    v = to_float_bits(f, f.raw80(0), size)
+    return None if v == NOT_STORED else v
 
 
 def fist(f, size: int, trunc: bool) -> int:
@@ -371,6 +373,14 @@ def _fst(g: Gen) -> None:
         if size == 10:
             g.wmem(8, "v & 0xFFFFFFFFFFFFFFFF")
             g.wmem(2, "v >> 64", "((a + 8) & 0xFFFFFFFFFFFFFFFF)")
+        elif size in (4, 8) and m in (M.FST, M.FSTP):
+            g.emit("if v is not None:")      # None: an unmasked OE/UE stores nothing, pops nothing
+            g.ind += 1
+            g.wmem(size, "v")
+            if pop:
+                g.emit("f.pop()")
+            g.ind -= 1
+            return
         else:
             g.wmem(size, "v")
     else:

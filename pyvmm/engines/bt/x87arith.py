@@ -7,8 +7,9 @@ once (x87image.pack_round) under FCW.RC to the precision FCW.PC selects
 (24, 53 or 64 bits; the exponent keeps its 15-bit range), setting PE, C1,
 OE, UE, DE, ZE and IE as the CPU does for masked exceptions. An unmasked
 IE/DE/ZE leaves the operands alone (x87.farith) and #MF follows at the next
-waiting instruction (x87state.x87_mf); unmasked OE/UE still store the
-masked response, not the exponent-adjusted one.
+waiting instruction (x87state.x87_mf); an unmasked OE/UE leaves a register
+result with its exponent rebiased by 24576 (x87image) and keeps a
+binary32/64 store from happening (NOT_STORED).
 
 Nothing here raises; results are 80-bit images (Python ints)."""
 
@@ -17,12 +18,13 @@ from __future__ import annotations
 from math import isqrt
 
 from .x87image import (BIAS, E_MIN, INF80, M64, OE, PE, SIGN, UE, ZE, denormal, is_inf, is_nan,
-                       is_zero, nan_result, pack_round, unpack)
+                       is_zero, nan_result, pack_round, round_unbounded, unpack)
 from .x87state import C1, IE, INDEFINITE80
 
 PC_BITS = (24, 64, 53, 64)       # FCW.PC: single, reserved, double, extended
 FAR_APART = 140                  # an addend this many bits below the other is only a sticky bit
 FORMATS = {4: (8, 23), 8: (11, 52)}   # binary32/64: exponent bits, fraction bits
+NOT_STORED = -1                  # an FST whose unmasked exception keeps it from storing
 
 
 def _bits(f) -> int:
@@ -210,12 +212,31 @@ def from_float_bits(v: int, size: int) -> int:
     return sign << 79 | (exp - (1 << (ebits - 1)) + 1 + BIAS) << 64 | 1 << 63 | frac << (63 - fbits)
 
 
+def _unmasked_store_fault(f, b: int, size: int, before: int) -> int | None:
+    """FST m32/m64 of a value that overflows, or is tiny, with that
+    exception unmasked: the CPU stores nothing and leaves ST(0) alone, and
+    FSW gets OE or UE alone (no PE, C1 clear).  Returns NOT_STORED then."""
+    ebits, fbits = FORMATS[size]
+    sign, e, m = unpack(b)
+    bias = (1 << (ebits - 1)) - 1
+    m, e, _, _ = round_unbounded(sign, m, e, fbits + 1, f.cw >> 10 & 3)
+    biased = e + m.bit_length() - 1 + bias
+    if biased >= (1 << ebits) - 1 and not f.cw & OE:
+        f.sw = before | OE
+    elif biased < 1 and not f.cw & UE:
+        f.sw = before | UE
+    else:
+        return None
+    return NOT_STORED
+
+
 def to_float_bits(f, b: int, size: int) -> int:
     """ST(0)'s image rounded to binary32/binary64 under FCW.RC (FST m32/m64):
     PE and C1, OE, UE (no DE: the CPU flags none for a denormal source); a
     NaN keeps the top of its payload, made quiet."""
     ebits, fbits = FORMATS[size]
     f.sw &= ~C1
+    before = f.sw
     sign = b >> 79 & 1
     top_sign = sign << (ebits + fbits)
     emax = (1 << ebits) - 1
@@ -250,12 +271,16 @@ def to_float_bits(f, b: int, size: int) -> int:
                 e += 1
     if inexact:
         f.sw |= PE | (C1 if up else 0)
+    n = m.bit_length()
+    biased = e + n - 1 + bias
+    if f.cw & (OE | UE) != OE | UE:
+        unmasked = _unmasked_store_fault(f, b, size, before)
+        if unmasked is not None:
+            return unmasked
     if m == 0:
         if inexact:
             f.sw |= UE
         return top_sign
-    n = m.bit_length()
-    biased = e + n - 1 + bias
     if biased >= emax:
         f.sw |= OE | PE
         to_inf = rc == 0 or rc == 1 and sign or rc == 2 and not sign

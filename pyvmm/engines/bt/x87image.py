@@ -15,6 +15,7 @@ SIGN = 1 << 79
 INF80 = 0x7FFF << 64 | 1 << 63
 ONE80 = BIAS << 64 | 1 << 63
 E_MIN = 1 - BIAS - 63            # exponent of bit 0 of a denormal
+REBIAS = 24576                   # 3 * 2^13: the exponent shift of an unmasked OE/UE result
 
 
 def unpack(b: int) -> tuple[int, int, int]:
@@ -47,6 +48,10 @@ def pack_round(f, sign: int, mant: int, e: int, bits: int = 64) -> int:
     if mant == 0:
         return sign << 79
     rc = f.cw >> 10 & 3
+    if ~f.cw & (OE | UE):
+        r = _rebiased(f, sign, mant, e, bits, rc)
+        if r is not None:
+            return r
     # the last kept bit: `bits` below the leading one, and no lower than a
     # denormal's significand cut to `bits` at the fixed J-bit position
     drop = max(mant.bit_length() - bits, E_MIN + 64 - bits - e)
@@ -82,6 +87,53 @@ def pack_round(f, sign: int, mant: int, e: int, bits: int = 64) -> int:
             f.sw |= UE
         return sign << 79 | mant << (e - E_MIN)      # denormal: exponent field 0
     return sign << 79 | top << 64 | mant << (64 - n)
+
+
+def round_unbounded(sign: int, mant: int, e: int, bits: int, rc: int) -> tuple[int, int, bool, bool]:
+    """(mant, e, inexact, rounded up): mant rounded to `bits` significant
+    bits under rc as if the exponent had no bounds."""
+    drop = mant.bit_length() - bits
+    if drop <= 0:
+        return mant, e, False, False
+    rem, half = mant & ((1 << drop) - 1), 1 << (drop - 1)
+    mant >>= drop
+    e += drop
+    if rem == 0:
+        return mant, e, False, False
+    up = (rem > half or rem == half and bool(mant & 1)) if rc == 0 else (rc == 1 and bool(sign) or
+                                                                          rc == 2 and not sign)
+    if up:
+        mant += 1
+        if mant.bit_length() > bits:
+            mant >>= 1
+            e += 1
+    return mant, e, True, up
+
+
+def _rebiased(f, sign: int, mant: int, e: int, bits: int, rc: int) -> int | None:
+    """The register result under an unmasked overflow or underflow (SDM
+    Vol. 1, 8.5.4-8.5.5): the significand rounded with an unbounded exponent,
+    the exponent then brought back into range by -24576 (overflow) or
+    +24576 (underflow), OE or UE set, with PE and C1 for the rounding.
+    None when the result is in range or that exception is masked."""
+    m, e2, inexact, up = round_unbounded(sign, mant, e, bits, rc)
+    n = m.bit_length()
+    top = e2 + n - 1 + BIAS
+    if top >= 0x7FFF and not f.cw & OE:
+        flag, top = OE, top - REBIAS
+    elif top < 1 and not f.cw & UE:
+        flag, top = UE, top + REBIAS
+    else:
+        return None
+    if not 0 < top < 0x7FFF:
+        # Too far even for the rebias (only FSCALE gets there): an infinity
+        # or a zero whatever FCW.RC says, as the CPU gives.
+        f.sw |= flag | PE
+        f.set_cc((f.sw & (C0 | C2 | C3)) | (C1 if flag == OE else 0))
+        return sign << 79 | (INF80 if flag == OE else 0)
+    f.sw |= flag | (PE if inexact else 0)
+    f.set_cc((f.sw & (C0 | C2 | C3)) | (C1 if up else 0))
+    return sign << 79 | (top & 0x7FFF) << 64 | m << (64 - n)
 
 
 def unsupported(b: int) -> bool:
