@@ -264,7 +264,9 @@ class PicPair:
     """Master and slave 8259A with the slave cascaded on IR2, plus the ELCR.
 
     `on_intr(level)` (optional) is called when the master's INTR output
-    changes, so the owner can wake a halted vCPU."""
+    changes, so the owner can wake a halted vCPU.  `intr_out` is that
+    output, read directly by hot paths (bt's STI/POPF check) that cannot
+    afford a call."""
 
     STATE_VERSION = 1
 
@@ -274,7 +276,7 @@ class PicPair:
         self.chips = (self.master, self.slave)
         self.elcr = Elcr(self)
         self.on_intr = on_intr
-        self._intr = False
+        self.intr_out = False
         self.master.on_change = self._update
         self.slave.on_change = self._update
 
@@ -302,8 +304,8 @@ class PicPair:
             m.irr &= ~bit
             m.lines &= ~bit
         intr = m.pending() is not None
-        if intr != self._intr:
-            self._intr = intr
+        if intr != self.intr_out:
+            self.intr_out = intr
             if self.on_intr is not None:
                 self.on_intr(intr)
 
@@ -315,7 +317,7 @@ class PicPair:
         chip.set_irq(irq & 7, 1 if level else 0)
 
     def interrupt_pending(self) -> bool:
-        return self._intr
+        return self.intr_out
 
     def acknowledge(self) -> int:
         """The INTA cycle: the vector of the highest-priority request, moved
@@ -347,5 +349,5 @@ class PicPair:
     def _load(self, state: dict) -> None:
         self.master.restore(state["master"])
         self.slave.restore(state["slave"])
-        self._intr = False
+        self.intr_out = False
         self._update()

@@ -356,6 +356,10 @@ class VCpu:
         self.halted = False
         self.deliveries += 1
         self.trail.append((f.vector, f.error_code, self.rip, self.cpl, f.cr2, external))
+        # The pushes may land on a page of translated code (a real-mode boot
+        # sector's stack shares its page): that drops the translations, and
+        # there is no instruction to restart.
+        smc_ok, self.mmu.smc_ok = self.mmu.smc_ok, True
         try:
             self._deliver(f.vector, f.error_code, self.rip if next_rip is None else next_rip, software,
                           external)
@@ -369,6 +373,8 @@ class VCpu:
                 self.deliver(GuestFault(DF_, 0))
             else:
                 self.deliver(g2)
+        finally:
+            self.mmu.smc_ok = smc_ok
 
     def _deliver(self, vec: int, err: int | None, ret: int, software: bool, external: bool = False) -> None:
         # RF in the image: set for faults; otherwise set only while the
@@ -542,7 +548,7 @@ class VCpu:
             return self.pending
         # The common case, nothing requested anywhere, without the calls:
         # an empty IRR and no 8259 output mean intc.pending() is False.
-        if not self.lapic.irr and not intc.pic._intr:
+        if not self.lapic.irr and not intc.pic.intr_out:
             return self.pending
         if intc.pending(self.index):
             self.pending = True
