@@ -15,9 +15,13 @@ from pyvmm.bus import Bus
 from pyvmm.boot import layout
 from pyvmm.boot.entry import long_mode_64
 from pyvmm.cpu import CR0_MP, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, GPR_NAMES, Segment
+from pyvmm.engines.bt import translator as bt_translator
 from pyvmm.engines.bt.engine import BtCpu
 from pyvmm.engines.bt.faults import GuestFault, SmcRestart
 from pyvmm.memory import GuestMemory
+
+# Tests read the generated source of blocks (fn.src).
+bt_translator.KEEP_SOURCE = True
 
 CODE_ADDR = 0x200000
 DATA_ADDR = 0x300000

@@ -9,6 +9,7 @@ block first runs on the cold path (cold.py) and is compiled once hot."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ MAX_TAILS = 2
 # 6, never) lost to 0.  The cold path stays for experiments and is held to
 # the same differential tests (tests/bt: harness.COLD).
 HOT_AFTER = 0
+# Blocks one vCPU keeps compiled; past this the whole cache is dropped (as
+# QEMU's TCG does when its code buffer fills) and what is still hot comes
+# back, from the block store when there is one.  A compiled block costs
+# ~6 KiB of host memory (mostly its code object, 3.11's inline caches
+# included) and a boot translates ~35k, most run only during boot: without
+# a bound that was ~250 MiB of the VMM's resident set.
+MAX_BLOCKS = 12288
+# Keep each compiled block's Python source on it (fn.src): for tests and
+# debugging only, as it is ~2 KiB a block.
+KEEP_SOURCE = os.environ.get("PYVMM_BT_KEEP_SOURCE") == "1"
 FC = X.FlowControl
 _ARITH6 = (X.RflagsBits.OF | X.RflagsBits.SF | X.RflagsBits.ZF | X.RflagsBits.AF
            | X.RflagsBits.CF | X.RflagsBits.PF)
@@ -129,6 +140,10 @@ class Translator:
         self.single = False
         self.store = None            # blockstore.BlockStore shared by the vCPUs, or None
         self.loaded = 0              # blocks loaded from the store instead of compiled
+        self.max_blocks = MAX_BLOCKS
+        self.evictions = 0           # whole-cache drops for space
+        self.keep_source = KEEP_SOURCE
+        self._last_code = None       # the module code _compile made last (for the block store)
 
     # -- invalidation --------------------------------------------------------
     def invalidate_page(self, ppn: int) -> None:
@@ -149,6 +164,16 @@ class Translator:
     def flush(self) -> None:
         for ppn in list(self.pages):
             self.invalidate_page(ppn)
+
+    def _make_room(self) -> None:
+        """Drops every block and single-instruction function, and the lookup
+        caches that point at them (the cache reached max_blocks)."""
+        self.flush()
+        self.steps.clear()
+        jmp = getattr(self.cpu, "jmp", None)
+        if jmp is not None:
+            jmp.clear()
+        self.evictions += 1
 
     # -- lookup ----------------------------------------------------------------
     def fetch_la(self) -> int:
@@ -172,6 +197,8 @@ class Translator:
             else:
                 fn = self._translate(la, pa, single)
             self.translate_ns += time.perf_counter_ns() - t0
+            if len(self.cache) >= self.max_blocks:
+                self._make_room()
             self.cache[key] = fn
             self._register(key, pa, fn.next_frame)
         return fn
@@ -244,10 +271,10 @@ class Translator:
 
     def _compile(self, src: str, start: int):
         self.compiled += 1
-        code = compile(src, f"<bt {start:#x}>", "exec")
+        code = self._last_code = compile(src, f"<bt {start:#x}>", "exec")
         fn = self._define(code)
-        fn.src = src
-        fn.code = code
+        if self.keep_source:
+            fn.src = src
         return fn
 
     # -- translation ---------------------------------------------------------
@@ -399,7 +426,7 @@ class Translator:
         fn.next_frame = self._next_frame if self._crosses else None
         if store is not None and len(self.warned) == warned:   # keep #UD warnings for every run
             ext = self._data[0x1000:] if self._next_frame is not None else None
-            store.put(skey, ext, self._crosses, fn.code)
+            store.put(skey, ext, self._crosses, self._last_code)
         return fn
 
     def _load(self, entry, la: int):
@@ -415,7 +442,6 @@ class Translator:
                 return None
             next_frame = nxt[1]
         fn = self._define(code)
-        fn.code = code
         fn.next_frame = next_frame if crosses else None
         self.translated += 1
         self.loaded += 1
