@@ -118,12 +118,16 @@ def add_firmware(machine: Machine) -> None:
     and the ACPI power-management block."""
     from .boot import mptable
     cfg = machine.config
-    mptable.write_mptable(machine.memory, cfg.cpus)
     from .boot import acpi
     from .devices import acpi_pm, fw_cfg
     from .devices.virtio.install import wants_pci
     from .devices.pci.aml import pci_root_aml
-    acpi.write_acpi_tables(machine.memory, cfg.cpus, pci_root_aml() if wants_pci(cfg) else b"")
+    from .devices.pci.host import ECAM_BASE
+    pci = wants_pci(cfg) or bool(getattr(cfg, "ide_drives", None))
+    if not cfg.bios:     # a BIOS writes its own tables where these would go
+        mptable.write_mptable(machine.memory, cfg.cpus)
+        acpi.write_acpi_tables(machine.memory, cfg.cpus, pci_root_aml() if pci else b"",
+                               (acpi.build_mcfg(ECAM_BASE, 0, 0),) if pci else ())
 
     def on_poweroff() -> None:
         machine.request_stop(StopReason.POWEROFF, "ACPI poweroff")
@@ -140,10 +144,36 @@ def add_firmware(machine: Machine) -> None:
                 files.append((name, f.read()))
         except OSError as e:
             raise ConfigError(f"--fw-cfg {name}: {path}: {e.strerror}") from None
-    fwc = fw_cfg.FwCfg(ram_size=cfg.mem_mib * MIB, cpus=cfg.cpus, cmdline=cfg.cmdline,
-                       files=files, memory=machine.memory)
+    if cfg.bios:     # the same tables, for the firmware to place (boot/acpi_loader.py)
+        from .boot.acpi_loader import acpi_files
+        from .boot.firmware import firmware_files
+        taken = {name for name, _ in files}
+        tables = acpi_files(cfg.cpus, pci_root_aml() if pci else b"",
+                            (acpi.build_mcfg(ECAM_BASE, 0, 0),) if pci else ())
+        files += [f for f in firmware_files(machine.memory, cfg) + tables if f[0] not in taken]
+    linux: dict = {"cmdline": cfg.cmdline}
+    if cfg.bios and cfg.kernel:      # the firmware boots it, from fw_cfg (boot/linuxboot.py)
+        from .boot.linuxboot import linuxboot_fw_cfg
+        low_ram = sum(n for start, n in machine.memory.ram_ranges() if start < 1 << 32)
+        linux, rom_files = linuxboot_fw_cfg(cfg, low_ram)
+        files += rom_files
+    fwc = fw_cfg.FwCfg(ram_size=cfg.mem_mib * MIB, cpus=cfg.cpus, files=files, memory=machine.memory,
+                       **linux)
     machine.io_bus.insert(FW_CFG_PORT, FW_CFG_LENGTH, fwc, "fw_cfg")
     machine.devices["fw_cfg"] = fwc
+
+
+def _add_bios_chipset(machine: Machine) -> None:
+    """What a BIOS expects of the board beyond the devices: a PCI host
+    bridge (even with no PCI device) with its PAM registers."""
+    from .devices.pci.host import attach_host_bridge
+    from .devices.pci.pam import enable_pam
+    bridge = machine.devices.get("pci_host")
+    if bridge is None:
+        bridge = attach_host_bridge(machine.io_bus, machine.mmio_bus)
+        machine.devices["pci_host"] = bridge
+    enable_pam(bridge.host)
+    bridge.on_reset = lambda: machine.request_stop(StopReason.RESET, "PCI reset control (port 0xcf9)")
 
 
 def fit_guest(config: VmConfig) -> VmConfig:
@@ -185,7 +215,14 @@ def build_machine(config: VmConfig, output: Output,
         add_firmware(machine)
         from .devices.virtio.install import attach as attach_virtio
         attach_virtio(machine, lambda gsi: _irq(machine, gsi), output)   # PCI bus 0 and its virtio devices
-        if boot is None:
+        from .devices.ide.install import attach as attach_ide
+        attach_ide(machine, lambda gsi: _irq(machine, gsi))   # --drive ...,if=ide: PIIX IDE, primary master
+        if config.bios:
+            _add_bios_chipset(machine)
+        if boot is None and config.bios:
+            from .boot.firmware import load_bios
+            result = load_bios(memory, config)
+        elif boot is None:
             from .boot.loader import load_guest
             result = load_guest(memory, config)
         else:
@@ -195,6 +232,8 @@ def build_machine(config: VmConfig, output: Output,
         machine.engine = create_engine(machine)
         machine.engine.prepare()
         machine.devices.update(machine.engine.platform_devices())   # e.g. KVM's in-kernel irqchip
+        from .devices.virtio.kvm_eventfds import attach_eventfds
+        attach_eventfds(machine)   # hw: virtio notifies by ioeventfd, MSI-X by irqfd
         from .paravirt.install import attach as attach_paravirt
         attach_paravirt(machine)
         if getattr(config, "vmware_backdoor", False):

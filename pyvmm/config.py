@@ -57,9 +57,20 @@ def parse_drive(text: str) -> DriveConfig:
     """Parses `file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]
     [,cache=MODE]` (QEMU's spelling; `if=virtio` is accepted). Raises ConfigError."""
     drive, interface = _drive_and_interface(text)
+    if interface == "ide":
+        raise ConfigError(f"--drive {text!r}: an if=ide disk is not a virtio-blk disk (see parse_ide_drives)")
     if interface != "virtio":
         raise ConfigError(f"--drive {text!r}: if=none drives need -device virtio-blk-pci,drive=ID")
     return drive
+
+
+def parse_ide_drives(drives: list[str]) -> list[DriveConfig]:
+    """The `--drive ...,if=ide` disks (devices/ide/): at most one, the
+    primary master. Raises ConfigError."""
+    out = [drive for drive, interface in map(_drive_and_interface, drives) if interface == "ide"]
+    if len(out) > 1:
+        raise ConfigError("one if=ide drive (the primary channel's master) is supported")
+    return out
 
 
 def parse_qemu_drives(drives: list[str], devices: list[str]) -> list[DriveConfig]:
@@ -69,6 +80,8 @@ def parse_qemu_drives(drives: list[str], devices: list[str]) -> list[DriveConfig
     out, held = [], {}
     for text in drives:
         drive, interface = _drive_and_interface(text)
+        if interface == "ide":
+            continue            # parse_ide_drives' business
         if interface == "virtio":
             out.append(drive)
         elif not drive.id:
@@ -143,8 +156,8 @@ def _drive_and_interface(text: str) -> tuple[DriveConfig, str]:
             raise ConfigError(f"--drive {text!r}: expected key=value items (file=PATH,format=raw,...)")
         opts[key] = value
     interface = opts.pop("if", "virtio")
-    if interface not in ("virtio", "none"):
-        raise ConfigError(f"--drive {text!r}: only if=virtio disks (or if=none with -device) are supported")
+    if interface not in ("virtio", "none", "ide"):
+        raise ConfigError(f"--drive {text!r}: only if=virtio and if=ide disks (or if=none with -device) are supported")
     readonly = opts.pop("readonly", "off")
     if readonly not in ("on", "off"):
         raise ConfigError(f"--drive {text!r}: readonly is on or off")
@@ -288,6 +301,9 @@ def parse_qemu_nets(netdevs: list[str], devices: list[str]) -> list[NetConfig]:
 @dataclass
 class VmConfig:
     kernel: str | None = None
+    # BIOS firmware image (boot/firmware.py) that boots from the drives, or
+    # None: pyvmm loads `kernel` itself. Both at once is refused (for now).
+    bios: str | None = None
     initrd: list[str] = field(default_factory=list)  # several only for Multiboot modules
     cmdline: str = ""
     mem_mib: int = 512
@@ -336,6 +352,8 @@ class VmConfig:
     block_store: str | None = None
     # virtio-blk disks (devices/virtio/block.py) on PCI bus 0, in slot order.
     drives: list[DriveConfig] = field(default_factory=list)
+    # legacy IDE disks (devices/ide/): a PIIX IDE function, the primary master at 0x1F0, IRQ 14.
+    ide_drives: list[DriveConfig] = field(default_factory=list)
     # virtio-net NICs (devices/virtio/net.py) on PCI bus 0, after the disks.
     nets: list[NetConfig] = field(default_factory=list)
     # a virtio-rng device (devices/virtio/rng.py) giving host entropy.
@@ -371,7 +389,7 @@ class VmConfig:
             raise ConfigError(f"unknown mmu {self.mmu!r} (choose from {', '.join(MMU_MODES)})")
         if self.cpu_model not in CPU_MODELS:
             raise ConfigError(f"unknown cpu model {self.cpu_model!r} (choose from {', '.join(CPU_MODELS)})")
-        for drive in self.drives:
+        for drive in self.drives + self.ide_drives:
             drive.validate()
         if self.qmp:
             from .api.endpoint import parse_endpoint
@@ -435,7 +453,7 @@ _LISTS_OF_PAIRS = {"fw_cfg_files"}
 def _field_value(key: str, value, default, where: str):
     """`value` checked against the kind of the field's default."""
     bad = ConfigError(f"{where}: {key}: {json.dumps(value)} is not a valid value")
-    if key == "drives":
+    if key in ("drives", "ide_drives"):
         if not isinstance(value, list):
             raise bad
         return [DriveConfig.from_dict(v, where) for v in value]

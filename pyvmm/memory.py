@@ -31,6 +31,9 @@ class MemoryRegion:
     gpa: int
     size: int
     mm: mmap.mmap
+    # A firmware image (the BIOS at the top of 4 GiB): mapped like RAM,
+    # but no part of the guest's RAM size or memory map.
+    rom: bool = False
 
     @property
     def end(self) -> int:
@@ -65,9 +68,20 @@ class GuestMemory:
         self.dirty: set[int] | None = None
         self.dirty_sources: list[DirtySource] = []
 
-    def _add(self, gpa: int, size: int) -> None:
+    def _add(self, gpa: int, size: int, rom: bool = False) -> MemoryRegion:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.regions.append(MemoryRegion(gpa, size, mm))
+        region = MemoryRegion(gpa, size, mm, rom)
+        self.regions.append(region)
+        return region
+
+    def add_rom(self, gpa: int, data: bytes) -> None:
+        """Maps a firmware image at gpa (whole pages, before the engine
+        starts). Raises ConfigError when it overlaps a region."""
+        if gpa % mmap.PAGESIZE or not data or len(data) % mmap.PAGESIZE:
+            raise ConfigError(f"firmware image at 0x{gpa:x}: not whole pages")
+        if any(gpa < r.end and r.gpa < gpa + len(data) for r in self.regions):
+            raise ConfigError(f"firmware image at 0x{gpa:x} overlaps guest memory")
+        self._add(gpa, len(data), rom=True).mm[:] = data
 
     def __repr__(self) -> str:
         parts = ", ".join(f"0x{r.gpa:x}+0x{r.size:x}" for r in self.regions)
@@ -100,7 +114,7 @@ class GuestMemory:
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """(start, length) of each RAM region, for e820 maps and the like."""
-        return [(r.gpa, r.size) for r in self.regions]
+        return [(r.gpa, r.size) for r in self.regions if not r.rom]
 
     # -- bytes --------------------------------------------------------------
     def read(self, gpa: int, size: int) -> bytes:

@@ -549,7 +549,43 @@ def virtio_mmio() -> Rig:
     return Rig(d.fn, d.bus, a, b, probe)
 
 
-CASES = {"Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
+def ide_channel() -> Rig:
+    import tempfile
+    from pyvmm.devices.ide.piix import place_primary_channel
+    from pyvmm.storage.image import open_image
+    tmp = tempfile.TemporaryDirectory()
+    path = f"{tmp.name}/disk.raw"
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 128)                   # 64 sectors
+    image = open_image(path, "raw")
+    bus, irq = io_bus(), IrqLine(14)
+    dev = place_primary_channel(bus, irq, image)
+
+    def a():                                                # READ SECTORS 2 at LBA 3, 50 words in
+        for port, value in ((0x1F6, 0xE0), (0x1F2, 2), (0x1F3, 3), (0x1F7, 0x20)):
+            bus.write(port, 1, value)
+        bus.read_many(0x1F0, 2, 50)
+
+    def b():
+        bus.write(0x3F6, 1, 0x02)
+        bus.write(0x1F7, 1, 0xEC)
+
+    def cleanup():
+        image.close()
+        tmp.cleanup()
+    return Rig(dev, bus, a, b, lambda: [bus.read(0x3F6, 1), bus.read(0x1F2, 1), bus.read(0x1F3, 1), irq.level,
+                                        bus.read_many(0x1F0, 2, 8)], mapped=False, cleanup=cleanup)
+
+
+def ide_bus_master() -> Rig:
+    from pyvmm.devices.ide.piix import BusMasterStub
+    bus, dev = io_bus(), BusMasterStub()
+    bus.insert(0xC000, 16, dev, "ide-bus-master")
+    return Rig(dev, bus, lambda: (bus.write(0xC004, 4, 0x12345678), bus.write(0xC002, 1, 0x60)),
+               lambda: bus.write(0xC004, 4, 0x0BADF00C), lambda: [bus.read(0xC000 + i, 1) for i in range(16)])
+
+
+CASES = {"IdeChannel": ide_channel, "BusMasterStub": ide_bus_master, "Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
          "DebugExit": debug_exit, "Pic8259": pic8259, "PicPair": pic_pair, "Pit": pit,
          "LocalApic": local_apic, "IoApic": io_apic, "PlatformInterrupts": platform,
          "GuestClock": guest_clock, "FwCfg": fwcfg, "AcpiPm": acpi, "PvDoorbell": doorbell,

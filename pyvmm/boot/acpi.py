@@ -4,8 +4,11 @@ block of devices/acpi_pm.py.
 write_acpi_tables() puts, from layout.BIOS_AREA_ADDR on (where guests scan
 for the RSDP, and which the e820 map reserves):
 
-    RSDP (rev 2) -> RSDT and XSDT -> FADT, MADT
+    RSDP (rev 2) -> RSDT and XSDT -> FADT, MADT[, MCFG]
     FADT -> FACS, DSDT (AML: only Name(_S5_, Package(){5, 5, 0, 0}))
+
+MCFG (PCI Firmware spec 3.2, 4.1.2) is there when the machine has a PCI bus:
+it names the ECAM window of devices/pci/ecam.py.
 
 ACPI is always enabled: the FADT has no SMI command port, and PM1_CNT.SCI_EN
 reads 1 from reset.  Power-off is SLP_TYP=5 | SLP_EN written to PM1a_CNT.
@@ -81,6 +84,11 @@ LAPIC_ENABLED = 1
 INTI_EDGE_HIGH = 0x1 | (0x1 << 2)
 INTI_LEVEL_HIGH = 0x1 | (0x3 << 2)
 
+# MCFG: 8 reserved bytes after the header, then one allocation per segment:
+# ECAM base, PCI segment, first bus, last bus, 4 reserved bytes.
+MCFG_ALLOCATION = struct.Struct("<QHBB4x")
+MCFG_REVISION = 1
+
 # DSDT body, hand-encoded AML:
 S5_AML = bytes([
     0x08,                    # NameOp
@@ -121,6 +129,11 @@ def build_madt(cpus: int) -> bytes:
     body += MADT_ISO.pack(2, MADT_ISO.size, 0, SCI_IRQ, SCI_IRQ, INTI_LEVEL_HIGH)
     body += MADT_LAPIC_NMI.pack(4, MADT_LAPIC_NMI.size, 0xFF, 0, 1)
     return _table(b"APIC", 3, body)
+
+
+def build_mcfg(ecam_base: int, first_bus: int, last_bus: int) -> bytes:
+    """MCFG with one ECAM allocation for segment 0, buses first..last."""
+    return _table(b"MCFG", MCFG_REVISION, bytes(8) + MCFG_ALLOCATION.pack(ecam_base, 0, first_bus, last_bus))
 
 
 def build_fadt(facs_addr: int, dsdt_addr: int) -> bytes:
@@ -165,12 +178,14 @@ def build_rsdp(rsdt_addr: int, xsdt_addr: int) -> bytes:
     return bytes(raw)
 
 
-def write_acpi_tables(memory: GuestMemory, cpus: int, dsdt_extra: bytes = b"") -> int:
+def write_acpi_tables(memory: GuestMemory, cpus: int, dsdt_extra: bytes = b"",
+                      extra_tables: tuple[bytes, ...] = ()) -> int:
     """Writes RSDP, RSDT, XSDT, FADT, FACS, DSDT and MADT into the BIOS area;
     returns the RSDP address (always RSDP_ADDR).
 
     `dsdt_extra` is AML appended to the DSDT (the PCI root bridge of
-    devices/pci/aml.py when the machine has PCI devices).
+    devices/pci/aml.py when the machine has PCI devices); `extra_tables`
+    are whole tables (build_mcfg) that the RSDT and XSDT list after the MADT.
     Raises ConfigError for a CPU count the MADT cannot describe, and
     GuestMemoryError when the BIOS area is not RAM."""
     if not 1 <= cpus <= 254:
@@ -191,9 +206,10 @@ def write_acpi_tables(memory: GuestMemory, cpus: int, dsdt_extra: bytes = b"") -
     facs = place("FACS", build_facs(), align=64)
     dsdt = place("DSDT", _table(b"DSDT", 2, S5_AML + dsdt_extra))
     fadt = place("FACP", build_fadt(facs, dsdt))
-    madt = place("APIC", build_madt(cpus))
-    rsdt = place("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
-    xsdt = place("XSDT", _table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
+    listed = [fadt, place("APIC", build_madt(cpus))]
+    listed += [place(table[:4].decode(), table) for table in extra_tables]
+    rsdt = place("RSDT", _table(b"RSDT", 1, struct.pack(f"<{len(listed)}I", *listed)))
+    xsdt = place("XSDT", _table(b"XSDT", 1, struct.pack(f"<{len(listed)}Q", *listed)))
     memory.write(RSDP_ADDR, build_rsdp(rsdt, xsdt))
     log.debug("ACPI tables: RSDP 0x%x %s", RSDP_ADDR,
               " ".join(f"{n}@0x{a:x}" for n, a in placed.items()))

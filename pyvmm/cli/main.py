@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 
+from ..boot.firmware import DEFAULT_BIOS
 from ..config import (DEFAULT_CMDLINE, VmConfig, parse_mem_size, parse_net, parse_qemu_console,
-                      parse_qemu_drives, parse_qemu_nets)
+                      parse_qemu_drives, parse_qemu_nets, parse_ide_drives)
 from ..errors import ConfigError, GuestCrash, VmmError
 from .exitcodes import EXIT_CODES_HELP, EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_USAGE, exit_code
 
@@ -68,6 +69,9 @@ def _add_run_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Boot a guest. With no options: the Debian cloud kernel with pyvmm's busybox initramfs.")
     p.add_argument("--kernel", "-kernel", help="bzImage, vmlinux ELF, Multiboot or PVH image (default: /boot/vmlinuz-*-cloud-amd64)")
+    p.add_argument("--bios", "-bios", nargs="?", const=DEFAULT_BIOS, default=None, metavar="PATH",
+                   help=f"boot through BIOS firmware (default image: {DEFAULT_BIOS}); the default "
+                        "when --drive is given without --kernel")
     p.add_argument("--initrd", "-initrd", help="initrd; for Multiboot, comma-separated modules (default: pyvmm's initramfs when booting the default kernel)")
     p.add_argument("--append", "-append", help=f"kernel command line (default for Linux: {DEFAULT_CMDLINE!r})")
     p.add_argument("--mem", "-m", default="512M", help="guest RAM: MiB or a QEMU-style size (256M, 1G); default 512M")
@@ -144,9 +148,20 @@ def _add_run_parser(sub) -> None:
                         "the guest starts once a client has connected")
     p.add_argument("--loadvm", "-loadvm", metavar="TAG",
                    help="start from the internal snapshot TAG of the qcow2 drives (made by savevm or snapshot-save)")
+    p.add_argument("--restore", metavar="FILE",
+                   help="start from snapshot file FILE (QMP x-snapshot-file-save; the VM options must describe the "
+                        "same machine, --engine may differ); guest RAM is mapped from the file as it is touched")
     p.add_argument("--incoming", "-incoming", metavar="tcp:HOST:PORT|unix:PATH",
                    help="wait there for a live migration from another pyvmm (started with the same "
                         "options), load it, and run the guest from where the source stopped")
+    p.add_argument("--ft", choices=["primary", "backup"],
+                   help="fault tolerance (bt): run as the primary, which logs its inputs, or as the "
+                        "backup, which replays them and goes live when the primary dies")
+    p.add_argument("--ft-channel", metavar="tcp:HOST:PORT|unix:PATH",
+                   help="the FT logging channel: the backup listens there, the primary connects")
+    p.add_argument("--ft-lock", metavar="PATH",
+                   help="the FT lock file on shared storage (default: next to the first disk image, "
+                        "else next to the channel's socket)")
     p.add_argument("--config", metavar="FILE",
                    help="boot the VM a JSON file describes (as written by --print-config); "
                         "it replaces the other VM options")
@@ -174,7 +189,7 @@ def _block_store(args: argparse.Namespace) -> str | None:
 # `pyvmm run` options that are not part of the VM a --config file describes.
 # --qmp sockets may be given beside --config (they add to the file's).
 _NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose", "qmp", "loadvm",
-                   "incoming"}
+                   "incoming", "restore", "ft", "ft_channel", "ft_lock"}
 
 
 def _config_file(args: argparse.Namespace) -> VmConfig:
@@ -199,7 +214,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     """Turns `pyvmm run` options into a VmConfig. Raises ConfigError."""
     if getattr(args, "config", None):
         return _config_file(args)
-    kernel = args.kernel or default_kernel()
+    # As QEMU: disks and no kernel boot through the BIOS, from the disk.
+    bios = args.bios or (DEFAULT_BIOS if getattr(args, "drive", None) and not args.kernel else None)
+    kernel = args.kernel or (None if bios else default_kernel())
     engine = args.engine
     if engine == "auto":
         from ..autoselect import choose
@@ -207,7 +224,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         print(decision.line(), file=sys.stderr)
         engine = decision.engine
     initrd = [s for s in (args.initrd or "").split(",") if s]
-    if not args.kernel and not initrd:
+    if not args.kernel and not initrd and not bios:
         from ..guest.initramfs import ensure_default_initramfs
         # virtio devices: the stock kernel has their drivers as modules, which the initramfs then carries
         release = (os.path.basename(kernel).partition("vmlinuz-")[2] or None
@@ -217,8 +234,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         if release and not os.path.isdir(f"/lib/modules/{release}"):
             release = None      # a kernel with its drivers built in (or none at all)
         initrd = [str(ensure_default_initramfs(release=release))]
-    cfg = VmConfig(kernel=kernel, initrd=initrd,
-                   cmdline=args.append if args.append is not None else DEFAULT_CMDLINE,
+    cfg = VmConfig(kernel=kernel, initrd=initrd, bios=bios,
+                   cmdline=args.append if args.append is not None else ("" if kernel is None else DEFAULT_CMDLINE),
                    mem_mib=parse_mem_size(args.mem), cpus=args.cpus, engine=engine,
                    no_reboot=args.no_reboot,
                    cpuid_hide=[s for s in args.cpuid_hide.split(",") if s],
@@ -236,6 +253,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    guestinfo=_guestinfo(getattr(args, "guestinfo", []), getattr(args, "vmware_backdoor", False)),
                    block_store=_block_store(args),
                    drives=parse_qemu_drives(getattr(args, "drive", []), getattr(args, "qemu_device", [])),
+                   ide_drives=parse_ide_drives(getattr(args, "drive", [])),
                    nets=[parse_net(t) for t in getattr(args, "net", [])]
                    + parse_qemu_nets(getattr(args, "netdev", []), getattr(args, "qemu_device", [])),
                    virtio_rng=getattr(args, "virtio_rng", False),
@@ -244,9 +262,12 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                    virtio_transport=getattr(args, "transport", "pci"),
                    qmp=list(getattr(args, "qmp", [])),
                    loadvm=getattr(args, "loadvm", None))
-    for path in [cfg.kernel, *cfg.initrd]:
+    for path in [p for p in [cfg.kernel, *cfg.initrd] if p]:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file")
+    if bios:
+        from ..boot.firmware import read_bios
+        read_bios(bios)   # a missing or corrupt image: one line now, not at boot
     cfg.validate()
     return cfg
 
@@ -263,7 +284,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # in a fitted-kernel boot under bt (0.4 s of host time); this runs 3.
     gc.set_threshold(100_000, 20, 100)
 
+    if getattr(args, "ft", None):
+        from ..ft.session import run_ft
+        return run_ft(args, cfg)
     incoming = [getattr(args, "incoming", None)]
+    restore = [getattr(args, "restore", None)]
 
     def announce(machine) -> None:
         if cfg.verbose:
@@ -274,6 +299,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             from ..migration.receiver import receive
             receive(machine, incoming.pop())
             announce_in_background(machine)
+        if restore[0]:                  # --restore: the first machine takes the file's state
+            from ..snapshot.file import load_file
+            took = load_file(machine, restore.pop())
+            if cfg.verbose:
+                print(f"pyvmm: restored in {took * 1e3:.1f} ms", file=sys.stderr)
 
     result = run_vm(cfg, Console(), on_machine=announce)
     if args.engine != cfg.engine:
@@ -289,6 +319,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
+    if args.guest_command == "disk":
+        from .guest_disk import cmd_guest_disk
+        return cmd_guest_disk(args)
     from ..guest.initramfs import write_default_initramfs
     path = write_default_initramfs(args.output)
     print(f"pyvmm: default initramfs written to {path}")
@@ -326,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="default guest images").add_subparsers(dest="guest_command", required=True)
     gb = guest.add_parser("build", help="write the default busybox initramfs")
     gb.add_argument("--output", help="where to write it (default: the pyvmm cache directory)")
+    from .guest_disk import add_guest_disk_parser
+    add_guest_disk_parser(guest)
     from ..kernel.cli import add_kernel_parser
     from .cache import add_cache_parser
     add_cache_parser(sub)

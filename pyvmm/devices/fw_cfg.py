@@ -46,6 +46,9 @@ FW_CFG_INITRD_DATA = 0x12
 FW_CFG_CMDLINE_ADDR = 0x13
 FW_CFG_CMDLINE_SIZE = 0x14
 FW_CFG_CMDLINE_DATA = 0x15
+FW_CFG_SETUP_ADDR = 0x16     # a bzImage's real-mode part, for the firmware's Linux loader
+FW_CFG_SETUP_SIZE = 0x17
+FW_CFG_SETUP_DATA = 0x18
 FW_CFG_FILE_DIR = 0x19
 FW_CFG_FILE_FIRST = 0x20
 FW_CFG_WRITE_CHANNEL = 0x4000  # selector flag: ignored, items are read-only
@@ -77,8 +80,8 @@ class FwCfg:
 
     `files` are (name, contents) pairs, e.g. ("opt/pyvmm/test", b"..."), at
     selectors 0x20 and up in the given order; `memory` enables DMA (None: no
-    DMA, ID bit 1 clear).  The kernel/initrd items are present only when the
-    matching arguments are given.
+    DMA, ID bit 1 clear).  The kernel/initrd/setup items are present only
+    when the matching arguments are given.
 
     Raises ConfigError for a file name longer than 55 bytes or duplicated."""
 
@@ -89,7 +92,8 @@ class FwCfg:
                  memory: GuestMemory | None = None,
                  kernel: tuple[int, bytes] | None = None,
                  initrd: tuple[int, bytes] | None = None,
-                 kernel_entry: int | None = None, cmdline_addr: int | None = None):
+                 kernel_entry: int | None = None, cmdline_addr: int | None = None,
+                 setup: tuple[int, bytes] | None = None):
         self.memory = memory
         self.items: dict[int, bytes] = {}
         self.file_names: dict[str, int] = {}
@@ -111,6 +115,10 @@ class FwCfg:
             self.items[FW_CFG_KERNEL_ADDR] = struct.pack("<I", kernel[0])
             self.items[FW_CFG_KERNEL_SIZE] = struct.pack("<I", len(kernel[1]))
             self.items[FW_CFG_KERNEL_DATA] = bytes(kernel[1])
+        if setup is not None:
+            self.items[FW_CFG_SETUP_ADDR] = struct.pack("<I", setup[0])
+            self.items[FW_CFG_SETUP_SIZE] = struct.pack("<I", len(setup[1]))
+            self.items[FW_CFG_SETUP_DATA] = bytes(setup[1])
         if kernel_entry is not None:
             self.items[FW_CFG_KERNEL_ENTRY] = struct.pack("<I", kernel_entry)
         if initrd is not None:

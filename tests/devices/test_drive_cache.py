@@ -140,7 +140,7 @@ def test_qemu_drive_if_none_with_device():
     (["file=/a,if=none"], ["virtio-blk-pci,drive=d1"], "needs id=ID"),
     (["file=/a,if=none,id=d1"], ["virtio-blk-pci,drive=d2"], "names no"),
     (["file=/a,if=none,id=d1"], ["virtio-blk-pci,drive=d1", "virtio-blk-pci,drive=d1"], "names no"),
-    (["file=/a,if=ide"], [], "only if=virtio"),
+    (["file=/a,if=scsi"], [], "only if=virtio"),           # if=ide is parse_ide_drives' (tests/devices/test_ide.py)
 ])
 def test_qemu_drive_errors(drives, devices, message):
     with pytest.raises(ConfigError, match=message):

@@ -66,6 +66,9 @@ CMOS_EXT_MEM_LO = 0x17
 CMOS_EXT_MEM2_LO = 0x30
 CMOS_MEM_ABOVE_16M_LO = 0x34
 CMOS_MEM_ABOVE_4G = 0x5B  # three bytes, 64 KiB units
+# The BIOS boot order as QEMU's "cad" (hard disk, floppy, CD-ROM): devices
+# 1 and 2 in 0x3D's nibbles, device 3 in 0x38's high one (1 floppy, 2 disk, 3 CD).
+CMOS_BOOT_ORDER = {0x3D: 0x32, 0x38: 0x10}
 KIB = 1024
 MIB = 1 << 20
 GIB = 1 << 30
@@ -118,6 +121,8 @@ class Rtc:
     def reset(self) -> None:
         self.index = 0
         self.cmos = bytearray(CMOS_SIZE)
+        for reg, value in CMOS_BOOT_ORDER.items():
+            self.cmos[reg] = value
         for reg, value in memory_size_bytes(self.mem_size_bytes, self.below_4g_bytes).items():
             self.cmos[reg] = value
         self.cmos[REG_A] = REG_A_DEFAULT

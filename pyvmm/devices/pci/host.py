@@ -1,5 +1,5 @@
 """The PCI host bridge: bus 0, configuration mechanism #1 at ports
-0xCF8/0xCFC, BAR placement and INTx routing.
+0xCF8/0xCFC (and ECAM, ecam.py), BAR placement and INTx routing.
 
 Configuration mechanism #1 (PCI Local Bus spec 3.0, 3.2.2.3.2): the guest
 writes an address dword to 0xCF8 (bit 31 enable, bus, device, function,
@@ -20,6 +20,8 @@ DSDT's _PRT so that Linux finds it through ACPI.
 from __future__ import annotations
 
 import logging
+from typing import Callable
+
 from ...bus import Bus
 from ...device import as_int, restore_state, saved
 from ...errors import BusError, ConfigError
@@ -33,11 +35,16 @@ SLOTS = 32
 INTEL, I440FX = 0x8086, 0x1237
 CLASS_HOST_BRIDGE = 0x060000
 
-# Where pyvmm places BARs: above the largest low RAM (memory.LOW_RAM_LIMIT,
-# 3 GiB) and below the IOAPIC; ports above the legacy ISA range.
-MMIO_WINDOW = (0xE0000000, 0xFEC00000)
+# The ECAM window (ecam.py): 1 MiB for bus 0, at the bottom of the MMIO hole
+# above the largest low RAM (memory.LOW_RAM_LIMIT, 3 GiB).
+ECAM_BASE, ECAM_SIZE = 0xE0000000, 1 << 20
+# Where pyvmm places BARs: above the ECAM window and below the IOAPIC;
+# ports above the legacy ISA range.
+MMIO_WINDOW = (ECAM_BASE + ECAM_SIZE, 0xFEC00000)
 IO_WINDOW = (0xC000, 0x10000)
 FIRST_INTX_GSI, INTX_GSIS = 16, 8
+# Port 0xCF9, the PIIX reset control register: bit 2 resets the CPU.
+RESET_CONTROL, RESET_CPU = 1, 0x04
 
 
 def intx_gsi(slot: int) -> int:
@@ -55,6 +62,8 @@ class PciHostBridge:
         self.io_bus = io_bus
         self.mmio_bus = mmio_bus
         self.address = 0
+        # Called for a reset through port 0xCF9; None: such writes are ignored.
+        self.on_reset: Callable[[], None] | None = None
         self.functions: dict[int, PciFunction] = {}
         self.names: dict[int, str] = {}
         self._mapped: dict[tuple[int, int], tuple[Bus, int]] = {}   # (slot, bar) -> (bus, base)
@@ -63,6 +72,7 @@ class PciHostBridge:
         self.host = PciFunction(INTEL, I440FX, CLASS_HOST_BRIDGE, interrupt_pin=0)
         self.functions[0] = self.host
         self.names[0] = "pci-host"
+        self.ecam = None      # the PciEcam window attach_host_bridge adds
 
     def __repr__(self) -> str:
         return f"PciHostBridge({len(self.functions)} functions, address={self.address:#x})"
@@ -151,7 +161,9 @@ class PciHostBridge:
         if offset < 4:
             if offset == 0 and size == 4:
                 self.address = value & 0x80FFFFFC
-            return   # 0xCF9 (reset control on PIIX) and byte probes: ignored
+            elif offset == RESET_CONTROL and size == 1 and value & RESET_CPU and self.on_reset:
+                self.on_reset()   # PIIX reset control: firmware's way to reboot
+            return   # other byte probes: ignored
         function, register = self._target()
         if function is not None:
             function.config_write(register + offset - 4, size, value)
@@ -174,10 +186,14 @@ class PciHostBridge:
 
 
 def attach_host_bridge(io_bus: Bus, mmio_bus: Bus) -> PciHostBridge:
-    """A host bridge on `io_bus` at 0xCF8."""
+    """A host bridge on `io_bus` at 0xCF8, with its ECAM window on
+    `mmio_bus` at ECAM_BASE (bridge.ecam)."""
+    from .ecam import PciEcam
     bridge = PciHostBridge(io_bus, mmio_bus)
     io_bus.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS, bridge, "pci-config")
+    bridge.ecam = PciEcam(bridge)
+    mmio_bus.insert(ECAM_BASE, ECAM_SIZE, bridge.ecam, "pci-ecam")
     return bridge
 
 
-__all__ = ["PciHostBridge", "attach_host_bridge", "intx_gsi"]
+__all__ = ["PciHostBridge", "attach_host_bridge", "intx_gsi", "ECAM_BASE", "ECAM_SIZE"]

@@ -72,6 +72,24 @@ def _mov_special(g: Gen) -> bool:
     return True
 
 
+# lds/les/lfs/lgs/lss r, m16:16 or m16:32: which segment register each loads.
+_FAR_LOADS = {M.LDS: Rg.DS, M.LES: Rg.ES, M.LFS: Rg.FS, M.LGS: Rg.GS, M.LSS: Rg.SS}
+
+
+def _load_far(g: Gen) -> None:
+    """Loads a far pointer: the offset (operand size) then the selector
+    after it.  The segment is loaded first, so a selector that faults
+    leaves the register unchanged, as on the CPU."""
+    size = g.size(0)
+    g.addr()
+    g.load("off", size)
+    g.emit(f"a2 = (a + {size}) & 0xFFFFFFFFFFFFFFFF")
+    g.load("sel", 2, la="a2")
+    g.helper(f"c.load_seg({SEG_INDEX[_FAR_LOADS[g.ins.mnemonic]]}, sel)")
+    g.wreg(g.ins.op0_register, "off")
+    _end(g)   # segment bases are part of the translation
+
+
 def _mov(g: Gen) -> None:
     from .alu import _mov as plain
     if not _mov_special(g):
@@ -235,6 +253,7 @@ EMITTERS = {
     M.INVD: _wbinvd, M.CMPXCHG8B: _cmpxchgw, M.CMPXCHG16B: _cmpxchgw,
     M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
     M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand, M.INT1: _int1,
+    **{m: _load_far for m in _FAR_LOADS},
 }
 
 # This family's rows of the instruction-facts table (facts.py): every form
