@@ -6,5 +6,5 @@ import the others back."""
 
 from __future__ import annotations
 
-from . import hotplug, inspect, migration, snapshot  # noqa: F401  (each registers its commands)
+from . import announce, hotplug, inspect, migration, snapshot  # noqa: F401  (each registers its commands)
 from .commands import COMMANDS, HMP_COMMANDS, execute  # noqa: F401

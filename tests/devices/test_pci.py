@@ -11,7 +11,7 @@ from pyvmm.boot import acpi
 from pyvmm.bus import Bus
 from pyvmm.devices.pci import aml
 from pyvmm.devices.pci.function import PciFunction
-from pyvmm.devices.pci.host import MMIO_WINDOW, attach_host_bridge, intx_gsi
+from pyvmm.devices.pci.host import ECAM_BASE, ECAM_SIZE, MMIO_WINDOW, attach_host_bridge, intx_gsi
 from pyvmm.device import DeviceStateError
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
@@ -204,7 +204,13 @@ def test_dsdt_describes_the_root_bridge_and_its_routing():
     dev = body[1 + n + 5:]
     assert dev[:2] == bytes([0x5B, 0x82])
     dev_len, m = decode_pkg_length(dev[2:])
-    assert dev_len + 2 == len(dev) and dev[2 + m:2 + m + 4] == b"PCI0"
+    assert dev[2 + m:2 + m + 4] == b"PCI0"
+    mres = dev[2 + dev_len:]                             # the motherboard resources follow PCI0
+    mres_len, j = decode_pkg_length(mres[2:])
+    assert mres[:2] == bytes([0x5B, 0x82]) and mres_len + 2 == len(mres) and mres[2 + j:2 + j + 4] == b"MRES"
+    assert b"_HID\x0c\x41\xd0\x0c\x02" in mres            # EisaId("PNP0C02")
+    assert aml.ecam_reservation() in mres
+    dev = dev[:2 + dev_len]
     assert b"_HID\x0c\x41\xd0\x0a\x03" in dev             # EisaId("PNP0A03")
     prt = dev[dev.index(b"_PRT") + 4:]
     assert prt[0] == aml.PACKAGE_OP
@@ -227,3 +233,93 @@ def test_virtio_function_identity_and_capabilities():
     assert set(d.caps) == {1, 2, 3}                        # no device config for rng
     assert all(bar == 4 for bar, _, _ in d.caps.values())
     assert d.bar_base(4) >= MMIO_WINDOW[0]
+
+
+def ecam_addr(slot, reg, func=0, bus=0):
+    return ECAM_BASE + (bus << 20 | slot << 15 | func << 12 | reg)
+
+
+def test_ecam_reads_the_same_config_space_as_ports_cf8_cfc():
+    io, mmio, bridge, fn, slot, *_ = make()
+    for s in (0, slot):
+        for reg in range(0, 256, 4):
+            assert mmio.read(ecam_addr(s, reg), 4) == cfg(io, s, reg), (s, reg)
+    assert mmio.read(ecam_addr(slot, 0x02), 2) == 0x5678
+    assert mmio.read(ecam_addr(slot, 0x0B), 1) == 0x02          # class: network
+    assert mmio.read(ecam_addr(slot, 0x00), 8) == cfg(io, slot, 0) | cfg(io, slot, 4) << 32
+
+
+def test_ecam_extended_space_is_an_empty_capability_list():
+    io, mmio, bridge, *_ = make()
+    assert mmio.read(ecam_addr(0, 0x100), 4) == 0               # no extended capabilities
+    assert mmio.read(ecam_addr(0, 0xFFC), 4) == 0
+    mmio.write(ecam_addr(0, 0x100), 4, 0x12345678)              # ignored
+    assert mmio.read(ecam_addr(0, 0x100), 4) == 0
+    assert bridge.ecam.reads >= 3 and bridge.ecam.writes == 1
+
+
+def test_ecam_absent_functions_and_slots_read_all_ones():
+    io, mmio, bridge, fn, slot, *_ = make()
+    assert mmio.read(ecam_addr(slot, 0, func=1), 4) == 0xFFFFFFFF
+    assert mmio.read(ecam_addr(slot + 1, 0), 2) == 0xFFFF
+    assert mmio.read(ecam_addr(slot + 1, 0x100), 4) == 0xFFFFFFFF
+    with pytest.raises(Exception):
+        mmio.insert(ECAM_BASE + ECAM_SIZE - 0x1000, 0x1000, Regs())   # the window is taken
+    assert MMIO_WINDOW[0] >= ECAM_BASE + ECAM_SIZE                # BARs never land in it
+
+
+def test_ecam_write_moves_a_bar_like_the_ports_do():
+    io, mmio, bridge, fn, slot, target, _ = make()
+    new = MMIO_WINDOW[0] + 0x100000
+    mmio.write(ecam_addr(slot, 0x10), 4, new)
+    assert cfg(io, slot, 0x10) == new
+    assert bridge.mapping(slot, 0) == new
+    mmio.write(new + 8, 4, 7)
+    assert target.writes[-1] == (8, 4, 7)
+    mmio.write(ecam_addr(slot, 0x04), 2, 0)                     # decoding off through ECAM
+    assert bridge.mapping(slot, 0) is None
+
+
+def test_mcfg_names_the_ecam_window_for_bus_0():
+    memory = GuestMemory(16 << 20)
+    acpi.write_acpi_tables(memory, 1, aml.pci_root_aml(), (acpi.build_mcfg(ECAM_BASE, 0, 0),))
+    rsdp = memory.read(acpi.RSDP_ADDR, 36)
+    xsdt_addr = struct.unpack_from("<Q", rsdp, 24)[0]
+    xsdt = memory.read(xsdt_addr, struct.unpack_from("<I", memory.read(xsdt_addr + 4, 4))[0])
+    rsdt_addr = struct.unpack_from("<I", rsdp, 16)[0]
+    rsdt = memory.read(rsdt_addr, struct.unpack_from("<I", memory.read(rsdt_addr + 4, 4))[0])
+    assert sum(xsdt) & 0xFF == 0 and sum(rsdt) & 0xFF == 0
+    entries = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    assert list(struct.unpack_from(f"<{(len(rsdt) - 36) // 4}I", rsdt, 36)) == list(entries)
+    tables = {memory.read(a, 4): a for a in entries}
+    assert set(tables) == {b"FACP", b"APIC", b"MCFG"}
+    mcfg = memory.read(tables[b"MCFG"], 60)
+    assert struct.unpack_from("<I", mcfg, 4)[0] == 60 and sum(mcfg) & 0xFF == 0
+    assert mcfg[36:44] == bytes(8)
+    assert struct.unpack_from("<QHBB", mcfg, 44) == (ECAM_BASE, 0, 0, 0)
+
+
+def test_machine_with_virtio_has_ecam_and_mcfg(tmp_path):
+    from pyvmm.boot import entry
+    from pyvmm.boot.result import BootResult
+    from pyvmm.builder import build_machine, destroy_machine
+    from pyvmm.config import DriveConfig, VmConfig
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(4096))
+
+    def boot(memory):
+        memory.write(0x100000, b"\xf4")                          # hlt
+        return BootResult(entry.protected_mode_32(memory, 0x100000), "raw-prot")
+
+    m = build_machine(VmConfig(mem_mib=32, no_reboot=True, engine="bt",
+                               drives=[DriveConfig(file=str(disk), format="raw")]), lambda b: None, boot=boot)
+    try:
+        assert m.mmio_bus.read(ECAM_BASE, 4) == 0x1237_8086            # the host bridge
+        assert m.mmio_bus.read(ECAM_BASE + (1 << 15), 4) == 0x1042_1AF4   # virtio-blk in slot 1
+        xsdt_addr = struct.unpack_from("<Q", m.memory.read(acpi.RSDP_ADDR, 36), 24)[0]
+        length = struct.unpack_from("<I", m.memory.read(xsdt_addr + 4, 4))[0]
+        entries = struct.unpack_from(f"<{(length - 36) // 8}Q", m.memory.read(xsdt_addr, length), 36)
+        mcfg = [a for a in entries if m.memory.read(a, 4) == b"MCFG"]
+        assert len(mcfg) == 1 and struct.unpack_from("<Q", m.memory.read(mcfg[0] + 44, 8))[0] == ECAM_BASE
+    finally:
+        destroy_machine(m)

@@ -19,8 +19,8 @@ from pyvmm.net.port import NetPort
 from .virtio_driver import DRIVER_OK, FEATURES_OK, NEEDS_RESET, Driver
 
 MAC = bytes.fromhex("525400abcdef")
-# (desc, avail, used) of RX (queue 0) and TX (queue 1)
-RINGS = ((0x10000, 0x20000, 0x30000), (0x40000, 0x50000, 0x60000))
+# (desc, avail, used) of RX (queue 0), TX (queue 1) and control (queue 2)
+RINGS = ((0x10000, 0x20000, 0x30000), (0x40000, 0x50000, 0x60000), (0x70000, 0x80000, 0x90000))
 QSIZE = 16
 
 
@@ -52,8 +52,8 @@ class NetDriver(Driver):
         super().__init__(lambda mem: VirtioNet(mem, port, mac), 0x020000)
         self.device.wake = self.fn.notify      # what install.py wires
         self.port = port
-        self.next = [0, 0]
-        self.avail = [0, 0]
+        self.next = [0, 0, 0]
+        self.avail = [0, 0, 0]
         self.rx_posted: dict[int, list[tuple[int, int]]] = {}   # RX chain head -> its buffers
 
     def init(self, features: int | None = None, queue_size: int = QSIZE, before_ok=None) -> int:

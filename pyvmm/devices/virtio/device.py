@@ -10,6 +10,8 @@ QueueError it lets through makes the transport set NEEDS_RESET.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ...memory import GuestMemory
 from .queue import VirtQueue
 
@@ -39,6 +41,9 @@ class VirtioDevice:
         self.memory = memory
         self.features = 0
         self.acked = 0          # what the driver accepted, set at FEATURES_OK
+        # Signals the driver that config_bytes() changed: the transport
+        # sets it to its config-change interrupt.
+        self.config_changed: Callable[[], None] = lambda: None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(acked={self.acked:#x})"

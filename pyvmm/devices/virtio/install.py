@@ -31,8 +31,10 @@ from .transport.pci import VirtioPci
 
 log = logging.getLogger(__name__)
 
-CLASS_STORAGE_OTHER = 0x018000     # mass storage, other (what virtio-blk reports)
-CLASS_OTHER = 0xFF0000             # unassigned class (virtio-rng)
+# Class codes as QEMU gives its virtio functions (the virtio spec leaves them
+# open; tests/devices/test_virtio_linux.py compares with a QEMU guest's view).
+CLASS_STORAGE_SCSI = 0x010000      # mass storage, SCSI (what virtio-blk reports)
+CLASS_OTHER = 0x00FF00             # unclassified device, other (virtio-rng)
 CLASS_ETHERNET = 0x020000          # network controller, Ethernet (virtio-net)
 CLASS_COMMUNICATION_OTHER = 0x078000   # simple communication controller, other (virtio-console)
 
@@ -189,7 +191,7 @@ def _block_function(machine, image, name: str, readonly: bool) -> VirtioPci:
     from .block import VirtioBlock
     from .iothread import IoThread
     device = VirtioBlock(machine.memory, image, serial=name, readonly=readonly)
-    function = _function(machine, device, CLASS_STORAGE_OTHER)
+    function = _function(machine, device, CLASS_STORAGE_SCSI)
     device.use_io_thread(IoThread(f"pyvmm-io-{name}"), machine.loop.call_soon_threadsafe, machine.lock)
     device.wake = function.notify
     # Completions arrive on the event loop: the bus must hold the machine's

@@ -1,14 +1,22 @@
-"""virtio-net (virtio 1.2, section 5.1): one receive queue (0) and one
-transmit queue (1) in front of a NetPort (net/port.py: a TAP device, a
-switch port, or a test's fake).
+"""virtio-net (virtio 1.2, section 5.1): one receive queue (0), one
+transmit queue (1) and a control queue (2) in front of a NetPort
+(net/port.py: a TAP device, a switch port, or a test's fake).
 
 Every buffer starts with the 12-byte struct virtio_net_hdr (VERSION_1
-always has num_buffers).  No offloads are offered, so the guest sends
-complete frames with their checksums, and the header the device writes in
-front of a received frame is all zeroes but num_buffers = 1.
+always has num_buffers).
 
 Features: MAC (always: the address lives in the device, so it survives
-snapshots and migration) and STATUS (link up).
+snapshots and migration), STATUS (link up, and ANNOUNCE), CTRL_VQ with
+GUEST_ANNOUNCE (announce() asks the driver to tell the network where the
+guest is now, as after a migration; the driver answers with the control
+command ANNOUNCE_ACK), CSUM (the guest may leave a TCP/UDP checksum to the
+device: NEEDS_CSUM with csum_start/csum_offset) and GUEST_CSUM (received
+TCP/UDP packets whose checksum the device verified carry DATA_VALID, so the
+guest skips its own pass).  The checksum work (net_offload.py) is one
+big-integer reduction on the host, which costs less than the guest kernel's
+loop under bt.  No GSO/TSO is offered, so no frame is longer than
+MAX_FRAME and MRG_RXBUF would not help: every frame fits one receive
+buffer.
 
 TX: each chain is a header and a frame in device-readable buffers; the
 frame goes to the backend and the chain comes back with 0 bytes written.
@@ -35,22 +43,32 @@ from ...device import as_int
 from ...memory import GuestMemory
 from ...net.port import MAX_FRAME, NetPort
 from .device import VirtioDevice
+from .net_offload import complete_checksum, l4_checksum_ok
 from .queue import QueueError, VirtQueue
 
 log = logging.getLogger(__name__)
 
 DEVICE_ID_NET = 1
-RX_QUEUE, TX_QUEUE = 0, 1
+RX_QUEUE, TX_QUEUE, CTRL_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
+CTRL_QUEUE_SIZE = 64
 RX_BACKLOG = 256
 
-F_MAC, F_STATUS = 1 << 5, 1 << 16
-S_LINK_UP = 1
+F_CSUM, F_GUEST_CSUM, F_MAC = 1 << 0, 1 << 1, 1 << 5
+F_STATUS, F_CTRL_VQ, F_GUEST_ANNOUNCE = 1 << 16, 1 << 17, 1 << 21
+S_LINK_UP, S_ANNOUNCE = 1, 2
 
 # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 NET_HDR = struct.Struct("<BBHHHHH")
 NET_HDR_SIZE = NET_HDR.size                       # 12
-RX_HEADER = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)    # no offloads; one buffer per frame
+HDR_F_NEEDS_CSUM, HDR_F_DATA_VALID = 1, 2
+GSO_NONE = 0
+RX_HEADER = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)    # one buffer per frame
+RX_HEADER_VALID = NET_HDR.pack(HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 1)
+
+# Control queue (5.1.6.5): class, command, data..., then one writable ack byte.
+CTRL_CLASS_ANNOUNCE, CTRL_ANNOUNCE_ACK = 3, 0
+CTRL_OK, CTRL_ERR = 0, 1
 CONFIG = struct.Struct("<6sHH")                   # mac, status, max_virtqueue_pairs
 ETH_MIN = 14
 
@@ -92,7 +110,7 @@ class VirtioNet(VirtioDevice):
     queue's checks and raises the interrupt the driver asked for."""
 
     DEVICE_ID = DEVICE_ID_NET
-    QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE)
+    QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE)
 
     def __init__(self, memory: GuestMemory, port: NetPort, mac: bytes):
         super().__init__(memory)
@@ -100,7 +118,8 @@ class VirtioNet(VirtioDevice):
             raise ValueError("a MAC address is 6 bytes")
         self.port = port
         self.mac = bytes(mac)
-        self.features = F_MAC | F_STATUS
+        self.features = F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE | F_CSUM | F_GUEST_CSUM
+        self.announcing = False      # S_ANNOUNCE: set by announce(), cleared by the driver's ack
         self.wake: Callable[[int], None] | None = None
         self.backlog: deque[bytes] = deque()
         self.rx_frames = self.tx_frames = 0
@@ -112,7 +131,18 @@ class VirtioNet(VirtioDevice):
                 f"held={len(self.backlog)}, dropped rx={self.rx_dropped} tx={self.tx_dropped})")
 
     def config_bytes(self) -> bytes:
-        return CONFIG.pack(self.mac, S_LINK_UP, 1)
+        return CONFIG.pack(self.mac, S_LINK_UP | (S_ANNOUNCE if self.announcing else 0), 1)
+
+    def announce(self) -> bool:
+        """Asks the driver to announce the guest (gratuitous ARP and
+        neighbour advertisements), as after a migration: sets S_ANNOUNCE
+        and signals a config change.  False when the driver did not take
+        GUEST_ANNOUNCE (then there is no one to ask)."""
+        if not self.acked & F_GUEST_ANNOUNCE:
+            return False
+        self.announcing = True
+        self.config_changed()
+        return True
 
     # --- frames from the backend --------------------------------------------------------
 
@@ -132,6 +162,25 @@ class VirtioNet(VirtioDevice):
             self._transmit(queue)
         elif index == RX_QUEUE:
             self._fill(queue)
+        elif index == CTRL_QUEUE:
+            self._control(queue)
+
+    def _control(self, queue: VirtQueue) -> None:
+        while True:
+            chain = queue.pop()
+            if chain is None:
+                return
+            if chain.readable_len < 2 or chain.writable_len < 1:
+                raise QueueError(f"virtio-net control chain {chain.head} lacks a header or an ack byte")
+            klass, command = chain.read(self.memory, 0, 2)
+            ack = CTRL_ERR
+            if (klass, command) == (CTRL_CLASS_ANNOUNCE, CTRL_ANNOUNCE_ACK) and self.acked & F_GUEST_ANNOUNCE:
+                self.announcing = False
+                ack = CTRL_OK
+            else:
+                log.debug("virtio-net control command %d.%d refused", klass, command)
+            chain.write(self.memory, chain.writable_len - 1, bytes([ack]))
+            queue.add_used(chain.head, chain.writable_len)
 
     def _transmit(self, queue: VirtQueue) -> None:
         while True:
@@ -146,9 +195,24 @@ class VirtioNet(VirtioDevice):
             if not ETH_MIN <= length - NET_HDR_SIZE <= MAX_FRAME:
                 self.tx_dropped += 1     # a runt or a giant: the guest's loss, not a protocol error
             else:
-                self.port.send(chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE))
-                self.tx_frames += 1
+                frame = self._outgoing(chain, length)
+                if frame is None:
+                    self.tx_dropped += 1
+                else:
+                    self.port.send(frame)
+                    self.tx_frames += 1
             queue.add_used(chain.head, 0)
+
+    def _outgoing(self, chain, length: int) -> bytes | None:
+        """The frame of a TX chain, its checksum completed when the driver
+        asked (CSUM); None for a header the device cannot honour."""
+        flags, gso, _, _, start, offset, _ = NET_HDR.unpack(chain.read(self.memory, 0, NET_HDR_SIZE))
+        if gso != GSO_NONE:
+            return None                  # segmentation was never offered
+        if not (flags & HDR_F_NEEDS_CSUM and self.acked & F_CSUM):
+            return chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE)
+        frame = bytearray(chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE))
+        return bytes(frame) if complete_checksum(frame, start, offset) else None
 
     def _fill(self, queue: VirtQueue) -> None:
         while self.backlog:
@@ -166,7 +230,8 @@ class VirtioNet(VirtioDevice):
                 self.rx_dropped += 1
                 queue.add_used(chain.head, 0)
                 continue
-            chain.write(self.memory, 0, RX_HEADER)
+            valid = self.acked & F_GUEST_CSUM and l4_checksum_ok(frame)
+            chain.write(self.memory, 0, RX_HEADER_VALID if valid else RX_HEADER)
             chain.write(self.memory, NET_HDR_SIZE, frame)
             self.rx_frames += 1
             queue.add_used(chain.head, NET_HDR_SIZE + len(frame))
@@ -176,6 +241,7 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.backlog.clear()
+        self.announcing = False
 
     def close(self) -> None:
         self.port.close()
@@ -184,15 +250,18 @@ class VirtioNet(VirtioDevice):
         # Held frames are not saved: a network may lose frames, and the
         # MAC is the device's (the restoring side is built with it).
         return {"mac": format_mac(self.mac), "rx_frames": self.rx_frames, "tx_frames": self.tx_frames,
-                "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped}
+                "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped, "announcing": self.announcing}
 
     def restore_fields(self, state: dict) -> None:
         mac = parse_mac(state["mac"]) if "mac" in state else self.mac
         counts = [as_int(state.get(k, 0)) for k in ("rx_frames", "tx_frames", "rx_dropped", "tx_dropped")]
+        announcing = bool(state.get("announcing", False))
         self.mac = mac
         self.rx_frames, self.tx_frames, self.rx_dropped, self.tx_dropped = counts
+        self.announcing = announcing
         self.backlog.clear()
 
 
-__all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "derived_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "NET_HDR",
+__all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "derived_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "F_CSUM", "F_GUEST_CSUM", "F_CTRL_VQ",
+           "F_GUEST_ANNOUNCE", "NET_HDR", "CTRL_QUEUE",
            "NET_HDR_SIZE", "RX_QUEUE", "TX_QUEUE", "RX_BACKLOG"]

@@ -95,6 +95,40 @@ class Msi(ctypes.Structure):
                 ("devid", u32), ("pad", u8 * 12)]
 
 
+class IoEventFd(ctypes.Structure):
+    """struct kvm_ioeventfd: a guest write of `len` bytes at `addr` signals `fd`."""
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32),
+                ("flags", u32), ("pad", u8 * 36)]
+
+
+IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class IrqFd(ctypes.Structure):
+    """struct kvm_irqfd: a write to `fd` raises GSI `gsi`."""
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
+
+
+IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
+class IrqRoutingEntry(ctypes.Structure):
+    """struct kvm_irq_routing_entry: type 1 (irqchip: chip, pin) or 2 (MSI:
+    address_lo, address_hi, data) in u."""
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", u32 * 8)]
+
+
+IRQ_ROUTING_IRQCHIP, IRQ_ROUTING_MSI = 1, 2
+IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
+
+
+def irq_routing_type(n: int) -> type:
+    """struct kvm_irq_routing with n entries."""
+    class IrqRouting(ctypes.Structure):
+        _fields_ = [("nr", u32), ("flags", u32), ("entries", IrqRoutingEntry * n)]
+    return IrqRouting
+
+
 class PitConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -133,6 +167,9 @@ SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 CREATE_IRQCHIP = _io(0x60)
 IRQ_LINE = _iow(0x61, ctypes.sizeof(IrqLevel))
 SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(Msi))
+IOEVENTFD = _iow(0x79, ctypes.sizeof(IoEventFd))
+IRQFD = _iow(0x76, ctypes.sizeof(IrqFd))
+SET_GSI_ROUTING = _iow(0x6A, 8)               # struct kvm_irq_routing header; entries follow
 CREATE_PIT2 = _iow(0x77, ctypes.sizeof(PitConfig))
 ENABLE_CAP = _iow(0xA3, ctypes.sizeof(EnableCap))
 # vCPU ioctls
@@ -162,6 +199,7 @@ SET_VCPU_EVENTS = _iow(0xA0, 64)
 # Capabilities
 CAP_IRQCHIP = 0
 CAP_HLT = 1
+CAP_IRQ_ROUTING, CAP_IRQFD, CAP_IOEVENTFD = 25, 32, 36
 CAP_USER_MEMORY = 3
 CAP_SET_TSS_ADDR = 4
 CAP_EXT_CPUID = 7

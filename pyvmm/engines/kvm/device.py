@@ -111,6 +111,39 @@ class KvmVm:
         all software-disabled; KVM drops it then)."""
         return ioctl(self.fd, abi.SIGNAL_MSI, abi.Msi(address & 0xFFFFFFFF, address >> 32, data))
 
+    def ioeventfd(self, addr: int, length: int, fd: int, deassign: bool = False) -> None:
+        """KVM_IOEVENTFD on MMIO: a guest write of `length` bytes at `addr`
+        (any value) signals eventfd `fd` in the kernel, with no exit to
+        pyvmm. Raises OSError."""
+        ioctl(self.fd, abi.IOEVENTFD, abi.IoEventFd(0, addr, length, fd,
+                                                    abi.IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        """KVM_IRQFD: a write to eventfd `fd` raises GSI `gsi` (through the
+        routing table). Raises OSError."""
+        ioctl(self.fd, abi.IRQFD, abi.IrqFd(fd, gsi, abi.IRQFD_FLAG_DEASSIGN if deassign else 0, 0))
+
+    def set_gsi_routing(self, msi_routes: dict[int, tuple[int, int]]) -> None:
+        """KVM_SET_GSI_ROUTING: KVM's default PC routes (GSI 0-15 on the
+        PICs, 0-23 on the IOAPIC), which the call replaces and so must
+        repeat, plus one MSI route per GSI in `msi_routes` (gsi -> (address,
+        data)). Raises OSError."""
+        entries = []
+        for gsi in range(24):
+            if gsi < 16:
+                chip = abi.IRQCHIP_PIC_MASTER if gsi < 8 else abi.IRQCHIP_PIC_SLAVE
+                entries.append((gsi, abi.IRQ_ROUTING_IRQCHIP, (chip, gsi % 8)))
+            entries.append((gsi, abi.IRQ_ROUTING_IRQCHIP, (abi.IRQCHIP_IOAPIC, gsi)))
+        for gsi, (address, data) in sorted(msi_routes.items()):
+            entries.append((gsi, abi.IRQ_ROUTING_MSI, (address & 0xFFFFFFFF, address >> 32, data)))
+        table = abi.irq_routing_type(len(entries))()
+        table.nr = len(entries)
+        for entry, (gsi, kind, words) in zip(table.entries, entries):
+            entry.gsi, entry.type = gsi, kind
+            for i, w in enumerate(words):
+                entry.u[i] = w
+        ioctl(self.fd, abi.SET_GSI_ROUTING, table)
+
     def create_vcpu(self, index: int) -> "KvmVcpu":
         try:
             fd = ioctl(self.fd, abi.CREATE_VCPU, index)

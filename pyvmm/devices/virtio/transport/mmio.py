@@ -72,6 +72,7 @@ class VirtioMmio:
 
     def __init__(self, device: VirtioDevice, irq: IrqLine | None = None):
         self.device = device
+        device.config_changed = self.config_changed
         self.irq = irq
         self._virtio_reset()
 
@@ -92,6 +93,11 @@ class VirtioMmio:
         self.interrupt_status |= bit
         if self.irq is not None:
             self.irq.pulse()
+
+    def config_changed(self) -> None:
+        """The device's config bytes changed: a config interrupt, once the driver runs."""
+        if self.status & STATUS_DRIVER_OK:
+            self._interrupt(INT_CONFIG)
 
     def needs_reset(self, why: str) -> None:
         log.warning("virtio-mmio %s: device needs reset: %s", type(self.device).__name__, why)

@@ -86,6 +86,7 @@ class VirtioPci(PciFunction):
         super().__init__(VENDOR_REDHAT_QUMRANET, MODERN_DEVICE_BASE + device.DEVICE_ID, class_code,
                          revision=1, subsystem_vendor=VENDOR_REDHAT_QUMRANET, subsystem=0x1100)
         self.device = device
+        device.config_changed = self.config_changed
         self.irq = irq
         self.msi = msi            # where MSI-X messages go: (address, data)
         self.add_bar(BAR_INDEX, BAR_SIZE, "mem64", self)
@@ -141,6 +142,11 @@ class VirtioPci(PciFunction):
             return
         self.isr |= bit
         self._set_line(True)
+
+    def config_changed(self) -> None:
+        """The device's config bytes changed: a config interrupt, once the driver runs."""
+        if self.status_byte & STATUS_DRIVER_OK:
+            self._interrupt(ISR_CONFIG)
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the protocol: say so and stop using the device."""
