@@ -18,9 +18,19 @@ frames, each with its reference from the same run:
 --profile prints cProfile's top functions of the core path. --baseline
 REV measures the core path of git revision REV's forwarding modules
 (framing, mactable, ratelimit, switch) in the same run, for a before/after.
-Goal (issue 18): >= 300,000 frames/s on one core: 64-byte frames through
-the switch process, per CPU-second of that process.
-Ends with: RESULT key=value ... goal_300k_fps=met|missed"""
+- failover (tests/net/failover_probe.py, needs root): the gap a team of
+  veth uplinks into a namespace shows when its active member's link goes
+  down, and when it breaks silently under beacon probing (1 s, 3 misses),
+  with the frames lost inside and outside that gap.
+- VM-to-VM TCP throughput (bench/switch_vms.py; minutes, --no-vms skips
+  it): pyvmm guests under bt and hybrid, against two QEMU TCG guests on
+  the same switch with the same kernel and initramfs.
+
+Goals (issue 18): >= 300,000 frames/s on one core (64-byte frames through
+the switch process, per CPU-second of that process), failover < 100 ms on
+link loss and <= 3 s by beacon, no frames lost outside the failover window.
+Ends with: RESULT key=value ... goal_300k_fps=met|missed goal_failover_link=...
+goal_failover_beacon=... goal_no_loss_outside_failover=..."""
 
 from __future__ import annotations
 
@@ -39,10 +49,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # its helper switch_vms
 
 from pyvmm.net.framing import LENGTH  # noqa: E402
 
 GOAL_FPS = 300_000
+GOAL_FAILOVER_LINK_MS = 100
+GOAL_FAILOVER_BEACON_MS = 3000
 SRC, DST = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 CHUNK = 1 << 18            # what one recv hands the switch at most (switchd.RECV_SIZE)
 
@@ -241,11 +254,29 @@ def relay_rate(size: int, seconds: float) -> float:
         rundir.rmdir()
 
 
+def failover_rows() -> dict[str, object]:
+    if os.geteuid() != 0:
+        print("failover: skipped (network namespaces need root)", flush=True)
+        return {}
+    from tests.net import failover_probe
+    rows: dict[str, object] = {}
+    for how in ("link", "beacon"):
+        r = failover_probe.measure(how)
+        rows.update({f"failover_{how}_ms": r["gap_ms"], f"failover_{how}_lost": r["lost"],
+                     f"failover_{how}_lost_outside": r["lost_outside"]})
+        print(f"failover on {'link loss' if how == 'link' else 'a silent break (beacons 1 s x 3)'}: "
+              f"gap {r['gap_ms']} ms, {r['lost']} of {r['sent']} frames (1 per ms) lost, "
+              f"{r['lost_outside']} outside the gap, {r['duplicates']} duplicated", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     ap.add_argument("--profile", action="store_true", help="cProfile the core path (64-byte frames)")
     ap.add_argument("--baseline", metavar="REV", help="also measure git revision REV's core path (before/after)")
+    ap.add_argument("--no-vms", action="store_true", help="skip the VM-to-VM TCP rows (they boot six guests)")
+    ap.add_argument("--vm-kib", type=int, default=8192, help="KiB each VM-to-VM transfer moves")
     args = ap.parse_args()
     if args.profile:
         core_rate(64, args.seconds, profile=True)
@@ -276,7 +307,20 @@ def main() -> int:
               f"switch {result[f'switch_{size}_fps']:>10,} fps ({result[f'switch_{size}_fps_per_cpu_s']:,} "
               f"per switch CPU-second)   "
               f"relay (reference) {result[f'relay_{size}_fps']:>10,} fps", flush=True)
+    result.update(failover_rows())
+    if not args.no_vms:
+        import switch_vms
+        result.update(switch_vms.measure(args.vm_kib))
     result["goal_300k_fps"] = "met" if result["switch_64_fps_per_cpu_s"] >= GOAL_FPS else "missed"
+    if "failover_link_ms" in result:
+        result["goal_failover_link"] = "met" if result["failover_link_ms"] < GOAL_FAILOVER_LINK_MS else "missed"
+        result["goal_failover_beacon"] = ("met" if result["failover_beacon_ms"] <= GOAL_FAILOVER_BEACON_MS
+                                          else "missed")
+        result["goal_no_loss_outside_failover"] = ("met" if result["failover_link_lost_outside"] == 0
+                                                   and result["failover_beacon_lost_outside"] == 0 else "missed")
+    else:
+        result.update(goal_failover_link="untested", goal_failover_beacon="untested",
+                      goal_no_loss_outside_failover="untested")
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 

@@ -20,9 +20,11 @@ see: a broken path beyond the first physical switch, a blocked switch
 port. Every `interval` each member with link sends a broadcast beacon
 (BEACON_TYPE, naming the team and the member); a member is down when for
 `misses` intervals no other member heard its beacons or it heard none of
-theirs. When that would take every member with link down (two members
-cannot tell which side broke), the beacons are inconclusive and link
-state alone decides, as VMware's vSwitch falls back to sending on all.
+theirs. The judgement comes a tenth of an interval after a round is sent
+(time enough for those beacons to arrive), so a member is down as soon as
+its `misses`-th beacon has gone unheard, not one round later. When that
+would take every member with link down (two members cannot tell which
+side broke), the beacons are inconclusive and link state alone decides, as VMware's vSwitch falls back to sending on all.
 Beacons are consumed by the team, never passed to the switch."""
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ RTMGRP_LINK = 1
 BEACON_TYPE = b"\x88\xb6"          # IEEE local experimental ethertype 2
 BEACON_MAGIC = b"pyvmm-beacon"
 BEACON_BODY = struct.Struct(">12sIBI")   # magic, team id, member index, sequence
+JUDGE_DELAY = 0.1                 # of an interval: when a round's beacons have arrived
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -166,6 +169,7 @@ class Team:
         self.beacon_failures = 0
         now = clock()
         self.next_beacon = now
+        self.judge_at = float("inf")
         for m in self.members:
             m.heard_by_others = m.heard_others = now    # a grace period of one window
 
@@ -255,14 +259,19 @@ class Team:
             return float("inf")
         interval, misses = self.beacon
         now = self.clock()
-        if now < self.next_beacon:
-            return self.next_beacon
-        self.next_beacon = now + interval
-        self.beacon_seq += 1
-        for i, m in enumerate(self.members):
-            if m.link_up and m.dev.send(beacon_frame(self.team_id, i, self.beacon_seq)):
-                m.counters["beacons_sent"] += 1
-        window = interval * misses
+        if now >= self.next_beacon:
+            self.next_beacon = now + interval
+            self.judge_at = now + interval * JUDGE_DELAY
+            self.beacon_seq += 1
+            for i, m in enumerate(self.members):
+                if m.link_up and m.dev.send(beacon_frame(self.team_id, i, self.beacon_seq)):
+                    m.counters["beacons_sent"] += 1
+        if now >= self.judge_at:
+            self.judge_at = float("inf")
+            self._judge(now, interval * misses)
+        return min(self.next_beacon, self.judge_at)
+
+    def _judge(self, now: float, window: float) -> None:
         linked = [m for m in self.members if m.link_up]
         ok = {m: now - m.heard_by_others <= window and now - m.heard_others <= window for m in linked}
         if linked and not any(ok.values()):
@@ -274,7 +283,6 @@ class Team:
                     self.beacon_failures += 1
                 log.warning("team %s: %s beacons %s", self.name, m.ifname, "back" if ok[m] else "lost")
                 self._set_up(m, m.link_up and m.beacon_ok)
-        return self.next_beacon
 
     # -- link state ---------------------------------------------------------------
     def link_event(self, index: int, up: bool, deleted: bool) -> None:

@@ -21,6 +21,8 @@ SOL_PACKET = 263
 PACKET_AUXDATA = 8
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_CSUMNOTREADY = 0x8
+L4_CHECKSUM_AT = {6: 16, 17: 6}        # TCP, UDP: where the checksum sits in the header
 AUXDATA = struct.Struct("=IIIHHHH")    # struct tpacket_auxdata
 READ_BATCH = 64                         # frames per wake-up, so one uplink cannot starve the rest
 GONE = (errno.ENODEV, errno.ENXIO, errno.EBADF, errno.EBADFD, errno.EIO)
@@ -77,6 +79,31 @@ class TapUplink:
             self.fd = -1
 
 
+def finish_checksum(frame: bytes) -> bytes:
+    """frame with its TCP/UDP checksum completed. A packet socket gets the
+    host's own packets before checksum offload has run (TP_STATUS_CSUMNOTREADY:
+    the field holds only the pseudo-header sum); a VM would drop them."""
+    from ..devices.virtio.net_offload import ones_complement_sum
+    ethertype, at = struct.unpack_from(">H", frame, 12)[0] if len(frame) >= 14 else 0, 14
+    if ethertype == 0x8100 and len(frame) >= 18:
+        ethertype, at = struct.unpack_from(">H", frame, 16)[0], 18
+    if ethertype == 0x0800 and len(frame) >= at + 20:
+        proto, start = frame[at + 9], at + (frame[at] & 0xF) * 4
+        end = at + struct.unpack_from(">H", frame, at + 2)[0]
+    elif ethertype == 0x86DD and len(frame) >= at + 40:
+        proto, start = frame[at + 6], at + 40
+        end = start + struct.unpack_from(">H", frame, at + 4)[0]
+    else:
+        return frame
+    offset = L4_CHECKSUM_AT.get(proto)
+    if offset is None or end > len(frame) or start + offset + 2 > end:
+        return frame
+    out = bytearray(frame)
+    value = ~ones_complement_sum(memoryview(out)[start:end]) & 0xFFFF
+    struct.pack_into(">H", out, start + offset, value or 0xFFFF)    # 0 and 0xFFFF are the same sum
+    return bytes(out)
+
+
 class PacketUplink:
     """AF_PACKET bound to ifname. VLAN tags that the kernel moved into
     packet metadata (VLAN offload) are put back into the frame, so the
@@ -116,6 +143,8 @@ class PacketUplink:
                     status, _l, _s, _m, _n, tci, tpid = AUXDATA.unpack_from(value)
                     if status & TP_STATUS_VLAN_VALID:
                         data = data[:12] + struct.pack(">HH", tpid or 0x8100, tci) + data[12:]
+                    if status & TP_STATUS_CSUMNOTREADY:
+                        data = finish_checksum(data)
             out.append(data)
         return out
 
