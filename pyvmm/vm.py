@@ -82,6 +82,10 @@ class Console:
                                    f"(exit {self._proc.poll()})")
                 self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
+    def join(self, timeout: float | None = None) -> None:
+        """Waits for the reader to reach the end of the output (the VM ended)."""
+        self._thread.join(timeout)
+
     def send(self, text: str | bytes) -> int:
         """Types `text` at the console; returns the mark before it."""
         where = self.mark()
@@ -163,8 +167,13 @@ class VM:
         try:
             self._qmp = QmpClient(sock, timeout=max(1.0, deadline - time.monotonic()))
         except QmpConnectionError:
-            self.kill()
-            raise
+            try:                                    # it ended on its way up: say why
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+            self._cleanup()
+            raise VmmError(self._exit_message("did not start")) from None
         return self
 
     def _pump_stderr(self) -> None:
@@ -295,6 +304,25 @@ class VM:
         """Brings the running VM back to snapshot `tag`. Raises QmpError."""
         drive, devices = self._drives(drive, devices)
         self._job("snapshot-load", timeout, tag=tag, vmstate=drive, devices=devices)
+
+    def save(self, path: str, diff: bool = False) -> dict:
+        """Saves the whole VM into snapshot file `path` (diff: only the pages
+        written since the last save or load). Returns {"size", "runs", "kind"}.
+        Raises QmpError."""
+        return self.qmp("x-snapshot-file-save", path=str(path), type="diff" if diff else "full")
+
+    def load(self, path: str) -> float:
+        """Brings the running VM back to snapshot file `path`, its RAM mapped
+        lazily; returns the milliseconds the load took inside the VMM.
+        Raises QmpError."""
+        return self.qmp("x-snapshot-file-load", path=str(path))["load-ms"]
+
+    @classmethod
+    def from_snapshot(cls, path: str, **kw) -> "VM":
+        """A VM that starts from snapshot file `path` (`pyvmm run --restore`);
+        kw describe the same machine as the one saved (engine may differ)."""
+        kw["extra_args"] = [*kw.get("extra_args", ()), "--restore", str(path)]
+        return cls(**kw)
 
     def delete_snapshot(self, tag: str, devices: list[str] | None = None, timeout: float = 600.0) -> None:
         _, devices = self._drives(None, devices)

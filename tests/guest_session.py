@@ -1,5 +1,10 @@
-"""Driving a whole `pyvmm run` process like a user at the console:
-spawn, expect text, send input, wait for the exit code."""
+"""Driving a whole `pyvmm run` process (or a QEMU one) like a user at the
+console: spawn, expect text, send input, wait for the exit code.
+
+A thin layer over pyvmm.VM's console (pyvmm/vm.py's Console: one reader
+of a guest's COM1 for the API and the tests): this adds the raw command
+line, stderr, and failures as AssertionErrors that show what the guest
+printed."""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from pyvmm.errors import VmmError
+from pyvmm.vm import Console
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,76 +31,56 @@ def host_has_hardware_assist() -> bool:
 
 
 class GuestSession:
-    """One pyvmm process. Output is collected by a thread so expect() never blocks it."""
+    """One pyvmm process (`GuestSession("run", ...)`), or any other console
+    program (`GuestSession(argv=[...])`). Output is collected by threads so
+    expect() never blocks it."""
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyvmm", *args], cwd=REPO,
+    def __init__(self, *args: str, env: dict | None = None, argv: list[str] | None = None):
+        self.proc = subprocess.Popen(argv or [sys.executable, "-m", "pyvmm", *args], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})})
-        self._out = bytearray()
+        self.console = Console(self.proc)
         self._err = bytearray()
-        self._cond = threading.Condition()
-        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._err_thread = threading.Thread(target=self._pump_stderr, name="pyvmm-stderr", daemon=True)
+        self._err_thread.start()
 
-    def _pump(self, stream, buf: bytearray) -> None:
-        while True:
-            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(1)
-            if not chunk:
-                break
-            with self._cond:
-                buf.extend(chunk)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
+    def _pump_stderr(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):
+            self._err += chunk
 
     @property
     def output(self) -> str:
-        with self._cond:
-            return self._out.decode(errors="replace")
+        return self.console.output
 
     @property
     def errors(self) -> str:
-        with self._cond:
-            return self._err.decode(errors="replace")
+        return bytes(self._err).decode(errors="replace")
 
     def mark(self) -> int:
         """Where stdout ends now: give it to expect(after=) so that only
         output that comes after (say, after a command was sent) matches."""
-        with self._cond:
-            return len(self._out)
+        return self.console.mark()
 
     def expect(self, pattern: str, timeout: float, after: int = 0) -> re.Match:
         """Waits until stdout from byte `after` on matches `pattern`; raises
         AssertionError with the output so far on timeout or if the process
         ended first."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                m = rx.search(self._out[after:].decode(errors="replace"))
-                if m:
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not any(t.is_alive() for t in self._threads)):
-                    raise AssertionError(f"{pattern!r} not seen (exit={self.proc.poll()})\n--- stdout tail:\n"
-                                         f"{self._out.decode(errors='replace')[-3000:]}\n--- stderr:\n"
-                                         f"{self._err.decode(errors='replace')[-3000:]}")
-                self._cond.wait(min(left, 0.5))
+        try:
+            return self.console.expect(pattern, timeout, after)
+        except VmmError:
+            if self.proc.poll() is not None:
+                self._err_thread.join(2)
+            raise AssertionError(f"{pattern!r} not seen (exit={self.proc.poll()})\n--- stdout tail:\n"
+                                 f"{self.output[-3000:]}\n--- stderr:\n{self.errors[-3000:]}") from None
 
     def send(self, text: str) -> int:
         """Types `text` at the console; returns the mark before it (see mark())."""
-        where = self.mark()
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
-        return where
+        return self.console.send(text)
 
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)
-        for t in self._threads:
-            t.join(5)
+        self.console.join(5)
+        self._err_thread.join(5)
         return code
 
     def kill(self) -> None:

@@ -1,5 +1,7 @@
-"""Block nodes and virtio-blk hotplug over QMP: blockdev-add / blockdev-del
-open and close disk images as named nodes, device_add driver=virtio-blk-pci
+"""Block nodes, network backends and virtio-blk / virtio-net hotplug over
+QMP: blockdev-add / blockdev-del open and close disk images as named
+nodes, netdev_add / netdev_del name TAP, switch and stream backends,
+device_add driver=virtio-blk-pci (drive=) or virtio-net-pci (netdev=)
 puts one on PCI bus 0 in the first free slot (a guest finds it by
 rescanning the bus, e.g. Linux's /sys/bus/pci/rescan: pyvmm has no ACPI
 hotplug controller yet), device_del takes it off again and says so with
@@ -67,14 +69,86 @@ def blockdev_del(t: Target, args: dict) -> dict:
     return {}
 
 
+def _netdevs(t: Target) -> dict:
+    """netdev id -> {"net": NetConfig, "device": the NIC's id or None}."""
+    found = getattr(t, "net_backends", None)
+    if found is None:
+        found = t.net_backends = {}
+    return found
+
+
+def netdev_add(t: Target, args: dict) -> dict:
+    """QEMU's {"type": "tap", "id": N, "ifname": IF} and {"type": "stream",
+    "id": N, "addr": {"type": "unix", "path": P}}, and pyvmm's {"type":
+    "switch", "id": N, "switch": NAME}. The backend opens when a NIC uses it."""
+    from ..config import NetConfig
+    from ..errors import ConfigError
+    kind, ident = args["type"], args["id"]
+    if ident in _netdevs(t):
+        raise CommandError(f"Duplicate ID '{ident}' for netdev")
+    if kind == "tap" and isinstance(args.get("ifname"), str):
+        net = NetConfig(tap=args["ifname"], id=ident)
+    elif kind == "switch" and isinstance(args.get("switch"), str):
+        net = NetConfig(switch=args["switch"], id=ident)
+    elif kind == "stream" and isinstance(args.get("addr"), dict) and args["addr"].get("type") == "unix":
+        net = NetConfig(stream=str(args["addr"].get("path", "")), id=ident)
+    else:
+        raise CommandError(f"netdev type '{kind}' needs: tap ifname=IF, switch switch=NAME, "
+                           "or stream addr={\"type\": \"unix\", \"path\": P}")
+    try:
+        net.validate()
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    _netdevs(t)[ident] = {"net": net, "device": None}
+    return {}
+
+
+def netdev_del(t: Target, args: dict) -> dict:
+    backend = _netdevs(t).get(args["id"])
+    if backend is None:
+        raise CommandError(f"Device '{args['id']}' not found")
+    if backend["device"] is not None:
+        raise CommandError(f"netdev '{args['id']}' is in use by device '{backend['device']}'")
+    del _netdevs(t)[args["id"]]
+    return {}
+
+
+def _net_function(t: Target, m, args: dict, ident: str):
+    """A virtio-net function on netdev args["netdev"]. Raises CommandError."""
+    from ..devices.virtio.install import _net_function as make
+    from ..errors import VmmError
+    name = args.get("netdev")
+    backend = _netdevs(t).get(name) if name else None
+    if backend is None:
+        raise CommandError(f"Property 'virtio-net-pci.netdev' can't find value '{name}'")
+    if backend["device"] is not None:
+        raise CommandError(f"netdev '{name}' is already in use by '{backend['device']}'")
+    net = backend["net"]
+    if args.get("mac") is not None:
+        from dataclasses import replace
+        net = replace(net, mac=str(args["mac"]))
+        try:
+            net.validate()
+        except VmmError as e:
+            raise CommandError(str(e)) from None
+    nics = sum(1 for f in m.devices.values() if type(getattr(f, "device", None)).__name__ == "VirtioNet")
+    try:
+        return make(m, net, nics), name
+    except (VmmError, OSError) as e:
+        raise CommandError(f"netdev '{name}': {e}") from None
+
+
 def device_add(t: Target, args: dict) -> dict:
     from ..builder import _irq
     from ..devices.pci.host import intx_gsi
     from ..devices.virtio.install import _block_function
     m = _machine(t)
     driver, ident, drive = args["driver"], args.get("id"), args.get("drive")
+    if driver == "virtio-net-pci":
+        return _device_add_net(t, m, args)
     if driver != "virtio-blk-pci":
-        raise CommandError(f"'{driver}' is not a valid device model name (pyvmm hotplugs: virtio-blk-pci)")
+        raise CommandError(f"'{driver}' is not a valid device model name "
+                           "(pyvmm hotplugs: virtio-blk-pci, virtio-net-pci)")
     if not ident or not drive:
         raise CommandError("virtio-blk-pci needs id= and drive=")
     if ident.replace("-", "_") in m.devices:
@@ -104,6 +178,41 @@ def device_add(t: Target, args: dict) -> dict:
     return {}
 
 
+def _device_add_net(t: Target, m, args: dict) -> dict:
+    from ..builder import _irq
+    from ..devices.pci.host import intx_gsi
+    ident = args.get("id")
+    if not ident:
+        raise CommandError("virtio-net-pci needs id= and netdev=")
+    if ident.replace("-", "_") in m.devices:
+        raise CommandError(f"Duplicate device ID '{ident}'")
+    bridge = m.devices.get("pci_host")
+    if bridge is None:
+        raise CommandError("this machine has no PCI bus to plug into (give it a --drive or --virtio-rng)")
+    with m.lock:
+        function, netdev = _net_function(t, m, args, ident)
+        try:
+            slot = bridge.add(function, ident)
+        except Exception:
+            function.device.close()
+            raise
+        function.irq = _irq(m, intx_gsi(slot))
+        function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
+        m.devices[ident.replace("-", "_")] = function
+    _netdevs(t)[netdev]["device"] = ident
+    _hotplugged_nics(m)[ident] = netdev
+    log.info("hotplugged %s (netdev %s) in PCI slot %d", ident, netdev, slot)
+    return {}
+
+
+def _hotplugged_nics(m) -> dict:
+    """Device id -> netdev id of the virtio-net devices added by device_add."""
+    found = getattr(m, "hotplugged_nics", None)
+    if found is None:
+        found = m.hotplugged_nics = {}
+    return found
+
+
 def _hotplugged(m) -> dict:
     """Device id -> node name of the virtio-blk devices added by device_add."""
     found = getattr(m, "hotplugged_drives", None)
@@ -116,7 +225,8 @@ def device_del(t: Target, args: dict) -> dict:
     m = _machine(t)
     ident = args["id"]
     drive = _hotplugged(m).get(ident)
-    if drive is None:
+    netdev = _hotplugged_nics(m).get(ident)
+    if drive is None and netdev is None:
         raise CommandError(f"Device '{ident}' not found" if ident.replace("-", "_") not in m.devices
                            else f"Device '{ident}' was not hotplugged: pyvmm removes only what device_add added")
     bridge = m.devices["pci_host"]
@@ -126,13 +236,21 @@ def device_del(t: Target, args: dict) -> dict:
         function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
         bridge.remap(slot)
         del bridge.functions[slot], bridge.names[slot]
-        function.device.drain()
-        function.device.stop_io()
-        if function.device.drain in m.drains:
-            m.drains.remove(function.device.drain)
+        if netdev is not None:
+            function.device.close()                  # the backend's port: its reader leaves the loop
+        else:
+            function.device.drain()
+            function.device.stop_io()
+            if function.device.drain in m.drains:
+                m.drains.remove(function.device.drain)
         del m.devices[ident.replace("-", "_")]
-    del _hotplugged(m)[ident]
-    _nodes(t)[drive]["device"] = None
+    if netdev is not None:
+        del _hotplugged_nics(m)[ident]
+        if netdev in _netdevs(t):
+            _netdevs(t)[netdev]["device"] = None
+    else:
+        del _hotplugged(m)[ident]
+        _nodes(t)[drive]["device"] = None
     t.emit("DEVICE_DELETED", {"device": ident, "path": f"/machine/peripheral/{ident}"})
     return {}
 
@@ -143,6 +261,10 @@ COMMANDS.update({c.name: c for c in [
                                                 "discard": (str, False), "cache": (dict, False)}),
     Command("blockdev-del", blockdev_del, args={"node-name": (str, True)}),
     Command("device_add", device_add, RUNNING_OR_PAUSED,
-            {"driver": (str, True), "id": (str, False), "drive": (str, False), "bus": (str, False)}),
+            {"driver": (str, True), "id": (str, False), "drive": (str, False), "bus": (str, False),
+             "netdev": (str, False), "mac": (str, False)}),
+    Command("netdev_add", netdev_add, args={"type": (str, True), "id": (str, True), "ifname": (str, False),
+                                            "switch": (str, False), "addr": (dict, False)}),
+    Command("netdev_del", netdev_del, args={"id": (str, True)}),
     Command("device_del", device_del, RUNNING_OR_PAUSED, {"id": (str, True)}),
 ]})

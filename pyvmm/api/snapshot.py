@@ -60,6 +60,37 @@ def snapshot_delete(t: Target, args: dict) -> dict:
     return {}
 
 
+def _file_call(t: Target, action: Callable[[], object]) -> object:
+    """Runs a snapshot-file action with the vCPUs stopped; its errors as QMP errors."""
+    from ..errors import VmmError
+    out: list = []
+    try:
+        stopped_for(t, lambda: out.append(action()))
+    except CommandError:
+        raise
+    except VmmError as e:                      # VmStateError, and the host refusing a mapping
+        raise CommandError(str(e)) from None
+    return out[0]
+
+
+def snapshot_file_save(t: Target, args: dict) -> dict:
+    """pyvmm's x-snapshot-file-save {path, type: full|diff}: the whole VM
+    into one file (snapshot/file.py), synchronously."""
+    from ..snapshot.file import save_file
+    kind = args.get("type", "full")
+    if kind not in ("full", "diff"):
+        raise CommandError("Parameter 'type' does not accept value '%s' (full or diff)" % kind)
+    return _file_call(t, lambda: save_file(_machine(t), args["path"], diff=kind == "diff"))
+
+
+def snapshot_file_load(t: Target, args: dict) -> dict:
+    """pyvmm's x-snapshot-file-load {path}: the running or paused VM takes
+    the state of a snapshot file, its RAM mapped lazily from the file."""
+    from ..snapshot.file import load_file
+    took = _file_call(t, lambda: load_file(_machine(t), args["path"], bool(args.get("verify", False))))
+    return {"load-ms": round(took * 1e3, 3)}
+
+
 # -- HMP ----------------------------------------------------------------------------------
 def _tag(word: str, rest: str, default: str | None = None) -> str:
     if not rest and default is None:
@@ -96,6 +127,8 @@ COMMANDS.update({c.name: c for c in [
     Command("snapshot-load", snapshot_load, RUNNING_OR_PAUSED, SNAPSHOT_ARGS),
     Command("snapshot-delete", snapshot_delete, RUNNING_OR_PAUSED,
             {"job-id": (str, True), "tag": (str, True), "devices": (list, True)}),
+    Command("x-snapshot-file-save", snapshot_file_save, RUNNING_OR_PAUSED, {"path": (str, True), "type": (str, False)}),
+    Command("x-snapshot-file-load", snapshot_file_load, RUNNING_OR_PAUSED, {"path": (str, True), "verify": (bool, False)}),
     Command("query-jobs", query_jobs),
     Command("job-dismiss", job_dismiss, args={"id": (str, True)}),
 ]})

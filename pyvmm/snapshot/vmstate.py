@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import mmap
 import struct
 import zlib
 from typing import TYPE_CHECKING
@@ -131,11 +130,14 @@ def _decode_ram(machine: "Machine", payload: bytes) -> list[tuple[int, memoryvie
 
 
 def _load_ram(machine: "Machine", runs: list[tuple[int, memoryview]]) -> None:
+    from .lazymap import map_zero_fast
     memory = machine.memory
     for r in memory.regions:
-        # Zero pages by dropping them (a private anonymous mapping reads
-        # zeros afterwards): no page is touched that the state leaves zero.
-        r.mm.madvise(mmap.MADV_DONTNEED, 0, r.size)
+        # Fresh zero pages, no page touched that the state leaves zero (not
+        # MADV_DONTNEED: RAM mapped from a snapshot file (file.py) would
+        # read the file's bytes again, not zeros).
+        map_zero_fast(r.host_address(), r.size)
+    machine.snapshot_parent = None                 # RAM no longer mirrors a snapshot file
     for gpa, data in runs:
         memory.view(gpa, len(data))[:] = data
     for r in memory.regions:       # translated code and the dirty log see the whole of RAM change
@@ -231,18 +233,31 @@ def capture(machine: "Machine") -> bytes:
 def check(machine: "Machine", data: bytes) -> tuple[list[CpuState], dict, list]:
     """Decodes `data` for `machine` without changing it. Raises VmStateError."""
     sections = unpack(data)
+    cpus, devices = check_sections(machine, sections)
+    return cpus, devices, _decode_ram(machine, sections[b"RAM "])
+
+
+def check_sections(machine: "Machine", sections: dict[bytes, bytes]) -> tuple[list[CpuState], dict]:
+    """The vCPU and device states of META, CPUS and DEVS, checked against
+    the machine's RAM layout, vCPU count and device set (shared with the
+    snapshot file format, file.py). Raises VmStateError."""
     try:
         meta = json.loads(sections[b"META"])
         cpus = [cpu_from_json(c) for c in json.loads(sections[b"CPUS"])]
         devices = json.loads(sections[b"DEVS"])
     except ValueError as e:
         raise VmStateError(f"vmstate: a JSON section is malformed ({e})") from None
+    if not isinstance(meta, dict):
+        raise VmStateError("vmstate: the META section is not an object")
     here = _meta(machine)
     if meta.get("ram") != here["ram"]:
         raise VmStateError(f"vmstate: saved with {_mib(meta.get('ram'))} MiB of RAM, this machine has "
                            f"{_mib(here['ram'])} MiB")
     if len(cpus) != here["cpus"]:
         raise VmStateError(f"vmstate: saved with {len(cpus)} vCPU(s), this machine has {here['cpus']}")
+    if isinstance(devices, dict):          # saved where the machine had them, never used: dropped
+        devices = {n: st for n, st in devices.items()
+                   if n in here["devices"] or not _unused_optional(n, st)}
     extra = set(here["devices"]) - set(devices) if isinstance(devices, dict) else set()
     if isinstance(devices, dict) and extra <= set(OPTIONAL_DEVICES):
         devices = {**devices, **{name: None for name in extra}}     # reset: the guest never found them
@@ -251,7 +266,16 @@ def check(machine: "Machine", data: bytes) -> tuple[list[CpuState], dict, list]:
         diff = sorted(theirs ^ set(here["devices"]))
         raise VmStateError(f"vmstate: the device set does not match this machine's (differs in: "
                            f"{', '.join(diff) or '?'}; saved under engine {meta.get('engine')})")
-    return cpus, devices, _decode_ram(machine, sections[b"RAM "])
+    return cpus, devices
+
+
+def _unused_optional(name: str, state: object) -> bool:
+    """True for the saved state of an OPTIONAL_DEVICES device the guest
+    never set up (the paravirt interface with no hypercall page, shared
+    page or timer), which a machine without that device can go on without."""
+    if name not in OPTIONAL_DEVICES or not isinstance(state, dict):
+        return False
+    return not state.get("page_msr") and not state.get("shared") and state.get("timer_deadline_ns") is None
 
 
 def _mib(ram) -> str:

@@ -62,3 +62,59 @@ def test_hotplug_virtio_blk(tmp_path):
         vm.close()
     assert qemu_img("check", extra).returncode == 0
     assert " t " in qemu_img("snapshot", "-l", extra).stdout
+
+
+def _class_code(vm: CounterVm, slot: int) -> int:
+    bus = vm.machine.io_bus
+    bus.write(0xCF8, 4, 0x80000000 | slot << 11 | 8)
+    return bus.read(0xCFC, 4) >> 8
+
+
+def test_hotplug_virtio_net_on_a_stream_backend(tmp_path):
+    """netdev_add (QEMU's stream shape) + device_add virtio-net-pci: an
+    Ethernet function in PCI config space on a connected backend;
+    device_del unplugs it and closes the backend (the peer sees EOF);
+    netdev_del then frees the name."""
+    import socket
+    disk = tmp_path / "disk.qcow2"
+    create_image(str(disk), "qcow2", 1 << 20)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "net.sock"))
+    server.listen(1)
+    server.settimeout(10)
+    vm = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    try:
+        vm.wait_counts(1)
+        with pytest.raises(CommandError, match="needs"):
+            vm.qmp("netdev_add", type="tap", id="n0")
+        with pytest.raises(CommandError, match="can't find value 'n0'"):
+            vm.qmp("device_add", driver="virtio-net-pci", netdev="n0", id="nic0")
+        assert vm.qmp("netdev_add", type="stream", id="n0",
+                      addr={"type": "unix", "path": str(tmp_path / "net.sock")}) == {}
+        with pytest.raises(CommandError, match="Duplicate ID 'n0'"):
+            vm.qmp("netdev_add", type="switch", id="n0", switch="sw")
+        assert vm.qmp("device_add", driver="virtio-net-pci", netdev="n0", id="nic0",
+                      mac="52:54:00:aa:bb:cc") == {}
+        peer, _ = server.accept()
+        with pytest.raises(CommandError, match="already in use by 'nic0'"):
+            vm.qmp("device_add", driver="virtio-net-pci", netdev="n0", id="nic1")
+        with pytest.raises(CommandError, match="in use by device 'nic0'"):
+            vm.qmp("netdev_del", id="n0")
+        slot = next(d["slot"] for d in vm.qmp("query-pci")[0]["devices"] if d["qdev_id"] == "nic0")
+        assert _vendor(vm, slot) == 0x1AF4 and _class_code(vm, slot) == 0x020000
+        assert vm.machine.devices["nic0"].device.mac == bytes.fromhex("525400aabbcc")
+
+        assert vm.qmp("device_del", id="nic0") == {}
+        assert vm.events[-1] == ("DEVICE_DELETED", {"device": "nic0", "path": "/machine/peripheral/nic0"})
+        assert _vendor(vm, slot) == 0xFFFF
+        peer.settimeout(10)
+        assert peer.recv(1) == b""                          # the backend was closed
+        peer.close()
+        assert vm.qmp("netdev_del", id="n0") == {}
+        with pytest.raises(CommandError, match="not found"):
+            vm.qmp("netdev_del", id="n0")
+        assert vm.qmp("query-status")["status"] == "running"
+        vm.wait_counts(2, after=len(vm.output))
+    finally:
+        vm.close()
+        server.close()

@@ -219,3 +219,46 @@ def test_qmp_beside_config_file_and_bad_spec_on_the_command_line(tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_client_that_floods_and_never_reads_cannot_stall_the_others(vm_path):
+    """One client sends commands without ever reading a reply; the server
+    stops reading it (backpressure) and drops it once its unread replies
+    pass the cap, while another client is answered promptly throughout."""
+    import socket
+    import threading
+    vm, path = vm_path
+    flooder = raw_connect(path)
+    flooder.settimeout(0.2)
+    sent = [0]
+    stop = threading.Event()
+    command = b'{"execute": "qmp_capabilities"}' + b'{"execute": "query-version"}' * 64
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                sent[0] += flooder.send(command)
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                return                                     # dropped by the server
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    c = LineClient(path)
+    c.recv()
+    c.reply(b'{"execute": "qmp_capabilities"}')
+    worst = 0.0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        assert c.reply(b'{"execute": "query-status"}')["return"]["status"] == "running"
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.02)
+    stop.set()
+    t.join(5)
+    flooder.close()
+    assert sent[0] > 100_000, sent[0]                     # it did flood
+    assert worst < 2.0, worst
+    assert vm.proc.poll() is None
+    assert c.reply(b'{"execute": "query-status"}')["return"]["status"] == "running"
+    c.close()

@@ -55,3 +55,30 @@ def test_vm_that_cannot_start_says_why(tmp_path):
     vm = VM(kernel=str(tmp_path / "missing"), engine="bt")
     with pytest.raises(VmmError, match="did not start .*no such file"):
         vm.start()
+
+
+def test_guest_session_reads_through_the_api_console():
+    """tests/guest_session.py is a thin layer over pyvmm.vm.Console: a pyvmm
+    run and any other console program, with failures as AssertionErrors
+    that carry what was printed."""
+    import sys
+    import time
+
+    from tests.guest_session import GuestSession
+    with GuestSession("run", "--kernel", str(counter_kernel()), "--engine", "bt", "--mem", "32",
+                      "--no-reboot", "--no-bt-cache") as g:
+        g.expect(r"00000002\r?\n", timeout=30)
+        mark = g.mark()
+        g.expect(r"([0-9A-F]{8}\r?\n){2}", timeout=30, after=mark)
+        assert counts(g.output.encode()[mark:])[0] > 2
+        t = time.monotonic()
+        with pytest.raises(AssertionError, match=r"'NEVER' not seen \(exit=None\)\n--- stdout tail:\n.*0000"):
+            g.expect("NEVER", timeout=0.5)
+        assert time.monotonic() - t < 5
+    other = GuestSession(argv=[sys.executable, "-c", "import sys; print(input()[::-1]); "
+                                                     "print('bye', file=sys.stderr); sys.exit(3)"])
+    other.send("olleh\n")
+    other.expect(r"hello\r?\n", timeout=30)
+    assert other.wait(30) == 3 and other.errors == "bye\n"
+    with pytest.raises(AssertionError, match=r"exit=3\)[\s\S]*--- stderr:\nbye"):
+        other.expect("more", timeout=30)                 # ended: fails at once, not after 30 s
