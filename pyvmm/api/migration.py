@@ -1,4 +1,5 @@
-"""Live migration commands (QEMU's names and arguments): migrate (uri),
+"""Live migration commands (QEMU's names and arguments): migrate (uri;
+blk: the drives' contents go along, migration/blocks.py),
 query-migrate, migrate_cancel, migrate-set-parameters (downtime-limit in
 ms, max-bandwidth in bytes/s), query-migrate-parameters, and the
 MIGRATION event for every status.  The work is migration/sender.py's, on a
@@ -36,14 +37,15 @@ def migrate(t: Target, args: dict) -> dict:
         raise CommandError("There's a migration process in progress")
     if getattr(m, "postmigrate", False):
         raise CommandError("migrate: the guest has migrated already")
-    if args.get("blk") or args.get("inc"):
-        raise CommandError("block migration is not supported: keep the images on storage both sides open")
+    if args.get("inc"):
+        raise CommandError("incremental block migration (inc) is not supported: use blk, or shared storage")
     try:
         uri = parse_uri(args["uri"])
     except MigrationError as e:
         raise CommandError(str(e)) from None
     p = _params(t)
-    job = t.migration = Migration(uri, Parameters(p.downtime_limit_ms, p.max_bandwidth), t.emit)
+    job = t.migration = Migration(uri, Parameters(p.downtime_limit_ms, p.max_bandwidth), t.emit,
+                                  blk=bool(args.get("blk")))
     job.emit("MIGRATION", {"status": "setup"})
 
     def pause() -> None:

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI", help="the destination's --incoming: tcp:HOST:PORT or unix:PATH")
     p.add_argument("--downtime-limit", type=int, metavar="MS", help="longest pause allowed (default 300)")
     p.add_argument("--max-bandwidth", type=int, metavar="BYTES_PER_S", help="0: unlimited")
+    p.add_argument("--blk", action="store_true",
+                   help="copy the drives' contents along (the destination opens its own images)")
     p.add_argument("--quit", action="store_true", help="end the source once the migration completed")
     p.add_argument("--json", action="store_true", help="print the final query-migrate as JSON")
     p.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
@@ -50,7 +52,7 @@ def _drive(client, args) -> int:
         params["max-bandwidth"] = args.max_bandwidth
     if params:
         client.execute("migrate-set-parameters", params)
-    client.execute("migrate", {"uri": args.uri})
+    client.execute("migrate", {"uri": args.uri, **({"blk": True} if args.blk else {})})
     deadline = time.monotonic() + args.timeout
     while True:
         info = client.execute("query-migrate")

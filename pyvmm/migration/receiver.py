@@ -14,8 +14,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import VmmError
-from . import stream
-from .state import check_config, load_state
+from . import blocks, stream
+from .state import check_config, load_state, warm_up
 from .uri import MigrationError, parse_uri
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def receive(machine: "Machine", uri_text: str, *, quiet: bool = False) -> None:
     `machine`, which has not run. Raises MigrationError or StreamError."""
     uri = parse_uri(uri_text)
     listener = uri.listen()
+    warm_up()
     if not quiet:
         print(f"pyvmm: waiting for an incoming migration on {uri}", file=sys.stderr, flush=True)
     try:
@@ -79,7 +80,9 @@ def load_stream(machine: "Machine", f, answer=lambda line: None) -> None:
     kind, payload = stream.read_record(f)
     if kind != stream.CONFIG:
         raise stream.StreamError(f"migration stream starts with a {stream.NAMES[kind]} record, not config")
-    check_config(machine, stream.parse_json(kind, payload))
+    config = stream.parse_json(kind, payload)
+    check_config(machine, config)
+    drives = blocks.check_drives(machine, config.get("blocks"))
     have_state = False
     while True:
         kind, payload = stream.read_record(f)
@@ -97,6 +100,8 @@ def load_stream(machine: "Machine", f, answer=lambda line: None) -> None:
                 # all of RAM during the downtime.
                 for fn in memory.write_listeners:
                     fn(gpa, size)
+        elif kind == stream.BLOCKS and not have_state and drives:
+            blocks.apply(drives, payload)
         elif kind == stream.SYNC and not have_state:
             answer(b"SYNC\n")
         elif kind == stream.STATE and not have_state:

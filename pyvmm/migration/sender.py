@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import StateError, VmmError
+from ..errors import VmmError
 from . import stream
-from .state import config_doc, state_doc
+from .blocks import CHUNK, BlockSender
+from .state import config_doc, state_doc, warm_up
 from .uri import MigrationError, MigrationUri
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Migration:
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     sock: socket.socket | None = None
+    blk: bool = False             # block migration: the drives' contents go along (blocks.py)
     _lines: object = None         # the socket's reader for the destination's answers
 
     @property
@@ -111,24 +113,33 @@ class Migration:
         memory = machine.memory
         paused_here = False
         log_on = False
+        blocks = BlockSender(machine) if self.blk else None
         try:
             self.total_ram = sum(r.size for r in memory.regions)
             self.sock = self.uri.connect()
             self.sock.settimeout(None)
             self._check_cancel()
-            self._send([stream.header(), *stream.json_record(stream.CONFIG, config_doc(machine))])
+            config = config_doc(machine)
+            if blocks is not None:
+                config["blocks"] = blocks.describe()
+                blocks.start()
+            self._send([stream.header(), *stream.json_record(stream.CONFIG, config)])
+            warm_up()
             memory.start_dirty_log()
             log_on = True
             self.set_status("active")
             active_since = time.monotonic()
+            if blocks is not None:
+                self._send_blocks(blocks, blocks.all_chunks(), skip_zero=True)
             self._send_all_ram(machine)
             while True:
                 self._sync()
                 self._check_cancel()
                 t0 = time.monotonic()
                 dirty = list(memory.dirty_pages())
+                dirty_blocks = blocks.dirty_chunks() if blocks is not None else []
                 self.passes += 1
-                self.remaining = len(dirty) * stream.PAGE
+                self.remaining = len(dirty) * stream.PAGE + len(dirty_blocks) * CHUNK
                 # Wall time, not socket time: copying pages out of guest RAM is
                 # part of what the final pass costs.
                 self.bandwidth = self.transferred / max(time.monotonic() - active_since, 1e-6)
@@ -136,6 +147,8 @@ class Migration:
                 if self.expected_downtime_ms <= self.params.downtime_limit_ms or self.passes >= MAX_PASSES:
                     break
                 self._send_pages(machine, dirty)
+                if blocks is not None:
+                    self._send_blocks(blocks, dirty_blocks)
                 self.dirty_rate = len(dirty) / max(time.monotonic() - t0, 1e-6)
             from ..runstate import RunState
             stop_at = time.monotonic()
@@ -143,12 +156,20 @@ class Migration:
                 pause()
                 paused_here = True
             self.set_status("device")
+            # Saving the devices may write guest RAM (the local APIC settles a
+            # PV-EOI flag the guest has not cleared yet): the state is taken
+            # first so that the last pass carries those writes too.  Sent
+            # after it, the destination's guest would find its flag still set,
+            # skip the EOI and keep that vector in service for ever.
+            _flush_drives(machine)
+            state = state_doc(machine)
             dirty = sorted(set(dirty) | set(memory.dirty_pages()))
             memory.stop_dirty_log()
             log_on = False
             self._send_pages(machine, dirty)
-            _flush_drives(machine)
-            self._send(stream.json_record(stream.STATE, state_doc(machine)))
+            if blocks is not None:
+                self._send_blocks(blocks, sorted(set(dirty_blocks) | set(blocks.dirty_chunks())))
+            self._send(stream.json_record(stream.STATE, state))
             self._send(stream.end_record())
             sent_at = time.monotonic()
             self._await_ack()
@@ -176,6 +197,8 @@ class Migration:
             if not isinstance(e, (VmmError, OSError)):
                 log.exception("migration failed")
         finally:
+            if blocks is not None:
+                blocks.stop()
             if self.sock is not None:
                 self.sock.close()
 
@@ -199,6 +222,11 @@ class Migration:
             ahead = self.transferred / limit - (time.monotonic() - self.started)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def _send_blocks(self, blocks: BlockSender, chunks, skip_zero: bool = False) -> None:
+        for parts in blocks.records(chunks, skip_zero):
+            self._check_cancel()
+            self._send(parts)
 
     def _send_all_ram(self, machine: "Machine") -> None:
         """Pass 1: every page, zero pages as markers (64 KiB at a time)."""

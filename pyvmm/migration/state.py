@@ -10,10 +10,21 @@ from typing import TYPE_CHECKING
 from ..device import DeviceStateError
 from ..snapshot.vmstate import (OPTIONAL_DEVICES, restore_devices_and_cpus, VmStateError, cpu_from_json,
                                 cpu_to_json)
+from . import kvmpv_state
 from .stream import StreamError
 
 if TYPE_CHECKING:
     from ..machine import Machine
+
+
+def warm_up() -> None:
+    """Imports what saving and loading the state imports on first use (the
+    KVM platform's MSR list, the FPU image code, the savevm helpers): done
+    during the downtime, the first import cost ~120 ms."""
+    import importlib
+    for name in ("pyvmm.migrate", "pyvmm.engines.kvm.platform_state", "pyvmm.engines.bt.fxstate",
+                 "pyvmm.engines.bt.system", "pyvmm.engines.bt.faults", "pyvmm.snapshot.savevm"):
+        importlib.import_module(name)
 
 
 def config_doc(machine: "Machine") -> dict:
@@ -44,15 +55,33 @@ def _mib(ram) -> str:
 def state_doc(machine: "Machine") -> dict:
     """The STATE record of a machine whose vCPUs are stopped."""
     with machine.lock:
-        doc = {"engine": machine.engine.name,
+        doc = {"engine": machine.engine.name, "user_code_in_kvm": _user_code_fits_kvm(machine),
                "cpus": [cpu_to_json(machine.engine.save_state(i)) for i in range(machine.config.cpus)],
                "devices": {name: dev.save() for name, dev in machine.devices.items()}}
+        pv = kvmpv_state.save(machine)
+        if pv is not None:
+            doc["kvm_pv"] = pv
+        bt_cpus = kvmpv_state.bt_cpus(machine)
+        if bt_cpus:
+            # What the guest moved its TSC by (IA32_TSC, TSC_ADJUST writes): no
+            # CpuState field, and its clocksource must not step back.
+            doc["tsc_offsets"] = [c.tsc_offset for c in bt_cpus]
         if machine.engine.name in ("hw", "bt") and machine.config.irqchip:
             # The interrupt platform in engine-neutral terms (migrate.py), for a
             # destination whose engine keeps it elsewhere (KVM's chips vs bt's models).
             from ..migrate import _take_platform
             doc["platform"] = _take_platform(machine, machine.engine)
         return doc
+
+
+def _user_code_fits_kvm(machine: "Machine") -> bool:
+    """Whether the guest's user code may run under KVM on a hybrid
+    destination.  KVM here (kvm_pvm) lets user-mode rdtsc read the host's
+    raw TSC, so a kernel booted under bt or hw, which offer an invariant TSC
+    and kvmclock, hands its user space (the vDSO) a TSC clock that reads
+    the wrong counter there: time jumps by hours.  Only a guest booted under
+    hybrid (tsc=unstable, no kvmclock: the vDSO makes system calls) is safe."""
+    return machine.engine.name == "hybrid" and getattr(machine.engine, "user_in_kvm", False)
 
 
 # Where hw keeps the interrupt platform and guest time (KVM) and bt keeps
@@ -88,6 +117,11 @@ def load_state(machine: "Machine", doc: dict) -> None:
         raise StreamError(str(e).replace("vmstate: ", "migration stream: ")) from None
     if len(cpus) != machine.config.cpus:
         raise StreamError(f"migration stream has {len(cpus)} vCPU state(s), this machine {machine.config.cpus}")
+    pv = kvmpv_state.parse(doc.get("kvm_pv"))
+    tsc_offsets = doc.get("tsc_offsets")
+    if tsc_offsets is not None and (not isinstance(tsc_offsets, list) or len(tsc_offsets) != len(cpus)
+                                    or not all(isinstance(x, int) for x in tsc_offsets)):
+        raise StreamError("migration stream: the vCPUs' TSC offsets are malformed")
     here = set(machine.devices)
     platform = None
     if _other_family(machine, doc):
@@ -108,11 +142,18 @@ def load_state(machine: "Machine", doc: dict) -> None:
     if set(devices) != here:
         diff = ", ".join(sorted(set(devices) ^ here))
         raise StreamError(f"the source's devices differ from this machine's (in: {diff})")
+    if machine.engine.name == "hybrid" and not doc.get("user_code_in_kvm"):
+        machine.engine.keep_user_code_in_bt(f"the incoming guest booted under {doc.get('engine')}, "
+                                            f"its user space may read the TSC")
     with machine.lock:
         try:
             restore_devices_and_cpus(machine, devices, cpus)
             if platform is not None:
                 _give_platform(machine, platform)
+            kvmpv_state.load(machine, pv)
+            if platform is None and tsc_offsets is not None and kvmpv_state.bt_cpus(machine):
+                for c, offset in zip(kvmpv_state.bt_cpus(machine), tsc_offsets):
+                    c.tsc_offset = offset
         except OSError as e:
             raise StreamError(f"migration stream: KVM refused the interrupt platform ({e.strerror or e})") from None
         except (DeviceStateError, KeyError, TypeError, ValueError) as e:

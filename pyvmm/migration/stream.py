@@ -9,6 +9,7 @@ Record types, in the order a sender writes them:
     PAGES   (many, interleaved passes) u32 run count, then per run u64 guest
             address, u32 page count, u8 kind (0: all zero, no bytes follow;
             1: the pages' bytes follow)
+    BLOCKS  (block migration only, before STATE) drive contents: see blocks.py
     SYNC    empty, after each pass: the destination answers "SYNC\n" once it
             has loaded everything before it (the sender's bandwidth figure
             then counts the destination's work, and the final stop does not
@@ -37,8 +38,8 @@ HEADER = struct.Struct(">8sI")
 RECORD = struct.Struct(">BII")
 RUN = struct.Struct(">QIB")
 
-CONFIG, PAGES, STATE, END, SYNC = 1, 2, 3, 4, 5
-NAMES = {CONFIG: "config", PAGES: "pages", STATE: "state", END: "end", SYNC: "sync"}
+CONFIG, PAGES, STATE, END, SYNC, BLOCKS = 1, 2, 3, 4, 5, 6
+NAMES = {CONFIG: "config", PAGES: "pages", STATE: "state", END: "end", SYNC: "sync", BLOCKS: "blocks"}
 
 PAGE = 4096
 MAX_RUN_PAGES = 256                    # 1 MiB of page data per run
@@ -116,6 +117,8 @@ def read_record(f: BinaryIO) -> tuple[int, bytes]:
     limit = MAX_JSON if kind in (CONFIG, STATE) else 4 + MAX_RUNS * RUN.size + MAX_PAGES_BYTES
     if kind in (END, SYNC):
         limit = 0
+    elif kind == BLOCKS:
+        limit = 4 + 1024 * 15 + MAX_PAGES_BYTES      # blocks.py: MAX_BLOCK_RUNS runs of 15 bytes, 4 MiB
     if length > limit:
         raise StreamError(f"migration stream {NAMES[kind]} record of {length} bytes is over its limit of {limit}")
     payload = _read_exact(f, length, NAMES[kind])

@@ -17,7 +17,7 @@ import pytest
 from pyvmm.api.client import QmpClient
 from pyvmm.migration import stream
 
-from tests.api.counterguest import COUNTER, SOURCE, counts
+from tests.api.counterguest import SOURCE, counts
 from tests.api.qmpvm import REPO, free_tcp_port
 from tests.asm import multiboot_kernel
 
@@ -301,7 +301,7 @@ def test_destination_announces_the_mac(vms, tmp_path):
 
 def test_shared_disk_goes_with_the_guest(vms, tmp_path):
     """Both sides open the same image; the source flushes before the
-    destination runs, and block migration is refused."""
+    destination runs, and incremental block migration is refused."""
     disk = tmp_path / "shared.img"
     disk.write_bytes(bytes(1 << 20))
     drive = ["--drive", f"file={disk},format=raw,id=disk0"]
@@ -312,11 +312,34 @@ def test_shared_disk_goes_with_the_guest(vms, tmp_path):
     dst = vms(False, "--incoming", uri, *drive)
     dst.wait_stderr(b"waiting for an incoming migration")
     qmp = QmpClient(qsock)
-    with pytest.raises(Exception, match="block migration is not supported"):
-        qmp.execute("migrate", {"uri": uri, "blk": True})
+    with pytest.raises(Exception, match="block migration \\(inc\\) is not supported"):
+        qmp.execute("migrate", {"uri": uri, "inc": True})
     qmp.execute("migrate", {"uri": uri})
     assert _wait_done(qmp)["status"] == "completed"
     dst.wait_counts(3)
     joined = counts(bytes(src.out) + bytes(dst.out))
     assert joined == list(range(1, len(joined) + 1))
     qmp.close()
+
+
+def test_block_migration_copies_the_disk(vms, tmp_path):
+    """migrate with "blk": the destination's own, empty image ends up with
+    the source's contents (QEMU's block migration)."""
+    data = os.urandom(256 << 10)
+    src_disk, dst_disk = tmp_path / "src.img", tmp_path / "dst.img"
+    src_disk.write_bytes(bytes(1 << 20) + data + bytes(3 << 20))
+    dst_disk.write_bytes(bytes(src_disk.stat().st_size))
+    qsock = str(tmp_path / "src.qmp")
+    src = vms(False, "--qmp", f"unix:{qsock},server,wait=off", "--drive", f"file={src_disk},format=raw,id=disk0")
+    src.wait_counts(2)
+    uri = _uri("unix", tmp_path)
+    dst = vms(False, "--incoming", uri, "--drive", f"file={dst_disk},format=raw,id=disk0")
+    dst.wait_stderr(b"waiting for an incoming migration")
+    qmp = QmpClient(qsock)
+    qmp.execute("migrate", {"uri": uri, "blk": True})
+    assert _wait_done(qmp)["status"] == "completed"
+    dst.wait_counts(3)
+    qmp.execute("quit")
+    qmp.close()
+    dst.close()
+    assert dst_disk.read_bytes() == src_disk.read_bytes()

@@ -80,6 +80,10 @@ class HybridEngine(Engine):
         self.switch_ns = 0                    # moving state and flushing KVM's MMU
         self.watch = PageTableWatch(machine.memory)
         self.code_seen: dict[int, bytes] = {}  # user instruction address (physical) -> bytes bt last ran there
+        # False for a guest that booted elsewhere (an incoming migration from
+        # bt or hw): its user space may read the TSC (vDSO), which KVM here
+        # gives as the host's raw counter, so its user code stays in bt.
+        self.user_in_kvm = True
 
     # -- setup ---------------------------------------------------------------
     @property
@@ -130,11 +134,11 @@ class HybridEngine(Engine):
 
         def hooked_update_mode() -> None:
             update_mode()
-            if c.cpl == 3:
+            if c.cpl == 3 and self.user_in_kvm:
                 c.pending = True      # end the block loop: user mode goes to KVM
 
         def hooked_run_blocks(count: int) -> None:
-            if c.cpl == 3 and c.cr0 & CR0_PE:
+            if c.cpl == 3 and c.cr0 & CR0_PE and self.user_in_kvm:
                 self._user(c)
             else:
                 run_blocks(count)
@@ -147,6 +151,13 @@ class HybridEngine(Engine):
 
     def signal_msi(self, address: int, data: int) -> None:
         self.bt.signal_msi(address, data)
+
+    def keep_user_code_in_bt(self, why: str) -> None:
+        """Runs user code in bt as well from now on (the guest then runs
+        as under bt, with hybrid's platform)."""
+        if self.user_in_kvm:
+            log.warning("hybrid: %s: its user code runs in bt too", why)
+        self.user_in_kvm = False
 
     def load_state(self, cpu: int, st: CpuState) -> None:
         self.bt.load_state(cpu, st)
