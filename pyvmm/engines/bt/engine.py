@@ -195,6 +195,7 @@ class BtEngine(Engine):
         self.run_ns = 0       # host time inside run()
         self.idle_ns = 0      # of which waiting with every vCPU halted
         self.gate = PauseGate()   # the scheduler parks here at a slice end (pause())
+        self.ft = None            # pyvmm/ft's Recorder or Replayer: called before every round
 
     def prepare(self) -> None:
         """Creates the vCPUs. Raises EngineError / ConfigError for a bad setup."""

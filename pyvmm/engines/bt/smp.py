@@ -175,6 +175,11 @@ class Scheduler:
                     self.engine.park()
                     continue
                 probe.tick()
+                ft = self.engine.ft
+                if ft is not None:       # pyvmm/ft: log or replay outside inputs at this round's position
+                    ft.round_top()
+                    if m.stop_status is not None:
+                        return
                 ran = False
                 for c in cpus:
                     if self.waiting_sipi[c.index]:
