@@ -35,35 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyvmm.api.client import QmpClient  # noqa: E402
+from tests.api.counterguest import PRINT_COUNTER as PRINT, counter_loop  # noqa: E402
 
-COUNTER, DIRTY_BASE = 0x200000, 0x1000000
+DIRTY_BASE = 0x1000000
 
-PRINT = f"""
-    incl {COUNTER:#x}
-    mov {COUNTER:#x}, %ebx
-    mov $8, %esi
-    mov $0x3f8, %dx
-2:  rol $4, %ebx
-    mov %ebx, %eax
-    and $0xf, %eax
-    add $0x30, %al
-    cmp $0x39, %al
-    jbe 3f
-    add $7, %al
-3:  out %al, %dx
-    dec %esi
-    jnz 2b
-    mov $0x0a, %al
-    out %al, %dx
-"""
-
-IDLE = f"""
-1:
-{PRINT}
-    mov $200000, %ecx
-4:  loop 4b
-    jmp 1b
-"""
+IDLE = counter_loop(200000)
 
 LOAD = """
     rdtsc

@@ -41,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyvmm.api.client import QmpClient  # noqa: E402
 from pyvmm.storage.create import create_image  # noqa: E402
+from tests.api.counterguest import counter_loop  # noqa: E402
 
 FILL_BASE = 0x1000000
 LOADS = 5               # file loads timed per kind; the median is reported
 
+# Fills FILL_BASE..FILL_END (pages the snapshot must carry), then counts on COM1.
 GUEST = """
     mov $FILL_BASE, %edi
 5:  mov %edi, %eax
@@ -52,26 +54,7 @@ GUEST = """
     rep stosl
     cmp $FILL_END, %edi
     jb 5b
-1:  incl 0x200000
-    mov 0x200000, %ebx
-    mov $8, %esi
-    mov $0x3f8, %dx
-2:  rol $4, %ebx
-    mov %ebx, %eax
-    and $0xf, %eax
-    add $0x30, %al
-    cmp $0x39, %al
-    jbe 3f
-    add $7, %al
-3:  out %al, %dx
-    dec %esi
-    jnz 2b
-    mov $0x0a, %al
-    out %al, %dx
-    mov $200000, %ecx
-4:  loop 4b
-    jmp 1b
-"""
+""" + counter_loop(200000)
 
 
 def build_kernel(fill_mib: int) -> Path:

@@ -21,8 +21,9 @@ from tests.rawguest import build_guest, raw_boot
 
 COUNTER = 0x200000
 
-SOURCE = f"""
-1:  incl {COUNTER:#x}
+# Counts at COUNTER and prints the count as 8 hex digits and a newline on COM1.
+PRINT_COUNTER = f"""
+    incl {COUNTER:#x}
     mov {COUNTER:#x}, %ebx
     mov $8, %esi
     mov $0x3f8, %dx
@@ -38,10 +39,15 @@ SOURCE = f"""
     jnz 2b
     mov $0x0a, %al
     out %al, %dx
-    mov $20000, %ecx
-4:  loop 4b
-    jmp 1b
 """
+
+
+def counter_loop(delay: int) -> str:
+    """PRINT_COUNTER for ever, `delay` LOOP iterations apart."""
+    return f"1:\n{PRINT_COUNTER}\n    mov ${delay}, %ecx\n4:  loop 4b\n    jmp 1b\n"
+
+
+SOURCE = counter_loop(20000)
 
 _kernel: list[Path] = []
 
