@@ -35,25 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.asm import multiboot_kernel  # noqa: E402
-from tests.ft.guest import kernel as ft_guest  # noqa: E402
+from tests.ft.guest import kernel as ft_guest, timer_prologue  # noqa: E402
 from tests.ft.members import GUEST_OPTS, Pair  # noqa: E402
 
 # ~14M instructions of arithmetic, a '.' every 64K iterations, PIT interrupts at 1 kHz of guest time.
-WORK = r"""
-.intel_syntax noprefix
-    cli
-    mov esp, 0x180000
-    lea eax, [timer]
-    mov edi, 0x200000 + 0x20 * 8
-    mov word ptr [edi], ax
-    mov word ptr [edi + 2], cs
-    mov word ptr [edi + 4], 0x8E00
-    shr eax, 16
-    mov word ptr [edi + 6], ax
-    lidt [idtr]
-    mov al, 0x11; out 0x20, al; mov al, 0x20; out 0x21, al; mov al, 4; out 0x21, al; mov al, 1; out 0x21, al
-    mov al, 0xfe; out 0x21, al
-    mov al, 0x34; out 0x43, al; mov al, 0xa9; out 0x40, al; mov al, 0x04; out 0x40, al
+WORK = timer_prologue(0x04A9) + r"""
     sti
     mov ecx, 2000000
 1:  add eax, ecx

@@ -10,7 +10,11 @@ from pathlib import Path
 
 from tests.asm import multiboot_kernel
 
-BODY = r"""
+
+def timer_prologue(divisor: int) -> str:
+    """Interrupts off, a stack, vector 0x20 -> `timer`, both 8259s set up
+    with only IRQ 0 unmasked, and the PIT's channel 0 at `divisor`."""
+    return rf"""
 .intel_syntax noprefix
     cli
     mov esp, 0x180000
@@ -26,7 +30,11 @@ BODY = r"""
     mov al, 0x11; out 0xa0, al; mov al, 0x28; out 0xa1, al; mov al, 2; out 0xa1, al; mov al, 1; out 0xa1, al
     mov al, 0xfe; out 0x21, al
     mov al, 0xff; out 0xa1, al
-    mov al, 0x34; out 0x43, al; mov al, 24; out 0x40, al; mov al, 0; out 0x40, al
+    mov al, 0x34; out 0x43, al; mov al, {divisor & 0xFF}; out 0x40, al; mov al, {divisor >> 8}; out 0x40, al
+"""
+
+
+BODY = timer_prologue(24) + r"""
     xor esi, esi
     xor ebx, ebx
     xor ebp, ebp
