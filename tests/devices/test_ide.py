@@ -265,3 +265,16 @@ def test_seabios_boots_from_the_ide_disk_as_under_qemu(tmp_path):
     qtext = qemu.stdout.decode(errors="replace")
     assert qemu.returncode == ((0x80 << 1) | 1) & 0xFF, qtext      # an exit status keeps 8 bits
     assert GREETING in qtext and sector2 in qtext
+
+
+def test_primary_channel_decode_is_enabled_as_firmware_leaves_it():
+    """ata_piix probes a channel only when its IDETIM enable bit (config
+    0x41/0x43 bit 7) is set; with no BIOS nobody else sets it.  It stays
+    set across a reset, the secondary (no disk) stays off, and the guest
+    may still change both."""
+    function, _ = piix_ide_function()
+    assert function.config_read(0x41, 1) & 0x80 and not function.config_read(0x43, 1) & 0x80
+    function.config_write(0x40, 4, 0x80000000)
+    assert function.config_read(0x40, 4) == 0x80000000
+    function.reset()
+    assert function.config_read(0x40, 4) == 0x00008000

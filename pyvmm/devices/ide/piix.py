@@ -23,6 +23,7 @@ CLASS_IDE = 0x0101
 PROG_IF = 0x80                       # compatibility mode on both channels, bus-master capable
 PRIMARY_COMMAND, PRIMARY_CONTROL, PRIMARY_IRQ = 0x1F0, 0x3F6, 14
 BUS_MASTER_PORTS = 16
+IDETIM_PRIMARY, IDETIM_SECONDARY, IDETIM_DECODE = 0x40, 0x42, 0x8000
 
 
 class BusMasterStub:
@@ -70,8 +71,14 @@ class BusMasterStub:
 
 
 def piix_ide_function() -> tuple[PciFunction, BusMasterStub]:
-    """The PCI function (class 0x0101) with its bus-master BAR 4."""
+    """The PCI function (class 0x0101) with its bus-master BAR 4, and the
+    IDE timing registers with the primary channel's decode already enabled,
+    as firmware leaves it: Linux's ata_piix skips a channel whose enable
+    bit (IDETIM bit 15) is clear, and under a direct kernel boot no BIOS
+    sets it.  The secondary channel has no disk here and stays disabled."""
     function = PciFunction(INTEL, PIIX3_IDE, (CLASS_IDE << 8) | PROG_IF, interrupt_pin=0)
+    function.add_register(IDETIM_PRIMARY, 2, IDETIM_DECODE, 0xFFFF)
+    function.add_register(IDETIM_SECONDARY, 2, 0, 0xFFFF)
     stub = BusMasterStub()
     function.add_bar(4, BUS_MASTER_PORTS, "io", stub)
     return function, stub

@@ -141,6 +141,13 @@ class PciFunction:
         self._initial = bytes(self.config)
         return offset
 
+    def add_register(self, offset: int, size: int, value: int, writable: int) -> None:
+        """A device-specific register (offset 0x40 and up) with its value
+        after reset and the bits the guest may change."""
+        struct.pack_into("<" + {1: "B", 2: "H", 4: "I"}[size], self.config, offset, value)
+        self._set_mask(offset, size, writable)
+        self._initial = bytes(self.config)
+
     # --- what the host bridge asks ---------------------------------------------------
 
     @property
