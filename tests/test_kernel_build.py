@@ -124,8 +124,9 @@ def test_pretranslation_fills_the_store_the_first_run_loads(built, tmp_path):
     result, _, _ = built
     first = pretranslate(result.image, str(tmp_path))
     assert first.ok, first.failure
-    # an empty store: everything translated (a block dropped and wanted again may come back from it)
-    assert first.blocks > 5000 and first.loaded < 0.02 * first.blocks, first
+    # An empty store: everything translated.  Only blocks this run stored,
+    # then dropped (translator.MAX_BLOCKS) and wanted again, come back from it.
+    assert first.blocks - first.loaded > 5000 and first.loaded < 0.25 * first.blocks, first
     again = pretranslate(result.image, str(tmp_path))
     assert again.ok, again.failure
     assert again.loaded >= 0.95 * again.blocks, again

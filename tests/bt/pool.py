@@ -151,6 +151,8 @@ def flag_info(code: bytes) -> tuple[int, bool]:
             last = ins.op_count - 1
             if ins.op_kind(last) == X.OpKind.REGISTER or ins.immediate(last) & 0x1F == 0:
                 written = 0  # a zero count keeps the flags as they were
+        if ins.is_string_instruction and (ins.has_rep_prefix or ins.has_repe_prefix or ins.has_repne_prefix):
+            written = 0      # RCX may be 0: the instruction runs no iteration, the flags stay
         undef = (undef & ~written) | (ins.rflags_undefined & _ARITH)
         if ins.flow_control != X.FlowControl.NEXT:
             branched = True

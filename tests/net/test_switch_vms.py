@@ -8,14 +8,6 @@ own `-netdev stream` client) joins the same switch and pings a pyvmm
 guest both ways; killed without warning, its port and address leave the
 switch, and the restarted VM reattaches with its MAC on a new port.
 
-The bt guest has a second NIC on another switch, run by the test inside
-a network namespace with a team of three veth uplinks into the
-namespace's bridge (tests/net/team_ns.py). A continuous TCP stream (busybox
-seq | nc in the guest, tests/net/stream_receiver.py in the namespace)
-runs while the active uplink's link goes down (failover), comes back
-(failback) and then breaks silently (only beacons see it); every byte must
-arrive with the guest's md5, and each gap is measured and printed.
-
 This is the one module that boots Linux guests on the switch; it boots all
 three concurrently to keep its cost to one bt boot's wall time (QEMU's
 boot takes seconds). No traffic leaves the switch's Unix sockets and the
@@ -24,13 +16,9 @@ tests/test_linux_bt.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,18 +29,12 @@ from pyvmm.net.switchd import SwitchError, query_status
 
 from ..guest_session import GuestSession
 from ..hostfacts import require_debian_cloud_kernel, require_from_setup
-from .team_ns import BRIDGE_ADDR, TeamNamespace, longest_gap
-
 pytestmark = [pytest.mark.slow]
 
 TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
 CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 SWITCH = "vms"
-TEAM_SWITCH = "vmteam"
-TEAM_MAC = "52:54:00:77:00:01"
-BEACON = (0.2, 3)           # interval (s), misses: a silent break is found in ~0.6 s
 PORT = 5003
-STREAM_PORT = 5005
 MAC_RE = r"\n((?:[0-9a-f]{2}:){5}[0-9a-f]{2})\r?\n"
 QEMU = "qemu-system-x86_64"
 QEMU_MAC = "52:54:00:99:00:01"
@@ -91,9 +73,8 @@ def run(g: GuestSession, command: str, pattern: str, timeout: float = 600) -> re
 class Guests:
     """What the module's tests share: the booted guests and the switches."""
 
-    def __init__(self, rundir: Path, a: GuestSession, b: GuestSession, q: QemuGuest, macs: list[str],
-                 team: TeamNamespace | None):
-        self.rundir, self.a, self.b, self.q, self.macs, self.team = rundir, a, b, q, macs, team
+    def __init__(self, rundir: Path, a: GuestSession, b: GuestSession, q: QemuGuest, macs: list[str]):
+        self.rundir, self.a, self.b, self.q, self.macs = rundir, a, b, q, macs
         self.kernel = require_debian_cloud_kernel()
 
 
@@ -102,13 +83,9 @@ def guests():
     kernel = require_debian_cloud_kernel()
     require_from_setup(programs=[QEMU], package="qemu-system-x86")
     rundir = Path(tempfile.mkdtemp(prefix="pvsv", dir="/tmp"))
-    team = q = shared = None
+    q = shared = None
     try:
-        extra = []
-        if os.geteuid() == 0:       # namespaces need root; test_tcp_stream... says so when it skips
-            team = TeamNamespace(TEAM_SWITCH, rundir, members=3, failback=True, beacon=BEACON)
-            extra = [f"switch={TEAM_SWITCH},mac={TEAM_MAC}"]
-        with guest(rundir, "a", "bt", *extra) as a, guest(rundir, "b", "hybrid") as b:
+        with guest(rundir, "a", "bt") as a, guest(rundir, "b", "hybrid") as b:
             sock = rundir / f"{SWITCH}.sock"
             end = time.monotonic() + 120
             while not sock.exists():        # the pyvmm guests start the switch
@@ -123,7 +100,7 @@ def guests():
             macs = [run(g, "cat /sys/class/net/eth0/address", MAC_RE).group(1) for g in (a, b)]
             for g, addr in ((a, "10.0.3.1"), (b, "10.0.3.2")):
                 run(g, f"ip addr add {addr}/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
-            shared = Guests(rundir, a, b, q, macs, team)
+            shared = Guests(rundir, a, b, q, macs)
             yield shared
             for g in (a, b):
                 g.send("poweroff -f\n")
@@ -133,8 +110,6 @@ def guests():
             q.kill()
         if shared is not None and shared.q is not q:
             shared.q.kill()
-        if team is not None:
-            team.close()
         try:
             query_status(SWITCH, rundir, request=b"stop")
         except SwitchError:
@@ -170,104 +145,6 @@ def test_qemu_guest_and_pyvmm_guests_ping_each_other(guests):
     run(guests.q, "ping -c 2 -W 60 10.0.3.1 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
     run(guests.a, "ping -c 2 -W 60 10.0.3.3 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
     run(guests.q, "ping -c 2 -W 60 10.0.3.2 >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
-
-
-class Progress:
-    """The receiver's `bytes N` lines, read by a thread."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.bytes, self.lines = proc, 0, []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line.strip())
-                if line.startswith("bytes "):
-                    self.bytes = int(line.split()[1])
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append("EOF")
-            self.cond.notify_all()
-
-    def wait(self, pred, timeout: float, what: str):
-        with self.cond:
-            assert self.cond.wait_for(lambda: pred(self), timeout), f"{what}: receiver said {self.lines[-3:]}"
-
-    def flowing(self, timeout: float = 60, more: int = 64 << 10) -> None:
-        """Waits until `more` bytes beyond what had arrived so far arrive."""
-        start = self.bytes
-        self.wait(lambda p: p.bytes >= start + more, timeout, f"the stream stalled at {start} bytes")
-
-
-def test_tcp_stream_survives_team_failover_failback_and_a_silent_break(guests):
-    if guests.team is None:
-        pytest.skip("network namespaces need root")
-    team, a = guests.team, guests.a
-    dev = run(a, f"grep -l {TEAM_MAC} /sys/class/net/*/address | cut -d/ -f5", r"\n(eth\d)\r?\n").group(1)
-    run(a, f"ip addr add 10.79.0.2/24 dev {dev} && ip link set {dev} up && echo NET-UP", r"\nNET-UP\r?\n")
-    # the guest's ARP teaches the switch its address: the failover announce is a gratuitous ARP
-    run(a, f"ping -c 2 -W 60 {BRIDGE_ADDR} >/dev/null && echo PING-OK", r"\nPING-OK\r?\n")
-    assert team.team()["active"] == "a0"
-    out = guests.rundir / "stream.json"
-    receiver = team.exec(sys.executable, "-m", "tests.net.stream_receiver", BRIDGE_ADDR, str(STREAM_PORT), str(out),
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert receiver.stdout.readline().strip() == "ready"
-        progress = Progress(receiver)
-        mark = a.send(f"(seq 1 100000000 | tee /tmp/sent | nc {BRIDGE_ADDR} {STREAM_PORT}; echo STREAM-END) &\n")
-        progress.flowing(timeout=600, more=256 << 10)
-        progress.flowing()
-        events = {}
-        # link loss: netlink sees a0 go down, a1 takes over
-        events["link down"] = time.monotonic()
-        team.link_down(0)
-        switch_ms = {"link down": team.wait_active("a1") * 1000}
-        progress.flowing()
-        events["failback"] = time.monotonic()
-        team.link_up(0)
-        switch_ms["failback"] = team.wait_active("a0") * 1000
-        progress.flowing()
-        # a silent break: a0's link stays up, only the beacons notice
-        events["beacon"] = time.monotonic()
-        team.cut(0)
-        switch_ms["beacon"] = team.wait_active("a1", timeout=BEACON[0] * BEACON[1] + 5) * 1000
-        progress.flowing()
-        team.mend(0)
-        team.wait_active("a0", timeout=BEACON[0] * BEACON[1] + 5)
-        progress.flowing()
-        events["end"] = time.monotonic()
-        a.send("killall seq\n")
-        a.expect(r"(?<!echo )STREAM-END", timeout=600, after=mark)      # not the echoed command
-        progress.wait(lambda p: p.lines[-1:] == ["EOF"], 60, "the receiver did not finish")
-        sent = run(a, "wc -c </tmp/sent; md5sum /tmp/sent; rm /tmp/sent",
-                   r"\n(\d+)\r?\n([0-9a-f]{32})\s+/tmp/sent\r?\n")
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-        receiver.wait()
-    got = json.loads(out.read_text())
-    out.unlink()
-    assert (got["bytes"], got["md5"]) == (int(sent.group(1)), sent.group(2))      # every byte, in order
-    t = team.team()
-    assert t["failovers"] == 4 and t["beacon"]["failures"] == 1, t
-    times = [at for at, _n in got["arrivals"]]
-    names = list(events)
-    base, _ = longest_gap(times, events["link down"] - 1.0, events["link down"])
-    print(f"\nstream {got['bytes']} bytes in {times[-1] - times[0]:.1f} s; longest pause before the events "
-          f"{base * 1000:.0f} ms")
-    for name, nxt in zip(names, names[1:]):
-        if name == "end":
-            break
-        gap, at = longest_gap(times, events[name], events[nxt])
-        print(f"{name}: switch moved traffic in {switch_ms[name]:.0f} ms; longest pause in the TCP stream "
-              f"{gap * 1000:.0f} ms (starting {(at - events[name]) * 1000:+.0f} ms after the event)")
-        # TCP resends what the dead member swallowed after its RTO (>= 200 ms, doubling while the
-        # resends are lost too); a stream that paused far longer did not move to the standby
-        # (tests/net/test_switch_failover_gap.py holds the switch's own gap to tighter bounds)
-        bound = 5.0 + (BEACON[0] * BEACON[1] if name == "beacon" else 0.0)
-        assert gap < bound, f"{name}: the stream paused {gap:.2f} s"
 
 
 def test_a_killed_qemu_guest_is_removed_and_its_restart_reattaches(guests):
