@@ -41,6 +41,17 @@ def _wait_readable(sock: socket.socket, timeout: float) -> bool:
 CONNECT_WAIT_S = 30.0
 
 
+
+def _hang_up(closed: threading.Event, sock: socket.socket) -> None:
+    """Marks a channel end closed and shuts its socket (the reader thread
+    then sees the end of the stream)."""
+    closed.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
 class ChannelError(VmmError):
     """The FT logging channel cannot be opened or was refused."""
 
@@ -127,12 +138,7 @@ class PrimaryLink:
         return self.acked >= pos
 
     def close(self) -> None:
-        self._closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        _hang_up(self._closed, self.sock)
 
     def _beat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S) and not self.recorder.alone:
@@ -193,12 +199,7 @@ class BackupLink:
         threading.Thread(target=self._read, name="ft-log", daemon=True).start()
 
     def close(self) -> None:
-        self._closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        _hang_up(self._closed, self.sock)
 
     def _read(self) -> None:
         rep = self.replayer
