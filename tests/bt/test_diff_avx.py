@@ -19,8 +19,9 @@ YMM state after the fault read back through KVM_GET_XSAVE), unmasked FMA
 and F16C exceptions (#XM, likewise), encodings the CPU refuses (#UD) and
 misaligned aligned forms (#GP); and, bt only, the AVX-state checks (#UD,
 #NM) that the CPU under test cannot be set up for at CPL3.  Compatibility
-mode is not compared: this host's kvm_pvm answers every VEX instruction and
-LDMXCSR in 32-bit user code with #UD.
+mode is compared in test_diff_vex_compat.py, against the host CPU itself:
+this host's kvm_pvm answers every VEX instruction and LDMXCSR in 32-bit
+user code with #UD.
 
 PYVMM_BT_AVX_EXAMPLES sets the sequences per weight unit (default 45: 2,160
 sequences); PYVMM_BT_RANDOM=1 draws new ones (a failure names the seed)."""

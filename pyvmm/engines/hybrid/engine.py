@@ -50,6 +50,7 @@ from ..kvm.device import Kvm, _ioctl, ioctl
 from ..kvm.dirtylog import KvmDirtyLog, register_memory
 from ..kvm.engine import _install_kick_handler
 from .alarm import Alarm
+from .cpuid import kvm_entries
 from .ptwatch import PageTableWatch
 from .switch import SYSCALL_SENTINEL, UserSwitch
 
@@ -107,16 +108,14 @@ class HybridEngine(Engine):
                 pass      # only VT-x wants them
         # User code writes under KVM: its dirty log joins bt's (the kernel's writes).
         self.slots, self.dirty_log = register_memory(self.vm, self.machine.memory)
-        supported = self.kvm.supported_cpuid()
-        hidden = cpuid.expand_hidden(cfg.cpuid_hide)
         for i in range(cfg.cpus):
             v = self.vm.create_vcpu(i)
-            v.set_cpuid(cpuid.guest_cpuid(supported, i, cfg.cpus, hidden))
+            self._set_cpuid(v, i)
             v.set_msrs(dict(state.BOOT_MSRS))
             self.switches.append(UserSwitch(v))
         if not self.switches[0].cpuid_faulting:
-            log.warning("hybrid: this host's KVM has no CPUID faulting: guest user code reads "
-                        "the host CPU's CPUID, the kernel pyvmm's")
+            log.warning("hybrid: this host's KVM has no CPUID faulting: KVM answers user code's "
+                        "CPUID from its copy of bt's table (docs/hybrid.md)")
         for c in self.bt.cpus:
             self._hook(c)
         wake = self.bt.intc.on_wake
@@ -126,6 +125,19 @@ class HybridEngine(Engine):
             self.alarm.fire_now()
         self.bt.intc.on_wake = on_wake
         _install_kick_handler()
+
+    def _set_cpuid(self, v, i: int) -> None:
+        """KVM's CPUID for vCPU i is bt's (hybrid/cpuid.py); where KVM refuses
+        that table, KVM's own with the same features hidden (user code then
+        may read the host's CPU where KVM has no CPUID faulting)."""
+        try:
+            v.set_cpuid(kvm_entries(self.bt.cpus[i].cpuid))
+            return
+        except OSError as e:
+            log.warning("hybrid: KVM refused bt's CPUID table (%s): KVM keeps its own", e.strerror)
+        cfg = self.machine.config
+        v.set_cpuid(cpuid.guest_cpuid(self.kvm.supported_cpuid(), i, cfg.cpus,
+                                      cpuid.expand_hidden(cfg.cpuid_hide)))
 
     def _hook(self, c) -> None:
         """Makes bt vCPU c stop at every entry to user mode and run user mode
@@ -219,6 +231,7 @@ class HybridEngine(Engine):
         event = self._run_kvm(v)
         t2 = ns()
         self.alarm.disarm()
+        self.watch.after_run()
         regs = sw.regs_after_run()
         sw.to_bt(c)
         self.kvm_ns += t2 - t1

@@ -15,6 +15,13 @@ compares them:
 - a present entry changed any other way (unmap, COW write-protect, remap,
   A/D cleared) -> drop it (the caller re-registers the slots) and start over.
 
+The copies are taken again after each KVM run (after_run): KVM sets A and
+D in the guest's tables while user code runs and caches the entry as
+accessed/dirty.  Compared against a copy from before the run, a bit that
+KVM set and the kernel then cleared (page aging, MADV_FREE) would look
+unchanged, KVM would not set it again on the next access, and the kernel
+could free a page user code had written.
+
 Only 4-level long-mode paging is watched; any other paging mode asks for a
 drop on every entry.  Nothing here raises."""
 
@@ -104,6 +111,15 @@ class PageTableWatch:
             self.reset(root)
             return True
         return False
+
+    def after_run(self) -> None:
+        """Takes the copies again once KVM stopped: what changed since
+        needs_drop is only the A/D bits KVM set (bt did not run), and the
+        next check must see the kernel clear them."""
+        for gpa, (level, old) in list(self.pages.items()):
+            new = self._read(gpa, level)
+            if new is not None and new != old:
+                self.pages[gpa] = (level, new)
 
     def reset(self, root: int | None) -> None:
         """Forgets everything (KVM's cache was dropped); watches root's tree."""
