@@ -14,7 +14,7 @@ from dataclasses import replace
 from ...cpu import (CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME,
                     EFER_NXE, GPR_NAMES, CpuState, DescriptorTable, Segment)
 from . import flags as F
-from .faults import DF_, FAULT_CLASS, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault
+from .faults import DF_, FAULT_CLASS, GP, NP, SS, TS, WITH_ERROR_CODE, GuestFault, NonCanonical
 from .mmu import PG_32, PG_LONG, PG_NONE, PG_PAE, U16, U32, U64, Mmu
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,8 @@ class VCpu:
         int n); `external` marks a hardware interrupt or NMI (no error code,
         no gate DPL check). Raises TripleFault when even #DF cannot be
         delivered."""
+        if isinstance(f, NonCanonical) and self._stack_reference(f.linear):
+            f = GuestFault(SS, 0)
         if f.cr2 is not None:
             self.cr2 = f.cr2
         self.halted = False
@@ -375,6 +377,10 @@ class VCpu:
                 self.deliver(g2)
         finally:
             self.mmu.smc_ok = smc_ok
+
+    def _stack_reference(self, linear: int) -> bool:
+        from .stackfault import stack_reference   # late: it decodes with the translator's tables
+        return stack_reference(self, linear)
 
     def _deliver(self, vec: int, err: int | None, ret: int, software: bool, external: bool = False) -> None:
         # RF in the image: set for faults; otherwise set only while the

@@ -12,7 +12,7 @@ SIGNATURE = 0x000306A9           # family 6, model 0x3A, stepping 9
 
 # (leaf, register, bit) for each feature, named as in /proc/cpuinfo.
 LEAF1_EDX = {"fpu": 0, "de": 2, "pse": 3, "tsc": 4, "msr": 5, "pae": 6,
-             "cx8": 8, "apic": 9, "mtrr": 12, "pge": 13, "cmov": 15,
+             "cx8": 8, "apic": 9, "sep": 11, "mtrr": 12, "pge": 13, "cmov": 15,
              "pat": 16, "pse36": 17, "clflush": 19, "mmx": 23, "fxsr": 24, "sse": 25,
              "sse2": 26}
 LEAF1_ECX = {"pni": 0, "ssse3": 9, "fma": 12, "cx16": 13, "sse4_1": 19, "sse4_2": 20, "movbe": 22,

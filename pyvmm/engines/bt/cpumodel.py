@@ -4,7 +4,7 @@
 implements (features.implemented over the emitter table), so a level
 grows by itself as the translator does.
 
-- baseline: x86-64 (x87, MMX, SSE, SSE2, CMPXCHG8B, CMOV, SYSCALL, ...);
+- baseline: x86-64 (x87, MMX, SSE, SSE2, CMPXCHG8B, CMOV, SYSCALL, SYSENTER, ...);
 - v2: + CMPXCHG16B, LAHF/SAHF, POPCNT, SSE3, SSSE3, SSE4.1, SSE4.2;
 - v3: + AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE, and the
   extras outside the levels that bt implements (ADX, RDRAND, RDSEED, RDTSCP);
@@ -25,7 +25,8 @@ from . import features
 from .cpuidbits import FEATURES
 from .hostcpu import host_cpuid
 
-BASELINE = frozenset({"fpu", "tsc", "msr", "cx8", "cmov", "clflush", "mmx", "fxsr", "sse", "sse2", "syscall"})
+BASELINE = frozenset({"fpu", "tsc", "msr", "cx8", "cmov", "clflush", "mmx", "fxsr", "sse", "sse2", "syscall",
+                      "sep"})
 V2 = BASELINE | {"cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2"}
 V3 = V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
 EXTRAS = frozenset({"adx", "rdrand", "rdseed", "rdtscp"})

@@ -28,6 +28,16 @@ class GuestFault(Exception):
         return f"GuestFault(vector={self.vector}, error={self.error_code}, cr2={self.cr2})"
 
 
+class NonCanonical(GuestFault):
+    """#GP(0) for a data access at a non-canonical linear address.  The MMU
+    does not know the segment: where the reference uses SS the CPU raises
+    #SS(0) instead, which delivery works out (stackfault.py)."""
+
+    def __init__(self, linear: int):
+        super().__init__(GP, 0)
+        self.linear = linear
+
+
 class SmcRestart(Exception):
     """Translated code tried to write a page holding translated code: the
     instruction is restarted on the single-instruction path."""

@@ -25,6 +25,7 @@ INSTRUCTIONS: dict[str, frozenset] = {name: frozenset(ms) for name, ms in {
     "tsc": {M.RDTSC},
     "msr": {M.RDMSR, M.WRMSR},
     "cx8": {M.CMPXCHG8B},
+    "sep": {M.SYSENTER, M.SYSEXIT},
     "cmov": {M.CMOVA, M.CMOVE, M.FCMOVB, M.FCMOVE},
     "clflush": {M.CLFLUSH},
     "mmx": {M.EMMS, M.MOVQ2DQ, M.MOVDQ2Q},

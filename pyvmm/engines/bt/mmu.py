@@ -39,7 +39,7 @@ import struct
 from typing import Callable
 
 from . import shadowcheck
-from .faults import GP, PF, ApicRestart, GuestFault, SmcRestart
+from .faults import PF, ApicRestart, GuestFault, NonCanonical, SmcRestart
 from .shadow import MAX_SPACES, GlobalTlb, PageGuard
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class Mmu:
         uses), the leaf gets A (and D on a write) only when the access is
         allowed.  Raises GuestFault(#PF) when the access is not allowed."""
         if self.long and not (la < 0x0000800000000000 or la >= 0xFFFF800000000000):
-            raise GuestFault(GP, 0)
+            raise NonCanonical(la)
         if self.mode == PG_NONE:
             return la & 0xFFFFFFFF, True
         self.walks += 1

@@ -235,6 +235,14 @@ def _syscall(g: Gen) -> None:
     _exit(g, "c.rip")
 
 
+def _sysenter(g: Gen) -> None:
+    if g.ins.mnemonic == M.SYSENTER:
+        g.helper("SYSENTER(c)")
+    else:
+        g.helper(f"SYSEXIT(c, {8 if g.ins.mnemonic == M.SYSEXITQ else 4})")
+    _exit(g, "c.rip")
+
+
 def _int1(g: Gen) -> None:
     g.helper(f"ICEBP(c, {g.ins.next_ip:#x})")
     _exit(g, "c.rip")
@@ -252,6 +260,7 @@ EMITTERS = {
     M.SMSW: _smsw, M.LMSW: _lmsw, M.CLTS: _clts, M.INVLPG: _invlpg, M.WBINVD: _wbinvd,
     M.INVD: _wbinvd, M.CMPXCHG8B: _cmpxchgw, M.CMPXCHG16B: _cmpxchgw,
     M.SYSCALL: _syscall, M.SYSRETQ: _syscall, M.SYSRET: _syscall, M.SWAPGS: _syscall,
+    M.SYSENTER: _sysenter, M.SYSEXIT: _sysenter, M.SYSEXITQ: _sysenter,
     M.UD2: _ud, M.RDRAND: _rdrand, M.RDSEED: _rdrand, M.INT1: _int1,
     **{m: _load_far for m in _FAR_LOADS},
 }
@@ -261,7 +270,7 @@ EMITTERS = {
 # and those that change what the translation depends on end the block.
 FACTS = {m: Fact.HELPER for m in EMITTERS}
 for _m in (M.HLT, M.CLI, M.STI, M.LGDT, M.LIDT, M.LTR, M.LLDT, M.LMSW, M.INVLPG, M.WRMSR, M.IN, M.OUT,
-           M.SWAPGS, M.SYSCALL, M.SYSRET, M.SYSRETQ):
+           M.SWAPGS, M.SYSCALL, M.SYSRET, M.SYSRETQ, M.SYSENTER, M.SYSEXIT, M.SYSEXITQ):
     FACTS[_m] = FACTS.get(_m, Fact.NONE) | Fact.ENDS_BLOCK
 for _m in (M.CLI, M.STI):
     FACTS[_m] |= Fact.CPL0_GOES_ON

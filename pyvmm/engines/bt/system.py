@@ -429,7 +429,8 @@ def cmpxchg_wide(c, la: int, size: int) -> None:
 
 
 def syscall(c, next_rip: int) -> None:
-    if not c.efer & 1:
+    # Intel: only in 64-bit mode (AMD also takes it in compatibility and legacy mode, via CSTAR/STAR).
+    if not c.efer & 1 or c.mode[0] != 64:
         raise GuestFault(UD)
     star = c.msrs.get(MSR_STAR, 0)
     c.R[1] = next_rip
@@ -446,7 +447,12 @@ def syscall(c, next_rip: int) -> None:
 
 
 def sysret(c, size: int) -> None:
+    if not c.efer & 1 or c.mode[0] != 64:
+        raise GuestFault(UD)
     _need_cpl0(c)
+    if size == 8 and not canonical(c.R[1]):
+        # Intel faults here, still at CPL0 on the kernel's stack (AMD faults after the switch to CPL3).
+        raise GuestFault(GP, 0)
     from ...cpu import Segment
     star = c.msrs.get(MSR_STAR, 0)
     base = (star >> 48) & 0xFFFF
@@ -467,6 +473,52 @@ def sysret(c, size: int) -> None:
         c.pending = True                # single-step from the next instruction on (smp.py)
 
 
+def sysenter(c) -> None:
+    """SYSENTER as on Intel 64: valid in long mode too (AMD: #UD there), where
+    it enters 64-bit mode at CPL0 with all 64 bits of SYSENTER_EIP/ESP."""
+    msr = c.msrs.get(MSR_SYSENTER_CS, 0)
+    if not c.protected or not msr & 0xFFFC:
+        raise GuestFault(GP, 0)
+    from ...cpu import Segment
+    lm = c.long_mode
+    sel = msr & 0xFFFC
+    c.set_rflags(c.rflags & ~(F.VM | F.IF | F.RF))
+    c.seg[1] = Segment(selector=sel, base=0, limit=0xFFFFFFFF, type=0xB, dpl=0, l=int(lm), db=int(not lm), g=1)
+    c.seg[2] = Segment(selector=sel + 8, base=0, limit=0xFFFFFFFF, type=3, dpl=0, db=1, g=1)
+    c.sb[1] = c.sb[2] = 0
+    mask = MASK[8] if lm else 0xFFFFFFFF
+    c.R[4] = c.msrs.get(MSR_SYSENTER_ESP, 0) & mask
+    c.cpl = 0
+    c.update_mode()
+    c.rip = c.msrs.get(MSR_SYSENTER_EIP, 0) & mask
+
+
+def sysexit(c, size: int) -> None:
+    """SYSEXIT to CPL3: with REX.W (size 8) to 64-bit mode at RDX with
+    stack RCX (Intel 64; AMD has no SYSEXIT in long mode), else to 32-bit
+    code at EDX with stack ECX."""
+    msr = c.msrs.get(MSR_SYSENTER_CS, 0)
+    if not c.protected or not msr & 0xFFFC or c.cpl:
+        raise GuestFault(GP, 0)
+    if size == 8 and not (canonical(c.R[1]) and canonical(c.R[2])):
+        raise GuestFault(GP, 0)
+    from ...cpu import Segment
+    sel = ((msr + (32 if size == 8 else 16)) & 0xFFFF) | 3
+    c.seg[1] = Segment(selector=sel, base=0, limit=0xFFFFFFFF, type=0xB, dpl=3, l=int(size == 8),
+                       db=int(size != 8), g=1)
+    c.seg[2] = Segment(selector=(sel + 8) & 0xFFFF, base=0, limit=0xFFFFFFFF, type=3, dpl=3, db=1, g=1)
+    c.sb[1] = c.sb[2] = 0
+    mask = MASK[8] if size == 8 else 0xFFFFFFFF
+    c.R[4] = c.R[1] & mask
+    c.cpl = 3
+    c.update_mode()
+    c.rip = c.R[2] & mask
+    if c.rf & F.IF:
+        c.irq_window()
+    if c.rf & F.TF:
+        c.pending = True
+
+
 def swapgs(c) -> None:
     _need_cpl0(c)
     if c.mode[0] != 64:
@@ -481,5 +533,6 @@ HELPERS = {"IOCHECK": iocheck, "PORT_IN": port_in, "PORT_OUT": port_out, "CPUID"
            "CLI_STI": cli_sti, "SOFTINT": softint, "ICEBP": icebp, "PUSHF": pushf, "POPF": popf,
            "ENTER": enter,
            "FAR": far, "CMPXCHGW": cmpxchg_wide, "SYSCALL": syscall, "SYSRET": sysret,
+           "SYSENTER": sysenter, "SYSEXIT": sysexit,
            "SWAPGS": swapgs, "STRING": run_string, "TSC": tsc, "NEED_CPL0": _need_cpl0,
            "PAUSE": pause, "RDRAND": rdrand}

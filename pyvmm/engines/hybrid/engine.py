@@ -14,7 +14,8 @@ The switch points:
 - KVM -> bt: a system call (exit at switch.SYSCALL_SENTINEL: bt executes the
   `syscall` itself), any exception or `int n` (a triple fault with RIP at
   the instruction: bt executes that instruction again and delivers the
-  event through the guest's IDT), an instruction KVM cannot run, or a kick
+  event through the guest's IDT; kvm_pvm leaves RIP after a 64-bit int3,
+  int1 or `int 3`, which _trap_length recognises), an instruction KVM cannot run, or a kick
   (the next timer deadline of the bt platform, an interrupt raised by
   another thread, a stop request): bt then delivers the interrupt.
   Port and MMIO exits from user code are served on the spot.
@@ -45,7 +46,7 @@ from ...boot import layout
 from ..base import Engine
 from ..bt.engine import BtEngine
 from ..bt.faults import GuestFault
-from ..kvm import abi, cpuid, state
+from ..kvm import abi, cpuid, hostfit, state
 from ..kvm.device import Kvm, _ioctl, ioctl
 from ..kvm.dirtylog import KvmDirtyLog, register_memory
 from ..kvm.engine import _install_kick_handler
@@ -57,6 +58,7 @@ from .switch import SYSCALL_SENTINEL, UserSwitch
 log = logging.getLogger(__name__)
 
 CR0_PE, CR0_PG, EFER_LMA = 1, 1 << 31, 1 << 10
+RFLAGS_IF, RFLAGS_RF = 1 << 9, 1 << 16
 SYSCALL_BYTES = b"\x0f\x05"
 MAX_STINT_S = 0.01        # longest KVM run while other vCPUs wait (several vCPUs)
 # Shortest KVM run: a timer deadline already past (its interrupt not deliverable
@@ -85,6 +87,9 @@ class HybridEngine(Engine):
         # bt or hw): its user space may read the TSC (vDSO), which KVM here
         # gives as the host's raw counter, so its user code stays in bt.
         self.user_in_kvm = True
+        # Measured on kvm_pvm: a 64-bit user int3, int1 or `int 3` ends KVM_RUN with RIP after the
+        # instruction and RF clear, where every fault leaves RIP at it with RF set (_trap_length).
+        self.trap_leaves_rip_after = hostfit.kernel_mode_emulated()
 
     # -- setup ---------------------------------------------------------------
     @property
@@ -222,6 +227,7 @@ class HybridEngine(Engine):
         t0 = ns()
         user_cs, user_ss = c.seg[1], c.seg[2]
         user_bases = list(c.sb)
+        user_rflags = c.rflags
         sw.to_kvm(c)
         if self.watch.needs_drop(c.cr3, bool(c.efer & EFER_LMA and c.cr0 & CR0_PG)):
             self._flush_kvm_mmu()
@@ -240,10 +246,34 @@ class HybridEngine(Engine):
             self.events[event] += 1
         elif regs.rip == SYSCALL_SENTINEL:
             self.events["syscall"] += 1
-            self._syscall(c, regs, user_cs, user_ss, user_bases)
+            self._syscall(c, regs, user_cs, user_ss, user_bases, user_rflags)
         else:
             self.events[event] += 1     # trap (exception, int n) or internal (KVM could not run it)
+            if event == "trap":
+                c.rip -= self._trap_length(c, regs)
             self._reexecute(c)
+
+    def _trap_length(self, c, regs) -> int:
+        """The length of the user int3, int1 or `int n` that KVM stopped
+        just after (0: KVM stopped at a faulting instruction).  Only where
+        measured (trap_leaves_rip_after): there RF tells the two apart (a
+        fault keeps RF set, so one that follows an instruction ending in
+        0xCC, such as `mov [rbp-0x34], eax` = 89 45 cc, is left alone); the
+        bytes before RIP then say which instruction it was."""
+        if not self.trap_leaves_rip_after or regs.rflags & RFLAGS_RF:
+            return 0
+        if self._byte_before(c, 1) in (0xCC, 0xF1):
+            return 1
+        return 2 if self._byte_before(c, 2) == 0xCD else 0
+
+    def _byte_before(self, c, back: int) -> int | None:
+        """The code byte `back` bytes before CS:RIP, None where it cannot be read."""
+        try:
+            pa = c.mmu.fetch((c.sb[1] + c.rip - back) & c.ipmask)
+        except GuestFault:
+            return None
+        memory = self.machine.memory
+        return memory.read(pa, 1)[0] if memory.is_ram(pa, 1) else None
 
     def _time_to_deadline(self) -> float:
         bt = self.bt
@@ -300,14 +330,20 @@ class HybridEngine(Engine):
         else:
             mm[off:end] = bus.read_many(port, size, count)
 
-    def _syscall(self, c, regs, user_cs, user_ss, user_bases) -> None:
+    def _syscall(self, c, regs, user_cs, user_ss, user_bases, user_rflags) -> None:
         """The guest executed `syscall` at RCX-2: run it in bt from the user
-        state it had (RFLAGS from R11), so the kernel entry is bt's."""
+        state it had (RFLAGS from R11), so the kernel entry is bt's.  IF
+        comes from the RFLAGS user mode was entered with unless IOPL is 3:
+        below that CPL3 code cannot change it, and kvm_pvm (measured) puts
+        IF=1 in R11 whatever the guest's IF is."""
         where = (regs.rcx - 2) & 0xFFFFFFFFFFFFFFFF
         c.seg[1], c.seg[2] = user_cs, user_ss
         c.sb[1], c.sb[2] = user_bases[1], user_bases[2]
         c.rip = where - c.sb[1]
-        c.set_rflags(regs.r11)
+        rflags = regs.r11
+        if (user_rflags >> 12) & 3 < 3:
+            rflags = (rflags & ~RFLAGS_IF) | (user_rflags & RFLAGS_IF)
+        c.set_rflags(rflags)
         c.update_mode()
         self._reexecute(c)
 
