@@ -123,10 +123,12 @@ def add_firmware(machine: Machine) -> None:
     from .devices.virtio.install import wants_pci
     from .devices.pci.aml import pci_root_aml
     from .devices.pci.host import ECAM_BASE
+    from .boot.acpi_hotplug import pci_hotplug_aml
     pci = wants_pci(cfg) or bool(getattr(cfg, "ide_drives", None))
+    dsdt_pci = pci_root_aml() + pci_hotplug_aml() if pci else b""
     if not cfg.bios:     # a BIOS writes its own tables where these would go
         mptable.write_mptable(machine.memory, cfg.cpus)
-        acpi.write_acpi_tables(machine.memory, cfg.cpus, pci_root_aml() if pci else b"",
+        acpi.write_acpi_tables(machine.memory, cfg.cpus, dsdt_pci,
                                (acpi.build_mcfg(ECAM_BASE, 0, 0),) if pci else ())
 
     def on_poweroff() -> None:
@@ -137,6 +139,11 @@ def add_firmware(machine: Machine) -> None:
                         **({"clock": (lambda: clock.now_ns() / 1e9)} if clock is not None else {}))
     machine.io_bus.insert(acpi_pm.PM_BASE, acpi_pm.PM_LENGTH, pm, "acpi-pm")
     machine.devices["acpi_pm"] = pm
+    if pci:              # ACPI PCI hotplug: the registers the DSDT's slot methods use
+        from .devices.pcihotplug import HOTPLUG_BASE, HOTPLUG_GPE, HOTPLUG_LENGTH, PciHotplug
+        hotplug = PciHotplug(raise_gpe=lambda: pm.raise_gpe(HOTPLUG_GPE))
+        machine.io_bus.insert(HOTPLUG_BASE, HOTPLUG_LENGTH, hotplug, "pci-hotplug")
+        machine.devices["pci_hotplug"] = hotplug
     files = []
     for name, path in cfg.fw_cfg_files:
         try:
@@ -148,7 +155,7 @@ def add_firmware(machine: Machine) -> None:
         from .boot.acpi_loader import acpi_files
         from .boot.firmware import firmware_files
         taken = {name for name, _ in files}
-        tables = acpi_files(cfg.cpus, pci_root_aml() if pci else b"",
+        tables = acpi_files(cfg.cpus, dsdt_pci,
                             (acpi.build_mcfg(ECAM_BASE, 0, 0),) if pci else ())
         files += [f for f in firmware_files(machine.memory, cfg) + tables if f[0] not in taken]
     linux: dict = {"cmdline": cfg.cmdline}

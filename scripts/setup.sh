@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(linux-image-cloud-amd64 busybox-static binutils gcc make qemu-system-x86 seabios qemu-utils cpio e2fsprogs iproute2 syslinux syslinux-common mtools)
+DEBIAN_PACKAGES=(linux-image-cloud-amd64 busybox-static binutils gcc make qemu-system-x86 seabios qemu-utils cpio e2fsprogs iproute2 syslinux syslinux-common mtools acpica-tools)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -9,6 +9,7 @@ import pytest
 from pyvmm.boot import acpi, layout
 from pyvmm.bus import Bus
 from pyvmm.devices.acpi_pm import (PM_TIMER_HZ, PWRBTN_STS, REGISTER_RANGE, SCI_EN, AcpiPm)
+from pyvmm.device import DeviceStateError
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqLine
 from pyvmm.memory import GuestMemory
@@ -94,7 +95,9 @@ def test_fadt_fields(mem):
     assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0x64) and fadt[128] == 0xFE
     x_facs, x_dsdt = struct.unpack_from("<QQ", fadt, 132)
     assert (x_facs, x_dsdt) == (0, dsdt_addr)     # one FACS pointer only
-    for off, port, length in ((148, 0x600, 4), (172, 0x604, 2), (208, 0x608, 4)):
+    assert struct.unpack_from("<II", fadt, 80) == (0x60C, 0)   # GPE0_BLK, GPE1_BLK
+    assert struct.unpack_from("<BB", fadt, 92) == (4, 0)         # GPE0_BLK_LEN, GPE1_BLK_LEN
+    for off, port, length in ((148, 0x600, 4), (172, 0x604, 2), (208, 0x608, 4), (220, 0x60C, 4)):
         space, bits, _o, _a, addr = struct.unpack_from("<BBBBQ", fadt, off)
         assert (space, bits, addr) == (1, length * 8, port)
     assert facs_addr % 64 == 0
@@ -202,3 +205,87 @@ def test_status_write_one_to_clear_and_sci():
     # A 32-bit access covers STS and EN together.
     dev.press_power_button()
     assert bus.read(acpi.PM1A_EVT_BLK, 4) == PWRBTN_STS | (PWRBTN_STS << 16)
+
+
+# ---------------------------------------------------------------- GPE0 block
+def test_gpe0_status_enable_and_sci():
+    sci = IrqLine(9)
+    dev, bus = pm_bus(sci=sci)
+    dev.raise_gpe(1)
+    assert bus.read(acpi.GPE0_BLK, 2) == 0x2 and sci.level == 0     # pending, not enabled
+    assert not dev.gpe_handled(1)
+    bus.write(acpi.GPE0_BLK + 2, 1, 0x2)                            # GPE0_EN, byte-wide as ACPICA writes it
+    assert dev.gpe_handled(1) and sci.level == 1
+    bus.write(acpi.GPE0_BLK, 1, 0x1)                                # clearing another bit: still pending
+    assert sci.level == 1
+    bus.write(acpi.GPE0_BLK, 1, 0x2)                                # write 1 to clear
+    assert bus.read(acpi.GPE0_BLK, 4) == 0x2 << 16 and sci.level == 0
+    bus.write(acpi.GPE0_BLK + 2, 1, 0)                              # masked while its method runs ...
+    assert dev.gpe_handled(1)                                       # ... still handled
+    bus.write(acpi.GPE0_BLK + 2, 1, 0x2)
+    dev.raise_gpe(9)                                                # the second status byte
+    assert bus.read(acpi.GPE0_BLK + 1, 1) == 0x2 and sci.level == 0
+    state = dev.save()
+    other = AcpiPm()
+    other.restore(state)
+    assert (other.gpe_sts, other.gpe_en, other.gpe_used) == (1 << 9, 0x2, 0x2)
+    other.reset()
+    assert not other.gpe_handled(1)
+    with pytest.raises(DeviceStateError, match="version 1"):        # saved before GPE0 existed
+        other.restore({**{k: v for k, v in state.items() if not k.startswith("gpe")}, "version": 1})
+
+
+# ---------------------------------------------------------------- PCI hotplug registers
+def hotplug_bus():
+    from pyvmm.devices.pcihotplug import HOTPLUG_BASE, HOTPLUG_GPE, HOTPLUG_LENGTH, PciHotplug
+    sci = IrqLine(9)
+    pm, bus = pm_bus(sci=sci)
+    hp = PciHotplug(raise_gpe=lambda: pm.raise_gpe(HOTPLUG_GPE))
+    bus.insert(HOTPLUG_BASE, HOTPLUG_LENGTH, hp, "pci-hotplug")
+    bus.write(acpi.GPE0_BLK + 2, 1, 1 << HOTPLUG_GPE)                # the guest's ACPI enables GPE 1
+    return hp, bus, sci
+
+
+def test_hotplug_plug_raises_gpe_and_up_reads_once():
+    hp, bus, sci = hotplug_bus()
+    assert bus.read(0xAE00, 4) == 0 and sci.level == 0
+    hp.plug(5)
+    assert sci.level == 1 and bus.read(acpi.GPE0_BLK, 1) == 0x2
+    bus.write(acpi.GPE0_BLK, 1, 0x2)                  # ACPICA clears an edge GPE before _E01 runs
+    assert sci.level == 0
+    assert bus.read(0xAE0C, 4) == 1 << 5              # removable
+    assert bus.read(0xAE04, 4) == 0                   # reading PCI_DOWN leaves PCI_UP alone
+    assert bus.read(0xAE00, 4) == 1 << 5
+    assert bus.read(0xAE00, 4) == 0                   # announced once
+    with pytest.raises(ValueError):
+        hp.plug(0)
+
+
+def test_hotplug_unplug_waits_for_the_guests_eject():
+    hp, bus, sci = hotplug_bus()
+    ejected = []
+    hp.plug(3)
+    hp.plug(7)
+    bus.read(0xAE00, 4)
+    bus.write(acpi.GPE0_BLK, 1, 0x2)
+    hp.request_unplug(7, lambda: ejected.append(7))
+    assert sci.level == 1 and bus.read(0xAE04, 4) == 1 << 7 and hp.pending_unplug(7)
+    bus.write(0xAE08, 4, 1 << 3)                      # a slot the host did not ask for: kept
+    bus.write(0xAE08, 2, 1 << 7)                      # not a dword write: ignored
+    assert ejected == [] and bus.read(0xAE0C, 4) == (1 << 3) | (1 << 7)
+    bus.write(0xAE08, 4, 1 << 7)                      # _EJ0 of slot 7
+    assert ejected == [7]
+    assert bus.read(0xAE04, 4) == 0 and bus.read(0xAE0C, 4) == 1 << 3 and bus.read(0xAE08, 4) == 0
+    bus.write(0xAE08, 4, 1 << 7)                      # a second eject calls nothing
+    assert ejected == [7]
+
+
+def test_hotplug_state_round_trip():
+    from pyvmm.devices.pcihotplug import PciHotplug
+    hp, _, _ = hotplug_bus()
+    hp.plug(4)
+    other = PciHotplug()
+    other.restore(hp.save())
+    assert (other.up, other.removable, other.down) == (1 << 4, 1 << 4, 0)
+    other.reset()
+    assert (other.up, other.removable) == (0, 0)

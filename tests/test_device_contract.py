@@ -577,6 +577,23 @@ def ide_channel() -> Rig:
                                         bus.read_many(0x1F0, 2, 8)], mapped=False, cleanup=cleanup)
 
 
+def pci_hotplug() -> Rig:
+    from pyvmm.devices.pcihotplug import HOTPLUG_BASE, HOTPLUG_LENGTH, PciHotplug
+    bus, gpe = io_bus(), []
+    dev = PciHotplug(raise_gpe=lambda: gpe.append(1))
+    bus.insert(HOTPLUG_BASE, HOTPLUG_LENGTH, dev, "pci-hotplug")
+
+    def a():
+        dev.plug(3)
+        dev.plug(5)
+        bus.read(HOTPLUG_BASE, 4)               # the guest's _E01 saw slots 3 and 5 ...
+        dev.plug(7)                             # ... and not 7 yet
+
+    def b():
+        dev.plug(9)
+    return Rig(dev, bus, a, b, lambda: [bus.read(HOTPLUG_BASE + o, 4) for o in (0xC, 0x4, 0x0)])
+
+
 def ide_bus_master() -> Rig:
     from pyvmm.devices.ide.piix import BusMasterStub
     bus, dev = io_bus(), BusMasterStub()
@@ -591,7 +608,7 @@ CASES = {"IdeChannel": ide_channel, "BusMasterStub": ide_bus_master, "Serial8250
          "GuestClock": guest_clock, "FwCfg": fwcfg, "AcpiPm": acpi, "PvDoorbell": doorbell,
          "VmwareBackdoor": backdoor, "GuestRpc": guest_rpc, "Hypervisor": hypervisor,
          "PciHostBridge": pci_bridge, "PciFunction": pci_function, "VirtioPci": virtio_pci,
-         "VirtioMmio": virtio_mmio}
+         "VirtioMmio": virtio_mmio, "PciHotplug": pci_hotplug}
 # Components whose state only travels inside their owner's (and is checked there).
 PARTS = {"PitCounter": "Pit"}
 

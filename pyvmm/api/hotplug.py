@@ -2,13 +2,15 @@
 QMP: blockdev-add / blockdev-del open and close disk images as named
 nodes, netdev_add / netdev_del name TAP, switch and stream backends,
 device_add driver=virtio-blk-pci (drive=) or virtio-net-pci (netdev=)
-puts one on PCI bus 0 in the first free slot (a guest finds it by
-rescanning the bus, e.g. Linux's /sys/bus/pci/rescan: pyvmm has no ACPI
-hotplug controller yet), device_del takes it off again and says so with
-DEVICE_DELETED.
+puts one on PCI bus 0 in the first free slot and tells the guest through
+ACPI PCI hotplug (devices/pcihotplug.py: GPE 1, then the DSDT's Notify on
+the slot), device_del asks the guest to give it back, and the device goes,
+with DEVICE_DELETED, when the guest ejects the slot, as on QEMU.
 
-The removal is a surprise removal, done at once: the guest is expected to
-have let go of the device (Linux: /sys/bus/pci/devices/…/remove) first."""
+A guest that has not enabled the hotplug GPE (no ACPI hotplug driver, or a
+machine without the hotplug block) cannot be asked: there device_del is a
+surprise removal, done at once, and the guest is expected to have let go
+of the device (Linux: /sys/bus/pci/devices/…/remove) first."""
 
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ def device_add(t: Target, args: dict) -> dict:
         function.irq = _irq(m, intx_gsi(slot))
         function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
         m.devices[key] = function
+        _announce(m, slot)
     node["device"] = ident
     _hotplugged(m)[ident] = drive
     log.info("hotplugged %s (node %s) in PCI slot %d", ident, drive, slot)
@@ -199,6 +202,7 @@ def _device_add_net(t: Target, m, args: dict) -> dict:
         function.irq = _irq(m, intx_gsi(slot))
         function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
         m.devices[ident.replace("-", "_")] = function
+        _announce(m, slot)
     _netdevs(t)[netdev]["device"] = ident
     _hotplugged_nics(m)[ident] = netdev
     log.info("hotplugged %s (netdev %s) in PCI slot %d", ident, netdev, slot)
@@ -221,29 +225,63 @@ def _hotplugged(m) -> dict:
     return found
 
 
+def _announce(m, slot: int) -> None:
+    """Tells the guest that `slot` has a new device (ACPI hotplug), where it can be told."""
+    hotplug = m.devices.get("pci_hotplug")
+    if hotplug is not None:
+        hotplug.plug(slot)
+
+
+def _guest_ejects(m) -> bool:
+    """Whether the guest handles ACPI PCI hotplug: it enabled the hotplug GPE."""
+    from ..devices.pcihotplug import HOTPLUG_GPE
+    pm = m.devices.get("acpi_pm")
+    return m.devices.get("pci_hotplug") is not None and pm is not None and pm.gpe_handled(HOTPLUG_GPE)
+
+
 def device_del(t: Target, args: dict) -> dict:
     m = _machine(t)
     ident = args["id"]
-    drive = _hotplugged(m).get(ident)
-    netdev = _hotplugged_nics(m).get(ident)
-    if drive is None and netdev is None:
+    if ident not in _hotplugged(m) and ident not in _hotplugged_nics(m):
         raise CommandError(f"Device '{ident}' not found" if ident.replace("-", "_") not in m.devices
                            else f"Device '{ident}' was not hotplugged: pyvmm removes only what device_add added")
     bridge = m.devices["pci_host"]
     with m.lock:
         slot = next(s for s, n in bridge.names.items() if n == ident)
-        function = bridge.functions[slot]
-        function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
-        bridge.remap(slot)
-        del bridge.functions[slot], bridge.names[slot]
-        if netdev is not None:
-            function.device.close()                  # the backend's port: its reader leaves the loop
-        else:
-            function.device.drain()
-            function.device.stop_io()
-            if function.device.drain in m.drains:
-                m.drains.remove(function.device.drain)
-        del m.devices[ident.replace("-", "_")]
+        if _guest_ejects(m):
+            m.devices["pci_hotplug"].request_unplug(slot, lambda: _remove_locked(t, m, ident, slot))
+            log.info("asked the guest to eject %s from PCI slot %d", ident, slot)
+            return {}
+        _remove(t, m, ident, slot)
+    return {}
+
+
+def _remove_locked(t: Target, m, ident: str, slot: int) -> None:
+    """The guest ejected the slot (a vCPU's port write, which may hold m.lock already)."""
+    with m.lock:
+        _remove(t, m, ident, slot)
+
+
+def _remove(t: Target, m, ident: str, slot: int) -> None:
+    """Takes `ident` out of `slot` and off the buses, frees its backend and
+    emits DEVICE_DELETED. Called with m.lock held."""
+    drive = _hotplugged(m).get(ident)
+    netdev = _hotplugged_nics(m).get(ident)
+    bridge = m.devices["pci_host"]
+    if bridge.names.get(slot) != ident:
+        return                                       # already gone (a machine rebuilt meanwhile)
+    function = bridge.functions[slot]
+    function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
+    bridge.remap(slot)
+    del bridge.functions[slot], bridge.names[slot]
+    if netdev is not None:
+        function.device.close()                  # the backend's port: its reader leaves the loop
+    else:
+        function.device.drain()
+        function.device.stop_io()
+        if function.device.drain in m.drains:
+            m.drains.remove(function.device.drain)
+    del m.devices[ident.replace("-", "_")]
     if netdev is not None:
         del _hotplugged_nics(m)[ident]
         if netdev in _netdevs(t):
@@ -251,8 +289,8 @@ def device_del(t: Target, args: dict) -> dict:
     else:
         del _hotplugged(m)[ident]
         _nodes(t)[drive]["device"] = None
+    log.info("removed %s from PCI slot %d", ident, slot)
     t.emit("DEVICE_DELETED", {"device": ident, "path": f"/machine/peripheral/{ident}"})
-    return {}
 
 
 COMMANDS.update({c.name: c for c in [

@@ -5,7 +5,8 @@ write_acpi_tables() puts, from layout.BIOS_AREA_ADDR on (where guests scan
 for the RSDP, and which the e820 map reserves):
 
     RSDP (rev 2) -> RSDT and XSDT -> FADT, MADT[, MCFG]
-    FADT -> FACS, DSDT (AML: only Name(_S5_, Package(){5, 5, 0, 0}))
+    FADT -> FACS, DSDT (AML: Name(_S5_, Package(){5, 5, 0, 0}), and the PCI
+            bus with its hotplug slots when there is one)
 
 MCFG (PCI Firmware spec 3.2, 4.1.2) is there when the machine has a PCI bus:
 it names the ECAM window of devices/pci/ecam.py.
@@ -37,6 +38,8 @@ PM1A_CNT_BLK = PM_BASE + acpi_pm.PM1_CNT_OFFSET   # 0x604: PM1_CNT
 PM1_CNT_LEN = 2
 PM_TMR_BLK = PM_BASE + acpi_pm.PM_TMR_OFFSET      # 0x608: 32-bit PM timer
 PM_TMR_LEN = 4
+GPE0_BLK = PM_BASE + acpi_pm.GPE0_STS_OFFSET      # 0x60c: GPE0_STS (2 bytes) + GPE0_EN (2 bytes)
+GPE0_BLK_LEN = acpi_pm.GPE0_LENGTH
 PM_BLOCK_LEN = acpi_pm.PM_LENGTH
 SCI_IRQ = 9
 SLP_TYP_S5 = acpi_pm.SLP_TYP_SOFT_OFF             # the value in the DSDT's _S5_ package
@@ -150,7 +153,8 @@ def build_fadt(facs_addr: int, dsdt_addr: int) -> bytes:
     put(56, "<II", PM1A_EVT_BLK, 0)               # PM1a/b_EVT_BLK
     put(64, "<II", PM1A_CNT_BLK, 0)               # PM1a/b_CNT_BLK
     put(72, "<II", 0, PM_TMR_BLK)                 # PM2_CNT_BLK, PM_TMR_BLK
-    put(88, "<BBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
+    put(80, "<II", GPE0_BLK, 0)                   # GPE0_BLK, GPE1_BLK
+    put(88, "<BBBBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN, GPE0_BLK_LEN, 0)
     put(96, "<HH", 101, 1001)                     # P_LVL2/3_LAT: C2/C3 not supported
     put(108, "<B", 0x32)                          # CENTURY: RTC CMOS index
     put(109, "<H", IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT)
@@ -162,6 +166,7 @@ def build_fadt(facs_addr: int, dsdt_addr: int) -> bytes:
     put(148, "<12s", _gas(PM1A_EVT_BLK, PM1_EVT_LEN, ACCESS_WORD))   # X_PM1a_EVT_BLK
     put(172, "<12s", _gas(PM1A_CNT_BLK, PM1_CNT_LEN, ACCESS_WORD))   # X_PM1a_CNT_BLK
     put(208, "<12s", _gas(PM_TMR_BLK, PM_TMR_LEN, ACCESS_DWORD))     # X_PM_TMR_BLK
+    put(220, "<12s", _gas(GPE0_BLK, GPE0_BLK_LEN, ACCESS_BYTE))      # X_GPE0_BLK
     return _table(b"FACP", FADT_REVISION, bytes(f))
 
 

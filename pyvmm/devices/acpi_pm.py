@@ -1,6 +1,6 @@
-"""ACPI fixed-hardware PM block: PM1 event and control registers and the PM timer.
+r"""ACPI fixed-hardware PM block: PM1 event and control registers and the PM timer.
 
-Offsets inside the device's 12-byte range (the builder puts it at PM_BASE,
+Offsets inside the device's 16-byte range (the builder puts it at PM_BASE,
 0x600, which the FADT written by boot/acpi.py describes):
 
     0x0  PM1_STS  16-bit, write 1 to clear (TMR_STS, PWRBTN_STS, WAK_STS ...)
@@ -8,10 +8,16 @@ Offsets inside the device's 12-byte range (the builder puts it at PM_BASE,
     0x4  PM1_CNT  16-bit; SCI_EN reads 1 (ACPI is always on); SLP_EN (bit 13)
                   with SLP_TYP (bits 10-12) == 5 means "power off"
     0x8  PM_TMR   32-bit, read-only, counts at 3.579545 MHz
+    0xC  GPE0_STS 16-bit, write 1 to clear: general-purpose events 0-15
+    0xE  GPE0_EN  16-bit
+
+The FADT names 0xC..0xF as the GPE0 block (status half, then enable half;
+ACPI 6.4, 4.8.4.1).  GPE 1 is the PCI hotplug event (pcihotplug.py), which
+the DSDT's \_GPE._E01 handles.
 
 Any access size is accepted; registers are little-endian byte lanes.  The
 SCI (an IrqLine, level-triggered) is high while a status bit and its enable
-bit are both set.  TMR_STS (timer MSB toggled) is not generated.
+bit are both set, in PM1 or in GPE0.  TMR_STS (timer MSB toggled) is not generated.
 """
 
 from __future__ import annotations
@@ -34,12 +40,16 @@ PM1_STS_OFFSET = 0x0
 PM1_EN_OFFSET = 0x2
 PM1_CNT_OFFSET = 0x4
 PM_TMR_OFFSET = 0x8
-REGISTER_RANGE = 12
+GPE0_STS_OFFSET = 0xC
+GPE0_EN_OFFSET = 0xE
+GPE0_LENGTH = 4
+REGISTER_RANGE = 16
 # Where the board puts the block; boot/acpi.py describes it there in the FADT.
 PM_BASE = 0x600
 PM_LENGTH = REGISTER_RANGE
-# Register image: PM1_STS, PM1_EN, PM1_CNT, 2 unused bytes, PM_TMR.
-_REGS = struct.Struct("<HHH2xI")
+# Register image: PM1_STS, PM1_EN, PM1_CNT, 2 unused bytes, PM_TMR, GPE0_STS, GPE0_EN.
+_REGS = struct.Struct("<HHH2xIHH")
+GPE_COUNT = 16
 
 # PM1_STS / PM1_EN bits.
 TMR_STS = 1 << 0
@@ -69,7 +79,7 @@ class AcpiPm:
     `clock()` returns seconds (default time.monotonic); `on_poweroff()` is
     called when the guest enters S5; `sci` is the SCI line (GSI 9), or None."""
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2       # 2: the GPE0 block
 
     def __init__(self, on_poweroff: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sci: IrqLine | None = None,
@@ -88,6 +98,9 @@ class AcpiPm:
         self.sts = 0
         self.en = 0
         self.cnt = SCI_EN
+        self.gpe_sts = 0
+        self.gpe_en = 0
+        self.gpe_used = 0             # GPEs the guest has enabled since reset
         self._timer_base = 0          # timer value at clock() == _clock_base
         self._clock_base = self.clock()
         self._update_sci()
@@ -104,13 +117,26 @@ class AcpiPm:
         self.sts |= PWRBTN_STS
         self._update_sci()
 
+    def raise_gpe(self, bit: int) -> None:
+        """Sets general-purpose event `bit`'s status (the SCI follows if the
+        guest enabled it)."""
+        self.gpe_sts |= 1 << bit
+        self._update_sci()
+
+    def gpe_handled(self, bit: int) -> bool:
+        """Whether the guest has a handler for GPE `bit`: it has enabled it
+        since reset (ACPICA masks a GPE while its method runs, so the
+        enable bit alone would flicker)."""
+        return bool(self.gpe_used & 1 << bit)
+
     def _update_sci(self) -> None:
         if self.sci is not None:
-            self.sci.set_level(bool(self.cnt & SCI_EN) and bool(self.sts & self.en))
+            pending = (self.sts & self.en) or (self.gpe_sts & self.gpe_en)
+            self.sci.set_level(bool(self.cnt & SCI_EN) and bool(pending))
 
     # -- registers ----------------------------------------------------------
     def _image(self) -> bytes:
-        return _REGS.pack(self.sts, self.en, self.cnt, self.timer())
+        return _REGS.pack(self.sts, self.en, self.cnt, self.timer(), self.gpe_sts, self.gpe_en)
 
     def read(self, offset: int, size: int) -> int:
         data = self._image()[offset:offset + size]
@@ -127,12 +153,15 @@ class AcpiPm:
         # Which bytes each register got from this write (0 elsewhere).
         mask = bytearray(REGISTER_RANGE)
         mask[offset:offset + len(raw)] = b"\xff" * len(raw)
-        sts_w, en_w, cnt_w, _tmr = _REGS.unpack(bytes(new))
-        sts_m, en_m, cnt_m, _ = _REGS.unpack(bytes(mask))
+        sts_w, en_w, cnt_w, _tmr, gsts_w, gen_w = _REGS.unpack(bytes(new))
+        sts_m, en_m, cnt_m, _, gsts_m, gen_m = _REGS.unpack(bytes(mask))
         if sts_m:
             self.sts &= ~(sts_w & sts_m & STS_WRITABLE)
         if en_m:
             self.en = (self.en & ~en_m) | (en_w & en_m & EN_WRITABLE)
+        self.gpe_sts &= ~(gsts_w & gsts_m)
+        self.gpe_en = (self.gpe_en & ~gen_m) | (gen_w & gen_m)
+        self.gpe_used |= self.gpe_en
         if cnt_m:
             self._write_cnt((self.cnt & ~cnt_m) | (cnt_w & cnt_m))
         self._update_sci()
@@ -150,7 +179,8 @@ class AcpiPm:
 
     # -- snapshots ----------------------------------------------------------
     def save(self) -> dict:
-        return saved(self, {"sts": self.sts, "en": self.en, "cnt": self.cnt, "timer": self.timer()})
+        return saved(self, {"sts": self.sts, "en": self.en, "cnt": self.cnt, "timer": self.timer(),
+                            "gpe_sts": self.gpe_sts, "gpe_en": self.gpe_en, "gpe_used": self.gpe_used})
 
     def restore(self, state: dict) -> None:
         restore_state(self, state, self._load)
@@ -159,6 +189,9 @@ class AcpiPm:
         self.sts = as_int(state["sts"])
         self.en = as_int(state["en"])
         self.cnt = as_int(state["cnt"]) | SCI_EN
+        self.gpe_sts = as_int(state["gpe_sts"]) & 0xFFFF
+        self.gpe_en = as_int(state["gpe_en"]) & 0xFFFF
+        self.gpe_used = as_int(state["gpe_used"]) & 0xFFFF
         self._timer_base = as_int(state["timer"]) & PM_TIMER_MASK
         self._clock_base = self.clock()
         self._update_sci()

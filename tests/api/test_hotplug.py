@@ -118,3 +118,45 @@ def test_hotplug_virtio_net_on_a_stream_backend(tmp_path):
     finally:
         vm.close()
         server.close()
+
+
+def test_hotplug_waits_for_the_guest_to_eject_through_acpi(tmp_path):
+    """A guest that enabled the hotplug GPE (as Linux's ACPI does for the
+    DSDT's _E01) is told of device_add by GPE 1 and PCI_UP, is asked by
+    device_del through PCI_DOWN, and the device goes, with DEVICE_DELETED,
+    only when the guest writes the slot to PCI_EJ (its _EJ0)."""
+    disk, extra = tmp_path / "disk.qcow2", tmp_path / "extra.qcow2"
+    create_image(str(disk), "qcow2", 1 << 20)
+    create_image(str(extra), "qcow2", 1 << 20)
+    vm = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    io, pm = vm.machine.io_bus, vm.machine.devices["acpi_pm"]
+    try:
+        vm.wait_counts(1)
+        io.write(0x60E, 1, 0x2)                                     # GPE0_EN: GPE 1
+        assert io.read(0xAE00, 4) == 0 and io.read(0x60C, 1) == 0
+        vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "n1"}, file=str(extra))
+        assert vm.qmp("device_add", driver="virtio-blk-pci", drive="n1", id="hd1") == {}
+        slot = next(d["slot"] for d in vm.qmp("query-pci")[0]["devices"] if d["qdev_id"] == "hd1")
+        assert io.read(0x60C, 1) == 0x2 and pm.sci.level == 1       # GPE 1 raised the SCI
+        io.write(0x60C, 1, 0x2)                                     # the guest's ACPI clears it ...
+        assert pm.sci.level == 0
+        assert io.read(0xAE00, 4) == 1 << slot                      # ... and _E01 reads PCI_UP
+        assert io.read(0xAE00, 4) == 0 and io.read(0xAE0C, 4) == 1 << slot
+
+        assert vm.qmp("device_del", id="hd1") == {}
+        assert io.read(0x60C, 1) == 0x2 and io.read(0xAE04, 4) == 1 << slot
+        assert _vendor(vm, slot) == 0x1AF4                          # still there: the guest has not ejected
+        assert not any(e == "DEVICE_DELETED" for e, _ in vm.events)
+        with pytest.raises(CommandError, match="busy"):
+            vm.qmp("blockdev-del", **{"node-name": "n1"})
+        io.write(0xAE08, 4, 1 << 1)                                 # another slot's _EJ0: nothing happens
+        assert _vendor(vm, slot) == 0x1AF4
+        io.write(0xAE08, 4, 1 << slot)                              # this slot's _EJ0
+        assert vm.events[-1] == ("DEVICE_DELETED", {"device": "hd1", "path": "/machine/peripheral/hd1"})
+        assert _vendor(vm, slot) == 0xFFFF and io.read(0xAE04, 4) == 0
+        assert all(d["qdev_id"] != "hd1" for d in vm.qmp("query-pci")[0]["devices"])
+        assert vm.qmp("blockdev-del", **{"node-name": "n1"}) == {}
+        assert vm.qmp("query-status")["status"] == "running"
+        vm.wait_counts(2, after=len(vm.output))
+    finally:
+        vm.close()

@@ -11,7 +11,10 @@ mkfs.ext4 -d: the guest mounts it, reads the host's file and writes
 its own; the writes land in the overlay only (the base is unchanged) until
 `pyvmm img commit` merges them (issue 17 part 5).  The same boot is
 paused and resumed twenty times over QMP while a shell loop runs, and
-keeps its clock and workload (issue 15; tests/linux_pauses.py).  A third,
+keeps its clock and workload (issue 15; tests/linux_pauses.py), and gets a
+virtio-net NIC and a virtio-blk disk hotplugged and unplugged over QMP,
+which Linux's acpiphp finds and lets go of by itself through pyvmm's ACPI
+PCI hotplug (issue 19; tests/linux_hotplug.py).  A third,
 read-only disk carries a static x86-64-v3 program (tests/v3program.py),
 which prints in the guest what it printed on the host CPU.  A fourth, raw
 ext4 disk made with mkfs.ext4 -d is shared by the module's boots: each
@@ -41,10 +44,12 @@ import time
 
 import pytest
 
+from pyvmm.storage.create import create_image
+
 from ..guest_session import GuestSession
 from ..hostfacts import require_debian_cloud_kernel, require_from_setup
 from ..linux_pauses import check_pauses_keep_clock_and_workload, pause_qmp_args
-from ..linux_hotplug import check_net_hotplug
+from ..linux_hotplug import check_acpiphp_slots, check_blk_hotplug, check_net_hotplug
 from ..linux_snapshot import check_snapshot_round_trip
 from ..v3program import build_v3_program, check_v3_program_in_guest
 from .qemu_reference import boot_reference, guest_view, qemu_argv
@@ -54,6 +59,7 @@ pytestmark = [pytest.mark.slow]
 TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"
 SECTORS = 16387                      # 8 MiB and 3 sectors: a size nothing else has
+HOTPLUG_SECTORS = 6151               # the hotplugged disk: 3 MiB and 7 sectors
 # Linux 6.1 says "... reserved in ACPI motherboard resources", later ones "... reserved as ACPI motherboard resource".
 ECAM_RESERVED = r"MMCONFIG at \[mem 0xe0000000-0xe00fffff\] reserved (in|as) ACPI motherboard"
 
@@ -227,8 +233,13 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine, shared):
         g.expect(rf"\nhost says {marker}\r?\n", timeout=600, after=sent)
         # Saved with the qcow2 disk mounted, changed, loaded back (issue 19; tests/linux_snapshot.py).
         check_snapshot_round_trip(g, str(tmp_path / "qmp.sock"), "disk1", "/mnt")
-        # A virtio-net NIC hotplugged, found by a PCI rescan, let go and unplugged (tests/linux_hotplug.py).
+        # ACPI PCI hotplug (tests/linux_hotplug.py): acpiphp's slots, then a
+        # virtio-net NIC and a virtio-blk disk plugged and unplugged over QMP.
+        check_acpiphp_slots(g)
         check_net_hotplug(g, str(tmp_path / "qmp.sock"), str(tmp_path))
+        hotdisk = tmp_path / "hotplug.qcow2"
+        create_image(str(hotdisk), "qcow2", HOTPLUG_SECTORS * 512)
+        check_blk_hotplug(g, str(tmp_path / "qmp.sock"), str(hotdisk), HOTPLUG_SECTORS)
         sent = g.send(f"echo guest says {marker} > /mnt/guest.txt && umount /mnt && sync && echo UMOUNT-OK\n")
         g.expect(r"\nUMOUNT-OK\r?\n", timeout=600, after=sent)
         g.send("poweroff -f\n")
