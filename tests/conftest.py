@@ -46,6 +46,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if item not in left_out]
+    _slow_files_first(items)
+
+
+def _slow_files_first(items: list[pytest.Item]) -> None:
+    """Files with a `slow` test (a Linux boot: minutes each) go first, whole,
+    the rest keeping their order.  `make test` hands out whole files to
+    the workers in this order (--dist loadfile --no-loadscope-reorder), so
+    the long files start at once and the many short ones fill in after;
+    xdist's own order (files with the most tests first) left the boots for
+    last, one worker running them alone at the end."""
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+    slow = {file_of(item) for item in items if item.get_closest_marker("slow") is not None}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(file_of(item), i)
+    # Whole files move, so a module-scoped fixture (one boot) is still set up once.
+    items.sort(key=lambda item: (file_of(item) not in slow, first_seen[file_of(item)]))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -53,6 +53,9 @@ KERNEL_ARGS: tuple[tuple[str, str], ...] = (
     ("init_on_alloc=0", "no zeroing of every allocated page (Debian turns it on)"),
     ("noreplace-smp", "no rewriting of every LOCK prefix on a one-vCPU boot: the translator ignores LOCK, "
                       "and each patch is a text_poke (temporary mm, TLB flush) that also drops translations"),
+    ("nokaslr", "the kernel at its link address, where the block store keeps its translations: a bzImage "
+                "decompressed in the guest (a BIOS boot, --no-host-decompress) otherwise picks a new random "
+                "base each boot and translates the whole kernel afresh"),
 )
 
 
