@@ -13,12 +13,17 @@ import os
 import socket
 import struct
 
+from .gso import GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET_F_NEEDS_CSUM, VNET_HDR, segment_tcp
+
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
+PACKET_VNET_HDR = 15
+RECV_SIZE = 1 << 17                     # a 64 KiB GSO frame, its tag and its virtio_net_hdr
+NO_VNET_HDR = bytes(VNET_HDR.size)      # what every frame we send starts with: no offload asked
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_CSUMNOTREADY = 0x8
@@ -107,7 +112,10 @@ def finish_checksum(frame: bytes) -> bytes:
 class PacketUplink:
     """AF_PACKET bound to ifname. VLAN tags that the kernel moved into
     packet metadata (VLAN offload) are put back into the frame, so the
-    switch sees what was on the wire."""
+    switch sees what was on the wire. With PACKET_VNET_HDR every frame
+    comes with a virtio_net_hdr: TCP super-frames (GSO, from a veth's
+    peer) are cut into wire-sized ones here (gso.py), partial checksums
+    completed."""
 
     def __init__(self, ifname: str):
         self.ifname = ifname
@@ -116,6 +124,7 @@ class PacketUplink:
         try:
             self.sock.bind((ifname, ETH_P_ALL))
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()
@@ -129,28 +138,34 @@ class PacketUplink:
         out = []
         for _ in range(READ_BATCH):
             try:
-                data, anc, _flags, addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(AUXDATA.size))
+                data, anc, _flags, addr = self.sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(AUXDATA.size))
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno in GONE or (e.errno == errno.ENETDOWN and not _exists(self.ifname)):
                     raise UplinkGone(e.errno, f"{self.ifname}: {e.strerror}") from None
                 break           # the link went down (reported once); it may come back up
-            if addr[2] == PACKET_OUTGOING:      # our own transmissions, looped back to us
+            if addr[2] == PACKET_OUTGOING or len(data) < VNET_HDR.size:   # our own, looped back to us
                 continue
+            vflags, gso_type, _hl, gso_size, _cs, _co = VNET_HDR.unpack_from(data)
+            data = data[VNET_HDR.size:]
+            partial = bool(vflags & VNET_F_NEEDS_CSUM)
             for level, kind, value in anc:
                 if level == SOL_PACKET and kind == PACKET_AUXDATA and len(value) >= AUXDATA.size:
                     status, _l, _s, _m, _n, tci, tpid = AUXDATA.unpack_from(value)
                     if status & TP_STATUS_VLAN_VALID:
                         data = data[:12] + struct.pack(">HH", tpid or 0x8100, tci) + data[12:]
-                    if status & TP_STATUS_CSUMNOTREADY:
-                        data = finish_checksum(data)
-            out.append(data)
+                    partial |= bool(status & TP_STATUS_CSUMNOTREADY)
+            pieces = segment_tcp(data, gso_size) if gso_type & ~GSO_ECN in (GSO_TCPV4, GSO_TCPV6) else [data]
+            if len(pieces) > 1:
+                out.extend(pieces)          # each piece with its checksums complete
+            else:
+                out.append(finish_checksum(data) if partial else data)
         return out
 
     def send(self, frame: bytes) -> bool:
         try:
-            return self.sock.send(frame) == len(frame)
+            return self.sock.send(NO_VNET_HDR + frame) == VNET_HDR.size + len(frame)
         except OSError:
             return False
 

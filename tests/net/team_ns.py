@@ -41,6 +41,7 @@ class TeamNamespace:
         self.name, self.rundir, self.members = name, rundir, members
         self.ns = f"pvtm-{uuid.uuid4().hex[:8]}"
         self.proc: subprocess.Popen | None = None
+        self.log = rundir / f"{name}.stderr"
         subprocess.run(["ip", "netns", "add", self.ns], check=True, timeout=20)
         try:
             self._wire(members)
@@ -51,15 +52,19 @@ class TeamNamespace:
             rundir.mkdir(parents=True, exist_ok=True)
             cfg = rundir / f"{name}.json"
             cfg.write_text(json.dumps({"teams": [team]}))
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "pyvmm", "switch",
-                                          "run", name, "--config", str(cfg)], cwd=REPO,
-                                         env=dict(os.environ, PYVMM_SWITCH_DIR=str(rundir)),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # stderr to a file, never a pipe: a pipe nobody drains fills with the
+            # switch's warnings (links, beacons) and then blocks its one loop
+            self.log = rundir / f"{name}.stderr"
+            with open(self.log, "wb") as err:
+                self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "pyvmm", "switch",
+                                              "run", name, "--config", str(cfg)], cwd=REPO,
+                                             env=dict(os.environ, PYVMM_SWITCH_DIR=str(rundir)),
+                                             stdout=subprocess.DEVNULL, stderr=err)
             end = time.monotonic() + 30
             while not (rundir / f"{name}.ctl").exists():
                 if self.proc.poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"team switch did not start: "
-                                       f"{self.proc.stderr.read() if self.proc.poll() is not None else 'timeout'}")
+                                       f"{self.log_tail() if self.proc.poll() is not None else 'timeout'}")
                 time.sleep(0.05)
         except BaseException:
             self.close()
@@ -77,6 +82,13 @@ class TeamNamespace:
             ns_ip(self.ns, "link", "set", f"ha{i}", "up")
         ns_ip(self.ns, "addr", "add", f"{BRIDGE_ADDR}/24", "dev", "br0")
         ns_ip(self.ns, "link", "set", "br0", "up")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the switch wrote to stderr."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     @property
     def socket_path(self) -> Path:
@@ -120,7 +132,7 @@ class TeamNamespace:
                 self.proc.send_signal(signal.SIGKILL)
                 self.proc.wait()
         subprocess.run(["ip", "netns", "del", self.ns], timeout=20)
-        for suffix in (".json", ".sock", ".ctl", ".lock", ".log"):
+        for suffix in (".json", ".sock", ".ctl", ".lock", ".log", ".stderr"):
             (self.rundir / f"{self.name}{suffix}").unlink(missing_ok=True)
 
     def __enter__(self) -> "TeamNamespace":
