@@ -301,7 +301,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             announce_in_background(machine)
         if restore[0]:                  # --restore: the first machine takes the file's state
             from ..snapshot.file import load_file
+            from ..migration.announce import announce_in_background
             took = load_file(machine, restore.pop())
+            # The NIC is on a new port (the saved VM may have died): tell
+            # the switch where its MAC is now, as after a migration.
+            announce_in_background(machine)
             if cfg.verbose:
                 print(f"pyvmm: restored in {took * 1e3:.1f} ms", file=sys.stderr)
 
