@@ -179,7 +179,7 @@ def _add_bios_chipset(machine: Machine) -> None:
     if bridge is None:
         bridge = attach_host_bridge(machine.io_bus, machine.mmio_bus)
         machine.devices["pci_host"] = bridge
-    enable_pam(bridge.host)
+    enable_pam(bridge.host, machine.memory)
     bridge.on_reset = lambda: machine.request_stop(StopReason.RESET, "PCI reset control (port 0xcf9)")
 
 

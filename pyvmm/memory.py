@@ -67,6 +67,11 @@ class GuestMemory:
         # read, or None while it is off; engines register their sources.
         self.dirty: set[int] | None = None
         self.dirty_sources: list[DirtySource] = []
+        # Page frames whose guest writes are dropped (shadow RAM that the
+        # chipset's PAM registers make read-only, devices/pci/pam.py);
+        # engines listen so that they stop writing those pages directly.
+        self.write_ignored: frozenset[int] = frozenset()
+        self.write_ignored_listeners: list[Callable[[frozenset[int]], None]] = []
 
     def _add(self, gpa: int, size: int, rom: bool = False) -> MemoryRegion:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -82,6 +87,14 @@ class GuestMemory:
         if any(gpa < r.end and r.gpa < gpa + len(data) for r in self.regions):
             raise ConfigError(f"firmware image at 0x{gpa:x} overlaps guest memory")
         self._add(gpa, len(data), rom=True).mm[:] = data
+
+    def set_write_ignored(self, pages: frozenset[int]) -> None:
+        """Guest writes to page frames `pages` are dropped from now on (the
+        VMM's own writes still land); tells the engines."""
+        if pages != self.write_ignored:
+            self.write_ignored = pages
+            for fn in self.write_ignored_listeners:
+                fn(pages)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"0x{r.gpa:x}+0x{r.size:x}" for r in self.regions)

@@ -102,3 +102,19 @@ def test_only_bzimages_boot_through_the_firmware(tmp_path):
     elf.write_bytes(b"\x7fELF" + bytes(4092))
     with pytest.raises(ConfigError, match="only bzImage"):
         linuxboot_fw_cfg(VmConfig(bios=DEFAULT_BIOS, kernel=str(elf)), 64 << 20)
+
+
+def test_option_rom_sources_ship_as_package_data():
+    """An installed wheel holds every non-Python file pyvmm reads at run
+    time (the option ROM sources): each matches a package-data pattern of
+    its package in pyproject.toml, without which setuptools leaves it out."""
+    import fnmatch
+    import tomllib
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = [p for p in (root / "pyvmm").rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(p.name == "linuxboot.S" for p in data)
+    for path in data:
+        package = ".".join(path.parent.relative_to(root).parts)
+        assert any(fnmatch.fnmatch(path.name, g) for g in patterns.get(package, [])), path

@@ -209,6 +209,7 @@ class BtEngine(Engine):
         if self.intc is None:
             from .platform import make_platform
             self.clock, self.intc = make_platform(m)
+        m.memory.write_ignored_listeners.append(self.guard.unmap_pages)   # PAM made them read-only
         n = m.config.cpus
         hide = list(getattr(m.config, "cpuid_hide", []) or [])
         for i in range(n):

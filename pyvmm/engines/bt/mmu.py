@@ -382,7 +382,8 @@ class Mmu:
         if self.shadow and self.mode != PG_NONE:
             self.shadow_fills += 1
             self.guard.watch_tables(self._tables, self._tsize, self.maps, vpn)
-        w = writable and ppn not in self.code_pages and ppn not in self.table_pages
+        w = writable and ppn not in self.code_pages and ppn not in self.table_pages \
+            and ppn not in mem.write_ignored
         if w and mem.dirty is not None:
             # Dirty log on: only a write maps a page for fast writes, and marks it.
             w = access == WRITE
@@ -446,6 +447,8 @@ class Mmu:
             self.mmio.write(pa, size, v)
             return
         ppn = entry[2]
+        if ppn in self.memory.write_ignored:
+            return                  # read-only shadow RAM: the write goes to ROM, i.e. nowhere
         if ppn in self.code_pages:
             if not self.smc_ok:
                 self.on_code_write(ppn)

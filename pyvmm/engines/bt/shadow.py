@@ -86,6 +86,13 @@ class PageGuard:
             if e is not None and e[2] == ppn:
                 del tw[vpn]
 
+    def unmap_pages(self, pages) -> None:
+        """Pages that lose their fast-write mappings (GuestMemory.write_ignored):
+        their next write takes the slow path, which drops it."""
+        for ppn in pages:
+            if ppn in self.wmap:
+                self._unmap(ppn)
+
     # -- dirty log (pyvmm/dirty.py): bt's DirtySource -----------------------------
     def log_start(self) -> None:
         """Every page loses its fast-write mappings: the next write to it
