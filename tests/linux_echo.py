@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 from pyvmm.guest.initramfs import ensure_default_initramfs
-from pyvmm.net.tap import TUN_PATH
 
 from .guest_session import GuestSession
 from .hostfacts import require_debian_cloud_kernel
+from .devices.test_virtio_net_tap import host_fact
+from .devices.test_virtio_net_tap import ip as _ip
 from .net.switch_helpers import SwitchProcess
 
 MAC = "52:54:00:20:19:01"
@@ -103,18 +104,6 @@ while True:
 LOOP = ("(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo rec$i | dd of=/dev/vda bs=512 seek=$i "
         "conv=sync,notrunc,fsync 2>/dev/null; echo $i > /tmp/count; sleep 0.2; done; touch /tmp/stopped) "
         ">/dev/null 2>&1 &")
-
-
-def host_fact() -> str | None:
-    if os.geteuid() != 0:
-        return "creating TAP devices and network namespaces needs root"
-    if not os.path.exists(TUN_PATH):
-        return f"the host has no {TUN_PATH}"
-    return None
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
 class EchoNet:

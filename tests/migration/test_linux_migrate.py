@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from pyvmm.api.client import QmpClient
 
 from ..guest_session import GuestSession
+from .moves import migrate, wait_stderr
 from ..hostfacts import require_debian_cloud_kernel
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
@@ -49,27 +49,6 @@ def _clocks(g: GuestSession) -> tuple[float, int]:
     return float(m.group(1)), int(m.group(2))
 
 
-def _wait_stderr(g: GuestSession, text: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in g.errors:
-        assert g.proc.poll() is None and time.monotonic() < deadline, g.errors[-2000:]
-        time.sleep(0.1)
-
-
-def _migrate(qsock: str, uri: str) -> dict:
-    qmp = QmpClient(qsock)
-    qmp.execute("migrate", {"uri": uri})
-    deadline = time.monotonic() + 600
-    while (info := qmp.execute("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
-        assert time.monotonic() < deadline, info
-        time.sleep(0.2)
-    assert info["status"] == "completed", info
-    assert qmp.execute("query-status")["status"] == "postmigrate"
-    qmp.execute("quit")
-    qmp.close()
-    return info
-
-
 def test_linux_guest_migrates_between_bt_and_hybrid_and_keeps_running(tmp_path):
     require_debian_cloud_kernel()
     qsock = str(tmp_path / "q0.sock")
@@ -90,8 +69,8 @@ def test_linux_guest_migrates_between_bt_and_hybrid_and_keeps_running(tmp_path):
             dst = GuestSession("run", "--engine", engine, *COMMON, "--incoming", uri,
                                "--qmp", f"unix:{next_q},server,wait=off")
             sessions.append(dst)
-            _wait_stderr(dst, "waiting for an incoming migration")
-            _migrate(qsock, uri)
+            wait_stderr(dst, "waiting for an incoming migration")
+            migrate(qsock, uri)
             assert src.wait(timeout=120) == 0, src.errors[-2000:]
             mark = len(dst.output)
             # The guest goes on where it was: the loop's count and the clocks

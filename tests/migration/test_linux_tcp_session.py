@@ -34,6 +34,7 @@ import pytest
 from pyvmm.api.client import QmpClient
 
 from ..guest_session import GuestSession
+from .moves import migrate, wait_stderr
 from ..linux_echo import (
     ANSWER_S,
     EchoNet,
@@ -51,30 +52,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
 CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
-MIGRATE_S = 600.0
 # (how the VM moves on, the engine that runs it next)
 STEPS = (("migrate", "hybrid"), ("restore", "hybrid"), ("restore", "bt"))
-
-
-def _wait_stderr(g: GuestSession, text: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in g.errors:
-        assert g.proc.poll() is None and time.monotonic() < deadline, g.errors[-2000:]
-        time.sleep(0.1)
-
-
-def _migrate(qsock: str, uri: str) -> None:
-    qmp = QmpClient(qsock)
-    try:
-        qmp.execute("migrate", {"uri": uri})
-        deadline = time.monotonic() + MIGRATE_S
-        while (info := qmp.execute("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
-            assert time.monotonic() < deadline, info
-            time.sleep(0.2)
-        assert info["status"] == "completed", info
-        qmp.execute("quit")
-    finally:
-        qmp.close()
 
 
 def _save_stopped(qsock: str, path: str) -> None:
@@ -113,9 +92,9 @@ def test_tcp_echo_counter_and_disk_survive_migration_and_kill_restore(tmp_path):
                 nxt = GuestSession("run", "--engine", engine, *common, "--incoming", uri,
                                    "--qmp", f"unix:{next_q},server,wait=off", env=env)
                 sessions.append(nxt)
-                _wait_stderr(nxt, "waiting for an incoming migration")
+                wait_stderr(nxt, "waiting for an incoming migration")
                 echoed = client.echoed
-                _migrate(qsock, uri)                 # the stream runs all along
+                migrate(qsock, uri)                 # the stream runs all along
                 assert g.wait(timeout=120) == 0, g.errors[-2000:]
             else:
                 snap = str(tmp_path / f"s{step}.snap")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import struct
 
+from ...boot.aml import integer, pkg_length
 from .host import ECAM_BASE, ECAM_SIZE, IO_WINDOW, MMIO_WINDOW, SLOTS, intx_gsi
 
 NAME_OP, SCOPE_OP, PACKAGE_OP, BUFFER_OP = 0x08, 0x10, 0x12, 0x11
@@ -60,29 +61,6 @@ END_TAG = bytes([0x79, 0x00])  # checksum 0: "treat as summing to zero"
 MEMORY32_FIXED = struct.Struct("<BHBII")       # 0x86, len 9, read/write, base, length
 PNP0A03 = 0x030AD041           # EisaId("PNP0A03") as the AML DWord
 PNP0C02 = 0x020CD041           # EisaId("PNP0C02"): motherboard resources
-
-
-def pkg_length(body_len: int) -> bytes:
-    """PkgLength for a body of `body_len` bytes (the length counts itself)."""
-    for n in range(1, 5):
-        total = body_len + n
-        if n == 1 and total < 0x40:
-            return bytes([total])
-        if n > 1 and total < 1 << (4 + 8 * (n - 1)):
-            return bytes([((n - 1) << 6) | (total & 0xF)]) + (total >> 4).to_bytes(n - 1, "little")
-    raise ValueError(f"AML package of {body_len} bytes is too long")
-
-
-def integer(value: int) -> bytes:
-    if value == 0:
-        return bytes([ZERO_OP])
-    if value == 1:
-        return bytes([ONE_OP])
-    for prefix, fmt, limit in ((BYTE_PREFIX, "<B", 1 << 8), (WORD_PREFIX, "<H", 1 << 16),
-                               (DWORD_PREFIX, "<I", 1 << 32), (QWORD_PREFIX, "<Q", 1 << 64)):
-        if value < limit:
-            return bytes([prefix]) + struct.pack(fmt, value)
-    raise ValueError(f"AML integer {value:#x} is too large")
 
 
 def name(seg: str, value: bytes) -> bytes:
