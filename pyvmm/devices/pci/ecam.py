@@ -14,8 +14,19 @@ functions read as all-ones, as a master abort would.
 
 from __future__ import annotations
 
-from .host import ECAM_SIZE, PciHostBridge
+from typing import Protocol
 
+from .function import PciFunction
+
+
+class Bus0(Protocol):
+    """What the window needs of its host bridge (host.py's PciHostBridge,
+    which imports this module to build its window)."""
+    functions: dict[int, PciFunction]
+
+# 1 MiB for bus 0, at the bottom of the MMIO hole above the largest low RAM
+# (memory.LOW_RAM_LIMIT, 3 GiB).
+ECAM_BASE, ECAM_SIZE = 0xE0000000, 1 << 20
 EXTENDED_SPACE = 0x1000
 CONVENTIONAL_SPACE = 0x100
 
@@ -24,7 +35,7 @@ class PciEcam:
     """The ECAM window of `bridge`'s bus 0; placed on the MMIO bus by
     attach_host_bridge.  Knows only offsets inside the window."""
 
-    def __init__(self, bridge: PciHostBridge):
+    def __init__(self, bridge: Bus0):
         self.bridge = bridge
         self.reads = 0            # accesses the guest made here (tests see ECAM in use)
         self.writes = 0

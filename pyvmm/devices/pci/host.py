@@ -25,6 +25,7 @@ from typing import Callable
 from ...bus import Bus
 from ...device import as_int, restore_state, saved
 from ...errors import BusError, ConfigError
+from .ecam import ECAM_BASE, ECAM_SIZE, PciEcam
 from .function import CMD_IO, CMD_MEMORY, INTERRUPT_LINE, PciFunction
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ SLOTS = 32
 INTEL, I440FX = 0x8086, 0x1237
 CLASS_HOST_BRIDGE = 0x060000
 
-# The ECAM window (ecam.py): 1 MiB for bus 0, at the bottom of the MMIO hole
-# above the largest low RAM (memory.LOW_RAM_LIMIT, 3 GiB).
-ECAM_BASE, ECAM_SIZE = 0xE0000000, 1 << 20
 # Where pyvmm places BARs: above the ECAM window and below the IOAPIC;
 # ports above the legacy ISA range.
 MMIO_WINDOW = (ECAM_BASE + ECAM_SIZE, 0xFEC00000)
@@ -188,7 +186,6 @@ class PciHostBridge:
 def attach_host_bridge(io_bus: Bus, mmio_bus: Bus) -> PciHostBridge:
     """A host bridge on `io_bus` at 0xCF8, with its ECAM window on
     `mmio_bus` at ECAM_BASE (bridge.ecam)."""
-    from .ecam import PciEcam
     bridge = PciHostBridge(io_bus, mmio_bus)
     io_bus.insert(CONFIG_ADDRESS_PORT, CONFIG_PORTS, bridge, "pci-config")
     bridge.ecam = PciEcam(bridge)
