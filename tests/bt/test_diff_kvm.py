@@ -278,8 +278,9 @@ UNICORN_QUIRKS: dict[str, object] = {
     "cmpxchg-r32-zero-extends": lambda text, vec, d: re.search(rf"cmpxchg {_R32}, ", text) is not None,
     # a zero source zero-extends a 32-bit bsf/bsr destination (the CPU leaves it)
     "bsf-bsr-r32-zero-source": lambda text, vec, d: re.search(rf"\bbs[fr] {_R32}, ", text) is not None,
-    # lock neg byte [m] with a zero operand: unicorn 0x11, cpu 0x95 (flags of a non-zero result)
-    "lock-neg-flags": lambda text, vec, d: "lock neg" in text and d.startswith("rflags"),
+    # lock neg byte [m]: unicorn's flags are not the CPU's (zero operand: 0x11
+    # against 0x95); a later jcc/setcc/cmov carries them into a register
+    "lock-neg-flags": lambda text, vec, d: "lock neg" in text and "rflags" in d,
     # cmpxchg8b/16b write only ZF on the CPU; unicorn recomputes the others,
     # and a later jcc/setcc/cmov carries the difference into any register
     "cmpxchg8b-16b-flags": lambda text, vec, d: re.search(r"cmpxchg(8|16)b", text) is not None,
