@@ -31,16 +31,20 @@ TICKS = 0x320000       # timer tick counter (user-readable)
 TICKS_WANTED = 3
 IDT = 0x120000
 
-SOURCE = """
-.intel_syntax noprefix
-""" + SYSCALL_SETUP + idt_setup(IDT) + """    /* the window's page table: PD entry 0 of the 1-2 GiB range */
+# Points PD entry 0 of the 1-2 GiB range (the user window at WINDOW) at the
+# page table {pt}, which the guest then fills.
+WINDOW_TABLE = """    /* the window's page table: PD entry 0 of the 1-2 GiB range */
     mov rax, cr3
     mov rax, [rax]
     and rax, ~0xfff
     mov rax, [rax+8]
     and rax, ~0xfff
     mov qword ptr [rax], {pt} + 7
-    mov qword ptr [{frame_a}], {value_a}
+"""
+
+SOURCE = """
+.intel_syntax noprefix
+""" + SYSCALL_SETUP + idt_setup(IDT) + WINDOW_TABLE + """    mov qword ptr [{frame_a}], {value_a}
     mov qword ptr [{frame_b}], {value_b}
     mov qword ptr [{ticks}], 0
     invlpg [{window}]

@@ -22,6 +22,7 @@ from pyvmm.engines.hybrid.ptwatch import PageTableWatch
 from pyvmm.machine import StopReason
 from pyvmm.memory import GuestMemory
 
+from .hybridguest import WINDOW_TABLE
 from .modeguests import SYSCALL_SETUP, USTACK, boot_for, enter_user
 from .rawguest import build_guest, require_kvm, run_machine
 
@@ -32,14 +33,7 @@ ACCESSED, DIRTY = 1 << 5, 1 << 6
 
 SOURCE = """
 .intel_syntax noprefix
-""" + SYSCALL_SETUP + """    /* the window's page table: PD entry 0 of the 1-2 GiB range */
-    mov rax, cr3
-    mov rax, [rax]
-    and rax, ~0xfff
-    mov rax, [rax+8]
-    and rax, ~0xfff
-    mov qword ptr [rax], {pt} + 7
-    mov qword ptr [{pt}], {frame} + 7
+""" + SYSCALL_SETUP + WINDOW_TABLE + """    mov qword ptr [{pt}], {frame} + 7
     invlpg [{window}]
     xor r12, r12; xor r13, r13; xor r14, r14
 """ + enter_user() + """

@@ -240,3 +240,15 @@ class UnicornOracle:
         out = [uc.reg_read(r) for r in self.regids]
         return Outcome(out, uc.reg_read(X.UC_X86_REG_RFLAGS), bytes(uc.mem_read(DATA_ADDR, len(data))),
                        vec[0] if vec else None, uc.reg_read(X.UC_X86_REG_RIP))
+
+
+def templates(text: str) -> list[tuple[str, str, str]]:
+    """A differential test's instruction table: each line is "WIDTHS name
+    SPECS; name SPECS; ..."; returns (widths, name, specs) per instruction."""
+    out = []
+    for line in text.strip().splitlines():
+        widths, rest = line.split(" ", 1)
+        for item in rest.split(";"):
+            name, _, specs = item.strip().partition(" ")
+            out.append((widths, name, specs))
+    return out

@@ -114,17 +114,7 @@ def _operand(rng, spec, width, mnemonic, p_mem=0.3):
     raise ValueError(spec)
 
 
-def _templates(text: str) -> list[tuple[str, str, str]]:
-    out = []
-    for line in text.strip().splitlines():
-        widths, rest = line.split(" ", 1)
-        for item in rest.split(";"):
-            name, _, specs = item.strip().partition(" ")
-            out.append((widths, name, specs))
-    return out
-
-
-FP = _templates("""
+FP = harness.templates("""
 b vaddps V,V,Vm; vaddpd V,V,Vm; vsubps V,V,Vm; vsubpd V,V,Vm; vmulps V,V,Vm; vmulpd V,V,Vm
 b vdivps V,V,Vm; vdivpd V,V,Vm; vminps V,V,Vm; vminpd V,V,Vm; vmaxps V,V,Vm; vmaxpd V,V,Vm
 b vandps V,V,Vm; vandnpd V,V,Vm; vorps V,V,Vm; vxorpd V,V,Vm; vunpcklps V,V,Vm; vunpckhpd V,V,Vm
@@ -141,7 +131,7 @@ x vextractps rm4,X,i; vcvtpd2ps X,Xm; vcvtpd2dq X,Xm; vcvttpd2dq X,Xm
 y vcvtpd2ps X,Y; vcvtpd2dq X,Y; vcvttpd2dq X,Y; vmovddup Y,Vm
 """)
 
-INT = _templates("""
+INT = harness.templates("""
 b vpaddb V,V,Vm; vpaddw V,V,Vm; vpaddd V,V,Vm; vpaddq V,V,Vm; vpsubb V,V,Vm; vpsubq V,V,Vm
 b vpaddsb V,V,Vm; vpaddusw V,V,Vm; vpsubsw V,V,Vm; vpsubusb V,V,Vm; vpcmpeqb V,V,Vm; vpcmpeqq V,V,Vm
 b vpcmpgtw V,V,Vm; vpcmpgtd V,V,Vm; vpcmpgtq V,V,Vm; vpminub V,V,Vm; vpminsd V,V,Vm; vpmaxuw V,V,Vm
@@ -162,7 +152,7 @@ x vpinsrw X,X,r4,i; vpinsrd X,X,rm4,i; vpinsrq X,X,rm8,i; vphminposuw X,Xm; vmov
 x vmovq X,rm8; vmovd rm4,X; vmovq r8,X; vmovq X,x8; vpcmpistri X,Xm,i; vpcmpistrm X,Xm,i
 """)
 
-SHUF = _templates("""
+SHUF = harness.templates("""
 b vmovaps V,Vm; vmovups V,Vm; vmovdqa V,Vm; vmovdqu V,Vm; vmovapd M,V; vmovdqu M,V; vmovntdq M,V
 b vlddqu V,M; vmovntps M,V; vmovntpd M,V; vmovupd V,Vm; vmovapd V,Vm; vpermilps V,V,Vm; vpermilpd V,V,Vm; vpermilps V,Vm,i; vpermilpd V,Vm,i; vpblendd V,V,Vm,i
 b vpsllvd V,V,Vm; vpsllvq V,V,Vm; vpsrlvd V,V,Vm; vpsrlvq V,V,Vm; vpsravd V,V,Vm; vtestps V,Vm

@@ -95,16 +95,6 @@ x sarx r4,rm4,r4; shlx r4,rm4,r4; shrx r4,rm4,r4; mulx r4,r4,rm4; blsi r4,rm4; b
 FULL_MXCSR = {"avx2", "move", "fma", "bmi"}
 
 
-def _templates(text: str) -> list[tuple[str, str, str]]:
-    out = []
-    for line in text.strip().splitlines():
-        widths, rest = line.split(" ", 1)
-        for item in rest.split(";"):
-            name, _, specs = item.strip().partition(" ")
-            out.append((widths, name, specs))
-    return out
-
-
 def _mem(rng: random.Random, size: int, mnemonic: str) -> str:
     off = rng.randrange(0, YIN - 32, 32 if mnemonic in ALIGNED else 1)
     return f"{PTR[size]} ptr [ebp + {off}]"
@@ -132,7 +122,7 @@ def _operand(rng: random.Random, spec: str, width: int, mnemonic: str) -> str:
 
 def build(group: str, n: int) -> list[str]:
     rng = random.Random(f"{group}:{SEED}")
-    table = _templates(GROUPS[group])
+    table = harness.templates(GROUPS[group])
     out = []
     for i in range(n):
         widths, name, specs = table[i % len(table)]
