@@ -126,6 +126,29 @@ print(json.dumps({"sizes": [len(f) for f in frames], "tcp": len(tcp), "bad": sum
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_cut_or_corrupt_super_frames_never_raise_and_never_grow():
+    """Whatever a socket hands over (cut short, header bytes changed), the
+    segmenter returns frames, each no longer than its input's MSS allows,
+    or the input unchanged; it never raises."""
+    import random
+    rng = random.Random(1818)
+    bases = [ipv4_frame(PAYLOAD, ACK), ipv4_frame(PAYLOAD, ACK, tag=b"\x81\x00\x00\x07"), ipv6_frame(PAYLOAD, ACK)]
+    cases = 0
+    for base in bases:
+        for cut in range(0, 120):
+            cases += 1
+            assert segment_tcp(base[:cut], 1448) == [base[:cut]]      # headers incomplete: passed on as is
+        for _ in range(400):
+            frame = bytearray(base[:rng.randrange(16, len(base) + 1)])
+            for _ in range(rng.randrange(1, 4)):
+                frame[rng.randrange(12, min(90, len(frame)))] = rng.randrange(256)
+            out = segment_tcp(bytes(frame), 1448)
+            cases += 1
+            assert out and all(isinstance(f, bytes) for f in out)
+            assert len(out) == 1 or max(len(f) for f in out) <= 14 + 4 + 60 + 60 + 1448
+    assert cases == 3 * (120 + 400)
+
+
 def test_a_packet_uplink_on_a_veth_reads_the_hosts_tcp_as_wire_sized_frames():
     a, b = (f"pvgs{x}-{uuid.uuid4().hex[:6]}" for x in "ab")
     ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)  # noqa: E731
