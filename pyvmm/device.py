@@ -18,9 +18,13 @@ State is plain JSON-able data (ints, floats, strings, bools, None, lists,
 str-keyed dicts), so a snapshot can store it as is.  Every save() returns a
 versioned envelope {"version": STATE_VERSION, ...fields}; a component's
 state nested in its owner's (the PIC pair's chips, the PIT's counters) is
-that component's own envelope.  restore() accepts only its own version and
-raises a one-line DeviceStateError otherwise, or for a state that is not
-its shape; the device is then left as it was before the call.
+that component's own envelope.  restore() accepts its own version, and an
+older one its class can bring up to date (STATE_UPGRADES: {old version:
+a function from that version's fields to the next version's}, applied in
+a chain, so a snapshot saved before a device grew a register still loads
+with the register at its power-on value).  Any other version, or a state
+that is not its shape, raises a one-line DeviceStateError; the device is
+then left as it was before the call.
 """
 
 from __future__ import annotations
@@ -82,14 +86,7 @@ def restore_state(device: Stateful, state: object, load: Callable[[dict], None])
     field of the wrong shape, the device is put back as it was and a
     one-line DeviceStateError raised."""
     name = _name(device)
-    if not isinstance(state, dict):
-        raise DeviceStateError(f"{name} state: expected a dict, got {type(state).__name__}")
-    version = state.get("version")
-    if type(version) is not int:
-        raise DeviceStateError(f"{name} state: no integer version")
-    if version != device.STATE_VERSION:
-        raise DeviceStateError(f"{name} state: version {version} is not supported "
-                               f"(this pyvmm restores version {device.STATE_VERSION})")
+    state = current_state(device, state)
     before = device.save()
     try:
         load(state)
@@ -100,6 +97,44 @@ def restore_state(device: Stateful, state: object, load: Callable[[dict], None])
         detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
         detail = " ".join(detail.split())  # one line, whatever the message was
         raise DeviceStateError(f"{name} state: {detail}") from None
+
+
+def current_state(device: Stateful, state: object) -> dict:
+    """`state` as an envelope of the device's STATE_VERSION (an older one
+    upgraded), without touching the device: what a restore checks before
+    anything of the machine changes. Raises DeviceStateError."""
+    name = _name(device)
+    if not isinstance(state, dict):
+        raise DeviceStateError(f"{name} state: expected a dict, got {type(state).__name__}")
+    version = state.get("version")
+    if type(version) is not int:
+        raise DeviceStateError(f"{name} state: no integer version")
+    return state if version == device.STATE_VERSION else _upgraded(device, state, version)
+
+
+def _upgraded(device: Stateful, state: dict, version: int) -> dict:
+    """`state`, of an older `version`, brought up to the device's
+    STATE_VERSION through its STATE_UPGRADES chain. Raises DeviceStateError
+    for a version the chain does not start from (older, or newer than this
+    pyvmm's) or an old state of the wrong shape."""
+    name, current = _name(device), device.STATE_VERSION
+    upgrades = getattr(device, "STATE_UPGRADES", {})
+    oldest = current
+    while oldest - 1 in upgrades:          # the unbroken chain up to the current version
+        oldest -= 1
+    if not oldest <= version < current:
+        known = f"version {current}" if oldest == current else f"versions {oldest} to {current}"
+        raise DeviceStateError(f"{name} state: version {version} is not supported "
+                               f"(this pyvmm restores {known})")
+    fields = {k: v for k, v in state.items() if k != "version"}
+    try:
+        while version < current:
+            fields = upgrades[version](fields)
+            version += 1
+    except _SHAPE_ERRORS as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise DeviceStateError(f"{name} state: version {version}: {detail}") from None
+    return {"version": current, **fields}
 
 
 # Strict field readers for restore bodies: int("7") and bool("no") would

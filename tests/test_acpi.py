@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -231,8 +232,31 @@ def test_gpe0_status_enable_and_sci():
     assert (other.gpe_sts, other.gpe_en, other.gpe_used) == (1 << 9, 0x2, 0x2)
     other.reset()
     assert not other.gpe_handled(1)
-    with pytest.raises(DeviceStateError, match="version 1"):        # saved before GPE0 existed
-        other.restore({**{k: v for k, v in state.items() if not k.startswith("gpe")}, "version": 1})
+
+
+def test_a_pm_state_saved_before_gpe0_loads_with_gpe0_at_power_on():
+    """A version-1 envelope (what pyvmm saved before the GPE0 block, as
+    that version's save() wrote it) loads: PM1 as saved, GPE0 cleared.
+    Versions no upgrade leads from are one-line errors."""
+    sci = IrqLine(9)
+    dev, bus = pm_bus(sci=sci)
+    dev.raise_gpe(1)
+    bus.write(acpi.GPE0_BLK + 2, 1, 0x2)
+    assert sci.level == 1
+    v1 = {"version": 1, "sts": PWRBTN_STS, "en": 0, "cnt": 1, "timer": 0x1234}
+    dev.restore(v1)
+    assert (dev.gpe_sts, dev.gpe_en, dev.gpe_used) == (0, 0, 0) and sci.level == 0
+    assert dev.sts == PWRBTN_STS and dev.timer() >= 0x1234
+    assert dev.save()["version"] == 2
+    bus.write(acpi.PM1A_EVT_BLK + 2, 2, PWRBTN_STS)                    # PM1 enable: the saved status fires
+    assert sci.level == 1
+    for version in (0, 3):
+        with pytest.raises(DeviceStateError, match=f"AcpiPm state: version {version} is not supported "
+                                                   r"\(this pyvmm restores versions 1 to 2\)$"):
+            dev.restore({**v1, "version": version})
+    with pytest.raises(DeviceStateError, match="AcpiPm state: missing 'timer'"):
+        dev.restore({k: v for k, v in v1.items() if k != "timer"})
+    assert dev.sts == PWRBTN_STS                                        # the refused ones changed nothing
 
 
 # ---------------------------------------------------------------- PCI hotplug registers
@@ -268,7 +292,8 @@ def test_hotplug_unplug_waits_for_the_guests_eject():
     hp.plug(7)
     bus.read(0xAE00, 4)
     bus.write(acpi.GPE0_BLK, 1, 0x2)
-    hp.request_unplug(7, lambda: ejected.append(7))
+    hp.on_eject = ejected.append
+    hp.request_unplug(7)
     assert sci.level == 1 and bus.read(0xAE04, 4) == 1 << 7 and hp.pending_unplug(7)
     bus.write(0xAE08, 4, 1 << 3)                      # a slot the host did not ask for: kept
     bus.write(0xAE08, 2, 1 << 7)                      # not a dword write: ignored
@@ -289,3 +314,33 @@ def test_hotplug_state_round_trip():
     assert (other.up, other.removable, other.down) == (1 << 4, 1 << 4, 0)
     other.reset()
     assert (other.up, other.removable) == (0, 0)
+
+
+def test_a_pending_unplug_survives_save_and_restore():
+    """device_del's request (PCI_DOWN) is in the saved state: a fresh block
+    restored from it still reports the slot to the guest's _E01, and the
+    guest's _EJ0 calls the new block's handler. A version-1 state (saved
+    before pending removals were) loads with none pending."""
+    hp, bus, _ = hotplug_bus()
+    hp.plug(3)
+    hp.plug(6)
+    bus.read(0xAE00, 4)
+    hp.request_unplug(6)
+    state = json.loads(json.dumps(hp.save()))
+
+    other, other_bus, sci = hotplug_bus()
+    ejected = []
+    other.on_eject = ejected.append
+    other.restore(state)
+    assert other.pending_unplug(6) and other_bus.read(0xAE04, 4) == 1 << 6
+    assert other_bus.read(0xAE0C, 4) == (1 << 3) | (1 << 6)
+    other_bus.write(0xAE08, 4, 1 << 3)                # not asked for: kept
+    assert ejected == []
+    other_bus.write(0xAE08, 4, 1 << 6)                # the guest's _EJ0 after the restore
+    assert ejected == [6] and other_bus.read(0xAE04, 4) == 0 and other_bus.read(0xAE0C, 4) == 1 << 3
+
+    old = {"version": 1, "up": 0, "removable": 1 << 6}
+    other.restore(old)
+    assert not other.pending_unplug(6) and other.removable == 1 << 6 and other.save()["version"] == 2
+    with pytest.raises(DeviceStateError, match=r"PciHotplug state: version 3 is not supported"):
+        other.restore({**state, "version": 3})

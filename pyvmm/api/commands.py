@@ -72,6 +72,15 @@ def _machine(t: Target) -> Machine:
     return t.machine
 
 
+def refuse_while_migrating(t: Target, command: str) -> None:
+    """QEMU's rule: what changes the device set or loads another state
+    waits until a live migration (api/migration.py's t.migration) is over,
+    or the destination would get a state its devices do not match."""
+    job = getattr(t, "migration", None)
+    if job is not None and job.active:
+        raise CommandError(f"{command} not allowed while migrating")
+
+
 def _status_name(m: Machine) -> str:
     """QMP's RunState names for pyvmm's states."""
     if m.state is RunState.STOPPED or m.stopping:

@@ -15,10 +15,12 @@ of the device (Linux: /sys/bus/pci/devices/…/remove) first."""
 from __future__ import annotations
 
 import logging
+import os
 
+from .. import hotplugged
 from ..storage import open_image
 from ..storage.image import ImageError
-from .commands import COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine
+from .commands import COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine, refuse_while_migrating
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ def blockdev_add(t: Target, args: dict) -> dict:
         image = open_image(path, driver, readonly=readonly)
     except (ImageError, OSError) as e:
         raise CommandError(f"Could not open '{path}': {e}") from None
-    nodes[name] = {"image": image, "readonly": readonly, "device": None}
+    # "spec": what a snapshot or a migration records to open it again (hotplugged.py).
+    nodes[name] = {"image": image, "readonly": readonly, "device": None,
+                   "spec": {"format": driver, "filename": os.path.abspath(path), "read-only": readonly}}
     return {}
 
 
@@ -92,8 +96,9 @@ def netdev_add(t: Target, args: dict) -> dict:
         net = NetConfig(tap=args["ifname"], id=ident)
     elif kind == "switch" and isinstance(args.get("switch"), str):
         net = NetConfig(switch=args["switch"], id=ident)
-    elif kind == "stream" and isinstance(args.get("addr"), dict) and args["addr"].get("type") == "unix":
-        net = NetConfig(stream=str(args["addr"].get("path", "")), id=ident)
+    elif (kind == "stream" and isinstance(args.get("addr"), dict) and args["addr"].get("type") == "unix"
+          and isinstance(args["addr"].get("path"), str)):
+        net = NetConfig(stream=args["addr"]["path"], id=ident)
     else:
         raise CommandError(f"netdev type '{kind}' needs: tap ifname=IF, switch switch=NAME, "
                            "or stream addr={\"type\": \"unix\", \"path\": P}")
@@ -141,10 +146,9 @@ def _net_function(t: Target, m, args: dict, ident: str):
 
 
 def device_add(t: Target, args: dict) -> dict:
-    from ..builder import _irq
-    from ..devices.pci.host import intx_gsi
     from ..devices.virtio.install import _block_function
     m = _machine(t)
+    refuse_while_migrating(t, "device_add")
     driver, ident, drive = args["driver"], args.get("id"), args.get("drive")
     if driver == "virtio-net-pci":
         return _device_add_net(t, m, args)
@@ -163,27 +167,24 @@ def device_add(t: Target, args: dict) -> dict:
     bridge = m.devices.get("pci_host")
     if bridge is None:
         raise CommandError("this machine has no PCI bus to plug into (give it a --drive or --virtio-rng)")
-    key = ident.replace("-", "_")
     with m.lock:
         function = _block_function(m, node["image"], ident, node["readonly"])
         try:
-            slot = bridge.add(function, ident)
+            slot = hotplugged.plug_function(m, function, ident)
         except Exception:
-            function.device.stop_io()
+            hotplugged.discard(m, function)
             raise
-        function.irq = _irq(m, intx_gsi(slot))
-        function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
-        m.devices[key] = function
+        hotplugged.note_block(m, ident, slot, drive, node["spec"])
+        bind_ejects(t)
         _announce(m, slot)
     node["device"] = ident
-    _hotplugged(m)[ident] = drive
     log.info("hotplugged %s (node %s) in PCI slot %d", ident, drive, slot)
     return {}
 
 
 def _device_add_net(t: Target, m, args: dict) -> dict:
-    from ..builder import _irq
-    from ..devices.pci.host import intx_gsi
+    from dataclasses import replace
+    from ..devices.virtio.net import format_mac
     ident = args.get("id")
     if not ident:
         raise CommandError("virtio-net-pci needs id= and netdev=")
@@ -195,34 +196,27 @@ def _device_add_net(t: Target, m, args: dict) -> dict:
     with m.lock:
         function, netdev = _net_function(t, m, args, ident)
         try:
-            slot = bridge.add(function, ident)
+            slot = hotplugged.plug_function(m, function, ident)
         except Exception:
-            function.device.close()
+            hotplugged.discard(m, function)
             raise
-        function.irq = _irq(m, intx_gsi(slot))
-        function.msi = lambda address, data: m.engine.signal_msi(address, data) if m.engine is not None else None
-        m.devices[ident.replace("-", "_")] = function
+        net = replace(_netdevs(t)[netdev]["net"], mac=format_mac(function.device.mac))
+        hotplugged.note_net(m, ident, slot, netdev, net)
+        bind_ejects(t)
         _announce(m, slot)
     _netdevs(t)[netdev]["device"] = ident
-    _hotplugged_nics(m)[ident] = netdev
     log.info("hotplugged %s (netdev %s) in PCI slot %d", ident, netdev, slot)
     return {}
 
 
 def _hotplugged_nics(m) -> dict:
     """Device id -> netdev id of the virtio-net devices added by device_add."""
-    found = getattr(m, "hotplugged_nics", None)
-    if found is None:
-        found = m.hotplugged_nics = {}
-    return found
+    return hotplugged.nics(m)
 
 
 def _hotplugged(m) -> dict:
     """Device id -> node name of the virtio-blk devices added by device_add."""
-    found = getattr(m, "hotplugged_drives", None)
-    if found is None:
-        found = m.hotplugged_drives = {}
-    return found
+    return hotplugged.drives(m)
 
 
 def _announce(m, slot: int) -> None:
@@ -241,6 +235,7 @@ def _guest_ejects(m) -> bool:
 
 def device_del(t: Target, args: dict) -> dict:
     m = _machine(t)
+    refuse_while_migrating(t, "device_del")
     ident = args["id"]
     if ident not in _hotplugged(m) and ident not in _hotplugged_nics(m):
         raise CommandError(f"Device '{ident}' not found" if ident.replace("-", "_") not in m.devices
@@ -249,16 +244,54 @@ def device_del(t: Target, args: dict) -> dict:
     with m.lock:
         slot = next(s for s, n in bridge.names.items() if n == ident)
         if _guest_ejects(m):
-            m.devices["pci_hotplug"].request_unplug(slot, lambda: _remove_locked(t, m, ident, slot))
+            bind_ejects(t)
+            m.devices["pci_hotplug"].request_unplug(slot)
             log.info("asked the guest to eject %s from PCI slot %d", ident, slot)
             return {}
         _remove(t, m, ident, slot)
     return {}
 
 
-def _remove_locked(t: Target, m, ident: str, slot: int) -> None:
-    """The guest ejected the slot (a vCPU's port write, which may hold m.lock already)."""
+def bind_ejects(t: Target) -> None:
+    """Has the guest's ejects on t's machine remove the device and emit
+    DEVICE_DELETED through `t`. Called wherever a control plane takes a
+    machine (QmpServer.attach, device_add, device_del): a removal asked
+    for before a snapshot or a migration travels in pci_hotplug's state,
+    and the process that restored it finishes it."""
+    m = t.machine
+    hotplug = m.devices.get("pci_hotplug") if m is not None else None
+    if hotplug is not None:
+        hotplug.on_eject = lambda slot: _guest_ejected(t, m, slot)
+    if m is not None:
+        _adopt(t, m)
+
+
+def _adopt(t: Target, m) -> None:
+    """Names the backends of devices a restore or an incoming migration
+    plugged back (hotplugged.replug) as block nodes and netdevs of `t`, as
+    blockdev-add and netdev_add had on the source, so that device_del,
+    blockdev-del and netdev_del work on them."""
+    from ..config import NetConfig
+    for r in hotplugged.records(m):
+        function = m.devices.get(hotplugged.key(r["id"]))
+        if function is None:
+            continue
+        if r["driver"] == "virtio-blk-pci" and r["node-name"] not in _nodes(t):
+            _nodes(t)[r["node-name"]] = {"image": function.device.image, "readonly": bool(r.get("read-only")),
+                                         "device": r["id"], "spec": {k: r.get(k) for k in
+                                                                     ("format", "filename", "read-only")}}
+        elif r["driver"] == "virtio-net-pci" and r["netdev"] not in _netdevs(t):
+            _netdevs(t)[r["netdev"]] = {"net": NetConfig(**r["net"]), "device": r["id"]}
+
+
+def _guest_ejected(t: Target, m, slot: int) -> None:
+    """The guest ejected `slot` after device_del asked (a vCPU's port write,
+    which may hold m.lock already)."""
     with m.lock:
+        ident = m.devices["pci_host"].names.get(slot)
+        if ident is None or (ident not in _hotplugged(m) and ident not in _hotplugged_nics(m)):
+            log.warning("guest ejected PCI slot %d (%s), which device_add did not fill: kept", slot, ident)
+            return
         _remove(t, m, ident, slot)
 
 
@@ -267,27 +300,12 @@ def _remove(t: Target, m, ident: str, slot: int) -> None:
     emits DEVICE_DELETED. Called with m.lock held."""
     drive = _hotplugged(m).get(ident)
     netdev = _hotplugged_nics(m).get(ident)
-    bridge = m.devices["pci_host"]
-    if bridge.names.get(slot) != ident:
+    if m.devices["pci_host"].names.get(slot) != ident:
         return                                       # already gone (a machine rebuilt meanwhile)
-    function = bridge.functions[slot]
-    function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
-    bridge.remap(slot)
-    del bridge.functions[slot], bridge.names[slot]
-    if netdev is not None:
-        function.device.close()                  # the backend's port: its reader leaves the loop
-    else:
-        function.device.drain()
-        function.device.stop_io()
-        if function.device.drain in m.drains:
-            m.drains.remove(function.device.drain)
-    del m.devices[ident.replace("-", "_")]
-    if netdev is not None:
-        del _hotplugged_nics(m)[ident]
-        if netdev in _netdevs(t):
-            _netdevs(t)[netdev]["device"] = None
-    else:
-        del _hotplugged(m)[ident]
+    hotplugged.unplug(m, ident)
+    if netdev is not None and netdev in _netdevs(t):
+        _netdevs(t)[netdev]["device"] = None
+    if drive is not None and drive in _nodes(t):
         _nodes(t)[drive]["device"] = None
     log.info("removed %s from PCI slot %d", ident, slot)
     t.emit("DEVICE_DELETED", {"device": ident, "path": f"/machine/peripheral/{ident}"})

@@ -34,6 +34,7 @@ from .catalog import execute
 from .commands import COMMAND_NOT_FOUND, GENERIC_ERROR, CommandError, Target, query_version
 from .endpoint import Endpoint
 from .framing import JsonSplitter
+from .hotplug import bind_ejects
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -157,6 +158,7 @@ class QmpServer:
         """Serves commands on `machine` and reads the sockets on its loop."""
         with self.target.lock:
             self.target.machine = machine
+            bind_ejects(self.target)       # a restored machine's pending device_del ends here
         self._loop = machine.loop
         self._flush_timer = None        # one set on the last machine's loop died with it
         for fd in self._listeners:

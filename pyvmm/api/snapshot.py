@@ -13,7 +13,8 @@ from typing import Callable
 from ..runstate import RunState
 from ..snapshot import savevm
 from .commands import (COMMANDS, HMP_COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine,
-                       _state_call)
+                       _state_call, refuse_while_migrating)
+from .hotplug import bind_ejects
 from .jobs import job_dismiss, query_jobs, start_job
 
 
@@ -49,9 +50,17 @@ def snapshot_save(t: Target, args: dict) -> dict:
 
 def snapshot_load(t: Target, args: dict) -> dict:
     tag, drive, devices = args["tag"], args["vmstate"], _devices(args)
+    refuse_while_migrating(t, "snapshot-load")
     start_job(t, args["job-id"], "snapshot-load",
-              lambda: stopped_for(t, lambda: savevm.load_vm(_machine(t), tag, drive, devices)))
+              lambda: stopped_for(t, lambda: _loaded(t, savevm.load_vm(_machine(t), tag, drive, devices))))
     return {}
+
+
+def _loaded(t: Target, result=None):
+    """After a load: the devices it plugged back (device_add's, hotplugged.py)
+    get their block nodes and netdevs named and their ejects handled here."""
+    bind_ejects(t)
+    return result
 
 
 def snapshot_delete(t: Target, args: dict) -> dict:
@@ -87,7 +96,8 @@ def snapshot_file_load(t: Target, args: dict) -> dict:
     """pyvmm's x-snapshot-file-load {path}: the running or paused VM takes
     the state of a snapshot file, its RAM mapped lazily from the file."""
     from ..snapshot.file import load_file
-    took = _file_call(t, lambda: load_file(_machine(t), args["path"], bool(args.get("verify", False))))
+    refuse_while_migrating(t, "x-snapshot-file-load")
+    took = _file_call(t, lambda: _loaded(t, load_file(_machine(t), args["path"], bool(args.get("verify", False)))))
     return {"load-ms": round(took * 1e3, 3)}
 
 
@@ -107,7 +117,8 @@ def hmp_savevm(t: Target, word: str, rest: str) -> str:
 
 def hmp_loadvm(t: Target, word: str, rest: str) -> str:
     tag = _tag(word, rest)
-    stopped_for(t, lambda: savevm.load_vm(_machine(t), tag))
+    refuse_while_migrating(t, "loadvm")
+    stopped_for(t, lambda: _loaded(t, savevm.load_vm(_machine(t), tag)))
     return ""
 
 

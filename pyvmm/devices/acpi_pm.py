@@ -80,6 +80,8 @@ class AcpiPm:
     called when the guest enters S5; `sci` is the SCI line (GSI 9), or None."""
 
     STATE_VERSION = 2       # 2: the GPE0 block
+    # A version-1 state predates GPE0: no event raised, none enabled.
+    STATE_UPGRADES = {1: lambda fields: {**fields, "gpe_sts": 0, "gpe_en": 0, "gpe_used": 0}}
 
     def __init__(self, on_poweroff: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sci: IrqLine | None = None,

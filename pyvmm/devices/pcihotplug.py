@@ -15,9 +15,14 @@ The handshake: plug(slot) sets the slot's UP bit and raises GPE 1; the
 guest's _E01 method reads UP and DOWN and Notifies each slot, "device
 check" (1) for UP, "eject request" (3) for DOWN; for an eject request the
 guest stops using the device and calls the slot's _EJ0, which writes the
-slot's bit to PCI_EJ.  Only then is the device taken off (the `on_eject`
-callback given to request_unplug) and the slot's DOWN bit cleared: a
-guest that never ejects keeps the device, as on QEMU.
+slot's bit to PCI_EJ.  Only then is the device taken off (`on_eject(slot)`,
+set by whoever owns hotplugged devices: api/hotplug.py) and the slot's
+DOWN bit cleared: a guest that never ejects keeps the device, as on QEMU.
+
+A removal the guest has not completed is saved with the rest (DOWN), so
+after a snapshot restore or a migration the guest's eject still removes
+the device: the handler is one per machine, not one per request, so
+nothing of it needs saving.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ class PciHotplug:
     """The register block.  `raise_gpe()` raises the hotplug GPE (the PM
     device's GPE0 block drives the SCI)."""
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2      # 2: pending removals (DOWN)
+    STATE_UPGRADES = {1: lambda fields: {**fields, "down": 0}}   # version 1 did not save them
 
-    def __init__(self, raise_gpe: Callable[[], None] | None = None):
+    def __init__(self, raise_gpe: Callable[[], None] | None = None,
+                 on_eject: Callable[[int], None] | None = None):
         self.raise_gpe = raise_gpe
-        self._on_eject: dict[int, Callable[[], None]] = {}
+        self.on_eject = on_eject
         self.reset()
 
     def __repr__(self) -> str:
@@ -57,7 +64,6 @@ class PciHotplug:
         self.up = 0
         self.down = 0
         self.removable = 0
-        self._on_eject.clear()
 
     # -- the host's side ---------------------------------------------------------------
     def plug(self, slot: int) -> None:
@@ -68,11 +74,10 @@ class PciHotplug:
         self.removable |= bit
         self._signal()
 
-    def request_unplug(self, slot: int, on_eject: Callable[[], None]) -> None:
-        """Asks the guest to give back `slot`'s device; `on_eject()` is
+    def request_unplug(self, slot: int) -> None:
+        """Asks the guest to give back `slot`'s device; `on_eject(slot)` is
         called when it has (it writes the slot's bit to PCI_EJ)."""
         bit = self._bit(slot)
-        self._on_eject[slot] = on_eject
         self.down |= bit
         self.up &= ~bit
         self._signal()
@@ -104,27 +109,27 @@ class PciHotplug:
         for slot in range(1, SLOTS):
             if not value & 1 << slot:
                 continue
-            on_eject = self._on_eject.pop(slot, None)
-            if on_eject is None:
+            if not self.down & 1 << slot:
                 log.debug("guest ejected slot %d, which the host did not ask for: kept", slot)
                 continue
             self.down &= ~(1 << slot)
             self.removable &= ~(1 << slot)
-            on_eject()
+            if self.on_eject is None:
+                log.warning("guest ejected slot %d, but nothing on this host can remove its device", slot)
+                continue
+            self.on_eject(slot)
 
     # -- snapshots ---------------------------------------------------------------------
     def save(self) -> dict:
-        # Pending ejects are not saved: their callbacks belong to this process's API.
-        return saved(self, {"up": self.up, "removable": self.removable})
+        return saved(self, {"up": self.up, "down": self.down, "removable": self.removable})
 
     def restore(self, state: dict) -> None:
         restore_state(self, state, self._load)
 
     def _load(self, state: dict) -> None:
         self.up = as_int(state["up"]) & SLOT_MASK
+        self.down = as_int(state["down"]) & SLOT_MASK
         self.removable = as_int(state["removable"]) & SLOT_MASK
-        self.down = 0
-        self._on_eject.clear()
 
 
 __all__ = [

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import VmmError
 from . import blocks, stream
-from .state import check_config, load_state, warm_up
+from .state import check_config, load_state, replug, warm_up
 from .uri import MigrationError, parse_uri
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def load_stream(machine: "Machine", f, answer=lambda line: None) -> None:
         raise stream.StreamError(f"migration stream starts with a {stream.NAMES[kind]} record, not config")
     config = stream.parse_json(kind, payload)
     check_config(machine, config)
+    replug(machine, config)                  # the source's device_add devices, before their drives and state
     drives = blocks.check_drives(machine, config.get("blocks"))
     have_state = False
     while True:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .. import hotplugged
 from ..device import DeviceStateError
-from ..snapshot.vmstate import (OPTIONAL_DEVICES, restore_devices_and_cpus, VmStateError, cpu_from_json,
-                                cpu_to_json)
+from ..snapshot.vmstate import (OPTIONAL_DEVICES, restore_devices_and_cpus, VmStateError, check_device_versions,
+                                cpu_from_json, cpu_to_json)
 from . import kvmpv_state
 from .stream import StreamError
 
@@ -31,7 +32,17 @@ def config_doc(machine: "Machine") -> dict:
     """The CONFIG record: the source's configuration (MACs and image paths
     with it) and what the destination's machine must match."""
     return {"config": machine.config.to_dict(), "engine": machine.config.engine, "cpus": machine.config.cpus,
-            "ram": [[r.gpa, r.size] for r in machine.memory.regions], "devices": sorted(machine.devices)}
+            "ram": [[r.gpa, r.size] for r in machine.memory.regions], "devices": sorted(machine.devices),
+            "hotplugged": hotplugged.records(machine)}
+
+
+def replug(machine: "Machine", doc: dict) -> None:
+    """Plugs the source's device_add devices this machine lacks into their
+    slots (hotplugged.py), before any state arrives. Raises StreamError."""
+    try:
+        hotplugged.replug(machine, hotplugged.missing(machine, doc.get("hotplugged")))
+    except hotplugged.ReplugError as e:
+        raise StreamError(f"migration stream: {e}") from None
 
 
 def check_config(machine: "Machine", doc: dict) -> None:
@@ -142,6 +153,10 @@ def load_state(machine: "Machine", doc: dict) -> None:
     if set(devices) != here:
         diff = ", ".join(sorted(set(devices) ^ here))
         raise StreamError(f"the source's devices differ from this machine's (in: {diff})")
+    try:
+        check_device_versions(machine, devices)
+    except DeviceStateError as e:
+        raise StreamError(f"migration stream: {e}") from None
     if machine.engine.name == "hybrid" and not doc.get("user_code_in_kvm"):
         machine.engine.keep_user_code_in_bt(f"the incoming guest booted under {doc.get('engine')}, "
                                             f"its user space may read the TSC")

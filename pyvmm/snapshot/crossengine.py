@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from .. import hotplugged
 from ..errors import VmmError
-from .vmstate import OPTIONAL_DEVICES, VmStateError
+from .vmstate import OPTIONAL_DEVICES, VmStateError, to_replug
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -52,6 +53,10 @@ def adapt(machine: "Machine", sections: dict[bytes, bytes]) -> tuple[dict[bytes,
     if not isinstance(saved, dict):
         return sections, None
     here = set(machine.devices)
+    try:                                                    # device_add's, plugged back before the load
+        here |= {hotplugged.key(r["id"]) for r in to_replug(machine, sections)}
+    except VmStateError:
+        return sections, None
     differ = (set(saved) ^ here) - set(OPTIONAL_DEVICES)    # check_sections settles those
     if not differ or not differ <= PLATFORM_DEVICES or not isinstance(plat, dict):
         return sections, None

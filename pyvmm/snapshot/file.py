@@ -47,6 +47,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import hotplugged
 from ..device import DeviceStateError
 from . import crossengine, lazymap, vmstate
 from .vmstate import HEADER, MAGIC, SECTION, VmStateError
@@ -321,6 +322,7 @@ def load_file(machine: "Machine", path: str, verify: bool = False) -> float:
             raise VmStateError(f"{f.path}: its RAM layout differs from {last.path}'s")
     sections, platform = crossengine.adapt(machine, last.sections)
     cpus, devices = vmstate.check_sections(machine, sections)
+    replug = vmstate.to_replug(machine, sections)
     for f in chain:
         for gpa, n, _ in f.runs:
             if not machine.memory.is_ram(gpa, n):
@@ -331,7 +333,13 @@ def load_file(machine: "Machine", path: str, verify: bool = False) -> float:
         for f in chain:
             fds.append(os.open(f.path, os.O_RDONLY | os.O_CLOEXEC))
         with machine.lock:
-            spares += _map_ram(machine, chain, fds)
+            plugged = vmstate.replug_or_refuse(machine, replug)   # device_add's devices, into their slots
+            try:
+                spares += _map_ram(machine, chain, fds)
+            except BaseException:
+                for ident in plugged:
+                    hotplugged.unplug(machine, ident)
+                raise
             try:
                 vmstate.restore_devices_and_cpus(machine, devices, cpus)
             except DeviceStateError as e:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import hotplugged
 from ..errors import VmmError
 from ..storage.image import ImageError
 from . import vmstate
@@ -142,12 +143,13 @@ def save_vm(machine: "Machine", tag: str, vmstate_drive: str | None = None, devi
                     create_snapshot(d.image, tag, vm_clock_nsec=clock_ns)
                 done.append(d)
     except (ImageError, OSError) as e:
+        failed = d.name                               # (the loop below rebinds d)
         for d in done:                                # nothing half-way
             try:
                 delete_snapshot(d.image, tag)
             except (ImageError, OSError):
                 log.warning("could not take back snapshot %r of %s", tag, d.name)
-        raise SnapshotError(f"Error while creating snapshot on '{d.name}': {e}") from None
+        raise SnapshotError(f"Error while creating snapshot on '{failed}': {e}") from None
     log.info("saved snapshot %r: %d bytes of VM state on %s, %d drive(s)", tag, size, target.name, len(chosen))
     return size
 
@@ -165,7 +167,15 @@ def load_vm(machine: "Machine", tag: str, vmstate_drive: str | None = None,
         if holder is None:
             raise SnapshotError(f"Snapshot '{tag}' does not exist in one or more devices")
         vmstate_drive = holder.name
-    target, chosen = _pick(machine, vmstate_drive, devices)
+    # Drives named in `devices` that this machine lacks may be device_add's
+    # of the saved one: plugged back below, from the state's records.
+    present = None if devices is None else [n for n in devices if n in drives(machine)]
+    try:
+        target, chosen = _pick(machine, vmstate_drive, present)
+    except SnapshotError:
+        if present != devices:
+            _pick(machine, vmstate_drive, devices)        # names the drive this machine lacks
+        raise
     snaps = {d.name: _find(d.image, tag) for d in chosen}
     if any(s is None for s in snaps.values()):
         raise SnapshotError(f"Snapshot '{tag}' does not exist in one or more devices")
@@ -181,6 +191,23 @@ def load_vm(machine: "Machine", tag: str, vmstate_drive: str | None = None,
     except vmstate.VmStateError as e:
         raise SnapshotError(str(e)) from None
     with machine.lock:
+        # device_add's drives this machine lacks come back first, so that
+        # their disks revert to the tag with the others.
+        try:
+            replugged = vmstate.replug_or_refuse(machine, checked[3])
+        except vmstate.VmStateError as e:
+            raise SnapshotError(str(e)) from None
+        checked = (*checked[:3], [])
+        if replugged or present != devices:
+            try:
+                target, chosen = _pick(machine, vmstate_drive, devices)
+                snaps = {d.name: _find(d.image, tag) for d in chosen}
+                if any(s is None for s in snaps.values()):
+                    raise SnapshotError(f"Snapshot '{tag}' does not exist in one or more devices")
+            except SnapshotError:
+                for ident in replugged:
+                    hotplugged.unplug(machine, ident)
+                raise
         for d in chosen:
             try:
                 grow_l1(d.image, snaps[d.name].l1_size)     # the snapshot's table covers its vmstate too

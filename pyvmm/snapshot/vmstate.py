@@ -8,7 +8,9 @@ Layout (all integers big-endian):
 
 Sections, in this order:
 
-    META  JSON: pyvmm version, engine, vCPU count, RAM regions, device names
+    META  JSON: pyvmm version, engine, vCPU count, RAM regions, device names,
+          and "hotplugged": the records of device_add's devices (hotplugged.py),
+          which a machine without them plugs back into their slots first
     CPUS  JSON: one CpuState per vCPU (cpu_to_json)
     DEVS  JSON: {device name: its save() envelope} (device.py's contract)
     RAM   u32 run count, then per run u64 guest address and u64 length, then
@@ -27,9 +29,9 @@ import struct
 import zlib
 from typing import TYPE_CHECKING
 
-from .. import __version__
+from .. import __version__, hotplugged
 from ..cpu import CpuState, DescriptorTable, Segment
-from ..device import DeviceStateError
+from ..device import DeviceStateError, current_state
 from ..errors import VmmError
 
 if TYPE_CHECKING:
@@ -167,8 +169,23 @@ def _forget_translations(engine) -> None:
 
 # -- the stream ----------------------------------------------------------------------------
 def _meta(machine: "Machine") -> dict:
-    return {"pyvmm": __version__, "engine": machine.config.engine, "cpus": machine.config.cpus,
+    meta = {"pyvmm": __version__, "engine": machine.config.engine, "cpus": machine.config.cpus,
             "ram": [[r.gpa, r.size] for r in machine.memory.regions], "devices": sorted(machine.devices)}
+    plugged = hotplugged.records(machine)
+    if plugged:                  # device_add's devices: a machine without them plugs them back first
+        meta["hotplugged"] = plugged
+    return meta
+
+
+def to_replug(machine: "Machine", sections: dict[bytes, bytes]) -> list[dict]:
+    """The records (hotplugged.py) of devices plugged at run time into the
+    saved machine that this one lacks: a load plugs them back into their
+    slots before the states go in. Raises VmStateError."""
+    try:
+        meta = json.loads(sections[b"META"])
+        return hotplugged.missing(machine, meta.get("hotplugged") if isinstance(meta, dict) else None)
+    except (ValueError, hotplugged.ReplugError) as e:      # malformed JSON or records
+        raise VmStateError(f"vmstate: {e}") from None
 
 
 def _pack(sections: list[tuple[bytes, list]]) -> list:
@@ -234,7 +251,7 @@ def check(machine: "Machine", data: bytes) -> tuple[list[CpuState], dict, list]:
     """Decodes `data` for `machine` without changing it. Raises VmStateError."""
     sections = unpack(data)
     cpus, devices = check_sections(machine, sections)
-    return cpus, devices, _decode_ram(machine, sections[b"RAM "])
+    return cpus, devices, _decode_ram(machine, sections[b"RAM "]), to_replug(machine, sections)
 
 
 def check_sections(machine: "Machine", sections: dict[bytes, bytes]) -> tuple[list[CpuState], dict]:
@@ -250,6 +267,7 @@ def check_sections(machine: "Machine", sections: dict[bytes, bytes]) -> tuple[li
     if not isinstance(meta, dict):
         raise VmStateError("vmstate: the META section is not an object")
     here = _meta(machine)
+    here["devices"] = sorted(here["devices"] + [hotplugged.key(r["id"]) for r in to_replug(machine, sections)])
     if meta.get("ram") != here["ram"]:
         raise VmStateError(f"vmstate: saved with {_mib(meta.get('ram'))} MiB of RAM, this machine has "
                            f"{_mib(here['ram'])} MiB")
@@ -266,7 +284,22 @@ def check_sections(machine: "Machine", sections: dict[bytes, bytes]) -> tuple[li
         diff = sorted(theirs ^ set(here["devices"]))
         raise VmStateError(f"vmstate: the device set does not match this machine's (differs in: "
                            f"{', '.join(diff) or '?'}; saved under engine {meta.get('engine')})")
+    try:
+        check_device_versions(machine, devices)
+    except DeviceStateError as e:
+        raise VmStateError(f"vmstate: {e}") from None
     return cpus, devices
+
+
+def check_device_versions(machine: "Machine", devices: dict) -> None:
+    """Refuses a device state of a version its device cannot restore (nor
+    upgrade from) before anything is loaded: found in the middle of a
+    restore, it would leave the machine half the old state and half the
+    new. Raises DeviceStateError."""
+    for name, state in devices.items():
+        device = machine.devices.get(name)
+        if state is not None and hasattr(device, "STATE_VERSION"):
+            current_state(device, state)
 
 
 def _unused_optional(name: str, state: object) -> bool:
@@ -310,10 +343,21 @@ def apply(machine: "Machine", data: bytes, checked: tuple | None = None) -> None
     Everything is checked first (VmStateError, machine untouched); a
     device that refuses its state afterwards raises VmStateError too.
     checked: what check(machine, data) returned, if the caller has it."""
-    cpus, devices, runs = checked if checked is not None else check(machine, data)
+    cpus, devices, runs, replug = checked if checked is not None else check(machine, data)
     with machine.lock:
+        replug_or_refuse(machine, replug)
         _load_ram(machine, runs)
         try:
             restore_devices_and_cpus(machine, devices, cpus)
         except DeviceStateError as e:
             raise VmStateError(f"vmstate: {e}") from None
+
+
+def replug_or_refuse(machine: "Machine", records: list[dict]) -> list[str]:
+    """Plugs back the devices `records` describe (to_replug). Raises
+    VmStateError with none of them plugged."""
+    try:
+        return hotplugged.replug(machine, records)
+    except hotplugged.ReplugError as e:
+        raise VmStateError(f"vmstate: {e}") from None
+

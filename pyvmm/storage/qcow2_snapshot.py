@@ -160,11 +160,14 @@ def create_snapshot(img: ImageBase, name: str, *, vm_state_size: int = 0, vm_clo
     if any(s.name == name for s in snaps):
         raise ImageError(f"{img.path}: a snapshot named {name!r} exists")
     cs = img.cluster_size
-    _walk_refs(img, img.l1, +1)
+    # The L1 copy goes into clusters nothing references yet, before any
+    # refcount changes: a write the host refuses (a full disk) leaves the
+    # image as it was, not with every cluster counted once too often.
     l1 = [e & ~OFLAG_COPIED for e in img.l1]
     clusters = max(1, -(-len(l1) * 8 // cs))
     first = img._alloc_run(clusters)
     os.pwrite(img.fd, struct.pack(f">{len(l1)}Q", *l1), first * cs)
+    _walk_refs(img, img.l1, +1)
     for c in range(first, first + clusters):
         img._set_refcount(c, 1)
     fix_copied_flags(img)

@@ -262,3 +262,40 @@ def test_a_client_that_floods_and_never_reads_cannot_stall_the_others(vm_path):
     assert vm.proc.poll() is None
     assert c.reply(b'{"execute": "query-status"}')["return"]["status"] == "running"
     c.close()
+
+
+def test_clients_that_leave_during_snapshots_and_big_replies_harm_nothing(vm_path, tmp_path):
+    """One client asks for a snapshot file save and a load and leaves before
+    either reply; another asks for large memory dumps and leaves while they
+    are written to it. The save is whole (it loads, checksums verified),
+    the VM runs, and the next client is served."""
+    vm, path = vm_path
+    snap = str(tmp_path / "left.snap")
+    leaver = LineClient(path)
+    leaver.recv()
+    leaver.send(b'{"execute": "qmp_capabilities"}'
+                b'{"execute": "x-snapshot-file-save", "arguments": {"path": "%s"}}'
+                b'{"execute": "x-snapshot-file-load", "arguments": {"path": "%s"}}' % (snap.encode(), snap.encode()))
+    leaver.close()
+    dumper = LineClient(path)
+    dumper.recv()
+    dumper.send(b'{"execute": "qmp_capabilities"}'
+                + b'{"execute": "human-monitor-command", "arguments": {"command-line": "x/4096x 0x100000"}}' * 50)
+    dumper.sock.recv(100)                     # the replies have started
+    dumper.close()
+
+    c = LineClient(path)
+    c.recv()
+    c.reply(b'{"execute": "qmp_capabilities"}')
+    deadline = time.monotonic() + 15
+    while not os.path.exists(snap) or c.reply(b'{"execute": "query-status"}')["return"]["status"] != "running":
+        assert time.monotonic() < deadline, "the VM did not run on after its clients left"
+        time.sleep(0.05)
+    loaded = c.reply(b'{"execute": "x-snapshot-file-load", "arguments": {"path": "%s", "verify": true}}'
+                     % snap.encode())
+    assert "load-ms" in loaded["return"], loaded
+    assert c.reply(b'{"execute": "query-status"}')["return"]["status"] == "running"
+    assert vm.proc.poll() is None
+    assert c.reply(b'{"execute": "quit"}') == {"return": {}}
+    c.close()
+    assert vm.wait() == 0

@@ -10,6 +10,7 @@ next printed count follows the saved one."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -239,3 +240,95 @@ def _save_and_load_into(vm: CounterVm, engine: str, drives_) -> str:
         return other.hmp("loadvm y")
     finally:
         other.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_hundred_snapshot_job_cycles_leak_nothing(tmp_path):
+    """snapshot-save, -load and -delete as QMP jobs (a thread each) a
+    hundred times over: no descriptor, thread or memory is left behind
+    once their jobs are dismissed, the image stays clean, and the count
+    goes on from the last snapshot loaded."""
+    import threading
+    path = _disk(tmp_path)
+    vm = CounterVm("bt", [DriveConfig(file=path, id="disk0")], mem_mib=16)
+    base = {"vmstate": "disk0", "devices": ["disk0"]}
+
+    def job(command: str, job_id: str, **args) -> None:
+        vm.qmp(command, **{"job-id": job_id, **args})
+        info = vm.wait_job(job_id)
+        assert "error" not in info, info
+        vm.qmp("job-dismiss", id=job_id)
+
+    def cycle(i: int) -> None:
+        vm.machine.memory.write_u32(0x800000, 1000 + i)
+        job("snapshot-save", f"s{i}", tag="t", **base)
+        vm.machine.memory.write_u32(0x800000, i)
+        job("snapshot-load", f"l{i}", tag="t", **base)
+        assert vm.machine.memory.read_u32(0x800000) == 1000 + i
+        job("snapshot-delete", f"d{i}", tag="t", devices=["disk0"])
+
+    try:
+        vm.wait_counts(1)
+        for i in range(5):                                  # warm up: imports, caches
+            cycle(i)
+        fds, threads, rss = _fds(), threading.active_count(), _rss_kib()
+        for i in range(100):
+            cycle(i)
+        deadline = time.monotonic() + 5                     # the last job's thread is on its way out
+        while threading.active_count() != threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _fds() == fds and threading.active_count() == threads
+        assert _rss_kib() - rss < 16 << 10, (rss, _rss_kib())
+        assert vm.qmp("query-jobs") == []
+        mark = len(vm.output)
+        assert len(vm.wait_counts(2, after=mark)) >= 2
+    finally:
+        vm.close()
+    assert qemu_img("check", path).returncode == 0
+    assert " t " not in qemu_img("snapshot", "-l", path).stdout
+
+
+def test_a_save_that_fails_on_the_second_drive_takes_back_the_first(tmp_path):
+    """snapshot-save over two drives where the host refuses to grow the
+    second (a file size limit below what its snapshot needs: EFBIG, as on a
+    full disk): the job fails in one line, the first drive's snapshot of
+    that tag is taken back, both images check clean, and the VM runs on."""
+    import resource
+    import signal
+    from pyvmm.storage import open_image
+    first, second = _disk(tmp_path, "first.qcow2"), str(tmp_path / "second.qcow2")
+    create_image(second, "qcow2", 8 << 20)
+    image = open_image(second, "qcow2")
+    image.write(0, bytes([0x5A]) * (6 << 20))              # a file larger than the limit below
+    image.close()
+    limit = os.path.getsize(second)
+    vm = CounterVm("bt", [DriveConfig(file=first, id="d0"), DriveConfig(file=second, id="d1")], mem_mib=16)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        vm.wait_counts(1)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+        try:
+            vm.qmp("snapshot-save", **{"job-id": "s", "tag": "t", "vmstate": "d0", "devices": ["d0", "d1"]})
+            info = vm.wait_job("s")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        assert info["error"].startswith("Error while creating snapshot on 'd1': ") and "\n" not in info["error"]
+        assert vm.qmp("query-status")["status"] == "running"
+        vm.wait_counts(2, after=len(vm.output))
+    finally:
+        signal.signal(signal.SIGXFSZ, handler)
+        vm.close()
+    for path in (first, second):
+        assert qemu_img("check", path).returncode == 0
+        assert " t " not in qemu_img("snapshot", "-l", path).stdout

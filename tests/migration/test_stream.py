@@ -199,3 +199,28 @@ def test_dead_destination_leaves_the_source_running(tmp_path):
         m.request_stop(StopReason.USER)
         thread.join(30)
         destroy_machine(m)
+
+
+def test_a_device_state_this_pyvmm_cannot_read_is_refused_before_any_loads():
+    """A STATE record whose acpi_pm envelope is of an unknown version is
+    refused in one line before any device or vCPU takes its state; a
+    version-1 one (before the GPE0 block) is brought up to date."""
+    from pyvmm.migration.state import load_state, state_doc
+    src_out, dest_out = bytearray(), bytearray()
+    src, dest = _machine(src_out), _machine(dest_out)
+    try:
+        src.devices["serial0"].write(7, 1, 0x5A)            # the scratch register: a visible difference
+        doc = state_doc(src)
+        assert dest.devices["serial0"].read(7, 1) != 0x5A
+        bad = {**doc, "devices": {**doc["devices"], "acpi_pm": {**doc["devices"]["acpi_pm"], "version": 9}}}
+        with pytest.raises(stream.StreamError) as err:
+            load_state(dest, bad)
+        assert dest.devices["serial0"].read(7, 1) != 0x5A
+        assert str(err.value) == ("migration stream: AcpiPm state: version 9 is not supported "
+                                  "(this pyvmm restores versions 1 to 2)")
+        old_pm = {k: v for k, v in doc["devices"]["acpi_pm"].items() if not k.startswith("gpe")}
+        load_state(dest, {**doc, "devices": {**doc["devices"], "acpi_pm": {**old_pm, "version": 1}}})
+        assert dest.devices["serial0"].read(7, 1) == 0x5A and dest.devices["acpi_pm"].gpe_en == 0
+    finally:
+        destroy_machine(src)
+        destroy_machine(dest)

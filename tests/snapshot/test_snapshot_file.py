@@ -300,3 +300,94 @@ def test_qcow2_loadvm_after_a_file_load_gives_zero_pages_back(tmp_path):
             vm.qmp("x-snapshot-file-save", path=str(tmp_path / "d.snap"), type="diff")
     finally:
         vm.close()
+
+
+def _with_device_state(src: str, dst: str, name: str, edit) -> None:
+    """A copy of snapshot file `src` whose DEVS section holds edit(state) for
+    device `name`, padded to the same length (RAMT's file offsets stay
+    right) and with its checksum redone."""
+    import json
+    import zlib
+    from pyvmm.snapshot.vmstate import HEADER, SECTION
+    data = bytearray(open(src, "rb").read())
+    pos = HEADER.size
+    while True:
+        tag, length, _ = SECTION.unpack_from(data, pos)
+        if tag == b"DEVS":
+            break
+        pos += SECTION.size + length
+    devices = json.loads(data[pos + SECTION.size:pos + SECTION.size + length])
+    devices[name] = edit(devices[name])
+    payload = json.dumps(devices).encode()
+    assert len(payload) <= length
+    payload = payload.ljust(length)                        # JSON allows the trailing spaces
+    data[pos:pos + SECTION.size + length] = SECTION.pack(b"DEVS", length, zlib.crc32(payload)) + payload
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+def test_a_device_state_of_an_older_version_loads_and_an_unknown_one_changes_nothing(tmp_path, counter_vm):
+    """A file whose acpi_pm section is version 1 (before the GPE0 block)
+    loads with GPE0 at power-on; one of a version this pyvmm cannot
+    upgrade from is refused in one line before RAM or any device changes."""
+    vm = counter_vm("bt")
+    good, old, new = (str(tmp_path / f"{n}.snap") for n in ("good", "old", "new"))
+    vm.wait_counts(1)
+    vm.qmp("stop")
+    pm = vm.machine.devices["acpi_pm"]
+    vm.machine.io_bus.write(0x60E, 1, 0x2)                 # GPE0_EN: saved as enabled in version 2
+    vm.qmp("x-snapshot-file-save", path=good)
+    saved_count = vm.counter()
+    _with_device_state(good, old, "acpi_pm",
+                       lambda s: {**{k: v for k, v in s.items() if not k.startswith("gpe")}, "version": 1})
+    _with_device_state(good, new, "acpi_pm", lambda s: {**s, "version": 9})
+
+    vm.qmp("cont")
+    vm.wait_counts(2, after=len(vm.output))
+    vm.qmp("stop")
+    before = vm.counter()
+    vm.machine.memory.fill(FILL_GPA, 4096, 0x3C)
+    with pytest.raises(CommandError) as err:
+        vm.qmp("x-snapshot-file-load", path=new)
+    assert vm.counter() == before and vm.machine.memory.read(FILL_GPA, 4096) == b"\x3c" * 4096
+    assert pm.gpe_en == 0x2
+    assert str(err.value) == ("vmstate: AcpiPm state: version 9 is not supported "
+                              "(this pyvmm restores versions 1 to 2)")
+
+    vm.qmp("x-snapshot-file-load", path=old)
+    assert vm.counter() == saved_count and (pm.gpe_en, pm.gpe_used) == (0, 0)
+    assert pm.save()["version"] == 2
+    assert _runs_on(vm) == [saved_count + 1, saved_count + 2]
+
+
+def test_a_save_that_fails_half_way_leaves_the_old_file_and_no_other(tmp_path, counter_vm):
+    """The host refuses the write half-way (a file size limit: the write
+    fails with EFBIG as on a full disk): one-line error, the file saved
+    before at that path is still whole and loads, and no temporary file
+    is left behind."""
+    import resource
+    import signal
+    vm = counter_vm("bt")
+    good = str(tmp_path / "good.snap")
+    vm.wait_counts(1)
+    vm.qmp("stop")
+    vm.machine.memory.fill(FILL_GPA, FILL, 0x5A)
+    vm.qmp("x-snapshot-file-save", path=good)
+    size, count = os.path.getsize(good), vm.counter()
+    vm.machine.memory.fill(FILL_GPA, FILL, 0x11)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limit[1]))
+    try:
+        with pytest.raises(CommandError) as err:
+            vm.qmp("x-snapshot-file-save", path=good)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert os.listdir(tmp_path) == ["good.snap"] and os.path.getsize(good) == size
+    assert str(err.value) == f"{good}: cannot write the snapshot: File too large"
+    assert vm.machine.memory.read(FILL_GPA, 4) == b"\x11" * 4          # the VM's RAM as it was
+    snapfile.check_file(good)
+    vm.qmp("x-snapshot-file-load", path=good)
+    assert vm.counter() == count and vm.machine.memory.read(FILL_GPA, 4) == b"\x5a" * 4
+    assert _runs_on(vm) == [count + 1, count + 2]

@@ -77,11 +77,16 @@ class PciHostBridge:
 
     # --- building ---------------------------------------------------------------------
 
-    def add(self, function: PciFunction, name: str) -> int:
-        """Plugs `function` into the first free slot, places and maps its
-        BARs and returns the slot. Raises ConfigError when the bus or a
-        window is full."""
-        slot = next((s for s in range(1, SLOTS) if s not in self.functions), None)
+    def add(self, function: PciFunction, name: str, slot: int | None = None) -> int:
+        """Plugs `function` into `slot` (None: the first free one), places
+        and maps its BARs and returns the slot. Raises ConfigError when the
+        slot is taken, or the bus or a window is full."""
+        if slot is not None and not 1 <= slot < SLOTS:
+            raise ConfigError(f"PCI slot {slot} does not exist (1..{SLOTS - 1})")
+        if slot in self.functions:
+            raise ConfigError(f"PCI slot {slot} is not free (it holds {self.names[slot]})")
+        if slot is None:
+            slot = next((s for s in range(1, SLOTS) if s not in self.functions), None)
         if slot is None:
             raise ConfigError("PCI bus 0 has no free slot (31 devices at most)")
         for bar in function.bars:
