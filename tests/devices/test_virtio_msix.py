@@ -229,3 +229,17 @@ def test_random_msix_table_and_control_traffic_never_raises():
             d.submit([(8, True)])
         assert d.fn.msix.pending < 1 << d.fn.msix.count
     assert d.msis                                        # some messages did leave
+
+
+def test_intx_is_a_level_until_the_isr_read_and_follows_intx_disable():
+    d = rng_driver()                                  # MSI-X left off: INTx
+    gsi = d.irq.gsi
+    d.submit([(8, True)])
+    d.submit([(8, True)])                             # a second interrupt before the ISR read
+    assert d.levels == [(gsi, 1)] and d.cfg_read(0x06, 2) & 0x8   # one rising edge; status says pending
+    d.cfg_write(0x04, 2, d.cfg_read(0x04, 2) | 0x400)  # INTx disable: the line drops at once
+    assert d.levels[-1] == (gsi, 0) and d.cfg_read(0x06, 2) & 0x8  # the status bit still tells
+    d.cfg_write(0x04, 2, d.cfg_read(0x04, 2) & ~0x400)  # enabled again: still pending, so up again
+    assert d.levels[-1] == (gsi, 1)
+    assert d.read_isr() == 1 and d.levels[-1] == (gsi, 0)
+    assert d.read_isr() == 0 and not d.cfg_read(0x06, 2) & 0x8

@@ -103,7 +103,8 @@ def send_partial(d: NetDriver, frame: bytes, start: int, offset: int, flags: int
 
 def test_offered_features():
     offered = NetDriver(FakePort()).offered()
-    for bit in (net.F_CSUM, net.F_GUEST_CSUM, net.F_CTRL_VQ, net.F_GUEST_ANNOUNCE, net.F_STATUS, net.F_MAC):
+    for bit in (net.F_CSUM, net.F_GUEST_CSUM, net.F_CTRL_VQ, net.F_GUEST_ANNOUNCE, net.F_STATUS, net.F_MAC,
+                net.F_MRG_RXBUF):
         assert offered & bit
 
 

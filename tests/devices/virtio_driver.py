@@ -147,8 +147,13 @@ class Driver:
             self.kick()
         return placed
 
+    def notify_address(self, queue: int = 0) -> int:
+        """Where a kick of `queue` is written (a driver finds it once, as
+        Linux maps it at probe time; the BAR may move, so ask again then)."""
+        return self._addr(2, 4 * queue)
+
     def kick(self, queue: int = 0) -> None:
-        self.mmio.write(self._addr(2, 4 * queue), 2, queue)
+        self.mmio.write(self.notify_address(queue), 2, queue)
 
     def used(self) -> list[tuple[int, int]]:
         idx = self.memory.read_u16(USED_AT + 2)

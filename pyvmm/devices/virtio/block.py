@@ -52,6 +52,7 @@ F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+STATUS_BYTES = (b"\0", b"\1", b"\2")     # indexed by status: no bytes object built per request
 WRITE_ZEROES_UNMAP = 1
 
 HEADER = struct.Struct("<IIQ")     # type, reserved, sector
@@ -165,6 +166,14 @@ class VirtioBlock(VirtioDevice):
                 if not self.in_flight:
                     return
 
+    def finish_submitted(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Waits until the disk work submitted so far has touched the image
+        (its completion may still be on the way to the guest): a job looks
+        `self.image` up when it runs, so once this returns every write goes
+        through whatever `image` is now.  Raises StateError on timeout."""
+        if self._io is not None and not self._io.barrier(timeout):
+            raise StateError(f"virtio-blk {self.image.path}: disk requests did not finish in {timeout:.0f} s")
+
     def _discard(self) -> None:
         """Lets the disk work in flight finish and drops its answers (the
         driver reset the device, or a restore replaced its queues)."""
@@ -191,7 +200,7 @@ class VirtioBlock(VirtioDevice):
         if status == S_IOERR:
             self.errors += 1
         addr, n = chain.writable[-1]
-        self.memory.write(addr + n - 1, bytes([status]))
+        self.memory.write(addr + n - 1, STATUS_BYTES[status])
         queue.add_used(chain.head, written + 1)
 
     def _request(self, chain: Chain) -> Work:

@@ -7,9 +7,17 @@ per distinct message.
 
 Linux writes the queue index with iowrite16, which the 2-byte ioeventfd
 matches; any other width still arrives through the ordinary MMIO exit and
-the same notify().  INTx stays on KVM_IRQ_LINE: a level-triggered line
-through irqfd needs a resample eventfd for every EOI, which costs more
-than the ioctl it would save here.
+the same notify().
+
+INTx (the guest left MSI-X off) leaves through KVM_IRQFD as well, as a
+level-triggered line with a resample eventfd: raising the line is one
+eventfd write; KVM lowers it at the guest's EOI and signals the resample
+fd, and the event loop raises it again while the function still holds it
+high (ISR status unread).  Lowering it (ISR read) needs no call at all:
+the next EOI finds the line low and KVM leaves it so.
+
+After a move to another engine (migrate.switch_engine) this VM and its
+irqfds are gone: MSI-X messages and INTx go through machine.engine again.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import os
 from typing import Callable
 
+from ...irq import IrqLine
 from .transport.pci import BAR_INDEX, NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VirtioPci
 
 log = logging.getLogger(__name__)
@@ -125,9 +134,72 @@ class MsiIrqFds:
         self.fds.clear()
 
 
+class IntxIrqFd:
+    """A function's INTx `line` (irq.IrqLine, which keeps the level the
+    function sets) delivered through a resampling irqfd on its GSI while
+    `current()` says this VM still runs the machine; after a move to
+    another engine (migrate.switch_engine) the line's own sink again."""
+
+    def __init__(self, vm, loop, line: IrqLine, current: Callable[[], bool] = lambda: True):
+        self.vm, self.loop, self.line, self.current = vm, loop, line, current
+        self.fallback = line.sink
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.resample_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.raised = self.resamples = 0
+        try:
+            vm.irqfd(self.fd, line.gsi, resample_fd=self.resample_fd)
+        except OSError:
+            os.close(self.fd)
+            os.close(self.resample_fd)
+            raise
+        loop.add_reader(self.resample_fd, self._resampled)
+        line.sink = self._sink
+        if line.level:              # already high: KVM has not seen it yet
+            self._raise()
+
+    def __repr__(self) -> str:
+        return f"IntxIrqFd(gsi={self.line.gsi}, raised={self.raised}, resamples={self.resamples})"
+
+    def _raise(self) -> None:
+        self.raised += 1
+        os.eventfd_write(self.fd, 1)
+
+    def _sink(self, gsi: int, level: int) -> None:
+        if not self.current():
+            if self.fallback is not None:
+                self.fallback(gsi, level)
+            return
+        if level:
+            self._raise()
+        # Low: nothing to do; KVM lowers the pin at the EOI and _resampled
+        # then leaves it low.
+
+    def _resampled(self) -> None:
+        try:
+            os.eventfd_read(self.resample_fd)
+        except BlockingIOError:
+            return
+        if self.line.level:         # the driver has not read the ISR yet: still pending
+            self._raise()
+        self.resamples += 1
+
+    def close(self) -> None:
+        """Idempotent: a second call must not close fd numbers reused since."""
+        if self.fd < 0:
+            return
+        try:
+            self.loop.remove_reader(self.resample_fd)
+        except (OSError, ValueError, RuntimeError):   # the loop closed first
+            pass
+        os.close(self.fd)
+        os.close(self.resample_fd)
+        self.fd = self.resample_fd = -1
+
+
 def attach_eventfds(machine) -> None:
     """Under hw with the in-kernel irqchip, moves every virtio-pci
-    function's notifies to ioeventfds and its MSI-X messages to irqfds.
+    function's notifies to ioeventfds, its MSI-X messages to irqfds and
+    its INTx line to a resampling irqfd.
     Logs and keeps the ordinary paths when KVM refuses (with the errno)."""
     engine, bridge = machine.engine, machine.devices.get("pci_host")
     vm = getattr(engine, "vm", None)
@@ -135,6 +207,7 @@ def attach_eventfds(machine) -> None:
         return
     irqfds = MsiIrqFds(vm)
     machine.eventfds = []
+    machine.intx_irqfds = []
     for slot, function in sorted(bridge.functions.items()):
         if not isinstance(function, VirtioPci):
             continue
@@ -152,6 +225,9 @@ def attach_eventfds(machine) -> None:
         function.on_decode_change = on_decode_change
 
         def msi(address: int, data: int, inject=function.msi) -> None:
+            if machine.engine is not engine:   # moved to another engine: this VM's irqfds are gone
+                inject(address, data)
+                return
             try:
                 if irqfds.send(address, data):
                     return
@@ -159,13 +235,22 @@ def attach_eventfds(machine) -> None:
                 log.warning("KVM irqfd refused (errno %d, %s): MSI through KVM_SIGNAL_MSI", e.errno, e.strerror)
             inject(address, data)
         function.msi = msi
+        if function.irq is not None:
+            try:
+                machine.intx_irqfds.append(IntxIrqFd(vm, machine.loop, function.irq,
+                                                     lambda: machine.engine is engine))
+            except OSError as e:
+                log.warning("KVM resampling irqfd refused (errno %d, %s): INTx through KVM_IRQ_LINE",
+                            e.errno, e.strerror)
     machine.msi_irqfds = irqfds
 
     def close() -> None:
         for fds in machine.eventfds:
             fds.close()
+        for line in machine.intx_irqfds:
+            line.close()
         irqfds.close()
     machine.closers.append(close)
 
 
-__all__ = ["NotifyEventFds", "MsiIrqFds", "attach_eventfds"]
+__all__ = ["NotifyEventFds", "MsiIrqFds", "IntxIrqFd", "attach_eventfds"]

@@ -14,18 +14,21 @@ device: NEEDS_CSUM with csum_start/csum_offset) and GUEST_CSUM (received
 TCP/UDP packets whose checksum the device verified carry DATA_VALID, so the
 guest skips its own pass).  The checksum work (net_offload.py) is one
 big-integer reduction on the host, which costs less than the guest kernel's
-loop under bt.  No GSO/TSO is offered, so no frame is longer than
-MAX_FRAME and MRG_RXBUF would not help: every frame fits one receive
-buffer.
+loop under bt.  MRG_RXBUF (5.1.6.3.1, 5.1.6.4): the driver may post
+buffers smaller than a frame; one frame then fills several receive chains
+in turn, each but the last to the brim, and the header in the first says
+how many (num_buffers).  Without it a frame takes one chain and
+num_buffers is 1.
 
 TX: each chain is a header and a frame in device-readable buffers; the
 frame goes to the backend and the chain comes back with 0 bytes written.
 RX: a frame from the backend (on the machine's event loop) fills one
-chain of device-writable buffers.  When the guest has posted no buffer,
-or the device is not running, frames are HELD, up to RX_BACKLOG of them
-(then newer ones are dropped and counted), and delivered when the driver
-next kicks the receive queue.  A frame longer than the chain is dropped
-and the chain returned empty.
+chain of device-writable buffers (several with MRG_RXBUF).  When the guest
+has posted too few buffers, or the device is not running, frames are HELD,
+up to RX_BACKLOG of them (then newer ones are dropped and counted), and
+delivered when the driver next kicks the receive queue.  A frame longer
+than its chain (without MRG_RXBUF) or than the whole ring's buffers (with
+it) is dropped.
 
 A chain in the wrong direction (writable buffers on TX, readable ones on
 RX) or without room for the header is a QueueError: NEEDS_RESET.
@@ -55,6 +58,7 @@ CTRL_QUEUE_SIZE = 64
 RX_BACKLOG = 256
 
 F_CSUM, F_GUEST_CSUM, F_MAC = 1 << 0, 1 << 1, 1 << 5
+F_MRG_RXBUF = 1 << 15
 F_STATUS, F_CTRL_VQ, F_GUEST_ANNOUNCE = 1 << 16, 1 << 17, 1 << 21
 S_LINK_UP, S_ANNOUNCE = 1, 2
 
@@ -118,7 +122,8 @@ class VirtioNet(VirtioDevice):
             raise ValueError("a MAC address is 6 bytes")
         self.port = port
         self.mac = bytes(mac)
-        self.features = F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE | F_CSUM | F_GUEST_CSUM
+        self.features = (F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE | F_CSUM | F_GUEST_CSUM
+                         | F_MRG_RXBUF)
         self.announcing = False      # S_ANNOUNCE: set by announce(), cleared by the driver's ack
         self.wake: Callable[[int], None] | None = None
         self.backlog: deque[bytes] = deque()
@@ -214,17 +219,32 @@ class VirtioNet(VirtioDevice):
         frame = bytearray(chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE))
         return bytes(frame) if complete_checksum(frame, start, offset) else None
 
+    @staticmethod
+    def _rx_chain(queue: VirtQueue):
+        """The next receive chain (None: none posted). Raises QueueError for
+        one that is not device-writable or has no room for the header."""
+        chain = queue.pop()
+        if chain is None:
+            return None
+        if chain.readable:
+            raise QueueError(f"virtio-net RX chain {chain.head} has device-readable buffers")
+        if chain.writable_len < NET_HDR_SIZE:
+            raise QueueError(f"virtio-net RX chain {chain.head} of {chain.writable_len} bytes has no room "
+                             "for the header")
+        return chain
+
     def _fill(self, queue: VirtQueue) -> None:
+        merge = self.acked & F_MRG_RXBUF
         while self.backlog:
-            chain = queue.pop()
+            if merge:
+                if not self._fill_merged(queue, self.backlog[0]):
+                    return               # held until the driver posts more buffers
+                self.backlog.popleft()
+                continue
+            chain = self._rx_chain(queue)
             if chain is None:
                 return                   # held until the driver posts buffers
-            if chain.readable:
-                raise QueueError(f"virtio-net RX chain {chain.head} has device-readable buffers")
             room = chain.writable_len
-            if room < NET_HDR_SIZE:
-                raise QueueError(f"virtio-net RX chain {chain.head} of {room} bytes has no room "
-                                 "for the header")
             frame = self.backlog.popleft()
             if len(frame) > room - NET_HDR_SIZE:
                 self.rx_dropped += 1
@@ -235,6 +255,36 @@ class VirtioNet(VirtioDevice):
             chain.write(self.memory, NET_HDR_SIZE, frame)
             self.rx_frames += 1
             queue.add_used(chain.head, NET_HDR_SIZE + len(frame))
+
+    def _fill_merged(self, queue: VirtQueue, frame: bytes) -> bool:
+        """Spreads `frame` over as many receive chains as it needs (MRG_RXBUF).
+        False: too few posted, none taken (the frame waits).  A frame that
+        the whole ring could not hold is dropped.  Raises QueueError."""
+        need = NET_HDR_SIZE + len(frame)
+        chains, room = [], 0
+        while room < need:
+            chain = self._rx_chain(queue)
+            if chain is None:
+                queue.unpop(len(chains))
+                if len(chains) < queue.size:
+                    return False
+                self.rx_dropped += 1     # every buffer of the ring is too little: it would wait forever
+                return True
+            chains.append(chain)
+            room += chain.writable_len
+        flags = HDR_F_DATA_VALID if self.acked & F_GUEST_CSUM and l4_checksum_ok(frame) else 0
+        data = memoryview(frame)
+        first = chains[0]
+        first.write(self.memory, 0, NET_HDR.pack(flags, GSO_NONE, 0, 0, 0, 0, len(chains)))
+        done = first.write(self.memory, NET_HDR_SIZE, data)
+        used = [(first.head, NET_HDR_SIZE + done)]
+        for chain in chains[1:]:
+            n = chain.write(self.memory, 0, data[done:])
+            used.append((chain.head, n))
+            done += n
+        queue.add_used_many(used)
+        self.rx_frames += 1
+        return True
 
     # --- contract -----------------------------------------------------------------------
 
@@ -263,5 +313,5 @@ class VirtioNet(VirtioDevice):
 
 
 __all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "derived_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "F_CSUM", "F_GUEST_CSUM", "F_CTRL_VQ",
-           "F_GUEST_ANNOUNCE", "NET_HDR", "CTRL_QUEUE",
+           "F_GUEST_ANNOUNCE", "F_MRG_RXBUF", "NET_HDR", "CTRL_QUEUE",
            "NET_HDR_SIZE", "RX_QUEUE", "TX_QUEUE", "RX_BACKLOG"]

@@ -21,7 +21,6 @@ the per-request cost that bench/virtio.py (a) measures.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError, VmmError
 from ...memory import GuestMemory
@@ -42,31 +41,42 @@ class QueueError(VmmError):
     """The driver broke the virtqueue protocol; the device needs a reset."""
 
 
-@dataclass
 class Chain:
     """One available descriptor chain: the head index to return in the used
     ring, the device-readable buffers, then the device-writable ones, each
-    (guest address, length), all inside guest RAM."""
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
+    (guest address, length), all inside guest RAM, and the byte count of
+    each kind.  A plain slotted class: one is made per request."""
 
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
 
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+    def __init__(self, head: int, readable: list[tuple[int, int]] | None = None,
+                 writable: list[tuple[int, int]] | None = None):
+        self.head = head
+        self.readable = readable if readable is not None else []
+        self.writable = writable if writable is not None else []
+        self.readable_len = sum(n for _, n in readable) if readable else 0   # pop() passes none
+        self.writable_len = sum(n for _, n in writable) if writable else 0
+
+    def __repr__(self) -> str:
+        return f"Chain(head={self.head}, readable={self.readable}, writable={self.writable})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Chain) and (self.head, self.readable, self.writable)
+                == (other.head, other.readable, other.writable))
 
     def read(self, memory: GuestMemory, offset: int, length: int) -> bytes:
         """`length` bytes of the readable buffers from `offset` on (fewer
         when they end first)."""
+        readable = self.readable
+        if readable and offset < readable[0][1] and offset + length <= readable[0][1]:
+            return memory.read(readable[0][0] + offset, length)      # the common case: inside the first
         out = []
-        for addr, n in self.readable:
+        for addr, n in readable:
             if offset >= n:
                 offset -= n
                 continue
+            if not out and offset + length <= n:      # wholly inside this buffer: no join
+                return memory.read(addr + offset, length)
             take = min(n - offset, length)
             out.append(memory.read(addr + offset, take))
             length -= take
@@ -78,6 +88,10 @@ class Chain:
     def write(self, memory: GuestMemory, offset: int, data: bytes | memoryview) -> int:
         """Writes `data` into the writable buffers from `offset` on; returns
         how many bytes fitted."""
+        writable = self.writable
+        if writable and offset < writable[0][1] and offset + len(data) <= writable[0][1]:
+            memory.write(writable[0][0] + offset, data)              # the common case: inside the first
+            return len(data)
         data = memoryview(data)
         done = 0
         for addr, n in self.writable:
@@ -141,7 +155,7 @@ class VirtQueue:
         """The next available chain, or None. Raises QueueError."""
         if not self.pending():
             return None
-        head = U16.unpack_from(self._avail_mm, self._avail_off + 4 + 2 * (self.last_avail % self.size))[0]
+        head = U16.unpack_from(self._avail_mm, self._avail_off + 4 + 2 * (self.last_avail & (self.size - 1)))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.event_idx:   # avail_event: "tell me when you pass this one"
             self.memory.write_u16(self.used + 4 + 8 * self.size, self.last_avail)
@@ -152,9 +166,17 @@ class VirtQueue:
             raise QueueError(f"descriptor chain {head}: {e}") from None
         return chain
 
+    def unpop(self, count: int) -> None:
+        """Gives back the last `count` chains pop() returned, unused: the
+        next pop() walks them again (a device that found too few buffers
+        for what it has to deliver waits for more).  avail_event stays
+        where pop() left it, so the driver still kicks for new buffers."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
     def _walk(self, chain: Chain, table: int, count: int, index: int, nested: bool) -> None:
         seen = 0
         total = chain.readable_len + chain.writable_len
+        memory, desc_mm, desc_off = self.memory, self._desc_mm, self._desc_off
         while True:
             if index >= count:
                 raise QueueError(f"descriptor index {index} outside a table of {count}")
@@ -162,9 +184,9 @@ class VirtQueue:
             if seen > count:
                 raise QueueError(f"descriptor chain {chain.head} loops")
             if not nested:                 # the queue's own table, mapped at build time
-                addr, length, flags, nxt = DESC.unpack_from(self._desc_mm, self._desc_off + DESC_SIZE * index)
+                addr, length, flags, nxt = DESC.unpack_from(desc_mm, desc_off + DESC_SIZE * index)
             else:
-                addr, length, flags, nxt = DESC.unpack(self.memory.read(table + DESC_SIZE * index, DESC_SIZE))
+                addr, length, flags, nxt = DESC.unpack(memory.read(table + DESC_SIZE * index, DESC_SIZE))
             if flags & DESC_F_INDIRECT:
                 if nested or not self.indirect:
                     raise QueueError("indirect descriptor " + ("inside an indirect table" if nested
@@ -178,14 +200,16 @@ class VirtQueue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise QueueError(f"descriptor chain {chain.head} claims more than {MAX_CHAIN_BYTES} bytes")
-            if length and not self.memory.is_ram(addr, length):
+            if length and not memory.is_ram(addr, length):
                 raise QueueError(f"buffer at {addr:#x}+{length:#x} is not RAM")
             if flags & DESC_F_WRITE:
                 chain.writable.append((addr, length))
+                chain.writable_len += length
             elif chain.writable:
                 raise QueueError(f"descriptor chain {chain.head}: a readable buffer after a writable one")
             else:
                 chain.readable.append((addr, length))
+                chain.readable_len += length
             if not flags & DESC_F_NEXT:
                 return
             index = nxt
@@ -194,21 +218,30 @@ class VirtQueue:
 
     def add_used(self, head: int, written: int) -> None:
         """Returns chain `head` with `written` bytes written into it."""
-        slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.memory.write(slot, USED_ELEM.pack(head, written))
+        memory = self.memory
+        memory.write(self.used + 4 + 8 * (self.used_idx & (self.size - 1)), USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.write_u16(self.used + 2, self.used_idx)   # after the element: the driver reads idx first
+        memory.write(self.used + 2, U16.pack(self.used_idx))   # after the element: the driver reads idx first
+
+    def add_used_many(self, used: list[tuple[int, int]]) -> None:
+        """Returns several (head, written) chains that the driver must see
+        at once (one merged receive frame): every element first, then the
+        used idx, once."""
+        for i, (head, written) in enumerate(used):
+            self.memory.write(self.used + 4 + 8 * ((self.used_idx + i) % self.size), USED_ELEM.pack(head, written))
+        self.used_idx = (self.used_idx + len(used)) & 0xFFFF
+        self.memory.write_u16(self.used + 2, self.used_idx)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was used since the
         last call (used_event with EVENT_IDX, else the NO_INTERRUPT flag)."""
         new, old = self.used_idx, self.signalled_used
         self.signalled_used = new
-        if self.event_idx:
-            used_event = self.memory.read_u16(self.avail + 4 + 2 * self.size)
+        if self.event_idx:     # used_event sits right after the avail ring (mapped at build time)
+            used_event = U16.unpack_from(self._avail_mm, self._avail_off + 4 + 2 * self.size)[0]
             # vring_need_event: did the used idx pass used_event since old?
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        return new != old and not self.memory.read_u16(self.avail) & AVAIL_F_NO_INTERRUPT
+        return new != old and not U16.unpack_from(self._avail_mm, self._avail_off)[0] & AVAIL_F_NO_INTERRUPT
 
     # --- snapshots -----------------------------------------------------------------------
 

@@ -105,11 +105,14 @@ IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
 class IrqFd(ctypes.Structure):
-    """struct kvm_irqfd: a write to `fd` raises GSI `gsi`."""
+    """struct kvm_irqfd: a write to `fd` raises GSI `gsi`; with
+    IRQFD_FLAG_RESAMPLE the GSI is level-triggered: KVM lowers it at the
+    guest's EOI and then signals `resamplefd`."""
     _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
 
 
 IRQFD_FLAG_DEASSIGN = 1 << 0
+IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
 class IrqRoutingEntry(ctypes.Structure):

@@ -118,10 +118,15 @@ class KvmVm:
         ioctl(self.fd, abi.IOEVENTFD, abi.IoEventFd(0, addr, length, fd,
                                                     abi.IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
 
-    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None) -> None:
         """KVM_IRQFD: a write to eventfd `fd` raises GSI `gsi` (through the
-        routing table). Raises OSError."""
-        ioctl(self.fd, abi.IRQFD, abi.IrqFd(fd, gsi, abi.IRQFD_FLAG_DEASSIGN if deassign else 0, 0))
+        routing table).  With `resample_fd` the line is level: it stays
+        raised until the guest's EOI, when KVM lowers it and signals
+        `resample_fd`. Raises OSError."""
+        flags = abi.IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resample_fd is not None and not deassign:
+            flags |= abi.IRQFD_FLAG_RESAMPLE
+        ioctl(self.fd, abi.IRQFD, abi.IrqFd(fd, gsi, flags, resample_fd if flags & abi.IRQFD_FLAG_RESAMPLE else 0))
 
     def set_gsi_routing(self, msi_routes: dict[int, tuple[int, int]]) -> None:
         """KVM_SET_GSI_ROUTING: KVM's default PC routes (GSI 0-15 on the

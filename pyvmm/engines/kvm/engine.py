@@ -50,6 +50,9 @@ class KvmEngine(Engine):
         self._error: BaseException | None = None
         self.exit_counts: list[list[int]] = []
         self.guest_time = 0.0
+        # Interrupts pyvmm injected by ioctl (KVM_IRQ_LINE, KVM_SIGNAL_MSI);
+        # those through irqfd (devices/virtio/kvm_eventfds.py) are not counted.
+        self.irq_injections = 0
         # Handlers for further exit reasons, fn(vcpu), and the vCPU of the calling thread.
         self.exit_hooks: dict = {}
         self.current = threading.local()
@@ -118,10 +121,12 @@ class KvmEngine(Engine):
 
     def set_irq(self, gsi: int, level: int) -> None:
         if self.irqchip and self.vm is not None:
+            self.irq_injections += 1
             self.vm.irq_line(gsi, level)
 
     def signal_msi(self, address: int, data: int) -> None:
         if self.irqchip and self.vm is not None:
+            self.irq_injections += 1
             self.vm.signal_msi(address, data)
 
     # -- running -------------------------------------------------------------
@@ -436,7 +441,7 @@ class KvmEngine(Engine):
                     name = abi.EXIT_NAMES.get(reason, str(reason))
                     exits[name] = exits.get(name, 0) + n
         return {"engine": self.name, "exits": exits, "total_exits": sum(exits.values()),
-                "seconds_running": round(self.guest_time, 6),
+                "seconds_running": round(self.guest_time, 6), "irq_injections": self.irq_injections,
                 "completions": dict(self.completer.counts) if self.completer else {}}
 
     def costs(self) -> Costs:

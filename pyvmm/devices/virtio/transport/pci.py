@@ -37,7 +37,7 @@ from ..device import (STATUS_DRIVER_OK,
                       STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
 from ..queue import QueueError, VirtQueue
 from .negotiate import accept_status, open_rings
-from ...pci.function import PciFunction
+from ...pci.function import COMMAND, PciFunction
 from ...pci.msix import CAP_MSIX, CTRL_ENABLE, CTRL_FUNCTION_MASK, MsiSink, MsixTable, pba_size
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class VirtioPci(PciFunction):
             if vector != NO_VECTOR:
                 self.msix.notify(vector)
             return
+        if self.isr & bit:
+            return               # pending and unread: the line is as it should be already
         self.isr |= bit
         self._set_line(True)
 
@@ -276,6 +278,8 @@ class VirtioPci(PciFunction):
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         super().config_write(offset, size, value)
+        if offset < COMMAND + 2 and offset + size > COMMAND:
+            self._set_line(bool(self.isr))      # INTx disable takes effect at once, both ways
         if offset < self._msix_control + 2 and offset + size > self._msix_control:
             self.msix.set_control(struct.unpack_from("<H", self.config, self._msix_control)[0])
 
