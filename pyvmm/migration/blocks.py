@@ -89,8 +89,13 @@ class BlockSender:
         return [{"name": n, "size": self.devices[n].image.size} for n in self.names]
 
     def start(self) -> None:
+        """Tracks every drive's writes from here on.  A write its I/O thread
+        had already picked the untracked image for lands before this returns,
+        so the first pass (which reads every chunk after it) carries it."""
         for name, device in self.devices.items():
             self.trackers[name] = device.image = DirtyBlocks(device.image)
+        for device in self.devices.values():
+            device.finish_submitted()
 
     def stop(self) -> None:
         for name, tracker in self.trackers.items():

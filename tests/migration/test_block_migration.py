@@ -58,10 +58,17 @@ def moved(tmp_path_factory):
     stop = threading.Event()
 
     def guest_writes() -> None:
-        # Writes all through the migration, from before pass 1 to the pause.
+        # Writes all through the migration, from before pass 1 to the pause,
+        # on the drive's I/O thread as a guest's requests are: each job looks
+        # the device's image up when it runs, so one picked up just before
+        # tracking starts must land before the first pass reads the disk.
+        io = device._io
+        assert io is not None                   # the machine gave the drive its I/O thread
         while not stop.is_set():
-            device.image.write(rng.randrange(0, DISK - 4096) & ~511, rng.randbytes(4096))
+            offset, data = rng.randrange(0, DISK - 4096) & ~511, rng.randbytes(4096)
+            io.submit(lambda o=offset, d=data: device.image.write(o, d))
             time.sleep(0.001)
+        assert io.wait_idle(10)
     writer = threading.Thread(target=guest_writes, daemon=True)
     try:
         deadline = time.monotonic() + 30
@@ -157,3 +164,36 @@ def test_bad_block_runs_are_refused(tmp_path, run, why):
             blocks.apply(devices, payload)
     finally:
         destroy_machine(dest)
+
+
+def test_tracking_starts_only_once_a_write_already_under_way_has_landed(tmp_path):
+    """A job on the drive's I/O thread took the untracked image just before
+    tracking began, and writes a moment later: BlockSender.start() waits
+    for it, so the first pass, which reads every chunk after start(), finds
+    that write (without the wait it could read the chunk first and the
+    write would never be sent)."""
+    m = _machine(bytearray(), tmp_path / "d.img")
+    try:
+        device = m.devices["disk0"].device
+        assert device._io is not None
+        took, go = threading.Event(), threading.Event()
+
+        def slow_write() -> None:
+            image = device.image                 # as a request's job does when it runs
+            took.set()
+            go.wait(10)
+            image.write(0, b"W" * 512)
+        device._io.submit(slow_write)
+        assert took.wait(10)
+        sender = blocks.BlockSender(m)
+        started = threading.Thread(target=sender.start)
+        started.start()
+        started.join(0.3)
+        assert started.is_alive()                # still waiting for the write under way
+        go.set()
+        started.join(10)
+        assert not started.is_alive()
+        assert sender.trackers["disk0"].inner.read(0, 512) == b"W" * 512
+        sender.stop()
+    finally:
+        destroy_machine(m)

@@ -55,6 +55,14 @@ class IoThread:
         with self._cond:
             return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
 
+    def barrier(self, timeout: float | None = None) -> bool:
+        """Waits until the jobs submitted before this call have run (later
+        ones may still be queued, so a busy guest cannot hold it up); False
+        on timeout."""
+        with self._cond:
+            target = self.jobs_run + len(self._jobs) + (1 if self._busy else 0)
+            return self._cond.wait_for(lambda: self.jobs_run >= target, timeout)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Runs what was submitted, then ends the thread. Idempotent."""
         with self._cond:
