@@ -44,9 +44,13 @@ def collect_stats(machine: Machine, seconds: float) -> dict:
     }
 
 
-def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | None = None) -> RunResult:
+def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | None = None,
+           on_serving: Callable[[Machine, object], None] | None = None) -> RunResult:
     """Builds and runs the VM until it powers off, exits, crashes or the user
     quits; a guest reset rebuilds the machine unless config.no_reboot.
+    on_machine(machine) runs on each built machine before anything else
+    sees it; on_serving(machine, qmp_target or None) once its QMP sockets
+    answer, just before it runs (`--incoming defer` waits there).
 
     `console` provides write(bytes), start(feed, on_quit) and close().
     Raises VmmError subclasses (GuestCrash when the engine cannot go on)."""
@@ -91,6 +95,8 @@ def run_vm(config: VmConfig, console, on_machine: Callable[[Machine], None] | No
                     qmp.wait_for_client()
             start = time.perf_counter()
             try:
+                if on_serving is not None:
+                    on_serving(machine, qmp.target if qmp is not None else None)
                 machine.run()
             except GuestCrash:
                 raise

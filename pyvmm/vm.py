@@ -5,9 +5,12 @@
         vm.start()
         vm.console.expect(r"login:", timeout=60)
         vm.pause()
-        vm.snapshot("t1")
+        vm.snapshot("t1")                  # qcow2 internal snapshot; vm.restore("t1") goes back
+        vm.save("vm.snap")                 # the whole VM in one file
         vm.resume()
         print(vm.qmp("query-status"))
+    with VM.restore("vm.snap", engine="hybrid", kernel="bzImage", drives=["disk.qcow2"]) as vm:
+        vm.start()                         # on from where save() was, under another engine
 
 The VM runs as a `pyvmm run` child process with a QMP socket in a private
 directory and its COM1 on the child's stdin/stdout, so one script can run
@@ -95,6 +98,21 @@ class Console:
         except (BrokenPipeError, ValueError):
             raise VmmError("console: the VM has ended") from None
         return where
+
+
+class _ClassOrInstanceMethod:
+    """A method name with one meaning on the class and another on an
+    instance: `VM.restore(path)` builds a VM, `vm.restore(tag)` acts on one."""
+
+    def __init__(self, on_class, on_instance):
+        self._on_class = on_class          # a classmethod object
+        self._on_instance = on_instance
+        self.__doc__ = f"On the class: {on_class.__func__.__doc__}\n\nOn a VM: {on_instance.__doc__}"
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self._on_class.__get__(None, cls)
+        return self._on_instance.__get__(obj, cls)
 
 
 class VM:
@@ -299,11 +317,34 @@ class VM:
         drive, devices = self._drives(drive, devices)
         self._job("snapshot-save", timeout, tag=tag, vmstate=drive, devices=devices)
 
-    def restore(self, tag: str, drive: str | None = None, devices: list[str] | None = None,
-                timeout: float = 600.0) -> None:
-        """Brings the running VM back to snapshot `tag`. Raises QmpError."""
+    def _restore_tag(self, tag: str, drive: str | None = None, devices: list[str] | None = None,
+                     timeout: float = 600.0) -> None:
+        """vm.restore(tag): brings the running VM back to internal snapshot
+        `tag` of its qcow2 drives (snapshot(tag) made it). Raises QmpError."""
         drive, devices = self._drives(drive, devices)
         self._job("snapshot-load", timeout, tag=tag, vmstate=drive, devices=devices)
+
+    @classmethod
+    def _restore_file(cls, path: str, engine: str | None = None, **kw) -> "VM":
+        """VM.restore(path, engine=...): a VM, not yet started, that starts
+        from snapshot file `path` (save() or `x-snapshot-file-save` wrote
+        it) under `engine`, by default the one that saved it. cpus and mem
+        default to the file's; the other keywords (kernel, drives, nets...)
+        describe the machine that saved it, as for VM(). Raises VmmError
+        (one line: a missing, truncated or corrupt file) before anything runs."""
+        from .snapshot.file import read_header
+        meta = read_header(str(path)).meta
+        if kw.get("config") is None:
+            kw.setdefault("cpus", meta.get("cpus", 1))
+            kw.setdefault("mem", sum(size for _gpa, size in meta.get("ram", [])) >> 20 or 512)
+            kw["engine"] = engine or meta.get("engine", "auto")
+        elif engine is not None:
+            raise VmmError("VM.restore: the engine of a config= VM is the config file's")
+        return cls.from_snapshot(path, **kw)
+
+    # VM.restore(path, engine=...) makes a VM from a snapshot file; on a VM,
+    # vm.restore(tag) loads a qcow2 internal snapshot into it, as before.
+    restore = _ClassOrInstanceMethod(_restore_file, _restore_tag)
 
     def save(self, path: str, diff: bool = False) -> dict:
         """Saves the whole VM into snapshot file `path` (diff: only the pages
@@ -320,7 +361,8 @@ class VM:
     @classmethod
     def from_snapshot(cls, path: str, **kw) -> "VM":
         """A VM that starts from snapshot file `path` (`pyvmm run --restore`);
-        kw describe the same machine as the one saved (engine may differ)."""
+        kw describe the same machine as the one saved (engine may differ).
+        VM.restore(path, engine=...) also takes cpus and mem from the file."""
         kw["extra_args"] = [*kw.get("extra_args", ()), "--restore", str(path)]
         return cls(**kw)
 

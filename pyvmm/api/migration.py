@@ -4,6 +4,9 @@ query-migrate, migrate_cancel, migrate-set-parameters (downtime-limit in
 ms, max-bandwidth in bytes/s), query-migrate-parameters, and the
 MIGRATION event for every status.  The work is migration/sender.py's, on a
 thread of its own so query-migrate answers while it runs.
+On a destination started with `--incoming defer`, migrate-incoming (uri,
+or QEMU's channels) starts the receiving side (migration/incoming.py);
+query-status says "inmigrate" until the received guest runs.
 
 After a completed migration the source stays paused with status
 "postmigrate": `cont` is refused there, since the destination owns the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import threading
 
+from ..migration.incoming import ALREADY_STARTED
 from ..migration.sender import Migration, Parameters
 from ..migration.uri import MigrationError, parse_uri
 from .commands import COMMANDS, RUNNING_OR_PAUSED, Command, CommandError, Target, _machine, _state_call
@@ -62,6 +66,42 @@ def migrate(t: Target, args: dict) -> dict:
     return {}
 
 
+INMIGRATE = ("none", "setup", "active")     # an incoming migration's statuses before the guest is whole
+
+
+def _uri_of_channels(channels: list) -> str:
+    """QEMU's `channels` ([{"channel-type": "main", "addr": {"transport":
+    "socket", "type": "inet"|"unix", ...}}]) as a URI. Raises CommandError."""
+    if len(channels) != 1 or not isinstance(channels[0], dict) or channels[0].get("channel-type") != "main":
+        raise CommandError("channels: exactly one channel, of channel-type 'main', is supported")
+    addr = channels[0].get("addr")
+    if not isinstance(addr, dict) or addr.get("transport") != "socket":
+        raise CommandError("channels: only an addr with transport 'socket' is supported")
+    if addr.get("type") == "unix" and isinstance(addr.get("path"), str):
+        return f"unix:{addr['path']}"
+    if addr.get("type") == "inet" and isinstance(addr.get("host"), str) and isinstance(addr.get("port"), str):
+        return f"tcp:{addr['host']}:{addr['port']}"
+    raise CommandError("channels: addr needs type 'unix' with a path, or type 'inet' with host and port strings")
+
+
+def migrate_incoming(t: Target, args: dict) -> dict:
+    """Starts listening for the source on a `--incoming defer` destination."""
+    if ("uri" in args) == ("channels" in args):
+        raise CommandError("migrate-incoming: give exactly one of 'uri' and 'channels'")
+    uri = args["uri"] if "uri" in args else _uri_of_channels(args["channels"])
+    job = getattr(t, "incoming", None)
+    if job is None:
+        raise CommandError("'-incoming' was not specified on the command line")
+    if job.started:
+        raise CommandError(ALREADY_STARTED)
+    try:
+        job.start(uri)
+    except MigrationError as e:
+        raise CommandError(str(e)) from None
+    t.migration = job           # query-migrate reports the destination's side
+    return {}
+
+
 def query_migrate(t: Target, args: dict) -> dict:
     job = _current(t)
     return job.info() if job is not None else {}
@@ -106,12 +146,16 @@ def query_status(t: Target, args: dict) -> dict:
     out = _query_status.run(t, args)
     if t.machine is not None and getattr(t.machine, "postmigrate", False):
         out = {**out, "status": "postmigrate", "running": False}
+    elif out["status"] == "prelaunch" and getattr(getattr(t, "incoming", None), "status", "") in INMIGRATE:
+        out = {**out, "status": "inmigrate"}     # waiting for, or loading, the source's guest
     return out
 
 
 COMMANDS.update({c.name: c for c in [
     Command("migrate", migrate, RUNNING_OR_PAUSED,
             {"uri": (str, True), "detach": (bool, False), "blk": (bool, False), "inc": (bool, False)}),
+    Command("migrate-incoming", migrate_incoming,
+            args={"uri": (str, False), "channels": (list, False)}),
     Command("query-migrate", query_migrate),
     Command("migrate_cancel", migrate_cancel),
     Command("migrate-set-parameters", migrate_set_parameters,

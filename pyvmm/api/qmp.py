@@ -313,6 +313,8 @@ class QmpServer:
             m = self.target.machine
             if m is not None and (m.state is not RunState.CONFIGURED or m.stopping):
                 return      # (None: between a reset and the rebuilt machine)
+            if getattr(self.target, "incoming", None) is not None:
+                return      # an --incoming destination answers while it waits ("inmigrate")
             time.sleep(0.001)
 
     def _handle(self, client: QmpClient, item) -> dict | None:

@@ -151,9 +151,10 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--restore", metavar="FILE",
                    help="start from snapshot file FILE (QMP x-snapshot-file-save; the VM options must describe the "
                         "same machine, --engine may differ); guest RAM is mapped from the file as it is touched")
-    p.add_argument("--incoming", "-incoming", metavar="tcp:HOST:PORT|unix:PATH",
+    p.add_argument("--incoming", "-incoming", metavar="tcp:HOST:PORT|unix:PATH|defer",
                    help="wait there for a live migration from another pyvmm (started with the same "
-                        "options), load it, and run the guest from where the source stopped")
+                        "options), load it, and run the guest from where the source stopped; defer: "
+                        "wait (status inmigrate) for QMP migrate-incoming to say where")
     p.add_argument("--ft", choices=["primary", "backup"],
                    help="fault tolerance (bt): run as the primary, which logs its inputs, or as the "
                         "backup, which replays them and goes live when the primary dies")
@@ -289,17 +290,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_ft(args, cfg)
     incoming = [getattr(args, "incoming", None)]
     restore = [getattr(args, "restore", None)]
+    deferred = incoming[0] == "defer"
+    if deferred:
+        incoming[0] = None              # not received in announce(): serve() waits for migrate-incoming
+        if not cfg.qmp:
+            raise ConfigError("--incoming defer needs a --qmp socket (migrate-incoming says where to listen)")
 
     def announce(machine) -> None:
         if cfg.verbose:
             print(f"pyvmm: boot protocol: {machine.boot_protocol}; engine: {cfg.engine}; "
                   f"{cfg.cpus} vCPU, {cfg.mem_mib} MiB", file=sys.stderr)
-        if incoming[0]:                 # --incoming: the first machine takes the migrated state
+        if incoming and incoming[0]:    # --incoming: the first machine takes the migrated state
             from ..migration.announce import announce_in_background
             from ..migration.receiver import receive
             receive(machine, incoming.pop())
             announce_in_background(machine)
-        if restore[0]:                  # --restore: the first machine takes the file's state
+        if restore and restore[0]:      # --restore: the first machine takes the file's state
             from ..snapshot.file import load_file
             from ..migration.announce import announce_in_background
             took = load_file(machine, restore.pop())
@@ -309,7 +315,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             if cfg.verbose:
                 print(f"pyvmm: restored in {took * 1e3:.1f} ms", file=sys.stderr)
 
-    result = run_vm(cfg, Console(), on_machine=announce)
+    serving = [bool(getattr(args, "incoming", None))]
+
+    def serve(machine, target) -> None:
+        if not serving or not serving[0] or target is None:
+            return
+        serving.pop()
+        from ..migration.incoming import IncomingMigration
+        job = target.incoming = IncomingMigration(target.emit)
+        if not deferred:                # --incoming URI received already (announce above)
+            job.mark_done()
+            target.migration = job
+            return
+        print("pyvmm: waiting for migrate-incoming on the QMP socket", file=sys.stderr, flush=True)
+        if job.run(machine):
+            from ..migration.announce import announce_in_background
+            announce_in_background(machine)
+
+    result = run_vm(cfg, Console(), on_machine=announce, on_serving=serve)
     if args.engine != cfg.engine:
         result.stats["mode"] = f"{args.engine}->{cfg.engine}"
     if args.stats:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import VmmError
 from . import blocks, stream
 from .state import check_config, load_state, replug, warm_up
-from .uri import MigrationError, parse_uri
+from .uri import MigrationError, MigrationUri, parse_uri
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -24,20 +24,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFUSE_LINGER_S = 2.0
+ACCEPT_POLL_S = 0.2     # how soon a stop request (QMP quit) ends a wait for the source
 
 
 def receive(machine: "Machine", uri_text: str, *, quiet: bool = False) -> None:
     """Waits on `uri_text` for one migration stream and loads it into
     `machine`, which has not run. Raises MigrationError or StreamError."""
     uri = parse_uri(uri_text)
-    listener = uri.listen()
+    receive_on(machine, uri, uri.listen(), quiet=quiet)
+
+
+def receive_on(machine: "Machine", uri: MigrationUri, listener: socket.socket, *, quiet: bool = False,
+               on_connected=lambda: None) -> bool:
+    """receive() on a listener already open on `uri` (closed here): False
+    when the machine was asked to stop before a source connected.
+    Raises MigrationError or StreamError."""
     warm_up()
     if not quiet:
         print(f"pyvmm: waiting for an incoming migration on {uri}", file=sys.stderr, flush=True)
     try:
-        conn, _ = listener.accept()
+        listener.settimeout(ACCEPT_POLL_S)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except socket.timeout:
+                if machine.stopping:
+                    return False
+    except OSError as e:
+        raise MigrationError(f"incoming migration: {e.strerror or e}") from None
     finally:
         listener.close()
+    conn.settimeout(None)
+    on_connected()
     with conn:
         f = conn.makefile("rb", buffering=1 << 20)
         try:
@@ -49,6 +68,7 @@ def receive(machine: "Machine", uri_text: str, *, quiet: bool = False) -> None:
             raise MigrationError(f"incoming migration: {e.strerror or e}") from None
         _answer(conn, b"OK\n")
     log.info("incoming migration from %s loaded", uri)
+    return True
 
 
 def _answer(conn, line: bytes) -> None:
