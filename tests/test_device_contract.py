@@ -595,14 +595,14 @@ def pci_hotplug() -> Rig:
 
 
 def ide_bus_master() -> Rig:
-    from pyvmm.devices.ide.piix import BusMasterStub
-    bus, dev = io_bus(), BusMasterStub()
+    from pyvmm.devices.ide.busmaster import IdeBusMaster
+    bus, dev = io_bus(), IdeBusMaster()
     bus.insert(0xC000, 16, dev, "ide-bus-master")
     return Rig(dev, bus, lambda: (bus.write(0xC004, 4, 0x12345678), bus.write(0xC002, 1, 0x60)),
                lambda: bus.write(0xC004, 4, 0x0BADF00C), lambda: [bus.read(0xC000 + i, 1) for i in range(16)])
 
 
-CASES = {"IdeChannel": ide_channel, "BusMasterStub": ide_bus_master, "Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
+CASES = {"IdeChannel": ide_channel, "IdeBusMaster": ide_bus_master, "Serial8250": serial, "I8042": i8042, "Rtc": rtc, "Port80": port80,
          "DebugExit": debug_exit, "Pic8259": pic8259, "PicPair": pic_pair, "Pit": pit,
          "LocalApic": local_apic, "IoApic": io_apic, "PlatformInterrupts": platform,
          "GuestClock": guest_clock, "FwCfg": fwcfg, "AcpiPm": acpi, "PvDoorbell": doorbell,

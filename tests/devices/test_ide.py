@@ -127,9 +127,12 @@ def test_requests_past_the_end_fail_with_idnf(tmp_path, lba, count, cmd, ext):
     assert bus.read(CMD, 2) == 0                         # no data to give
 
 
-def test_unknown_and_dma_commands_abort_readonly_writes_abort(tmp_path):
+def test_unknown_commands_and_dma_without_a_bus_master_abort_readonly_writes_abort(tmp_path):
+    """A channel with no bus master attached (DMA itself: test_ide_dma.py)
+    aborts DMA commands as it does unknown ones."""
     bus, irq, channel, _ = make(tmp_path, readonly=True)
-    for cmd in (0xC8, 0xCA, 0x25, 0xA1, 0xC4, 0x00, 0xFF):
+    assert channel.dma_engine is None
+    for cmd in (0xC8, 0xCA, 0x25, 0x35, 0xA1, 0xC4, 0x00, 0xFF):
         bus.write(CMD + 7, 1, cmd)
         assert bus.read(CMD + 7, 1) & ERR and bus.read(CMD + 1, 1) == ABRT, hex(cmd)
     task(bus, 0, 1, 0x30)

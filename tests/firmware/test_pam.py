@@ -2,7 +2,8 @@
 where the i440FX's PAM registers say writes go to RAM; elsewhere they go
 to ROM, i.e. nowhere, as SeaBIOS expects once it has made its shadow copy
 read-only.  A small real-mode guest under bt (and hybrid, which runs
-real mode in bt as well) flips the registers through
+real mode in bt as well) and under hw (KVM, where the shadow area's
+memory slots turn read-only, engines/kvm/shadowslots.py) flips the registers through
 0xCF8/0xCFC and writes around them; the host reads RAM afterwards."""
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _setup_pam(machine) -> None:
     enable_pam(bridge.host, machine.memory)
 
 
-@pytest.mark.parametrize("engine", ["bt", pytest.param("hybrid", marks=pytest.mark.kvm)])
+@pytest.mark.parametrize("engine", ["bt", pytest.param("hybrid", marks=pytest.mark.kvm),
+                                    pytest.param("hw", marks=pytest.mark.kvm)])
 def test_guest_writes_follow_the_pam_write_bits(engine):
     code = build_guest("mov $0x50, %ax\nmov %ax, %fs\n" + GUEST, "real")
     cfg = VmConfig(mem_mib=64, engine=engine, debug_exit=(EXIT_PORT, 1), no_reboot=True)
@@ -113,3 +115,43 @@ def test_write_ignored_pages_follow_config_writes_reset_and_restore():
     assert memory.write_ignored == frozenset(range(0xC0, 0xC4)) | frozenset(range(0xC8, 0xF0))
     memory.write(0xC0000, b"\x99")                        # the VMM's own writes (loaders) still land
     assert memory.read(0xC0000, 1) == b"\x99"
+
+
+@pytest.mark.kvm
+def test_hw_without_readonly_slots_warns_and_lets_writes_land(monkeypatch, caplog):
+    """Where KVM lacks KVM_CAP_READONLY_MEM the shadow slots stay plain RAM:
+    the guest runs on, its write to the protected range lands, and one
+    warning says that PAM write protection is not enforced."""
+    from pyvmm.engines.kvm import device, shadowslots
+    real_check = device.Kvm.check
+    monkeypatch.setattr(device.Kvm, "check",
+                        lambda self, cap: 0 if cap == shadowslots.CAP_READONLY_MEM else real_check(self, cap))
+    code = build_guest("mov $0x50, %ax\nmov %ax, %fs\n" + GUEST, "real")
+    cfg = VmConfig(mem_mib=64, engine="hw", debug_exit=(EXIT_PORT, 1), no_reboot=True)
+    with caplog.at_level("WARNING", logger=shadowslots.__name__):
+        machine, _ = run_machine(cfg, raw_boot(code, "real"), timeout=30, setup=_setup_pam,
+                                 inspect=lambda m: m.memory.read(0xC0000, 1))
+    assert machine.stop_status.reason is StopReason.DEBUG_EXIT, machine.stop_status
+    assert machine.inspected == b"\x44"       # the last write to 0xC0000, protected or not, landed
+    warnings = [r for r in caplog.records if "KVM_CAP_READONLY_MEM" in r.getMessage()]
+    assert len(warnings) == 1, caplog.records
+
+
+@pytest.mark.kvm
+def test_hw_dirty_log_keeps_pages_written_before_a_pam_change():
+    """Turning a shadow slot read-only deletes and re-adds it under KVM,
+    which drops the slot's dirty bitmap: what the guest wrote there just
+    before (0xC0000, then made read-only) must still be in the log, and
+    the slot must go on logging (0xF0000, written after its change)."""
+    def setup(machine):
+        _setup_pam(machine)
+        machine.memory.start_dirty_log()
+
+    code = build_guest("mov $0x50, %ax\nmov %ax, %fs\n" + GUEST, "real")
+    cfg = VmConfig(mem_mib=64, engine="hw", debug_exit=(EXIT_PORT, 1), no_reboot=True)
+    machine, _ = run_machine(cfg, raw_boot(code, "real"), timeout=30, setup=setup,
+                             inspect=lambda m: (set(m.memory.dirty_pages()), m.engine.shadow.changes))
+    assert machine.stop_status.reason is StopReason.DEBUG_EXIT, machine.stop_status
+    dirty, changes = machine.inspected
+    assert changes >= 4                          # 0x33, 0x31 on 0x5A; 0x10, 0x30 on 0x59
+    assert {0xC0, 0xC4, 0xF0} <= dirty, sorted(hex(p) for p in dirty)

@@ -7,15 +7,19 @@ low/mid/high, device, status/command) and `channel.control` (1 port:
 alternate status / device control). The board puts them at 0x1F0 and 0x3F6
 for the primary channel and wires INTRQ to IRQ 14.
 
-Commands (ATA/ATAPI-8 ACS, PIO protocol): IDENTIFY DEVICE, READ/WRITE
-SECTORS (LBA28 and CHS) and their EXT forms (LBA48), READ VERIFY, FLUSH
-CACHE (EXT), SET FEATURES, and the no-data housekeeping that drivers send
-(INITIALIZE DEVICE PARAMETERS, RECALIBRATE, IDLE/STANDBY, CHECK POWER
-MODE, EXECUTE DEVICE DIAGNOSTIC). Anything else, and DMA commands, end in
-ABRT, so a driver falls back to PIO. A request past the end of the disk
-ends in IDNF, a failing host read or write in UNC: the guest sees an ATA
-error, pyvmm never an exception. Data moves one 512-byte sector at a time,
-so a 65536-sector request costs no more memory than a one-sector one.
+Commands (ATA/ATAPI-8 ACS): IDENTIFY DEVICE, READ/WRITE SECTORS (LBA28
+and CHS) and their EXT forms (LBA48), READ VERIFY, FLUSH CACHE (EXT), SET
+FEATURES (with SET TRANSFER MODE), and the no-data housekeeping that
+drivers send (INITIALIZE DEVICE PARAMETERS, RECALIBRATE, IDLE/STANDBY,
+CHECK POWER MODE, EXECUTE DEVICE DIAGNOSTIC).  READ/WRITE DMA (and EXT)
+when a bus master is attached (busmaster.py, `dma_engine`): the command
+leaves the device waiting with DRQ set and the bus master moves the data
+once the driver starts it.  Anything else ends in ABRT, as do DMA
+commands without a bus master (IDENTIFY then offers no DMA mode).  A
+request past the end of the disk ends in IDNF, a failing host read or
+write in UNC: the guest sees an ATA error, pyvmm never an exception. PIO
+data moves one 512-byte sector at a time (DMA in 64 KiB pieces), so a
+65536-sector request costs no more memory than a one-sector one.
 """
 
 from __future__ import annotations
@@ -50,14 +54,24 @@ WRITE_SECTORS_EXT = 0x34
 READ_VERIFY = (0x40, 0x41)
 READ_VERIFY_EXT = 0x42
 FLUSH_CACHE, FLUSH_CACHE_EXT = 0xE7, 0xEA
+READ_DMA, WRITE_DMA = (0xC8, 0xC9), (0xCA, 0xCB)   # with and without retries
+READ_DMA_EXT, WRITE_DMA_EXT = 0x25, 0x35
+SET_FEATURES, SET_TRANSFER_MODE = 0xEF, 0x03
 IDENTIFY_DEVICE = 0xEC
 EXECUTE_DIAGNOSTIC = 0x90
 CHECK_POWER_MODE = 0xE5
 # No-data commands that succeed with nothing to do on a virtual disk.
-NO_OP = {0x10, 0x91, 0xEF, 0xE0, 0xE1, 0xE2, 0xE3, 0x94, 0x95, 0x96, 0x97}
+NO_OP = {0x10, 0x91, 0xE0, 0xE1, 0xE2, 0xE3, 0x94, 0x95, 0x96, 0x97}
 # Legacy CHS geometry reported in IDENTIFY words 1, 3, 6.
 HEADS, SECTORS_PER_TRACK = 16, 63
 LBA28_LIMIT = 1 << 28
+# Transfer modes, as SET TRANSFER MODE's count register names them: the
+# mode type in bits 7:3, the mode number in 2:0.  Offered: PIO 0-4,
+# multiword DMA 0-2, Ultra DMA 0-5 (the 80-conductor cable reported in
+# word 93 allows modes above 2).
+PIO_DEFAULT, PIO_FLOW, MWDMA, UDMA = 0x00, 0x08, 0x20, 0x40
+MAX_MODE = {PIO_DEFAULT: 0, PIO_FLOW: 4, MWDMA: 2, UDMA: 5}
+DEFAULT_MODE = MWDMA | 2
 
 
 def _ata_string(text: str, length: int) -> bytes:
@@ -79,15 +93,17 @@ class AtaDisk:
     def __repr__(self) -> str:
         return f"AtaDisk({getattr(self.image, 'path', '?')!r}, {self.sectors} sectors)"
 
-    def identify(self) -> bytes:
-        """The 256 IDENTIFY DEVICE words (ACS: words 0-106 used here)."""
+    def identify(self, dma: bool = False, mode: int = DEFAULT_MODE) -> bytes:
+        """The 256 IDENTIFY DEVICE words (ACS: words 0-106 used here).
+        With `dma`, the DMA modes offered and the one `mode` (a SET
+        TRANSFER MODE value) selects."""
         w = [0] * 256
         lba28 = min(self.sectors, LBA28_LIMIT - 1)
         cylinders = max(1, min(16383, self.sectors // (HEADS * SECTORS_PER_TRACK)))
         w[0] = 0x0040                                  # fixed, non-removable ATA device
         w[1], w[3], w[6] = cylinders, HEADS, SECTORS_PER_TRACK
         w[47] = 0x8000                                 # READ/WRITE MULTIPLE: not supported (0 sectors)
-        w[49] = 1 << 9                                 # LBA; no DMA (PIO only)
+        w[49] = 1 << 9 | (1 << 8 if dma else 0)        # LBA; DMA
         w[53] = 0x0006                                 # words 64-70 and 88 are valid
         w[54], w[55], w[56] = cylinders, HEADS, SECTORS_PER_TRACK
         chs = cylinders * HEADS * SECTORS_PER_TRACK
@@ -95,6 +111,11 @@ class AtaDisk:
         w[60], w[61] = lba28 & 0xFFFF, lba28 >> 16
         w[64] = 0x0003                                 # PIO modes 3 and 4
         w[65] = w[66] = w[67] = w[68] = 120            # cycle times (ns) for PIO 4
+        if dma:
+            kind, number = mode & 0xF8, mode & 0x07
+            w[63] = 0x0007 | (1 << (8 + number) if kind == MWDMA else 0)    # MWDMA 0-2 offered
+            w[88] = 0x003F | (1 << (8 + number) if kind == UDMA else 0)     # UDMA 0-5 offered
+            w[93] = 0x6001                             # device 0; 80-conductor cable detected
         w[80] = 0x00F0                                 # ATA/ATAPI-4 to -7
         w[82] = 1 << 14                                # NOP (which always aborts, as here)
         w[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10)   # FLUSH CACHE EXT, FLUSH CACHE, 48-bit
@@ -119,13 +140,19 @@ class _Window:
 class IdeChannel:
     """Task file, PIO data transfer and INTRQ of one channel."""
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2
+    # Version 1 had no DMA: nothing pending, the default mode selected.
+    STATE_UPGRADES = {1: lambda fields: {**fields, "dma_pending": False, "mode": DEFAULT_MODE}}
 
     def __init__(self, irq: IrqLine, master: AtaDisk | None = None):
         self.irq = irq
         self.master = master
         self.command = _Window(self._command_read, self._command_write)
         self.commands: dict[int, int] = {}   # command code -> times executed (diagnostics, --stats)
+        # The bus master that carries DMA commands' data (busmaster.py
+        # attaches itself); None: DMA commands abort.
+        self.dma_engine = None
+        self.mode = DEFAULT_MODE             # the transfer mode SET FEATURES selected
         self.control = _Window(self._control_read, self._control_write)
         self.reset()
 
@@ -140,6 +167,7 @@ class IdeChannel:
         self.regs = {r: [0, 0] for r in (FEATURES, COUNT, LBA_LOW, LBA_MID, LBA_HIGH)}
         self.device = 0
         self.devctl = 0
+        self.mode = DEFAULT_MODE
         self.pending = False            # INTRQ wanted (before nIEN)
         self._signature()
         self._idle()
@@ -151,6 +179,7 @@ class IdeChannel:
         self.writing = False
         self.lba = 0
         self.left = 0                   # sectors still to transfer after this block
+        self.dma_pending = False        # a DMA command waits for the bus master (lba, left, writing)
 
     def _signature(self) -> None:
         """What a device shows after reset or diagnostics: an ATA device,
@@ -165,7 +194,8 @@ class IdeChannel:
         return saved(self, {"regs": {str(k): v for k, v in self.regs.items()}, "device": self.device,
                             "devctl": self.devctl, "status": self.status, "error": self.error,
                             "pending": self.pending, "buffer": bytes(self.buffer).hex(), "pos": self.pos,
-                            "writing": self.writing, "lba": self.lba, "left": self.left})
+                            "writing": self.writing, "lba": self.lba, "left": self.left,
+                            "dma_pending": self.dma_pending, "mode": self.mode})
 
     def restore(self, state: dict) -> None:
         def load(s: dict) -> None:
@@ -175,9 +205,10 @@ class IdeChannel:
             self.regs = regs
             self.device, self.devctl = int(s["device"]) & 0xFF, int(s["devctl"]) & 0xFF
             self.status, self.error = int(s["status"]) & 0xFF, int(s["error"]) & 0xFF
-            if not isinstance(s["pending"], bool) or not isinstance(s["writing"], bool):
-                raise TypeError("pending and writing are true or false")
-            self.pending, self.writing = s["pending"], s["writing"]
+            if not all(isinstance(s[k], bool) for k in ("pending", "writing", "dma_pending")):
+                raise TypeError("pending, writing and dma_pending are true or false")
+            self.pending, self.writing, self.dma_pending = s["pending"], s["writing"], s["dma_pending"]
+            self.mode = int(s["mode"]) & 0xFF
             self.buffer, self.pos = bytearray(as_hex(s["buffer"])), int(s["pos"])
             self.lba, self.left = int(s["lba"]), int(s["left"])
             self._update_irq()
@@ -252,9 +283,9 @@ class IdeChannel:
         self._idle()
         self.error = 0
         self.status = DRDY | DSC
-        ext = cmd in (READ_SECTORS_EXT, WRITE_SECTORS_EXT, READ_VERIFY_EXT)
+        ext = cmd in (READ_SECTORS_EXT, WRITE_SECTORS_EXT, READ_VERIFY_EXT, READ_DMA_EXT, WRITE_DMA_EXT)
         if cmd == IDENTIFY_DEVICE:
-            self._start_data_in(disk.identify(), 0)
+            self._start_data_in(disk.identify(self.dma_engine is not None, self.mode), 0)
         elif cmd in READ_SECTORS or cmd == READ_SECTORS_EXT:
             self._start_transfer(disk, ext, writing=False)
         elif cmd in WRITE_SECTORS or cmd == WRITE_SECTORS_EXT:
@@ -262,6 +293,12 @@ class IdeChannel:
                 self._fail(ABRT)
             else:
                 self._start_transfer(disk, ext, writing=True)
+        elif cmd in READ_DMA or cmd == READ_DMA_EXT:
+            self._start_dma(disk, ext, writing=False)
+        elif cmd in WRITE_DMA or cmd == WRITE_DMA_EXT:
+            self._start_dma(disk, ext, writing=True)
+        elif cmd == SET_FEATURES:
+            self._set_features()
         elif cmd in READ_VERIFY or cmd == READ_VERIFY_EXT:
             lba, count = self._address(ext)
             self._fail(IDNF) if lba + count > disk.sectors else self._interrupt()
@@ -281,8 +318,57 @@ class IdeChannel:
             self._interrupt()
         elif cmd in NO_OP:
             self._interrupt()
-        else:                           # DMA, READ/WRITE MULTIPLE, packet commands, the rest
+        else:                           # READ/WRITE MULTIPLE, packet commands, the rest
             self._fail(ABRT)
+
+    def _set_features(self) -> None:
+        """SET FEATURES: SET TRANSFER MODE checks and keeps the mode (IDENTIFY
+        words 63 and 88 then show it); the other subcommands change nothing
+        on a virtual disk and succeed."""
+        if self.regs[FEATURES][0] != SET_TRANSFER_MODE:
+            self._interrupt()
+            return
+        mode = self.regs[COUNT][0]
+        kind, number = mode & 0xF8, mode & 0x07
+        if kind not in MAX_MODE or number > MAX_MODE[kind] or (kind in (MWDMA, UDMA) and self.dma_engine is None):
+            self._fail(ABRT)
+            return
+        self.mode = mode
+        self._interrupt()
+
+    # --- DMA: the bus master's side --------------------------------------------------
+
+    def _start_dma(self, disk: AtaDisk, ext: bool, writing: bool) -> None:
+        """READ/WRITE DMA: checks the request, then waits (DRQ) for the bus
+        master, which may already be running."""
+        lba, count = self._address(ext)
+        if self.dma_engine is None or (writing and disk.readonly):
+            self._fail(ABRT)
+            return
+        if lba + count > disk.sectors:
+            self._fail(IDNF)
+            return
+        self.lba, self.left, self.writing, self.dma_pending = lba, count, writing, True
+        self.status = DRDY | DSC | DRQ
+        self.dma_engine.device_ready(self)
+
+    def dma_request(self) -> tuple[AtaDisk, int, int, bool] | None:
+        """(disk, first LBA, sector count, writing to disk) of the DMA
+        command waiting for the bus master, or None."""
+        disk = self._selected()
+        if not self.dma_pending or disk is None:
+            return None
+        return disk, self.lba, self.left, self.writing
+
+    def dma_done(self, error: int = 0) -> None:
+        """The bus master finished the waiting DMA command: with `error` (ATA
+        error bits) it failed.  Either way the device interrupts."""
+        if error:
+            self._fail(error)
+            return
+        self._idle()
+        self.status = DRDY | DSC
+        self._interrupt()
 
     def _address(self, ext: bool) -> tuple[int, int]:
         """(first LBA, sector count) of the task file."""
@@ -341,7 +427,7 @@ class IdeChannel:
     # --- the data port --------------------------------------------------------------
 
     def _data_read(self, size: int) -> int:
-        if self.writing or not self.status & DRQ:
+        if self.writing or self.dma_pending or not self.status & DRQ:
             return 0
         chunk = self.buffer[self.pos:self.pos + size]
         self.pos += size
@@ -359,7 +445,7 @@ class IdeChannel:
         self.status = DRDY | DSC
 
     def _data_write(self, size: int, value: int) -> None:
-        if not self.writing or not self.status & DRQ:
+        if not self.writing or self.dma_pending or not self.status & DRQ:
             return
         chunk = value.to_bytes(size, "little")[:SECTOR - self.pos]
         self.buffer[self.pos:self.pos + len(chunk)] = chunk

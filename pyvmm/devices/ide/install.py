@@ -30,9 +30,10 @@ def attach(machine, irq: Callable[[int], IrqLine]) -> None:
     if bridge is None:
         bridge = attach_host_bridge(machine.io_bus, machine.mmio_bus)
         machine.devices["pci_host"] = bridge
-    function, bus_master = piix_ide_function()
+    function, bus_master = piix_ide_function(machine.memory)
     slot = bridge.add(function, "piix-ide")
     channel = place_primary_channel(machine.io_bus, irq(PRIMARY_IRQ), image)
+    bus_master.attach(0, channel)
     machine.devices["ide_function"] = function
     machine.devices["ide_bus_master"] = bus_master
     machine.devices["ide0"] = channel

@@ -9,8 +9,8 @@ Bit 0 of a pair enables reads from RAM, bit 1 writes.
 SeaBIOS turns them to RAM, copies itself from the top-of-4-GiB alias and
 turns them back to read-only.  Writes follow the registers: where the
 write bit is clear the guest's write goes to ROM, i.e. nowhere
-(GuestMemory.write_ignored: bt and hybrid drop them; hw does not yet,
-KVM maps the range as plain RAM).  Reads always come
+(GuestMemory.write_ignored: bt and hybrid drop them; hw maps the range
+as read-only KVM slots, engines/kvm/shadowslots.py).  Reads always come
 from RAM: what the low range holds is boot/firmware.py's business
 (preloaded RAM, the same bytes either way).  A machine reset rebuilds the
 bridge, so they start at 0 (all ROM) again."""

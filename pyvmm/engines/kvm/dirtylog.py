@@ -31,7 +31,7 @@ class KvmDirtyLog:
 
     def _set_flags(self, flags: int) -> None:
         for r in self.regions:
-            r.flags = flags
+            r.flags = (r.flags & ~abi.MEM_LOG_DIRTY_PAGES) | flags   # a read-only slot stays so
             ioctl(self.vm_fd, abi.SET_USER_MEMORY_REGION, r)
 
     def log_start(self) -> None:
@@ -57,14 +57,24 @@ class KvmDirtyLog:
         self._set_flags(0)
 
 
-def register_memory(vm, memory) -> tuple[list[abi.UserspaceMemoryRegion], KvmDirtyLog]:
-    """Maps every region of GuestMemory `memory` as a slot of KvmVm `vm` and
+def register_memory(vm, memory, split: tuple[tuple[int, int], ...] = ()
+                    ) -> tuple[list[abi.UserspaceMemoryRegion], KvmDirtyLog]:
+    """Maps every region of GuestMemory `memory` as slots of KvmVm `vm` and
     joins the VM's dirty log to the memory's sources; returns (the slots, as
-    the very objects a re-registration must reuse, the log)."""
+    the very objects a re-registration must reuse, the log).  Each
+    (gpa, length) of `split` wholly inside a region gets a slot of its own,
+    so that its flags can change apart from the rest (shadowslots.py)."""
     slots = []
     for region in memory.regions:
-        slot = vm.add_memory(region.gpa, region.size, region.host_address())
-        slots.append(abi.UserspaceMemoryRegion(slot, 0, region.gpa, region.size, region.host_address()))
+        cuts = {region.gpa, region.end}
+        for gpa, length in split:
+            if region.gpa <= gpa and gpa + length <= region.end:
+                cuts.update((gpa, gpa + length))
+        edges = sorted(cuts)
+        for start, end in zip(edges, edges[1:]):
+            host = region.host_address() + start - region.gpa
+            slot = vm.add_memory(start, end - start, host)
+            slots.append(abi.UserspaceMemoryRegion(slot, 0, start, end - start, host))
     log = KvmDirtyLog(vm.fd, slots)
     memory.dirty_sources.append(log)
     return slots, log

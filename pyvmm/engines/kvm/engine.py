@@ -19,6 +19,7 @@ from ...boot import layout
 from ..base import Engine
 from . import abi, cpuid, state
 from .dirtylog import KvmDirtyLog, register_memory
+from .shadowslots import SHADOW_RANGES, ShadowSlots
 from .device import Kvm, KvmVcpu, KvmVm, _ioctl, ioctl
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class KvmEngine(Engine):
         self.vcpus: list[KvmVcpu] = []
         self.slots: list[abi.UserspaceMemoryRegion] = []
         self.dirty_log: KvmDirtyLog | None = None
+        self.shadow: ShadowSlots | None = None
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
         self.exit_counts: list[list[int]] = []
@@ -89,7 +91,9 @@ class KvmEngine(Engine):
                 fn(arg)
             except OSError as e:  # not needed (or not offered) outside Intel VT-x
                 log.debug("%s: %s", what, e.strerror)
-        self.slots, self.dirty_log = register_memory(self.vm, self.machine.memory)
+        self.slots, self.dirty_log = register_memory(self.vm, self.machine.memory, split=SHADOW_RANGES)
+        # PAM-protected shadow RAM: writes dropped, as under bt.
+        self.shadow = ShadowSlots(self.kvm, self.vm.fd, self.machine.memory, self.slots, self.dirty_log)
         if self.irqchip:
             try:
                 self.vm.create_irqchip()
@@ -453,6 +457,8 @@ class KvmEngine(Engine):
                      guest_s=run_s, vmm_s=max(sum(self.loop_ns) / 1e9 - run_s, 0.0))
 
     def close(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
         if self.dirty_log in self.machine.memory.dirty_sources:
             self.machine.memory.dirty_sources.remove(self.dirty_log)
         for v in self.vcpus:
