@@ -158,7 +158,7 @@ class PrimaryLink:
                     raise L.LogError(f"FT backup sent a {L.NAMES[kind]} record")
                 pos, executed = L.parse_ack(payload)
                 rec.executed = executed
-                rec.commit.acknowledged(pos)
+                rec.acknowledged(pos)
                 with self._acked_cond:
                     self.acked = max(self.acked, pos)
                     self._acked_cond.notify_all()
@@ -177,7 +177,7 @@ def dispatch(replayer, kind: int, payload: bytes) -> tuple[int, int] | None:
         return None
     if kind == L.PROGRESS:
         pos, released = L.parse_progress(payload)
-        replayer.add_progress(pos, released)
+        replayer.add_progress(pos, released, L.parse_progress_items(payload))
         return pos
     if kind == L.END:
         pos = L.parse_end(payload)

@@ -102,3 +102,61 @@ class OutputCommit:
     def _emit(self, offset: int, data: bytes) -> None:
         self.write(offset, data)
         self.released = max(self.released, offset + len(data))
+
+
+class ItemCommit:
+    """Held outputs that are whole items (frames out of a NIC, disk work of
+    a drive) rather than bytes: the n-th item the guest made is n on both
+    members, so `released` counts items.  Same calls as OutputCommit;
+    `write(index, item)` lets one out."""
+
+    def __init__(self, write: Callable[[int, object], None], mode: str = HOLD):
+        self.write = write
+        self.mode = mode
+        self.pos = (0, 0)
+        self.count = 0            # items the guest has made
+        self.released = 0         # items let out (in order)
+        self.newest = (-1, -1)
+        self._held: deque[tuple[tuple[int, int], int, object]] = deque()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ItemCommit({self.mode}, count={self.count}, released={self.released}, held={len(self._held)})"
+
+    def output(self, item) -> None:
+        with self._lock:
+            index = self.count
+            self.count += 1
+            if self.mode == LIVE:
+                self._emit(index, item)
+                return
+            self._held.append((self.pos, index, item))
+            self.newest = self.pos
+
+    def acknowledged(self, pos: tuple[int, int]) -> None:
+        with self._lock:
+            while self._held and self._held[0][0] <= pos:
+                _, index, item = self._held.popleft()
+                self._emit(index, item)
+
+    def release_all(self) -> None:
+        with self._lock:
+            while self._held:
+                _, index, item = self._held.popleft()
+                self._emit(index, item)
+            self.mode = LIVE
+
+    def trim(self, released: int) -> None:
+        """Backup: the primary let `released` items out; they need not be kept."""
+        with self._lock:
+            self.released = max(self.released, released)
+            while self._held and self._held[0][1] < self.released:
+                self._held.popleft()
+
+    def go_live(self) -> None:
+        """Backup at failover: lets out what the primary may not have, then goes direct."""
+        self.release_all()
+
+    def _emit(self, index: int, item) -> None:
+        self.write(index, item)
+        self.released = max(self.released, index + 1)

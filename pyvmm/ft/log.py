@@ -8,8 +8,10 @@ Primary to backup:
               time 0, "seed": the RDRAND/RDSEED stream's seed}
     EVENT     u64 icount, u64 ns, u8 kind, u8 name length, name, data: an input
               the primary applied at that guest position
-    PROGRESS  u64 icount, u64 ns, u64 released: every input up to that position
-              has been sent; `released` console bytes have reached the outside
+    PROGRESS  u64 icount, u64 ns, u64 released, then u64 per held item stream:
+              every input up to that position has been sent; `released` console
+              bytes (and that many frames per NIC, in device order) have
+              reached the outside
     END       u64 icount, u64 ns: the primary's guest stopped there
 Backup to primary:
     ACK       u64 icount, u64 ns, u64 executed icount: the log up to that
@@ -30,12 +32,13 @@ from typing import Callable
 from ..errors import VmmError
 
 MAGIC = b"PYVMMFT\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">8sI")
 RECORD = struct.Struct(">BII")
 POS = struct.Struct(">QQ")
 PROGRESS_BODY = struct.Struct(">QQQ")
 ACK_BODY = struct.Struct(">QQQ")
+COUNT = struct.Struct(">Q")
 EVENT_HEAD = struct.Struct(">QQBB")
 
 HELLO, EVENT, PROGRESS, END, ACK = 1, 2, 3, 4, 5
@@ -43,7 +46,11 @@ NAMES = {HELLO: "hello", EVENT: "event", PROGRESS: "progress", END: "end", ACK: 
 MAX_PAYLOAD = 1 << 20
 
 SERIAL_RX = 1            # event kind: bytes arriving on a UART (name: its device)
-KINDS = {SERIAL_RX: "serial-rx"}
+NET_RX = 2               # a frame delivered to a virtio-net (name: its device)
+BLK_DATA = 3             # a piece of a virtio-blk answer's data (BLK_DONE follows)
+BLK_DONE = 4             # a virtio-blk request answered: u16 head, u8 status (data: the BLK_DATA pieces)
+KINDS = {SERIAL_RX: "serial-rx", NET_RX: "net-rx", BLK_DATA: "blk-data", BLK_DONE: "blk-done"}
+EVENT_ROOM = MAX_PAYLOAD - EVENT_HEAD.size - 255     # the most data one event carries
 
 
 class LogError(VmmError):
@@ -76,8 +83,8 @@ def event(ev: Event) -> bytes:
     return record(EVENT, EVENT_HEAD.pack(*ev.pos, ev.kind, len(name)) + name + ev.data)
 
 
-def progress(pos: tuple[int, int], released: int) -> bytes:
-    return record(PROGRESS, PROGRESS_BODY.pack(*pos, released))
+def progress(pos: tuple[int, int], released: int, items: tuple[int, ...] = ()) -> bytes:
+    return record(PROGRESS, PROGRESS_BODY.pack(*pos, released) + b"".join(COUNT.pack(n) for n in items))
 
 
 def end(pos: tuple[int, int]) -> bytes:
@@ -147,8 +154,16 @@ def _fixed(payload: bytes, st: struct.Struct, what: str) -> tuple:
 
 
 def parse_progress(payload: bytes) -> tuple[tuple[int, int], int]:
-    icount, ns, released = _fixed(payload, PROGRESS_BODY, "progress")
+    icount, ns, released = _fixed(payload[:PROGRESS_BODY.size], PROGRESS_BODY, "progress")
     return (icount, ns), released
+
+
+def parse_progress_items(payload: bytes) -> list[int]:
+    """The released counts of the item streams after a PROGRESS's console count."""
+    extra = payload[PROGRESS_BODY.size:]
+    if len(extra) % COUNT.size:
+        raise LogError(f"FT log progress record has {len(payload)} bytes")
+    return [n for (n,) in COUNT.iter_unpack(extra)]
 
 
 def parse_end(payload: bytes) -> tuple[int, int]:

@@ -5,7 +5,8 @@ Under deterministic time (guest ns from instructions retired) the bt
 scheduler's rounds, timer interrupts, RDTSC and RDRAND repeat exactly in a
 second run of the same guest, so the positions of the outside inputs are
 all a backup needs.  The scheduler calls round_top() before every round;
-other threads only queue their input here (serial_input) and wake it."""
+other threads only queue their input here (serial_input, frame_in,
+disk_answered) and wake it."""
 
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ class Recorder:
         self.events = 0
         self._inputs: deque[tuple[str, bytes]] = deque()
         self._lock = threading.Lock()
+        self.virtio: list = []                  # ft/virtio.py's PrimaryBlock/PrimaryNet
+        self.items: list = []                   # their held outputs (disk work, frames out)
+        self.frame_commits: list = []           # those of NICs, whose counts PROGRESS carries
+        self._frames: deque = deque()           # (PrimaryNet, frame) from the network
+        self._answered: set = set()             # PrimaryBlocks with disk answers waiting
+
+    @property
+    def outputs(self) -> list:
+        return [self.commit, *self.items]
 
     def __repr__(self) -> str:
         return f"Recorder(pos={self.pos}, events={self.events}, alone={self.alone})"
@@ -59,6 +69,23 @@ class Recorder:
         with self._lock:
             self._inputs.append((name, bytes(data)))
         self.engine.sched._wake.set()     # not kick(): that would cut the running round short
+
+    def frame_in(self, nic, frame: bytes) -> None:
+        """A frame from the network for `nic` (the event loop): delivered at the next round."""
+        with self._lock:
+            self._frames.append((nic, bytes(frame)))
+        self.engine.sched._wake.set()
+
+    def disk_answered(self, drive) -> None:
+        """`drive`'s I/O thread answered a request: completed at the next round."""
+        with self._lock:
+            self._answered.add(drive)
+        self.engine.sched._wake.set()
+
+    def acknowledged(self, pos: tuple[int, int]) -> None:
+        """The backup holds the log up to `pos` (the channel's thread)."""
+        for out in self.outputs:
+            out.acknowledged(pos)
 
     def heartbeat(self) -> None:
         """A PROGRESS to the newest safe position (the channel's heartbeat thread)."""
@@ -72,16 +99,22 @@ class Recorder:
         self.alone = True
         if self.on_alone is not None:
             self.on_alone()             # fences the backup off before any unacknowledged output goes out
-        self.commit.release_all()
+        for out in self.outputs:
+            out.release_all()
 
     # -- the vCPU thread ------------------------------------------------------------------
     def round_top(self) -> None:
         pos = position(self.engine)
-        self.pos = self.commit.pos = pos
+        self.pos = pos
+        outputs = self.outputs
+        for out in outputs:
+            out.pos = pos
         if self._inputs:
             self._apply(pos)
+        if self._frames or self._answered:
+            self._apply_virtio(pos)
         self.safe = pos
-        if self.commit.newest > self.sent:      # output waits for this round's log: send it now
+        if any(out.newest > self.sent for out in outputs):   # output waits for this round's log: send it now
             self._progress(pos)
         while not self.alone and pos[0] - self.executed > MAX_LAG_INSNS and self.machine.stop_status is None:
             time.sleep(LAG_WAIT_S)              # the backup must not fall far behind: failover time
@@ -113,9 +146,26 @@ class Recorder:
             if rest:
                 pending.appendleft((name, rest))
 
+    def _apply_virtio(self, pos: tuple[int, int]) -> None:
+        """Disk answers and frames in, each logged before the guest can see it."""
+        with self._lock:
+            frames, self._frames = self._frames, deque()
+            answered, self._answered = self._answered, set()
+
+        def log(kind: int, name: str, data: bytes) -> None:
+            self.events += 1
+            self._send(L.event(L.Event(pos, kind, name, data)))
+        with self.machine.lock:
+            for drive in sorted(answered, key=lambda d: d.name):
+                drive.deliver(log)
+            for nic, frame in frames:
+                log(L.NET_RX, nic.name, frame)
+                nic.dev.deliver(frame)
+
     def _progress(self, pos: tuple[int, int]) -> None:
         if not self.alone:
-            self._send(L.progress(pos, self.commit.released))
+            frames = tuple(c.released for c in self.frame_commits)
+            self._send(L.progress(pos, self.commit.released, frames))
             self.sent = max(self.sent, pos)
 
     def _send(self, data: bytes) -> None:

@@ -51,6 +51,8 @@ class Replayer:
         self.lost = False
         self.live = False
         self.applied = 0
+        self.virtio: dict = {}              # name -> ft/virtio.py's BackupBlock/BackupNet
+        self.frame_commits: list = []       # the NICs' held frames, trimmed by PROGRESS
         self._events: deque[L.Event] = deque()
         self._cond = threading.Condition()
 
@@ -65,11 +67,13 @@ class Replayer:
             self._cond.notify()
         self.engine.sched._wake.set()
 
-    def add_progress(self, pos: tuple[int, int], released: int) -> None:
+    def add_progress(self, pos: tuple[int, int], released: int, frames: list[int] = ()) -> None:
         with self._cond:
             self.progress = max(self.progress, pos)
             self._cond.notify()
         self.commit.trim(released)
+        for commit, sent in zip(self.frame_commits, frames):
+            commit.trim(sent)
         self.engine.sched._wake.set()
 
     def add_end(self, pos: tuple[int, int]) -> None:
@@ -114,6 +118,14 @@ class Replayer:
             self.on_live()
 
     def _apply(self, ev: L.Event) -> None:
+        member = self.virtio.get(ev.name)
+        if member is not None and ev.kind != L.SERIAL_RX:
+            with self.machine.lock:
+                why = member.apply(ev.kind, ev.data)
+            if why is not None:
+                raise ReplayDiverged(f"FT replay diverged at {ev.pos}: {ev.name} got {why}")
+            self.applied += 1
+            return
         uart = self.machine.devices.get(ev.name)
         if ev.kind != L.SERIAL_RX or uart is None:
             raise ReplayDiverged(f"FT replay: the log names {L.KINDS.get(ev.kind, ev.kind)} "

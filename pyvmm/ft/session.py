@@ -23,7 +23,8 @@ from . import log as L
 from .commit import console_file_writer, stream_writer
 from .failover import ALONE, PRIMARY, FtLock, default_lock_path
 from .record import position
-from .setup import CONSOLE_UART, attach_backup, attach_primary, check_same_guest, ft_config, guest_fields, host_values
+from .setup import (CONSOLE_UART, attach_backup, attach_primary, backup_go_live, check_same_guest, ft_config,
+                    guest_fields, host_values)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def _primary(cfg: VmConfig, console, link: C.PrimaryLink, lock: FtLock) -> StopS
         rec.finish()
         if not rec.alone and not link.wait_acked(position(machine.engine), END_ACK_WAIT_S):
             _say("the backup did not acknowledge the end of the log")
-        rec.commit.release_all()
+        for out in rec.outputs:
+            out.release_all()
         return machine.stop_status
     finally:
         console.close()
@@ -122,6 +124,7 @@ def run_backup(cfg: VmConfig, console, channel: str, lock_path: str | None = Non
                 return
             machine.engine.ft = None
             rep.commit.go_live()
+            backup_go_live(machine, rep)
             uart = machine.devices[CONSOLE_UART]
             console.start(uart.receive, lambda: machine.request_stop(StopReason.USER, "user quit"), machine.loop)
             now = time.monotonic()      # CLOCK_MONOTONIC: comparable across processes (bench/ft.py)

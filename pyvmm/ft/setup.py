@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .commit import HOLD, REPLAY, OutputCommit, Writer
 from .record import Recorder
 from .replay import Replayer
+from . import virtio as V
 
 CONSOLE_UART = "serial0"
 # Differences between primary and backup options that do not change the guest.
@@ -24,11 +25,19 @@ _LOCAL_FIELDS = {"verbose", "qmp", "block_store", "serials", "loadvm"}
 def ft_config(cfg: VmConfig) -> VmConfig:
     """`cfg` as FT runs it: bt with deterministic time, no reboot, no
     paravirtual one-shot timer. Raises ConfigError for what FT cannot
-    record yet (other engines, virtio devices)."""
+    record yet (other engines, virtio-rng and -console, QMP) and for
+    writable disks that are not format=raw."""
     if cfg.engine != "bt":
         raise ConfigError(f"--ft needs --engine bt (record and replay of translated code), not {cfg.engine}")
-    if cfg.drives or cfg.nets or cfg.virtio_rng or cfg.virtio_console:
-        raise ConfigError("--ft: virtio devices (disks, NICs, rng, console) are not recorded yet")
+    if cfg.virtio_rng or cfg.virtio_console:
+        raise ConfigError("--ft: virtio-rng and virtio-console are not recorded yet (disks and NICs are)")
+    for drive in cfg.drives:     # the backup's image metadata (qcow2 tables) would go stale under the primary
+        if drive.format != "raw" and not drive.readonly:
+            raise ConfigError(f"--ft: drive {drive.file} needs format=raw (both members open it; "
+                              "only raw images keep no metadata in the process)")
+    for net in cfg.nets:         # a derived MAC skips those on the switch: the backup would see the primary's
+        if net.switch is not None and not net.mac:
+            raise ConfigError(f"--ft: --net switch={net.switch} needs mac=MAC (the backup must get the same one)")
     if cfg.qmp or cfg.loadvm:
         raise ConfigError("--ft: --qmp and --loadvm are not supported with fault tolerance")
     return dataclasses.replace(cfg, deterministic=True, no_reboot=True, paravirt=False)
@@ -88,6 +97,14 @@ def attach_primary(machine, wall_ns: int, seed: int, send: Callable[[bytes], Non
     """Makes `machine` (built, not yet run) a primary logging through `send`."""
     pin_host_inputs(machine, wall_ns, seed)
     rec = Recorder(machine, send, _console_commit(machine, writer, HOLD))
+    for name, dev in V.virtio_devices(machine):
+        if isinstance(dev, V.VirtioBlock):
+            member = V.PrimaryBlock(name, dev, rec.disk_answered)
+        else:
+            member = V.PrimaryNet(name, dev, rec.frame_in)
+            rec.frame_commits.append(member.commit)
+        rec.virtio.append(member)
+        rec.items.append(member.commit)
     machine.engine.ft = rec
     return rec
 
@@ -97,8 +114,22 @@ def attach_backup(machine, wall_ns: int, seed: int, writer: Writer,
     """Makes `machine` (built, not yet run) a backup replaying what it is fed."""
     pin_host_inputs(machine, wall_ns, seed)
     rep = Replayer(machine, _console_commit(machine, writer, REPLAY), on_live)
+    for name, dev in V.virtio_devices(machine):
+        if isinstance(dev, V.VirtioBlock):
+            rep.virtio[name] = V.BackupBlock(name, dev)
+        else:
+            rep.virtio[name] = member = V.BackupNet(name, dev)
+            rep.frame_commits.append(member.commit)
     machine.engine.ft = rep
     return rep
+
+
+def backup_go_live(machine, rep: Replayer) -> None:
+    """The backup's devices take over the disks and the network; the MAC is announced."""
+    for member in rep.virtio.values():
+        member.go_live()
+    if rep.frame_commits:
+        V.announce_live(machine)
 
 
 def host_values() -> tuple[int, int]:

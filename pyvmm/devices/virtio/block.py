@@ -93,6 +93,12 @@ class VirtioBlock(VirtioDevice):
         self.wake: Callable[[int], None] | None = None      # the transport's notify
         self._done: collections.deque = collections.deque()  # (queue index, VirtQueue, Chain, data, status)
         self.in_flight = 0
+        # Fault tolerance (pyvmm/ft/virtio.py) takes over where a request's
+        # disk work is queued and when its answer reaches the guest, since
+        # both depend on host timing: submit_hook(index, queue, chain, work)
+        # instead of the I/O thread, answer_hook() instead of the event loop.
+        self.submit_hook: Callable | None = None
+        self.answer_hook: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"VirtioBlock({self.image.path!r}, {self.image.size} bytes, requests={self.requests})"
@@ -123,7 +129,14 @@ class VirtioBlock(VirtioDevice):
                 self._complete(queue, chain, *work())
                 continue
             self.in_flight += 1
-            self._io.submit(lambda i=index, q=queue, c=chain, w=work: self._run(i, q, c, w))
+            if self.submit_hook is not None:
+                self.submit_hook(index, queue, chain, work)
+            else:
+                self.start_io(index, queue, chain, work)
+
+    def start_io(self, index: int, queue: VirtQueue, chain: Chain, work: Work) -> None:
+        """Queues a popped request's disk work on the I/O thread."""
+        self._io.submit(lambda i=index, q=queue, c=chain, w=work: self._run(i, q, c, w))
 
     # --- off the vCPU thread -----------------------------------------------------------
 
@@ -135,14 +148,26 @@ class VirtioBlock(VirtioDevice):
             log.exception("virtio-blk request %d failed", chain.head)
             data, status = b"", S_IOERR
         self._done.append((index, queue, chain, data, status))
-        self._post(self._complete_ready)
+        if self.answer_hook is not None:
+            self.answer_hook()
+        else:
+            self._post(self._complete_ready)
 
-    def _complete_ready(self) -> None:
+    def answer(self, index: int, queue: VirtQueue, chain: Chain, data: bytes, status: int) -> None:
+        """Completes a popped request with an answer from elsewhere (an FT
+        backup replaying the primary's), under the machine's lock."""
+        self._done.append((index, queue, chain, data, status))
+        self._complete_ready()
+
+    def _complete_ready(self, observe: Callable[[Chain, bytes, int], None] | None = None) -> None:
         """On the event loop (or a drain), under the machine's lock: completes
-        the answered requests in order, then lets the transport interrupt."""
+        the answered requests in order, then lets the transport interrupt.
+        `observe(chain, data, status)` sees each answer before the guest does."""
         woken = []
         while self._done:
             index, queue, chain, data, status = self._done.popleft()
+            if observe is not None:
+                observe(chain, data, status)
             self.in_flight -= 1
             try:
                 self._complete(queue, chain, data, status)
@@ -154,10 +179,18 @@ class VirtioBlock(VirtioDevice):
             if self.wake is not None:
                 self.wake(index)     # also takes requests queued since the kick
 
+    def complete_answered(self, observe: Callable[[Chain, bytes, int], None]) -> None:
+        """Completes the answered requests, each shown to `observe` first
+        (an FT primary logs it). Under the machine's lock."""
+        self._complete_ready(observe)
+
     def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
         """Completes every request in flight, into guest memory and the used
         ring. Any thread but the I/O thread. Raises StateError when the disk
-        work does not finish within `timeout` seconds."""
+        work does not finish within `timeout` seconds, and under FT, whose
+        held or replayed requests are not this device's to finish."""
+        if self.submit_hook is not None and self.in_flight:
+            raise StateError(f"virtio-blk {self.image.path}: requests under fault tolerance cannot be drained")
         while self._io is not None:
             if not self._io.wait_idle(timeout):
                 raise StateError(f"virtio-blk {self.image.path}: disk requests did not finish in {timeout:.0f} s")

@@ -129,6 +129,9 @@ class VirtioNet(VirtioDevice):
         self.backlog: deque[bytes] = deque()
         self.rx_frames = self.tx_frames = 0
         self.rx_dropped = self.tx_dropped = 0
+        # Fault tolerance (pyvmm/ft/virtio.py): frames from the port go to
+        # rx_hook, which delivers them at a logged point with deliver().
+        self.rx_hook: Callable[[bytes], None] | None = None
         port.on_receive(self.receive)
 
     def __repr__(self) -> str:
@@ -153,6 +156,13 @@ class VirtioNet(VirtioDevice):
 
     def receive(self, frame: bytes) -> None:
         """A frame for the guest (called on the event loop)."""
+        if self.rx_hook is not None:
+            self.rx_hook(frame)
+            return
+        self.deliver(frame)
+
+    def deliver(self, frame: bytes) -> None:
+        """Hands `frame` to the guest now, under the machine's lock."""
         if len(self.backlog) >= RX_BACKLOG:
             self.rx_dropped += 1
             return
