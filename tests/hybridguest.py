@@ -166,3 +166,102 @@ def rdtsc_guest() -> bytes:
     """User code reads the TSC twice around a loop, after the kernel set it
     to 1 << 44 (R12, R13): the values must be the guest's TSC, not the host's."""
     return build_guest(RDTSC_SOURCE.format(ustack=USTACK), "long")
+
+
+
+# The single-step guest: user code sets RFLAGS.TF with popfq, then runs
+# `first` and a row of labelled instructions; the kernel's #DB handler
+# (vector 1) logs each step's pushed RIP and DR6 at STEP_LOG (16 bytes a
+# step), clears DR6 and, after STEPS steps, clears TF in the frame.  #UD
+# (vector 6) is counted in R9 and its 2-byte ud2 skipped.  The kernel writes
+# the labels' addresses s0..s8 (each the RIP after the instruction before
+# it) at STEP_LABELS, so a test can say which RIPs the SDM wants.
+STEP_LOG, STEP_LABELS, STEPS = 0x330000, 0x331000, 6
+STEP_SOURCE = """
+.intel_syntax noprefix
+""" + SYSCALL_SETUP + idt_setup(IDT) + """    mov edi, {labels}
+    mov qword ptr [rdi], OFFSET s0
+    mov qword ptr [rdi + 8], OFFSET s1
+    mov qword ptr [rdi + 16], OFFSET s2
+    mov qword ptr [rdi + 24], OFFSET s3
+    mov qword ptr [rdi + 32], OFFSET s4
+    mov qword ptr [rdi + 40], OFFSET s5
+    mov qword ptr [rdi + 48], OFFSET s6
+    mov qword ptr [rdi + 56], OFFSET s7
+    mov qword ptr [rdi + 64], OFFSET s8
+    xor r8, r8
+    xor r9, r9
+    xor rbx, rbx
+    xor eax, eax
+    mov dr6, rax
+    {arm}
+""" + enter_user() + """
+sys_entry:
+    cli
+    hlt
+
+common:                       /* [rsp] = vector, then error code or 0, then the frame */
+    cmp qword ptr [rsp], 6
+    je ud
+    cmp qword ptr [rsp], 1
+    jne other
+    push rax
+    push rcx
+    mov rcx, r8
+    shl rcx, 4
+    mov rax, [rsp + 32]       /* the pushed RIP */
+    mov [{log} + rcx], rax
+    mov rax, dr6
+    mov [{log} + rcx + 8], rax
+    xor eax, eax
+    mov dr6, rax
+    inc r8
+    cmp r8, {steps}
+    jb 1f
+    and qword ptr [rsp + 48], ~0x100     /* enough steps: TF off */
+1:  pop rcx
+    pop rax
+    add rsp, 16
+    iretq
+ud: inc r9
+    add qword ptr [rsp + 16], 2
+    add rsp, 16
+    iretq
+other:
+    mov rax, [rsp]
+    cli
+    hlt                       /* anything else: stop with the vector in RAX */
+
+""" + IDT_STUBS + """
+user:
+    lea rbp, [rsp - 0x40]
+    mov ecx, 1000
+0:  dec ecx                   /* a loop first, so that user code runs in KVM */
+    jnz 0b
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    {first}
+s0: inc rbx
+s1: inc rbx
+s2: mov ax, ss
+s3: mov ss, ax
+s4: inc rbx
+s5: nop
+s6: inc rbx
+s7: inc rbx
+s8: inc rbx
+    mov eax, 60
+    syscall
+"""
+
+
+# DR0 = an execute breakpoint at an address the guest never runs, enabled in DR7.
+ARM_UNUSED_BREAKPOINT = "mov eax, 0x10; mov dr0, rax; mov eax, 1; mov dr7, rax"
+
+
+def single_step_guest(first: str, arm: str = "") -> bytes:
+    """The single-step guest with `first` as the first instruction TF covers;
+    `arm` runs in the kernel before user mode (ARM_UNUSED_BREAKPOINT)."""
+    return build_guest(STEP_SOURCE.format(labels=STEP_LABELS, log=STEP_LOG, steps=STEPS, ustack=USTACK,
+                                          first=first, arm=arm), "long")

@@ -16,7 +16,7 @@ from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
 from pyvmm.engines.hybrid.ptwatch import PageTableWatch
-from pyvmm.engines.kvm import hostfit
+from pyvmm.engines.kvm import abi, hostfit
 from pyvmm.memory import GuestMemory
 
 from . import hybridguest as hg
@@ -137,3 +137,35 @@ def test_user_rdtsc_reads_the_guest_tsc_where_kvm_honours_tsd():
         assert not near_guest_tsc and "trap" not in stats["user_exits"]
     else:
         assert near_guest_tsc and stats["user_exits"]["trap"] == 2
+
+
+@pytest.mark.kvm
+def test_an_interrupt_raised_just_before_a_kvm_run_ends_it_at_once():
+    """A device thread raises IRQ 0 after the slice began but before the
+    alarm is armed (fire_now then finds no vCPU to kick): the KVM run that
+    follows must return at once (immediate_exit), not at the next timer
+    deadline, so that bt delivers the interrupt."""
+    require_kvm()
+    raised, entries = [], []
+
+    def patch(m) -> None:
+        engine = m.engine
+        arm, run_kvm = engine.alarm.arm, engine._run_kvm
+
+        def arm_after_an_irq(vcpu, delay):
+            if not raised and engine.bt.cpus[0].rflags & 0x200:
+                engine.set_irq(0, 1)       # as a device thread would: on_wake, fire_now (no vCPU yet)
+                engine.set_irq(0, 0)
+                raised.append(True)
+            arm(vcpu, delay)
+
+        def record(v):
+            entries.append((bool(raised), v.run_mm[abi.RUN_IMMEDIATE_EXIT]))
+            return run_kvm(v)
+        engine.alarm.arm, engine._run_kvm = arm_after_an_irq, record
+
+    cfg = VmConfig(mem_mib=64, engine="hybrid", irqchip=False, no_reboot=True)
+    m, _ = run_machine(cfg, boot_for(hg.hybrid_guest()), timeout=120, setup=patch)
+    assert m.stop_status.reason is StopReason.HALTED, m.stop_status
+    first = next(flag for was_raised, flag in entries if was_raised)
+    assert first == 1, entries[:5]

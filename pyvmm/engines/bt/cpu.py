@@ -49,6 +49,7 @@ class VCpu:
         self.cpuid = None       # CpuidTable; None: the default table
         self.shadow_int = False  # interrupt shadow (after sti / mov ss)
         self.shadow_rip = -1     # RIP of the one instruction STI's shadow covers; -1: wherever RIP is
+        self.ss_shadow = False   # the last instruction loaded SS (mov/pop ss): it holds #DB off too
         self.intc = None        # the platform's interrupt controllers (irq_window); None: none
         self.R = [0] * 16
         self.rip = 0
@@ -313,6 +314,7 @@ class VCpu:
         self.sb[idx] = s.base
         if idx == SS_:
             self.shadow_int = True
+            self.ss_shadow = True
             self.update_mode()
 
     def load_cs(self, sel: int, new_cpl: int | None = None) -> None:
@@ -460,7 +462,7 @@ class VCpu:
                     nss = self.sys_rd(tss + 4 + 4 * new_cpl, 2)
                 self.cpl = new_cpl
                 self.load_seg(SS_, nss)
-                self.shadow_int = False     # a stack switch is not a mov ss
+                self.shadow_int = self.ss_shadow = False     # a stack switch is not a mov ss
                 self.R[4] = nsp
                 push_stack = True
             else:
@@ -522,7 +524,7 @@ class VCpu:
                 self.update_mode()
             else:
                 self.load_seg(SS_, ss)
-                self.shadow_int = False     # only mov/pop ss hold off interrupts, not iret
+                self.shadow_int = self.ss_shadow = False     # only mov/pop ss hold off interrupts, not iret
             self.R[4] = sp
         if self.cpl > old_cpl:
             for i in (ES, DS, FS, GS):

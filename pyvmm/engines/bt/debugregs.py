@@ -145,11 +145,14 @@ def step(c) -> None:
     watch = data_hits(c, ins) if ins is not None else 0
     single = c.rf & F.TF
     before, rip = c.deliveries, c.rip
+    c.ss_shadow = False
     c.execute_one()
     if c.deliveries != before:
         return                                # it faulted or trapped itself
     if c.rf_rip == rip:
         c.rf_rip = -1                         # RF clears when the instruction it covered completes
+    if c.ss_shadow:
+        single = 0                            # mov/pop ss: the step traps after the next instruction
     if watch or single:
         if watch:
             c.dr[6] = (c.dr[6] & ~0xF) | watch

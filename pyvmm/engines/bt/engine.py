@@ -147,11 +147,13 @@ class BtCpu(VCpu):
     def single_step(self) -> None:
         """One instruction with RFLAGS.TF set: it runs alone, then the
         single-step #DB trap follows with DR6.BS set, unless the instruction
-        delivered an exception or interrupt itself (SDM Vol. 3, 17.3.1.4).
-        Raises TripleFault."""
+        delivered an exception or interrupt itself (SDM Vol. 3, 18.3.1.4),
+        or loaded SS (mov/pop ss hold the trap until after the next
+        instruction, SDM Vol. 3, 6.8.3).  Raises TripleFault."""
         before = self.deliveries
+        self.ss_shadow = False
         self.execute_one()
-        if self.deliveries == before:
+        if self.deliveries == before and not self.ss_shadow:
             self.dr[6] |= DR6_BS
             self.deliver(GuestFault(DB))
 

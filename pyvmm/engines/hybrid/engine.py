@@ -15,7 +15,8 @@ The switch points:
   `syscall` itself), any exception or `int n` (a triple fault with RIP at
   the instruction: bt executes that instruction again and delivers the
   event through the guest's IDT; kvm_pvm leaves RIP after a 64-bit int3,
-  int1 or `int 3`, which _trap_length recognises), an instruction KVM cannot run, or a kick
+  int1 or `int 3`, which _trap_length recognises; a TF single-step #DB, seen
+  in KVM's DR6.BS, is delivered at RIP), an instruction KVM cannot run, or a kick
   (the next timer deadline of the bt platform, an interrupt raised by
   another thread, a stop request): bt then delivers the interrupt.
   Port and MMIO exits from user code are served on the spot.
@@ -45,7 +46,7 @@ from ...errors import ConfigError, EngineError
 from ...boot import layout
 from ..base import Engine
 from ..bt.engine import BtEngine
-from ..bt.faults import GuestFault
+from ..bt.faults import DB, GuestFault
 from ..kvm import abi, cpuid, hostfit, state
 from ..kvm.device import Kvm, _ioctl, ioctl
 from ..kvm.dirtylog import KvmDirtyLog, register_memory
@@ -53,12 +54,12 @@ from ..kvm.engine import _install_kick_handler
 from .alarm import Alarm
 from .cpuid import kvm_entries
 from .ptwatch import PageTableWatch
-from .switch import SYSCALL_SENTINEL, UserSwitch
+from .switch import DR6_BS, SYSCALL_SENTINEL, UserSwitch
 
 log = logging.getLogger(__name__)
 
 CR0_PE, CR0_PG, EFER_LMA = 1, 1 << 31, 1 << 10
-RFLAGS_IF, RFLAGS_RF = 1 << 9, 1 << 16
+RFLAGS_TF, RFLAGS_IF, RFLAGS_RF = 1 << 8, 1 << 9, 1 << 16
 SYSCALL_BYTES = b"\x0f\x05"
 MAX_STINT_S = 0.01        # longest KVM run while other vCPUs wait (several vCPUs)
 # Shortest KVM run: a timer deadline already past (its interrupt not deliverable
@@ -233,6 +234,11 @@ class HybridEngine(Engine):
             self._flush_kvm_mmu()
         delay = self._time_to_deadline()
         self.alarm.arm(v, delay)
+        # An interrupt another thread raised after this slice began and before
+        # arm() found no KVM run to cut short (fire_now saw no vCPU): without
+        # this, bt would deliver it only at the next timer deadline.
+        if self._interrupt_waits(c.index, user_rflags):
+            v.run_mm[abi.RUN_IMMEDIATE_EXIT] = 1
         t1 = ns()
         event = self._run_kvm(v)
         t2 = ns()
@@ -246,12 +252,27 @@ class HybridEngine(Engine):
             self.events[event] += 1
         elif regs.rip == SYSCALL_SENTINEL:
             self.events["syscall"] += 1
+            if regs.r11 & RFLAGS_TF:
+                sw.took_single_step()   # bt runs the syscall again: drop the BS KVM may have set
             self._syscall(c, regs, user_cs, user_ss, user_bases, user_rflags)
+        elif event == "trap" and regs.rflags & RFLAGS_TF and sw.took_single_step():
+            # The #DB trap after an instruction KVM completed: nothing to run
+            # again, bt delivers it at RIP as its own single-step does.
+            self.events["single_step"] += 1
+            c.dr[6] |= DR6_BS
+            c.deliver(GuestFault(DB))
         else:
             self.events[event] += 1     # trap (exception, int n) or internal (KVM could not run it)
             if event == "trap":
                 c.rip -= self._trap_length(c, regs)
-            self._reexecute(c)
+            # With TF set, the instruction bt runs again is stepped as on the CPU:
+            # a #DB after it unless it raised its own event (fault, int n).
+            self._reexecute(c, step=bool(regs.rflags & RFLAGS_TF))
+
+    def _interrupt_waits(self, i: int, rflags: int) -> bool:
+        """Whether vCPU i has an NMI, or a maskable interrupt it would take now."""
+        intc = self.bt.intc
+        return bool(intc.nmi[i]) or bool(rflags & RFLAGS_IF) and intc.pending(i)
 
     def _trap_length(self, c, regs) -> int:
         """The length of the user int3, int1 or `int n` that KVM stopped
@@ -347,11 +368,11 @@ class HybridEngine(Engine):
         c.update_mode()
         self._reexecute(c)
 
-    def _reexecute(self, c) -> None:
+    def _reexecute(self, c, step: bool = False) -> None:
         """Executes the instruction at CS:RIP in bt (it raises and delivers
-        the event user code met under KVM).  Its page's translations are
-        dropped first: user code under KVM may have rewritten that page
-        without bt seeing it."""
+        the event user code met under KVM), single-stepped where `step`.
+        Its page's translations are dropped first: user code under KVM may
+        have rewritten that page without bt seeing it."""
         try:
             pa = c.mmu.fetch((c.sb[1] + c.rip) & c.ipmask)
         except GuestFault:   # a fetch fault: execute_one delivers it
@@ -361,7 +382,10 @@ class HybridEngine(Engine):
             if self.code_seen.get(pa) != now:
                 c.translator.invalidate_page(pa >> 12)
                 self.code_seen[pa] = now
-        c.execute_one()
+        if step:
+            c.single_step()
+        else:
+            c.execute_one()
 
     # -- reporting -----------------------------------------------------------
     def stats(self) -> dict:

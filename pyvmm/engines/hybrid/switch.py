@@ -51,6 +51,7 @@ MSR_SYSENTER_CS = 0x174
 CR4_TSD = 1 << 2
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 MSR_MISC_FEATURES_ENABLES, CPUID_FAULT = 0x140, 1
+DR6_BS, DR6_INIT = 1 << 14, 0xFFFF0FF0
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")   # bt's R[] order
 CS_INDEX = SEG_NAMES.index("cs")
@@ -141,6 +142,19 @@ class UserSwitch:
         """The GPRs KVM left (also read by the engine to classify the exit)."""
         ioctl(self.vcpu.fd, abi.GET_REGS, self.regs)
         return self.regs
+
+    def took_single_step(self) -> bool:
+        """Whether the exit was the single-step #DB (RFLAGS.TF) after the
+        instruction before RIP: KVM's DR6.BS, which is then cleared again
+        (DR6 is sticky; CPL3 cannot read it).  Measured on kvm_pvm: BS set,
+        RIP after the instruction, RF clear, as for int3."""
+        d = abi.DebugRegs()
+        ioctl(self.vcpu.fd, abi.GET_DEBUGREGS, d)
+        if not d.dr6 & DR6_BS:
+            return False
+        d.dr6 = DR6_INIT
+        ioctl(self.vcpu.fd, abi.SET_DEBUGREGS, d)
+        return True
 
     def to_bt(self, c) -> None:
         """Copies what user code can change back into bt vCPU c (call

@@ -196,6 +196,12 @@ SET_XCRS = _iow(0xA7, 392)
 XSAVE_AREA_SIZE = 4096  # what KVM_GET_XSAVE transfers (KVM_CAP_XSAVE2 reports more where AMX is on)
 
 
+class DebugRegs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+GET_DEBUGREGS = _ior(0xA1, ctypes.sizeof(DebugRegs))
+SET_DEBUGREGS = _iow(0xA2, ctypes.sizeof(DebugRegs))
 GET_VCPU_EVENTS = _ior(0x9F, 64)
 SET_VCPU_EVENTS = _iow(0xA0, 64)
 
