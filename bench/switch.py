@@ -23,8 +23,9 @@ REV measures the core path of git revision REV's forwarding modules
   down, and when it breaks silently under beacon probing (1 s, 3 misses),
   with the frames lost inside and outside that gap.
 - VM-to-VM TCP throughput (bench/switch_vms.py; minutes, --no-vms skips
-  it): pyvmm guests under bt and hybrid, against two QEMU TCG guests on
-  the same switch with the same kernel and initramfs.
+  it, --vms-only runs only it, --one-pair boots one pair at a time): pyvmm
+  guests under bt and hybrid, against two QEMU TCG guests on the same
+  switch with the same kernel and initramfs.
 
 Goals (issue 18): >= 300,000 frames/s on one core (64-byte frames through
 the switch process, per CPU-second of that process), failover < 100 ms on
@@ -277,7 +278,15 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV", help="also measure git revision REV's core path (before/after)")
     ap.add_argument("--no-vms", action="store_true", help="skip the VM-to-VM TCP rows (they boot six guests)")
     ap.add_argument("--vm-kib", type=int, default=8192, help="KiB each VM-to-VM transfer moves")
+    ap.add_argument("--vms-only", action="store_true", help="only the VM-to-VM TCP rows")
+    ap.add_argument("--one-pair", action="store_true",
+                    help="boot the VM pairs one after another (bt, hybrid, QEMU), not all six at once")
     args = ap.parse_args()
+    if args.vms_only:
+        import switch_vms
+        result = switch_vms.measure(args.vm_kib, one_pair=args.one_pair)
+        print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+        return 0
     if args.profile:
         core_rate(64, args.seconds, profile=True)
     result: dict[str, object] = {}
@@ -310,7 +319,7 @@ def main() -> int:
     result.update(failover_rows())
     if not args.no_vms:
         import switch_vms
-        result.update(switch_vms.measure(args.vm_kib))
+        result.update(switch_vms.measure(args.vm_kib, one_pair=args.one_pair))
     result["goal_300k_fps"] = "met" if result["switch_64_fps_per_cpu_s"] >= GOAL_FPS else "missed"
     if "failover_link_ms" in result:
         result["goal_failover_link"] = "met" if result["failover_link_ms"] < GOAL_FAILOVER_LINK_MS else "missed"
