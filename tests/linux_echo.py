@@ -236,6 +236,13 @@ def count(g: GuestSession) -> int:
     raise AssertionError("/tmp/count stayed empty")
 
 
+def clocks(g: GuestSession) -> tuple[float, int]:
+    """(uptime, wall-clock seconds) as the guest reads them: the wall clock
+    through the vDSO, which under hybrid must not read the host's TSC."""
+    m = run(g, "echo T=$(cut -d' ' -f1 /proc/uptime)/$(date +%s)", r"\nT=(\d+\.\d+)/(\d+)\r?\n")
+    return float(m.group(1)), int(m.group(2))
+
+
 def disk_matches_count(g: GuestSession) -> int:
     """The count the guest's memory holds, checked against the disk read
     past the guest's page cache (dropped first): its record must be there."""

@@ -3,7 +3,8 @@
 shell, answers a command and powers off.  On a host whose KVM emulates
 kernel mode, auto runs hybrid: that run is then also the `--engine hybrid`
 stock-kernel run (the module boots each engine once); `--engine bt` with
-the stock kernel is tests/test_linux_bt.py."""
+the stock kernel is tests/devices/test_virtio_net_linux.py (the checks of
+tests/test_linux_bt.py ride on that boot)."""
 
 from __future__ import annotations
 

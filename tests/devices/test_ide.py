@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import struct
 import subprocess
 
@@ -284,75 +283,5 @@ def test_primary_channel_decode_is_enabled_as_firmware_leaves_it():
     assert function.config_read(0x40, 4) == 0x00008000
 
 
-# --- a real driver: Linux's ata_piix finds the disk after a direct kernel boot -------
-
-def _unsigned(module: bytes) -> bytes:
-    """The module without its appended signature (module_signature: 12 bytes,
-    sig_len big-endian last, then the 28-byte magic): the kernel loads it
-    all the same (no MODULE_SIG_FORCE), without hashing 750 KB of libata
-    through the translator first."""
-    magic = b"~Module signature appended~\n"
-    if not module.endswith(magic):
-        return module
-    sig_len = struct.unpack_from(">I", module, len(module) - len(magic) - 4)[0]
-    return module[:len(module) - len(magic) - 12 - sig_len]
-
-
-def _ata_initramfs(tmp_path, release: str) -> str:
-    """pyvmm's initramfs carrying and loading ata_piix and sd_mod (and
-    their dependencies) of the stock kernel `release`."""
-    from pathlib import Path
-
-    from pyvmm.guest.initramfs import MODULES_ROOT, build_default_initramfs, module_closure
-    root = tmp_path / "modules"
-    names = ("ata_piix", "sd_mod")
-    (root / release).mkdir(parents=True)
-    (root / release / "modules.dep").write_bytes((Path(MODULES_ROOT) / release / "modules.dep").read_bytes())
-    for rel in module_closure(release, names, MODULES_ROOT):
-        (root / release / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / release / rel).write_bytes(_unsigned((Path(MODULES_ROOT) / release / rel).read_bytes()))
-    path = tmp_path / "ata-initramfs.cpio.gz"
-    path.write_bytes(build_default_initramfs(release=release, modules=names, modules_root=str(root)))
-    return str(path)
-
-
-@pytest.mark.slow
-def test_linux_ata_piix_reads_and_writes_the_ide_disk(tmp_path):
-    """The stock kernel's ata_piix binds the PIIX function, finds the ATA
-    disk on the primary channel (IDETIM decode on, IRQ 14) and sd makes it
-    /dev/sda; the guest reads what the host wrote (one sector, and 64 KiB
-    in multi-sector requests) and writes a sector the host then reads."""
-    import hashlib
-
-    from tests.guest_session import GuestSession
-    from tests.hostfacts import kvm_missing, require_debian_cloud_kernel
-    kernel = require_debian_cloud_kernel()
-    release = kernel.split("vmlinuz-", 1)[1]
-    initrd = _ata_initramfs(tmp_path, release)
-    disk = tmp_path / "ide.raw"
-    token, back = os.urandom(8).hex(), os.urandom(8).hex()
-    bulk = os.urandom(65536)
-    image = bytearray(8 << 20)
-    image[8 * 512:8 * 512 + 40] = f"HOST-{token}-END".encode().ljust(40, b"\0")
-    image[1 << 20:(1 << 20) + len(bulk)] = bulk
-    disk.write_bytes(bytes(image))
-    engine = "hybrid" if kvm_missing() is None else "bt"     # the translator either way for the kernel
-    with GuestSession("run", "--engine", engine, "--no-reboot", "--mem", "256M", "--kernel", kernel,
-                      "--initrd", initrd, "--append", "console=ttyS0 reboot=k panic=-1 quiet",
-                      "--drive", f"file={disk},format=raw,if=ide") as g:
-        g.expect("PYVMM-INIT-READY", timeout=3600)
-        sent = g.send("dmesg | grep -E 'ata1|sd 0:0:0:0'; echo DMESG-END\n")
-        g.expect(r"\nDMESG-END", timeout=600, after=sent)
-        log = g.output[sent:]
-        assert re.search(r"ata1\.00: ATA-\d+: pyvmm ATA disk", log), log
-        assert re.search(r"sd 0:0:0:0: \[sda\] 16384 512-byte logical blocks", log), log
-        sent = g.send("dd if=/dev/sda bs=512 skip=8 count=1 2>/dev/null | head -c 26; echo;"
-                      " dd if=/dev/sda bs=65536 skip=16 count=1 2>/dev/null | md5sum\n")
-        g.expect(f"HOST-{token}-END", timeout=600, after=sent)
-        g.expect(hashlib.md5(bulk).hexdigest(), timeout=600, after=sent)
-        sent = g.send(f"echo GUEST-{back}-END | dd of=/dev/sda bs=512 seek=24 conv=sync,notrunc 2>/dev/null;"
-                      " sync; echo WROTE-$((6*7))\n")
-        g.expect("WROTE-42", timeout=600, after=sent)
-        g.send("poweroff -f\n")
-        assert g.wait(600) == 0, g.errors[-2000:]
-    assert disk.read_bytes()[24 * 512:25 * 512] == f"GUEST-{back}-END\n".encode().ljust(512, b"\0")
+# A real driver, Linux's ata_piix, finds and uses this disk on the virtio
+# boots of tests/devices/test_virtio_linux.py (tests/linux_ide.py).

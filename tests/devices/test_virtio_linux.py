@@ -21,6 +21,9 @@ ext4 disk made with mkfs.ext4 -d is shared by the module's boots: each
 mounts it, finds the host's file and every file an earlier boot wrote
 (so the hybrid boot is the bt boot's "boot again"), writes its own, syncs
 and powers off; the host then finds the file and `e2fsck -n` is clean.
+A legacy IDE disk (`--drive …,if=ide`) is found, read and written by the
+stock kernel's ata_piix and sd (tests/linux_ide.py): the module's
+initramfs is pyvmm's with those modules added, all unsigned.
 
 PCI configuration goes through ECAM too: Linux takes the MCFG table's
 window (reserved as a PNP0C02 motherboard resource) and so reads the host
@@ -50,6 +53,7 @@ from ..guest_session import GuestSession
 from ..hostfacts import require_debian_cloud_kernel, require_from_setup
 from ..linux_pauses import check_pauses_keep_clock_and_workload, pause_qmp_args
 from ..linux_hotplug import check_acpiphp_slots, check_blk_hotplug, check_net_hotplug
+from ..linux_ide import IdeDisk, initramfs_with_ata
 from ..linux_snapshot import check_snapshot_round_trip
 from ..v3program import build_v3_program, check_v3_program_in_guest
 from .qemu_reference import boot_reference, guest_view, qemu_argv
@@ -82,8 +86,8 @@ class Shared:
         # Named explicitly: both VMMs boot exactly these (pyvmm run with a
         # --drive and no --kernel would boot its BIOS from the disk).
         self.kernel = require_debian_cloud_kernel()
-        from pyvmm.guest.initramfs import ensure_default_initramfs
-        self.initrd = str(ensure_default_initramfs(release=os.path.basename(self.kernel).partition("vmlinuz-")[2]))
+        # pyvmm's initramfs with ata_piix and sd_mod added, for the IDE disk.
+        self.initrd = initramfs_with_ata(root, os.path.basename(self.kernel).partition("vmlinuz-")[2])
 
     def qemu_view(self) -> dict:
         """QEMU TCG's guest view with disks of the test's sizes (booted once)."""
@@ -174,12 +178,14 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine, shared):
     base_before = hashlib.sha256(base.read_bytes()).hexdigest()
     hvc_path, port_path = str(tmp_path / "hvc0.sock"), str(tmp_path / "port.sock")
     v3 = shared.v3
+    ide = IdeDisk(tmp_path / "ide.raw")
     with GuestSession("run", "--engine", engine, "--no-reboot", "--mem", "256M", "--append", CMDLINE,
                       "--kernel", shared.kernel, "--initrd", shared.initrd,
                       "--drive", f"file={disk},format=raw,id=disk0", "--virtio-rng",
                       "--drive", f"file={overlay},format=qcow2,id=disk1",
                       "--drive", f"file={v3.disk},format=raw,id=v3prog,readonly=on",
                       "--drive", f"file={shared.persist},format=raw,id=persist",
+                      "--drive", ide.drive_arg(),
                       *pause_qmp_args(str(tmp_path / "qmp.sock")),
                       "--virtio-console", f"socket={hvc_path}",
                       "--virtio-console", f"socket={port_path},name=org.pyvmm.port0") as g:
@@ -214,6 +220,7 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine, shared):
         ours = guest_view(g)
         assert ours == qemu, f"pyvmm guest {ours} != QEMU TCG guest {qemu}"
         check_persistent_disk(g, shared, engine)
+        ide.check_in_guest(g)        # the stock kernel's ata_piix and sd (issue 21; tests/linux_ide.py)
         # An x86-64-v3 program (AVX2, FMA) prints what it printed on the host CPU
         # (issue 14): under bt every ymm instruction is translated; under hybrid
         # it runs on the CPU with the kernel's XSAVE state handling under bt.
@@ -245,6 +252,7 @@ def test_linux_uses_virtio_disks_and_rng(tmp_path, engine, shared):
         g.send("poweroff -f\n")
         assert g.wait(timeout=600) == 0
     assert disk.read_bytes()[512:512 + 17] == b"GUEST-WROTE-THIS\n"
+    ide.check_after_poweroff()
     # The guest's writes went to the overlay only, and pass qemu-img's check.
     assert hashlib.sha256(base.read_bytes()).hexdigest() == base_before
     assert subprocess.run(["qemu-img", "check", "-q", str(overlay)]).returncode == 0
