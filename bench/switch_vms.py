@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pyvmm.net.switchd import SwitchError, query_status  # noqa: E402
 from tests.guest_session import GuestSession  # noqa: E402
 from tests.hostfacts import debian_cloud_kernels  # noqa: E402
-from tests.net.test_switch_vms import QemuGuest  # noqa: E402
+from tests.net.test_switch_vms import QemuGuest, stop_switch  # noqa: E402
 
 from pyvmm.guest.initramfs import ensure_default_initramfs  # noqa: E402
 
@@ -128,7 +127,7 @@ def measure(kib: int = 8192, engines: tuple[str, ...] = ("bt", "hybrid"),
         try:
             return _pairs_in_turn(kernel, initrd, rundir, kib, engines)
         finally:
-            _stop_switch(rundir)
+            stop_switch(SWITCH, rundir)
     guests: dict[str, list] = {}
     try:
         for engine in engines:
@@ -159,17 +158,4 @@ def measure(kib: int = 8192, engines: tuple[str, ...] = ("bt", "hybrid"),
         for pair in guests.values():
             for g in pair:
                 g.kill()
-        _stop_switch(rundir)
-
-
-def _stop_switch(rundir: Path) -> None:
-    try:
-        query_status(SWITCH, rundir, request=b"stop")
-    except SwitchError:
-        pass
-    end = time.monotonic() + 10
-    while (rundir / f"{SWITCH}.ctl").exists() and time.monotonic() < end:
-        time.sleep(0.1)
-    for p in rundir.iterdir():
-        p.unlink()
-    rundir.rmdir()
+        stop_switch(SWITCH, rundir)

@@ -54,6 +54,19 @@ class RawRun:
         return self.machine.stop_status
 
 
+def run_until_stop(machine: Machine, timeout: float, detail: str = "test timeout") -> None:
+    """Runs `machine` until it stops; past `timeout` seconds it is stopped
+    as if the user quit, with `detail` as the reason.  The timer is gone
+    on return, so it cannot stop a later run."""
+    timer = threading.Timer(timeout, machine.request_stop, args=(StopReason.USER, detail))
+    timer.start()
+    try:
+        machine.engine.run()
+    finally:
+        timer.cancel()
+        timer.join()
+
+
 def run_machine(cfg: VmConfig, boot, output=None, timeout: float = 30.0, setup=None, inspect=None):
     """Builds a machine from `cfg` around `boot`, runs it to its end (or
     `timeout`, which stops it as if the user quit), destroys it and returns

@@ -4,8 +4,6 @@ registers (GPRs and XMM through the FXSAVE image) as unmigrated runs."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from pyvmm.builder import build_machine, destroy_machine
@@ -15,7 +13,7 @@ from pyvmm.machine import StopReason
 from pyvmm.migrate import MigrationError, switch_engine
 
 from .modeguests import CHECKPOINT_PORT, boot_for, sse_guest
-from .rawguest import require_kvm
+from .rawguest import require_kvm, run_until_stop
 
 ROUNDS, BLOCKS = 3, 48
 
@@ -45,12 +43,7 @@ def _machine(engine: str, stop_at=()):
 
 
 def _run(m, timeout: float = 120.0) -> None:
-    timer = threading.Timer(timeout, m.request_stop, args=(StopReason.USER, "test timeout"))
-    timer.start()
-    try:
-        m.engine.run()
-    finally:
-        timer.cancel()
+    run_until_stop(m, timeout)
 
 
 def _result(st: CpuState) -> tuple:

@@ -33,7 +33,7 @@ from pyvmm.migrate import switch_engine
 
 from .hostfacts import require_kvm
 from .modeguests import IDT_STUBS, PIC_INIT, PIT_10MS, boot_for, idt_setup
-from .rawguest import build_guest, raw_boot
+from .rawguest import build_guest, raw_boot, run_until_stop
 
 
 class Pulse:
@@ -483,13 +483,7 @@ PVTI_GPA, PV_EOI_GPA = 0x300000, 0x301000
 
 def _run_for(m, seconds: float) -> None:
     m.clear_stop()
-    timer = threading.Timer(seconds, m.request_stop, args=(StopReason.USER, "switch"))
-    timer.start()
-    try:
-        m.engine.run()
-    finally:
-        timer.cancel()
-        timer.join()
+    run_until_stop(m, seconds, "switch")
     assert m.stop_status.detail == "switch", m.stop_status
 
 

@@ -19,6 +19,7 @@ from pyvmm.snapshot import vmstate
 from pyvmm.snapshot.savevm import drives
 from pyvmm.storage.create import create_image
 
+from tests.procself import open_fds, rss_kib
 from tests.storage.helpers import qemu_img
 
 from .counterguest import COUNTER, CounterVm
@@ -242,17 +243,6 @@ def _save_and_load_into(vm: CounterVm, engine: str, drives_) -> str:
         other.close()
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _rss_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_a_hundred_snapshot_job_cycles_leak_nothing(tmp_path):
     """snapshot-save, -load and -delete as QMP jobs (a thread each) a
     hundred times over: no descriptor, thread or memory is left behind
@@ -281,14 +271,14 @@ def test_a_hundred_snapshot_job_cycles_leak_nothing(tmp_path):
         vm.wait_counts(1)
         for i in range(5):                                  # warm up: imports, caches
             cycle(i)
-        fds, threads, rss = _fds(), threading.active_count(), _rss_kib()
+        fds, threads, rss = open_fds(), threading.active_count(), rss_kib()
         for i in range(100):
             cycle(i)
         deadline = time.monotonic() + 5                     # the last job's thread is on its way out
         while threading.active_count() != threads and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _fds() == fds and threading.active_count() == threads
-        assert _rss_kib() - rss < 16 << 10, (rss, _rss_kib())
+        assert open_fds() == fds and threading.active_count() == threads
+        assert rss_kib() - rss < 16 << 10, (rss, rss_kib())
         assert vm.qmp("query-jobs") == []
         mark = len(vm.output)
         assert len(vm.wait_counts(2, after=mark)) >= 2

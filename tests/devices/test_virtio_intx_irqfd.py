@@ -18,17 +18,14 @@ from __future__ import annotations
 import threading
 import time
 
-from pyvmm.builder import build_machine, destroy_machine
-from pyvmm.config import VmConfig
 from pyvmm.devices.pci.host import intx_gsi
 from pyvmm.devices.virtio.transport.pci import ISR_OFFSET, ISR_QUEUE
 from pyvmm.engines.kvm import abi
-from pyvmm.machine import StopReason
 from pyvmm.migrate import switch_engine
 
 from ..modeguests import CODE, IDT_STUBS, boot_for, idt_setup
-from ..rawguest import build_guest, raw_boot, require_kvm
-from .test_virtio_kvm_eventfds import POINTER, USED, Checkpoint, set_up_queue
+from ..rawguest import build_guest, run_until_stop
+from .test_virtio_kvm_eventfds import POINTER, USED, Checkpoint, rng_machine, set_up_queue
 
 CHECKPOINT = 0xE0
 IDT = 0x180000
@@ -93,10 +90,7 @@ common:
 
 
 def test_intx_goes_through_a_resampling_irqfd_and_is_level():
-    require_kvm()
-    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
-    m = build_machine(cfg, lambda data: None, boot=boot_for(b"\xf4"))
-    try:
+    with rng_machine(boot_for(b"\xf4")) as m:
         m.io_bus.insert(CHECKPOINT, 1, Checkpoint(m), "checkpoint")
         fn, base = set_up_queue(m)
         [intx] = m.intx_irqfds
@@ -114,12 +108,7 @@ def test_intx_goes_through_a_resampling_irqfd_and_is_level():
             m.memory.write_u32(SETTLED, 1)
         helper = threading.Thread(target=settle, daemon=True)
         helper.start()
-        timer = threading.Timer(90, m.request_stop, args=(StopReason.USER, "test timeout"))
-        timer.start()
-        try:
-            m.engine.run()
-        finally:
-            timer.cancel()
+        run_until_stop(m, 90)
         helper.join(5)
         assert m.stop_status.detail == "checkpoint", m.stop_status
         assert m.memory.read_u16(USED + 2) == 1                   # the rng request was served
@@ -136,15 +125,10 @@ def test_intx_goes_through_a_resampling_irqfd_and_is_level():
         assert m.engine.irq_injections == 0                       # no KVM_IRQ_LINE, no KVM_SIGNAL_MSI
         # The handlers' ISR reads are the only exits to pyvmm: the kick went by ioeventfd.
         assert sum(c[abi.EXIT_MMIO] for c in m.engine.exit_counts) == count - RAISES_BEFORE_READ
-    finally:
-        destroy_machine(m)
 
 
 def test_after_a_move_to_bt_intx_and_msi_go_through_the_new_engine():
-    require_kvm()
-    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
-    m = build_machine(cfg, lambda data: None, boot=raw_boot(b"\xf4", "prot"))
-    try:
+    with rng_machine() as m:
         [intx] = m.intx_irqfds
         fn = next(f for f in m.devices["pci_host"].functions.values() if getattr(f, "irq", None) is intx.line)
         gsi = intx.line.gsi
@@ -159,5 +143,3 @@ def test_after_a_move_to_bt_intx_and_msi_go_through_the_new_engine():
         fn.msi(0xFEE00000, 0x41)
         assert seen == [(gsi, 1), (gsi, 0), (0xFEE00000, 0x41)]
         assert intx.raised == 0 and m.msi_irqfds.sent == 1   # nothing into the old VM's eventfds
-    finally:
-        destroy_machine(m)

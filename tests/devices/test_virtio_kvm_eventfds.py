@@ -12,7 +12,7 @@ control that shows the count of exits measures something."""
 from __future__ import annotations
 
 import struct
-import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,7 +23,7 @@ from pyvmm.devices.virtio.transport.pci import BAR_INDEX, COMMON_OFFSET, NOTIFY_
 from pyvmm.engines.kvm import abi
 from pyvmm.machine import StopReason
 
-from ..rawguest import build_guest, raw_boot, require_kvm
+from ..rawguest import build_guest, raw_boot, require_kvm, run_until_stop
 
 CHECKPOINT = 0xE0
 POINTER, DESC, AVAIL, USED, BUF = 0x8000, 0x10000, 0x11000, 0x12000, 0x13000
@@ -38,6 +38,19 @@ def guest(width: str) -> str:
     out %al, ${CHECKPOINT}
     hlt
 """
+
+
+@contextmanager
+def rng_machine(boot=None):
+    """A hw machine with an in-kernel irqchip and virtio-rng, destroyed on
+    exit; by default its guest only halts (the host drives the device)."""
+    require_kvm()
+    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
+    m = build_machine(cfg, lambda data: None, boot=boot or raw_boot(b"\xf4", "prot"))
+    try:
+        yield m
+    finally:
+        destroy_machine(m)
 
 
 class Checkpoint:
@@ -81,33 +94,20 @@ def set_up_queue(m) -> tuple[VirtioPci, int]:
 
 @pytest.mark.parametrize("width,through_eventfd", [("w", True), ("l", False)])
 def test_notify_reaches_the_device_without_an_exit(width, through_eventfd):
-    require_kvm()
-    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
-    m = build_machine(cfg, lambda data: None, boot=raw_boot(build_guest(guest(width), "prot"), "prot"))
-    try:
+    with rng_machine(raw_boot(build_guest(guest(width), "prot"), "prot")) as m:
         m.io_bus.insert(CHECKPOINT, 1, Checkpoint(m), "checkpoint")
         assert [f.base for f in m.eventfds] == [set_up_queue(m)[1]]
-        timer = threading.Timer(60, m.request_stop, args=(StopReason.USER, "test timeout"))
-        timer.start()
-        try:
-            m.engine.run()
-        finally:
-            timer.cancel()
+        run_until_stop(m, 60)
         assert m.stop_status.detail == "checkpoint", m.stop_status
         assert struct.unpack("<H", m.memory.read(USED + 2, 2))[0] == 1
         assert m.memory.read(BUF, 16) != bytes(16)       # rng filled the buffer
         mmio_exits = sum(c[abi.EXIT_MMIO] for c in m.engine.exit_counts)
         kicks = sum(f.kicks for f in m.eventfds)
         assert (mmio_exits, kicks) == ((0, 1) if through_eventfd else (1, 0))
-    finally:
-        destroy_machine(m)
 
 
 def test_eventfds_follow_a_moved_bar():
-    require_kvm()
-    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
-    m = build_machine(cfg, lambda data: None, boot=raw_boot(b"\xf4", "prot"))
-    try:
+    with rng_machine() as m:
         bridge = m.devices["pci_host"]
         slot, fn = next((s, f) for s, f in bridge.functions.items() if isinstance(f, VirtioPci))
         fds = m.eventfds[0]
@@ -116,15 +116,10 @@ def test_eventfds_follow_a_moved_bar():
         assert fds.base == old + 0x100000 == bridge.mapping(slot, BAR_INDEX)
         fn.config_write(0x04, 2, 0)                       # decoding off: no ioeventfd either
         assert fds.base is None
-    finally:
-        destroy_machine(m)
 
 
 def test_msi_messages_get_one_route_each():
-    require_kvm()
-    cfg = VmConfig(mem_mib=16, engine="hw", irqchip=True, no_reboot=True, virtio_rng=True)
-    m = build_machine(cfg, lambda data: None, boot=raw_boot(b"\xf4", "prot"))
-    try:
+    with rng_machine() as m:
         irqfds = MsiIrqFds(m.engine.vm)
         assert irqfds.send(0xFEE00000, 0x41) and irqfds.send(0xFEE00000, 0x41)
         assert irqfds.send(0xFEE00000, 0x42)
@@ -132,5 +127,3 @@ def test_msi_messages_get_one_route_each():
         assert irqfds.sent == 3
         irqfds.close()
         assert m.msi_irqfds is not None                   # the machine's own, used by the functions
-    finally:
-        destroy_machine(m)

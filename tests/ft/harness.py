@@ -15,6 +15,8 @@ from pyvmm.ft.channel import dispatch
 from pyvmm.ft.setup import attach_backup, attach_primary, ft_config
 from pyvmm.machine import StopReason
 
+from tests.rawguest import run_until_stop
+
 WALL_NS = 1_700_000_000 * 10**9
 SEED = 12345
 TIMEOUT_S = 60.0
@@ -52,12 +54,7 @@ def _placer(buf: bytearray):
 
 
 def _run(machine) -> None:
-    timer = threading.Timer(TIMEOUT_S, machine.request_stop, args=(StopReason.USER, "test timeout"))
-    timer.start()
-    try:
-        machine.engine.run()
-    finally:
-        timer.cancel()
+    run_until_stop(machine, TIMEOUT_S)
 
 
 def record(kernel: str, inputs: bytes, seed: int) -> tuple[list[tuple[int, bytes]], Outcome]:

@@ -66,6 +66,20 @@ def _desc(q: int, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> s
 """
 
 
+def _offer_first(q: int, device: int, index: int) -> str:
+    """Make descriptor 0 of queue `q` available and notify queue `index`
+    of `device`; the new avail index stays in ax for the wait on used."""
+    return f"""
+    mov ax, word ptr [{q + 0x402:#x}]
+    movzx ecx, ax
+    and ecx, 7
+    mov word ptr [{q + 0x404:#x} + ecx * 2], 0
+    inc ax
+    mov word ptr [{q + 0x402:#x}], ax
+    mov dword ptr [{device + 0x50:#x}], {index}
+"""
+
+
 NEXT, WRITE = 1, 2
 
 BODY = rf"""
@@ -137,15 +151,7 @@ loop:
     mov byte ptr [{TXBUF + 12 + 18:#x}], al
     mov eax, dword ptr [{READBACK:#x}]
     mov dword ptr [{TXBUF + 12 + 19:#x}], eax
-{_desc(TX_Q, 0, TXBUF, 12 + 60, 0)}
-    mov ax, word ptr [{TX_Q + 0x402:#x}]
-    movzx ecx, ax
-    and ecx, 7
-    mov word ptr [{TX_Q + 0x404:#x} + ecx * 2], 0
-    inc ax
-    mov word ptr [{TX_Q + 0x402:#x}], ax
-    mov dword ptr [{NET + 0x50:#x}], 1
-3:  cmp word ptr [{TX_Q + 0x802:#x}], ax
+{_desc(TX_Q, 0, TXBUF, 12 + 60, 0)}{_offer_first(TX_Q, NET, 1)}3:  cmp word ptr [{TX_Q + 0x802:#x}], ax
     jne 3b
     call post_rx
     jmp loop
@@ -171,15 +177,7 @@ blk:
     inc dword ptr [0x360004]
     ret
 
-post_rx:
-    mov ax, word ptr [{RX_Q + 0x402:#x}]
-    movzx ecx, ax
-    and ecx, 7
-    mov word ptr [{RX_Q + 0x404:#x} + ecx * 2], 0
-    inc ax
-    mov word ptr [{RX_Q + 0x402:#x}], ax
-    mov dword ptr [{NET + 0x50:#x}], 0
-    ret
+post_rx:{_offer_first(RX_Q, NET, 0)}    ret
 """
 
 

@@ -9,7 +9,6 @@ stream (exit 1, one line, MIGRATION failed)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,10 @@ import time
 import pytest
 
 from pyvmm.api.client import QmpClient, QmpError
-from pyvmm.migration import stream
 
 from tests.api.counterguest import counts
 from tests.api.qmpvm import REPO, free_tcp_port
-from tests.migration.test_live import Vm, _wait_done, kernel
-
-
-@pytest.fixture
-def vms():
-    """Vm(...) children (test_live.py's), killed at the end if still there."""
-    made: list[Vm] = []
-    yield lambda *a, **k: made.append(Vm(*a, **k)) or made[-1]
-    for vm in made:
-        vm.close()
+from tests.migration.test_live import _refuses_an_oversized_record, _wait_done, kernel, vms  # noqa: F401  (fixture)
 
 
 def _wait_status(qmp: QmpClient, status: str, timeout: float = 60.0) -> None:
@@ -183,12 +172,7 @@ def test_defer_refuses_a_corrupt_stream_in_one_line(vms, tmp_path):
     dq = QmpClient(dsock)
     path = str(tmp_path / "junk.sock")
     dq.execute("migrate-incoming", {"uri": f"unix:{path}"})
-    dst.wait_stderr(b"waiting for an incoming migration")
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
-        s.sendall(stream.header() + stream.RECORD.pack(stream.CONFIG, 1 << 30, 0))
-        assert s.makefile("rb").readline().startswith(b"ERR ")
-    assert dst.proc.wait(30) == 1
+    _refuses_an_oversized_record(dst, path)
     err = bytes(dst.err).strip().splitlines()
     assert err[-1].startswith(b"pyvmm: error: ") and b"over its limit" in err[-1], err
     assert b"Traceback" not in dst.err and counts(dst.out) == []

@@ -84,6 +84,7 @@ class Vm:
 
 @pytest.fixture
 def vms():
+    """Vm(...) children, killed at the end if still there."""
     made: list[Vm] = []
     yield lambda *a, **k: made.append(Vm(*a, **k)) or made[-1]
     for vm in made:
@@ -93,6 +94,16 @@ def vms():
 def _uri(kind: str, tmp_path) -> str:
     return f"unix:{tmp_path}/mig.sock" if kind == "unix" else f"tcp:127.0.0.1:{free_tcp_port()}"
 
+
+def _refuses_an_oversized_record(dst: Vm, path: str) -> None:
+    """Once `dst` listens at unix `path`, send it a stream whose first
+    record claims 1 GiB: it must answer ERR and exit 1."""
+    dst.wait_stderr(b"waiting for an incoming migration")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(stream.header() + stream.RECORD.pack(stream.CONFIG, 1 << 30, 0))
+        assert s.makefile("rb").readline().startswith(b"ERR ")
+    assert dst.proc.wait(30) == 1
 
 def _wait_done(qmp: QmpClient, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
@@ -197,12 +208,7 @@ def test_corrupt_stream_is_one_line_and_source_continues(vms, tmp_path):
     # garbage straight into a destination
     path = str(tmp_path / "junk.sock")
     junk = vms(False, "--incoming", f"unix:{path}")
-    junk.wait_stderr(b"waiting for an incoming migration")
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
-        s.sendall(stream.header() + stream.RECORD.pack(stream.CONFIG, 1 << 30, 0))
-        assert s.makefile("rb").readline().startswith(b"ERR ")
-    assert junk.proc.wait(30) == 1
+    _refuses_an_oversized_record(junk, path)
     assert b"over its limit" in junk.err and b"Traceback" not in junk.err
 
 

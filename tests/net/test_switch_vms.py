@@ -86,6 +86,21 @@ def run(g: GuestSession, command: str, pattern: str, timeout: float = 600) -> re
     return g.expect(pattern, timeout=timeout, after=sent)
 
 
+def stop_switch(name: str, rundir: Path) -> None:
+    """Stop switch `name` (if still up), wait briefly for its control
+    socket to go, and remove its private run directory."""
+    try:
+        query_status(name, rundir, request=b"stop")
+    except SwitchError:
+        pass
+    end = time.monotonic() + 10
+    while (rundir / f"{name}.ctl").exists() and time.monotonic() < end:
+        time.sleep(0.1)
+    for p in rundir.iterdir():
+        p.unlink()
+    rundir.rmdir()
+
+
 class Guests:
     """What the module's tests share: the booted guests and the switches."""
 
@@ -133,16 +148,7 @@ def guests():
             shared.q.kill()
         if team is not None:
             team.close()
-        try:
-            query_status(SWITCH, rundir, request=b"stop")
-        except SwitchError:
-            pass
-        end = time.monotonic() + 10
-        while (rundir / f"{SWITCH}.ctl").exists() and time.monotonic() < end:
-            time.sleep(0.1)
-        for p in rundir.iterdir():
-            p.unlink()
-        rundir.rmdir()
+        stop_switch(SWITCH, rundir)
 
 
 def test_bt_and_hybrid_guests_ping_and_transfer_a_file(guests):

@@ -17,6 +17,7 @@ from pyvmm.snapshot import file as snapfile
 from pyvmm.snapshot import lazymap
 
 from tests.api.counterguest import CounterVm
+from tests.procself import mapping_count, open_fds, rss_kib
 
 ENGINES = ["bt", "hw", "hybrid"]
 FILL_GPA = 0x1000000
@@ -153,21 +154,6 @@ def test_bad_files_are_refused_in_one_line_and_the_vm_runs_on(tmp_path, counter_
     assert not os.path.exists(tmp_path / "x.snap")
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _rss_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _maps() -> int:
-    return sum(1 for _ in open("/proc/self/maps"))
-
-
 def test_a_hundred_save_load_cycles_leak_nothing(tmp_path, counter_vm):
     vm = counter_vm("bt")
     full, diff = str(tmp_path / "full.snap"), str(tmp_path / "diff.snap")
@@ -188,14 +174,14 @@ def test_a_hundred_save_load_cycles_leak_nothing(tmp_path, counter_vm):
     for i in range(5):                                     # warm up: imports, caches, the freer thread
         cycle(i)
     lazymap.wait_freed()
-    fds, threads, maps, rss = _fds(), threading.active_count(), _maps(), _rss_kib()
+    fds, threads, maps, rss = open_fds(), threading.active_count(), mapping_count(), rss_kib()
     for i in range(100):
         cycle(i)
     lazymap.wait_freed()
-    assert _fds() == fds
+    assert open_fds() == fds
     assert threading.active_count() == threads
-    assert _maps() <= maps + 4
-    assert _rss_kib() - rss < 16 << 10, (rss, _rss_kib())  # KiB: far below a hundred copies of 8 MiB
+    assert mapping_count() <= maps + 4
+    assert rss_kib() - rss < 16 << 10, (rss, rss_kib())  # KiB: far below a hundred copies of 8 MiB
     c = vm.counter()
     assert _runs_on(vm) == [c + 1, c + 2]
 
