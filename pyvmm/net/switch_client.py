@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +124,10 @@ class StreamPort:
         self.label = label
         self.decoder = StreamDecoder(MAX_FRAME)
         self.out = bytearray()
+        # send() runs on a vCPU thread, the retry on the event loop: the queue
+        # is theirs in turn (sock.send exports `out` while the GIL is let go,
+        # and a bytearray with an export cannot grow: BufferError).
+        self._out_lock = threading.Lock()
         self._retry = None
         self._callback: FrameHandler | None = None
         self.rx_frames = self.tx_frames = 0
@@ -135,16 +140,18 @@ class StreamPort:
                 f"{'connected' if self.connected else 'closed'})")
 
     def send(self, frame: bytes) -> None:
-        """Queues one frame and writes what the socket takes now."""
-        if not self.connected or len(self.out) > OUT_LIMIT:
-            self.tx_dropped += 1
-            return
-        self.out += LENGTH.pack(len(frame))
-        self.out += frame
-        self.tx_frames += 1
-        self._flush()
+        """Queues one frame and writes what the socket takes now. Any thread."""
+        with self._out_lock:
+            if not self.connected or len(self.out) > OUT_LIMIT:
+                self.tx_dropped += 1
+                return
+            self.out += LENGTH.pack(len(frame))
+            self.out += frame
+            self.tx_frames += 1
+            self._flush()
 
     def _flush(self) -> None:
+        """Writes what the socket takes of the queue; under _out_lock."""
         if not self.out or not self.connected:
             return
         try:
@@ -159,8 +166,9 @@ class StreamPort:
             self._retry = self.loop.call_later(RETRY_DELAY, self._on_retry)
 
     def _on_retry(self) -> None:
-        self._retry = None
-        self._flush()
+        with self._out_lock:
+            self._retry = None
+            self._flush()
 
     def on_receive(self, callback: FrameHandler) -> None:
         """Starts reading frames on the loop, each passed to callback."""

@@ -21,6 +21,7 @@ import pytest
 from pyvmm.config import NetConfig, VmConfig, parse_net, parse_qemu_nets
 from pyvmm.errors import ConfigError
 from pyvmm.loop import EventLoop
+from pyvmm.net.framing import LENGTH
 from pyvmm.net.port import NetError
 from pyvmm.net.switch_client import StreamPort, connect_switch
 from pyvmm.net.switchd import SwitchError, query_status
@@ -143,3 +144,63 @@ def test_a_switch_that_goes_away_disconnects_the_nic_without_raising(rundir):
     finally:
         port.close()
         loop.close()
+
+
+def test_a_vcpu_sending_while_the_loop_retries_a_full_socket_never_raises():
+    """send() runs on a vCPU thread and the queued tail's retry on the event
+    loop; with the peer reading slowly both touch the queue at once (found
+    as a BufferError that killed a Linux guest's vCPU: the queue cannot grow
+    while sock.send has it exported).  Every frame sent arrives, in order."""
+    import socket as socketlib
+    ours, peer = socketlib.socketpair()
+    peer.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+    port = StreamPort(ours, loop=None, label="race")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def retry_forever() -> None:          # what the loop's call_later does, as often as it can
+        while not done.is_set():
+            try:
+                port._on_retry()
+            except BaseException as e:    # noqa: BLE001  (the failure under test)
+                errors.append(e)
+                return
+
+    got = bytearray()
+
+    def read_slowly() -> None:
+        while not done.is_set() or len(got) < expected:
+            peer.settimeout(2)
+            try:
+                chunk = peer.recv(512)
+            except OSError:
+                return
+            if not chunk:
+                return
+            got.extend(chunk)
+            time.sleep(0.0005)
+
+    frames = [bytes([i % 251]) * (60 + i % 1400) for i in range(3000)]
+    expected = sum(LENGTH.size + len(f) for f in frames)
+    threads = [threading.Thread(target=retry_forever), threading.Thread(target=read_slowly)]
+    for t in threads:
+        t.start()
+    try:
+        for f in frames:
+            while len(port.out) > 256 << 10:      # keep under OUT_LIMIT: nothing dropped
+                time.sleep(0.0005)
+            port.send(f)
+            if errors:
+                break
+        deadline = time.monotonic() + 30
+        while port.out and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+        ours.close()
+        peer.close()
+    assert not errors, repr(errors[0])
+    assert port.tx_dropped == 0
+    assert len(got) == expected
