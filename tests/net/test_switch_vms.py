@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.errors import VmmError
 from pyvmm.guest.initramfs import ensure_default_initramfs
 from pyvmm.net.switchd import SwitchError, query_status
 
@@ -131,11 +132,16 @@ def guests():
             q.expect("PYVMM-INIT-READY", timeout=600)
             run(q, "cat /sys/class/net/eth0/address", rf"\n{QEMU_MAC}\r?\n")
             run(q, "ip addr add 10.0.3.3/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
-            for g in (a, b):
-                g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
-            macs = [run(g, "cat /sys/class/net/eth0/address", MAC_RE).group(1) for g in (a, b)]
-            for g, addr in ((a, "10.0.3.1"), (b, "10.0.3.2")):
-                run(g, f"ip addr add {addr}/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
+            try:
+                for g in (a, b):
+                    g.expect("PYVMM-INIT-READY", timeout=TIMEOUT)
+                macs = [run(g, "cat /sys/class/net/eth0/address", MAC_RE).group(1) for g in (a, b)]
+                for g, addr in ((a, "10.0.3.1"), (b, "10.0.3.2")):
+                    run(g, f"ip addr add {addr}/24 dev eth0 && ip link set eth0 up && echo NET-UP", r"\nNET-UP\r?\n")
+            except (AssertionError, VmmError) as e:
+                # Which guest ended, and what pyvmm said on the way out.
+                raise AssertionError(f"{e}\n--- bt guest (exit {a.proc.poll()}) stderr tail:\n{a.errors[-2000:]}"
+                                     f"\n--- hybrid guest (exit {b.proc.poll()}) stderr tail:\n{b.errors[-2000:]}") from None
             shared = Guests(rundir, a, b, q, macs, team)
             yield shared
             for g in (a, b):
