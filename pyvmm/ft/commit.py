@@ -34,20 +34,56 @@ def console_file_writer(path: str, truncate: bool) -> tuple[Writer, Callable[[],
     return (lambda offset, data: os.pwrite(fd, data, offset)), (lambda: os.close(fd))
 
 
-class OutputCommit:
+class _HeldOutputs:
+    """What OutputCommit and ItemCommit share: outputs held with the guest
+    position of the round that made them, let out (`_emit`, the subclass's)
+    once the backup acknowledged that position."""
+
+    def __init__(self, write, mode: str = HOLD):
+        self.write = write
+        self.mode = mode
+        self.pos = (0, 0)
+        self.released = 0         # what reached the outside (bytes or items)
+        self.newest = (-1, -1)    # position of the newest held output
+        self._held: deque[tuple[tuple[int, int], int, object]] = deque()
+        self._lock = threading.Lock()
+
+    def _hold(self, key: int, payload) -> None:
+        """Under _lock: lets `payload` out now when live, else holds it."""
+        if self.mode == LIVE:
+            self._emit(key, payload)
+            return
+        self._held.append((self.pos, key, payload))
+        self.newest = self.pos
+
+    def acknowledged(self, pos: tuple[int, int]) -> None:
+        """Primary: the backup holds the log up to `pos`; what was made in
+        rounds at or before it goes out."""
+        with self._lock:
+            while self._held and self._held[0][0] <= pos:
+                _, key, payload = self._held.popleft()
+                self._emit(key, payload)
+
+    def release_all(self) -> None:
+        """Primary without a backup: everything goes out, and from now on at once."""
+        with self._lock:
+            while self._held:
+                _, key, payload = self._held.popleft()
+                self._emit(key, payload)
+            self.mode = LIVE
+
+    def _emit(self, key: int, payload) -> None:
+        raise NotImplementedError
+
+
+class OutputCommit(_HeldOutputs):
     """One console stream's held output. output() runs on the vCPU thread,
     acknowledged() on the channel's; `pos` is the guest position of the
     round running now (set by the recorder or replayer at each round)."""
 
     def __init__(self, write: Writer, mode: str = HOLD):
-        self.write = write
-        self.mode = mode
-        self.pos = (0, 0)
+        super().__init__(write, mode)
         self.offset = 0           # bytes the guest has written
-        self.released = 0         # bytes that reached the outside
-        self.newest = (-1, -1)    # position of the newest held write
-        self._held: deque[tuple[tuple[int, int], int, bytes]] = deque()
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OutputCommit({self.mode}, offset={self.offset}, released={self.released}, held={len(self._held)})"
@@ -56,27 +92,7 @@ class OutputCommit:
         with self._lock:
             offset = self.offset
             self.offset += len(data)
-            if self.mode == LIVE:
-                self._emit(offset, data)
-                return
-            self._held.append((self.pos, offset, data))
-            self.newest = self.pos
-
-    def acknowledged(self, pos: tuple[int, int]) -> None:
-        """Primary: the backup holds the log up to `pos`; what was written in
-        rounds at or before it goes out."""
-        with self._lock:
-            while self._held and self._held[0][0] <= pos:
-                _, offset, data = self._held.popleft()
-                self._emit(offset, data)
-
-    def release_all(self) -> None:
-        """Primary without a backup: everything goes out, and from now on at once."""
-        with self._lock:
-            while self._held:
-                _, offset, data = self._held.popleft()
-                self._emit(offset, data)
-            self.mode = LIVE
+            self._hold(offset, data)
 
     def trim(self, released: int) -> None:
         """Backup: the primary reported `released` bytes out; they need not be kept."""
@@ -104,21 +120,15 @@ class OutputCommit:
         self.released = max(self.released, offset + len(data))
 
 
-class ItemCommit:
+class ItemCommit(_HeldOutputs):
     """Held outputs that are whole items (frames out of a NIC, disk work of
     a drive) rather than bytes: the n-th item the guest made is n on both
     members, so `released` counts items.  Same calls as OutputCommit;
     `write(index, item)` lets one out."""
 
     def __init__(self, write: Callable[[int, object], None], mode: str = HOLD):
-        self.write = write
-        self.mode = mode
-        self.pos = (0, 0)
+        super().__init__(write, mode)
         self.count = 0            # items the guest has made
-        self.released = 0         # items let out (in order)
-        self.newest = (-1, -1)
-        self._held: deque[tuple[tuple[int, int], int, object]] = deque()
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ItemCommit({self.mode}, count={self.count}, released={self.released}, held={len(self._held)})"
@@ -127,24 +137,7 @@ class ItemCommit:
         with self._lock:
             index = self.count
             self.count += 1
-            if self.mode == LIVE:
-                self._emit(index, item)
-                return
-            self._held.append((self.pos, index, item))
-            self.newest = self.pos
-
-    def acknowledged(self, pos: tuple[int, int]) -> None:
-        with self._lock:
-            while self._held and self._held[0][0] <= pos:
-                _, index, item = self._held.popleft()
-                self._emit(index, item)
-
-    def release_all(self) -> None:
-        with self._lock:
-            while self._held:
-                _, index, item = self._held.popleft()
-                self._emit(index, item)
-            self.mode = LIVE
+            self._hold(index, item)
 
     def trim(self, released: int) -> None:
         """Backup: the primary let `released` items out; they need not be kept."""
