@@ -102,7 +102,7 @@ class Console:
 
 class _ClassOrInstanceMethod:
     """A method name with one meaning on the class and another on an
-    instance: `VM.restore(path)` builds a VM, `vm.restore(tag)` acts on one."""
+    instance: `VM.restore(path)` builds a VM, `vm.restore(...)` acts on one."""
 
     def __init__(self, on_class, on_instance):
         self._on_class = on_class          # a classmethod object
@@ -309,18 +309,34 @@ class VM:
             raise VmmError("snapshot: the VM has no writable drive to keep it")
         return drive or devices[0], devices
 
-    def snapshot(self, tag: str, drive: str | None = None, devices: list[str] | None = None,
-                 timeout: float = 600.0) -> None:
-        """Saves the whole VM as internal snapshot `tag` of its qcow2 drives
-        (the VM state on `drive`, default the first writable one).
-        Raises QmpError."""
+    def snapshot(self, path: str | None = None, *, diff: bool = False, tag: str | None = None,
+                 drive: str | None = None, devices: list[str] | None = None, timeout: float = 600.0):
+        """vm.snapshot(path): saves the whole VM into snapshot file `path`,
+        its writable qcow2 disks with it (an internal snapshot each, which
+        loading the file reverts to); diff: only the pages written since
+        the last save or load. Returns {"size", "runs", "kind"}.
+        vm.snapshot(tag=T): QEMU's snapshot-save instead: the VM state into
+        qcow2 drive `drive` (default the first writable one) and internal
+        snapshot T on every drive in `devices`. Raises QmpError."""
+        if (path is None) == (tag is None):
+            raise TypeError("snapshot() takes a path or tag=..., not both")
+        if path is not None:
+            return self.save(path, diff=diff)
         drive, devices = self._drives(drive, devices)
         self._job("snapshot-save", timeout, tag=tag, vmstate=drive, devices=devices)
+        return None
 
-    def _restore_tag(self, tag: str, drive: str | None = None, devices: list[str] | None = None,
-                     timeout: float = 600.0) -> None:
-        """vm.restore(tag): brings the running VM back to internal snapshot
-        `tag` of its qcow2 drives (snapshot(tag) made it). Raises QmpError."""
+    def _restore_into(self, path: str | None = None, *, tag: str | None = None, drive: str | None = None,
+                      devices: list[str] | None = None, timeout: float = 600.0) -> None:
+        """vm.restore(path): the running or paused VM goes back to snapshot
+        file `path` (vm.snapshot(path) wrote it), its qcow2 disks too.
+        vm.restore(tag=T): back to the qcow2 internal snapshot T
+        (snapshot-load). A paused VM stays paused. Raises QmpError."""
+        if (path is None) == (tag is None):
+            raise TypeError("restore() on a VM takes a path or tag=..., not both")
+        if path is not None:
+            self.load(path)
+            return
         drive, devices = self._drives(drive, devices)
         self._job("snapshot-load", timeout, tag=tag, vmstate=drive, devices=devices)
 
@@ -343,8 +359,8 @@ class VM:
         return cls.from_snapshot(path, **kw)
 
     # VM.restore(path, engine=...) makes a VM from a snapshot file; on a VM,
-    # vm.restore(tag) loads a qcow2 internal snapshot into it, as before.
-    restore = _ClassOrInstanceMethod(_restore_file, _restore_tag)
+    # vm.restore(path) or vm.restore(tag=...) takes it back in place.
+    restore = _ClassOrInstanceMethod(_restore_file, _restore_into)
 
     def save(self, path: str, diff: bool = False) -> dict:
         """Saves the whole VM into snapshot file `path` (diff: only the pages

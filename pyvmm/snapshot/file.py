@@ -5,8 +5,10 @@ the same for 512 MiB as for 2 GiB.
 Format version 2 (vmstate.py's framing: header, then sections of 4s name,
 u64 length, u32 CRC-32, payload; integers big-endian):
 
-    META  JSON: vmstate.py's fields, plus kind "full"|"diff", id (hex), and
-          for a diff parent {"path": absolute path, "id": its id}
+    META  JSON: vmstate.py's fields, plus kind "full"|"diff", id (hex),
+          for a diff parent {"path": absolute path, "id": its id}, and
+          disks: the writable drives as saved (filedisks.py; absent in
+          files saved before it, which restore with the disks as they are)
     CPUS  JSON: one CpuState per vCPU
     DEVS  JSON: {device name: its save() envelope}
     PLAT  JSON: the interrupt platform in engine-neutral terms, or null, so
@@ -49,7 +51,7 @@ from typing import TYPE_CHECKING
 
 from .. import hotplugged
 from ..device import DeviceStateError
-from . import crossengine, lazymap, vmstate
+from . import crossengine, filedisks, lazymap, vmstate
 from .vmstate import HEADER, MAGIC, SECTION, VmStateError
 
 if TYPE_CHECKING:
@@ -227,6 +229,7 @@ def save_file(machine: "Machine", path: str, diff: bool = False) -> dict:
         runs = _written_runs(machine) if diff else _chunk_runs(machine)
         meta = {**vmstate._meta(machine), "kind": "diff" if diff else "full", "id": uuid.uuid4().hex,
                 "parent": parent if diff else None, "saved": time.time()}
+        meta["disks"] = filedisks.capture(machine, meta["id"])     # memory and disks agree on restore
         small = [(b"META", json.dumps(meta).encode()), (b"CPUS", json.dumps(cpus).encode()),
                  (b"DEVS", json.dumps(devices).encode()),
                  (b"PLAT", json.dumps(crossengine.take(machine)).encode())]
@@ -258,6 +261,7 @@ def save_file(machine: "Machine", path: str, diff: bool = False) -> dict:
             os.replace(tmp, path)
         except OSError as e:
             _unlink(tmp)
+            filedisks.forget(machine, meta["disks"])
             raise VmStateError(f"{path}: cannot write the snapshot: {e.strerror or e}") from None
         finally:
             for v in views:
@@ -323,6 +327,7 @@ def load_file(machine: "Machine", path: str, verify: bool = False) -> float:
     sections, platform = crossengine.adapt(machine, last.sections)
     cpus, devices = vmstate.check_sections(machine, sections)
     replug = vmstate.to_replug(machine, sections)
+    disks = last.meta.get("disks", [])
     for f in chain:
         for gpa, n, _ in f.runs:
             if not machine.memory.is_ram(gpa, n):
@@ -335,6 +340,7 @@ def load_file(machine: "Machine", path: str, verify: bool = False) -> float:
         with machine.lock:
             plugged = vmstate.replug_or_refuse(machine, replug)   # device_add's devices, into their slots
             try:
+                to_revert = filedisks.check(machine, disks, path)  # replugged drives included
                 spares += _map_ram(machine, chain, fds)
             except BaseException:
                 for ident in plugged:
@@ -344,6 +350,7 @@ def load_file(machine: "Machine", path: str, verify: bool = False) -> float:
                 vmstate.restore_devices_and_cpus(machine, devices, cpus)
             except DeviceStateError as e:
                 raise VmStateError(f"{path}: {e}") from None
+            filedisks.revert(to_revert, path)
             if platform is not None:                # saved under an engine on the other side of hw
                 crossengine.give(machine, platform)
             machine.snapshot_parent = {"path": os.path.abspath(last.path), "id": last.id}

@@ -28,14 +28,14 @@ def test_vm_api_round_trip(tmp_path):
         vm.pause()
         assert vm.status() == "paused" and vm.wait_event("STOP")["event"] == "STOP"
         saved = int(vm.hmp(f"xp /1xw {COUNTER:#x}").split()[1], 16)
-        vm.snapshot("t1")
+        vm.snapshot(tag="t1")
         assert vm.status() == "paused"
         vm.resume()
         vm.wait_event("RESUME")
         vm.console.expect(rf"{saved + 4:08X}\r?\n", timeout=30)
         vm.pause()
         mark = vm.console.mark()
-        vm.restore("t1")                                   # paused it stays paused
+        vm.restore(tag="t1")                                   # paused it stays paused
         assert vm.status() == "paused"
         vm.resume()
         vm.console.expect(r"([0-9A-F]{8}\r?\n){3}", timeout=30, after=mark)
@@ -45,9 +45,28 @@ def test_vm_api_round_trip(tmp_path):
             vm.qmp("no-such-command")
         assert err.value.error_class == "CommandNotFound"
         with pytest.raises(QmpError, match="already exists"):
-            vm.snapshot("t1")
+            vm.snapshot(tag="t1")
         assert re.search(r"\bt1\b", vm.hmp("info snapshots"))
+        # The file form: vm.snapshot(path) and vm.restore(path) on the same VM.
+        path = str(tmp_path / "vm.snap")
+        vm.pause()
+        saved = int(vm.hmp(f"xp /1xw {COUNTER:#x}").split()[1], 16)
+        assert vm.snapshot(path)["kind"] == "full"
+        vm.resume()
+        vm.console.expect(rf"{saved + 3:08X}\r?\n", timeout=30)
+        vm.pause()
+        mark = vm.console.mark()
+        vm.restore(path)
+        vm.resume()
+        vm.console.expect(r"([0-9A-F]{8}\r?\n){2}", timeout=30, after=mark)
+        # (the first line after the mark may be the tail of one the save cut)
+        got = counts(vm.console.output.encode()[mark:])
+        assert got[0] in (saved + 1, saved + 2) and got == list(range(got[0], got[0] + len(got))), (saved, got)
+        with pytest.raises(TypeError):
+            vm.snapshot(path, tag="t2")
         assert vm.stop() == 0
+    from pyvmm.snapshot.file import read_header
+    assert [d["id"] for d in read_header(path).meta["disks"]] == ["disk0"]      # the disk went with it
     assert vm.proc.returncode == 0
 
 

@@ -3,7 +3,7 @@ file saved from a running counter guest (tests/api/counterguest.py) becomes
 a new VM that counts on from the very character the saved one stopped at,
 under bt and under hybrid; cpus, mem and the default engine come from the
 file. A bad file is a one-line error before anything starts, and
-vm.restore(tag) on a running VM keeps its qcow2 meaning
+vm.restore(path) and vm.restore(tag=...) on a running VM
 (tests/api/test_vm_api.py covers that)."""
 
 from __future__ import annotations
