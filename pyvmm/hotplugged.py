@@ -103,14 +103,17 @@ def missing(machine: "Machine", saved: object) -> list[dict]:
 
 def plug_function(machine: "Machine", function, ident: str, slot: int | None = None) -> int:
     """Puts a built virtio function into `slot` (None: the first free one)
-    of bus 0, wires its interrupts and names it; returns the slot. The
+    of bus 0, wires its interrupts (under hw: through eventfds, as the
+    built machine's functions) and names it; returns the slot. The
     caller holds machine.lock. Raises ConfigError when the slot is taken."""
     from .builder import _irq
     from .devices.pci.host import intx_gsi
+    from .devices.virtio.kvm_eventfds import attach_function
     bridge = machine.devices["pci_host"]
     slot = bridge.add(function, ident, slot)
     function.irq = _irq(machine, intx_gsi(slot))
     function.msi = lambda address, data: machine.engine.signal_msi(address, data) if machine.engine else None
+    attach_function(machine, function)
     machine.devices[key(ident)] = function
     return slot
 
@@ -168,6 +171,8 @@ def unplug(machine: "Machine", ident: str) -> int | None:
     if slot is None:
         return None
     function = bridge.functions[slot]
+    from .devices.virtio.kvm_eventfds import detach_function
+    detach_function(machine, function)        # its ioeventfds and irqfds off the VM, first
     function.config_write(4, 2, 0)            # decoding off: remap() takes its BARs off the buses
     bridge.remap(slot)
     del bridge.functions[slot], bridge.names[slot]

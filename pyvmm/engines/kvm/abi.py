@@ -101,6 +101,7 @@ class IoEventFd(ctypes.Structure):
                 ("flags", u32), ("pad", u8 * 36)]
 
 
+IOEVENTFD_FLAG_DATAMATCH = 1 << 0      # signal only when the value written equals datamatch
 IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 

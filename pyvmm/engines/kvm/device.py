@@ -111,12 +111,15 @@ class KvmVm:
         all software-disabled; KVM drops it then)."""
         return ioctl(self.fd, abi.SIGNAL_MSI, abi.Msi(address & 0xFFFFFFFF, address >> 32, data))
 
-    def ioeventfd(self, addr: int, length: int, fd: int, deassign: bool = False) -> None:
+    def ioeventfd(self, addr: int, length: int, fd: int, deassign: bool = False,
+                  datamatch: int | None = None) -> None:
         """KVM_IOEVENTFD on MMIO: a guest write of `length` bytes at `addr`
-        (any value) signals eventfd `fd` in the kernel, with no exit to
-        pyvmm. Raises OSError."""
-        ioctl(self.fd, abi.IOEVENTFD, abi.IoEventFd(0, addr, length, fd,
-                                                    abi.IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
+        (any value, or only the value `datamatch`) signals eventfd `fd` in
+        the kernel, with no exit to pyvmm. Raises OSError."""
+        flags = abi.IOEVENTFD_FLAG_DEASSIGN if deassign else 0
+        if datamatch is not None:
+            flags |= abi.IOEVENTFD_FLAG_DATAMATCH
+        ioctl(self.fd, abi.IOEVENTFD, abi.IoEventFd(datamatch or 0, addr, length, fd, flags))
 
     def irqfd(self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None) -> None:
         """KVM_IRQFD: a write to eventfd `fd` raises GSI `gsi` (through the
