@@ -178,7 +178,14 @@ def human_monitor_command(t: Target, args: dict) -> str:
 
 
 def hmp_info_status(t: Target, word: str, rest: str) -> str:
-    return f"VM status: {_status_name(_machine(t))}\r\n"
+    """QEMU's wording: "running", "paused", or "paused (STATE)" for any
+    other stopped state (prelaunch, inmigrate, postmigrate, shutdown).
+    Read from the registry's query-status, which migration overrides."""
+    info = COMMANDS["query-status"].run(t, {})
+    state = "running" if info["running"] else "paused"
+    if not info["running"] and info["status"] != "paused":
+        state += f" ({info['status']})"
+    return f"VM status: {state}\r\n"
 
 
 # HMP commands by name ("info X" for info): fn(target, first word, the rest) -> output.

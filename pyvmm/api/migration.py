@@ -5,8 +5,10 @@ ms, max-bandwidth in bytes/s), query-migrate-parameters, and the
 MIGRATION event for every status.  The work is migration/sender.py's, on a
 thread of its own so query-migrate answers while it runs.
 On a destination started with `--incoming defer`, migrate-incoming (uri,
-or QEMU's channels) starts the receiving side (migration/incoming.py);
-query-status says "inmigrate" until the received guest runs.
+or QEMU's channels; exit-on-error, default true) starts the receiving side
+(migration/incoming.py); query-status says "inmigrate" until the received
+guest runs, and stays so after a failed migration that did not exit (as
+QEMU: the guest is not whole, so it never runs).
 
 After a completed migration the source stays paused with status
 "postmigrate": `cont` is refused there, since the destination owns the
@@ -66,7 +68,9 @@ def migrate(t: Target, args: dict) -> dict:
     return {}
 
 
-INMIGRATE = ("none", "setup", "active")     # an incoming migration's statuses before the guest is whole
+# An incoming migration's statuses while its guest is not whole: waiting,
+# loading, or failed (with exit-on-error false the destination stays up).
+INMIGRATE = ("none", "setup", "active", "failed")
 
 
 def _uri_of_channels(channels: list) -> str:
@@ -95,7 +99,7 @@ def migrate_incoming(t: Target, args: dict) -> dict:
     if job.started:
         raise CommandError(ALREADY_STARTED)
     try:
-        job.start(uri)
+        job.start(uri, exit_on_error=args.get("exit-on-error", True))
     except MigrationError as e:
         raise CommandError(str(e)) from None
     t.migration = job           # query-migrate reports the destination's side
@@ -155,7 +159,7 @@ COMMANDS.update({c.name: c for c in [
     Command("migrate", migrate, RUNNING_OR_PAUSED,
             {"uri": (str, True), "detach": (bool, False), "blk": (bool, False), "inc": (bool, False)}),
     Command("migrate-incoming", migrate_incoming,
-            args={"uri": (str, False), "channels": (list, False)}),
+            args={"uri": (str, False), "channels": (list, False), "exit-on-error": (bool, False)}),
     Command("query-migrate", query_migrate),
     Command("migrate_cancel", migrate_cancel),
     Command("migrate-set-parameters", migrate_set_parameters,

@@ -291,10 +291,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     incoming = [getattr(args, "incoming", None)]
     restore = [getattr(args, "restore", None)]
     deferred = incoming[0] == "defer"
-    if deferred:
-        incoming[0] = None              # not received in announce(): serve() waits for migrate-incoming
-        if not cfg.qmp:
-            raise ConfigError("--incoming defer needs a --qmp socket (migrate-incoming says where to listen)")
+    listen_at = None if deferred else incoming[0]
+    if deferred and not cfg.qmp:
+        raise ConfigError("--incoming defer needs a --qmp socket (migrate-incoming says where to listen)")
+    if cfg.qmp:
+        # Not received in announce(): serve() receives once QMP answers, so
+        # that it says "inmigrate" while the destination waits, as QEMU's does.
+        incoming[0] = None
 
     def announce(machine) -> None:
         if cfg.verbose:
@@ -323,13 +326,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         serving.pop()
         from ..migration.incoming import IncomingMigration
         job = target.incoming = IncomingMigration(target.emit)
-        if not deferred:                # --incoming URI received already (announce above)
-            job.mark_done()
-            target.migration = job
-            return
-        print("pyvmm: waiting for migrate-incoming on the QMP socket", file=sys.stderr, flush=True)
+        if deferred:
+            print("pyvmm: waiting for migrate-incoming on the QMP socket", file=sys.stderr, flush=True)
+        else:                           # --incoming URI: as QEMU, it exits on error
+            job.start(listen_at)
+            target.migration = job      # query-migrate reports the destination's side
         if job.run(machine):
+            from ..api.hotplug import bind_ejects
             from ..migration.announce import announce_in_background
+            with target.lock:
+                bind_ejects(target)     # name the backends of devices the stream plugged back
             announce_in_background(machine)
 
     result = run_vm(cfg, Console(), on_machine=announce, on_serving=serve)

@@ -5,12 +5,19 @@ received as `--incoming URI` receives it (receiver.py).
 
 `IncomingMigration` is the destination's side for QMP: it is what
 query-migrate reports (none, setup, active, completed or failed), it emits
-a MIGRATION event for each status, and it refuses a second start."""
+a MIGRATION event for each status, and it refuses a second start.
+
+A failed migration ends the process with the error (QEMU's default), or,
+when migrate-incoming said exit-on-error false (QEMU 9.1), leaves the
+destination up and "inmigrate", its guest never run, so that management
+reads the error from query-migrate and quits it over QMP."""
 
 from __future__ import annotations
 
 import socket
+import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 from .receiver import receive_on
@@ -35,6 +42,7 @@ class IncomingMigration:
         self.status = "none"
         self.error: str | None = None
         self.uri: MigrationUri | None = None
+        self.exit_on_error = True
         self._listener: socket.socket | None = None
 
     def __repr__(self) -> str:
@@ -61,29 +69,26 @@ class IncomingMigration:
         self.status = status
         self._emit("MIGRATION", {"status": status})
 
-    def start(self, uri_text: str) -> None:
-        """migrate-incoming: listens on `uri_text` now, so that a source may
-        connect as soon as this returns. Raises MigrationError (a bad URI, a
-        port in use, a second start); nothing is changed then."""
+    def start(self, uri_text: str, exit_on_error: bool = True) -> None:
+        """migrate-incoming (or the command line's `--incoming URI`): listens
+        on `uri_text` now, so that a source may connect as soon as this
+        returns. Raises MigrationError (a bad URI, a port in use, a second
+        start); nothing is changed then."""
         with self._lock:
             if self.started:
                 raise MigrationError(ALREADY_STARTED)
             uri = parse_uri(uri_text)
             self._listener = uri.listen()
             self.uri = uri
+            self.exit_on_error = exit_on_error
             self._set("setup")
         self._ready.set()
 
-    def mark_done(self) -> None:
-        """The command line's `--incoming URI` received already: a later
-        migrate-incoming is refused, query-migrate says completed."""
-        with self._lock:
-            self.status = "completed"
-
     def run(self, machine: "Machine") -> bool:
         """Waits for start(), then receives into `machine` (not yet run).
-        False when the machine was asked to stop first (QMP quit).
-        Raises MigrationError or StreamError (status failed)."""
+        False when the machine was asked to stop first (QMP quit), or when
+        the migration failed without exit-on-error and then was quit.
+        Raises MigrationError or StreamError (status failed, exit-on-error)."""
         while not self._ready.wait(WAIT_POLL_S):
             if machine.stopping:
                 return False
@@ -92,7 +97,17 @@ class IncomingMigration:
         except Exception as e:     # MigrationError, StreamError: the CLI prints them as one line
             self.error = str(e)
             self._set("failed")
-            raise
+            if self.exit_on_error:
+                raise
+            print(f"pyvmm: incoming migration failed (exit-on-error is false: waiting for quit): {e}",
+                  file=sys.stderr, flush=True)
+            self._wait_for_stop(machine)    # a half-loaded guest must never run
+            return False
         if loaded:
             self._set("completed")
         return loaded
+
+    @staticmethod
+    def _wait_for_stop(machine: "Machine") -> None:
+        while not machine.stopping:
+            time.sleep(WAIT_POLL_S)

@@ -5,6 +5,7 @@ and a node in use cannot be deleted."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -16,6 +17,10 @@ from pyvmm.storage.create import create_image
 from tests.storage.helpers import qemu_img
 
 from .counterguest import CounterVm
+
+# Plugging devices back is the engine-independent part of a restore; the
+# hybrid engine's saved state (KVM's registers, its bt side) must take it too.
+ENGINES = ["bt", pytest.param("hybrid", marks=pytest.mark.kvm)]
 
 
 def _vendor(vm: CounterVm, slot: int) -> int:
@@ -164,13 +169,18 @@ def test_hotplug_waits_for_the_guest_to_eject_through_acpi(tmp_path):
         vm.close()
 
 
-def _pending_del(tmp_path, name: str) -> tuple[CounterVm, int]:
+def _pending_del(tmp_path, name: str, engine: str = "bt", copy_of: str | None = None) -> tuple[CounterVm, int]:
     """A counter VM whose guest enabled the hotplug GPE, with hd1 plugged
-    and device_del asked for but not yet ejected by the guest."""
+    and device_del asked for but not yet ejected by the guest; its images
+    are new, or copies of VM `copy_of`'s (a snapshot file names its
+    drives' internal snapshots, so the VM that loads it needs them)."""
     disk, extra = tmp_path / f"{name}-disk.qcow2", tmp_path / f"{name}-extra.qcow2"
-    create_image(str(disk), "qcow2", 1 << 20)
-    create_image(str(extra), "qcow2", 1 << 20)
-    vm = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    for role, path in (("disk", disk), ("extra", extra)):
+        if copy_of:
+            shutil.copy(tmp_path / f"{copy_of}-{role}.qcow2", path)
+        else:
+            create_image(str(path), "qcow2", 1 << 20)
+    vm = CounterVm(engine, [DriveConfig(file=str(disk), id="disk0")])
     vm.wait_counts(1)
     vm.machine.io_bus.write(0x60E, 1, 0x2)                          # GPE0_EN: GPE 1
     vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "n1"}, file=str(extra))
@@ -179,11 +189,12 @@ def _pending_del(tmp_path, name: str) -> tuple[CounterVm, int]:
     return vm, slot
 
 
-def _like_the_source(tmp_path, slot: int) -> CounterVm:
+def _like_the_source(tmp_path, slot: int, engine: str = "bt") -> CounterVm:
     """What a destination is given before it takes the state: the source's
     devices, hd1 hotplugged into the same slot (as QEMU's destination is
-    started with the source's devices), but no removal asked for."""
-    dest, dest_slot = _pending_del(tmp_path, "dest")
+    started with the source's devices) on copies of its images, but no
+    removal asked for."""
+    dest, dest_slot = _pending_del(tmp_path, "dest", engine, copy_of="src")
     assert dest_slot == slot and dest.machine.io_bus.read(0xAE04, 4) == 0
     dest.qmp("stop")
     return dest
@@ -199,12 +210,13 @@ def _guest_ejects(vm: CounterVm, slot: int) -> None:
     assert vm.qmp("blockdev-del", **{"node-name": "n1"}) == {}      # the node is free again
 
 
-def test_a_pending_device_del_survives_a_snapshot_file(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_pending_device_del_survives_a_snapshot_file(tmp_path, engine):
     """device_del, then a snapshot before the guest ejected: loaded back
     into the same VM, and into another one given the same devices, the
     guest's eject still removes hd1 with DEVICE_DELETED from the VM that
     loaded it."""
-    src, slot = _pending_del(tmp_path, "src")
+    src, slot = _pending_del(tmp_path, "src", engine)
     dest = None
     try:
         assert src.qmp("device_del", id="hd1") == {}
@@ -215,7 +227,7 @@ def test_a_pending_device_del_survives_a_snapshot_file(tmp_path):
         _guest_ejects(src, slot)
         src.qmp("cont")
 
-        dest = _like_the_source(tmp_path, slot)
+        dest = _like_the_source(tmp_path, slot, engine)
         dest.qmp("x-snapshot-file-load", path=snap)
         _guest_ejects(dest, slot)
         dest.qmp("cont")
@@ -230,7 +242,7 @@ def test_a_pending_device_del_survives_a_migration(tmp_path):
     """The same through the migration stream, into a destination given only
     the source's command line: the stream's CONFIG record plugs hd1 back
     into its slot, the QMP server that then takes the machine (as `pyvmm
-    run --incoming` attaches it after the load) handles the guest's eject,
+    run --incoming` without --qmp attaches it after the load) handles the guest's eject,
     and DEVICE_DELETED comes from the destination only."""
     import io
     from pyvmm.api.qmp import QmpServer
@@ -268,7 +280,8 @@ def test_a_pending_device_del_survives_a_migration(tmp_path):
         dest.close()
 
 
-def test_a_vm_without_the_hotplugged_device_plugs_it_back_from_the_snapshot(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_vm_without_the_hotplugged_device_plugs_it_back_from_the_snapshot(tmp_path, engine):
     """A VM given only the source's command line (no hd1: what a new
     `pyvmm run --restore` is) loads a file saved with hd1 plugged and its
     device_del pending: hd1 goes back into its slot on the same image,
@@ -276,16 +289,16 @@ def test_a_vm_without_the_hotplugged_device_plugs_it_back_from_the_snapshot(tmp_
     is known by name (blockdev-del). With hd1's image gone the file is
     refused in one line and nothing is plugged."""
     import os
-    src, slot = _pending_del(tmp_path, "src")
-    disk = tmp_path / "other.qcow2"
-    create_image(str(disk), "qcow2", 1 << 20)
-    other = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    src, slot = _pending_del(tmp_path, "src", engine)
+    other = None
     try:
         assert src.qmp("device_del", id="hd1") == {}
         snap = str(tmp_path / "with-hd1.snap")
         src.qmp("stop")
         src.qmp("x-snapshot-file-save", path=snap)
-        src.close()                                     # as a killed source: hd1's image is free
+        src.close()                                     # as a killed source: its images are free
+        # The source's disk0, which holds the file's internal snapshot.
+        other = CounterVm(engine, [DriveConfig(file=str(tmp_path / "src-disk.qcow2"), id="disk0")])
         other.wait_counts(1)
         other.qmp("stop")
         assert "hd1" not in other.machine.devices and _vendor(other, slot) == 0xFFFF
@@ -310,10 +323,12 @@ def test_a_vm_without_the_hotplugged_device_plugs_it_back_from_the_snapshot(tmp_
         assert other.wait_counts(2, after=len(other.output))[0] in (before, before + 1)
     finally:
         src.close()
-        other.close()
+        if other is not None:
+            other.close()
 
 
-def test_pyvmm_run_restore_brings_back_a_hotplugged_disk(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pyvmm_run_restore_brings_back_a_hotplugged_disk(tmp_path, engine):
     """A second `pyvmm run --restore` process, started with the source's
     options only, has the hotplugged disk in its slot and under its node
     name: query-pci and query-block list it, the guest reads its config
@@ -324,7 +339,7 @@ def test_pyvmm_run_restore_brings_back_a_hotplugged_disk(tmp_path):
     disk, extra = tmp_path / "disk.qcow2", tmp_path / "extra.qcow2"
     create_image(str(disk), "qcow2", 1 << 20)
     create_image(str(extra), "qcow2", 1 << 20)
-    opts = {"kernel": kernel, "engine": "bt", "mem": 32, "drives": [{"file": str(disk), "id": "disk0"}]}
+    opts = {"kernel": kernel, "engine": engine, "mem": 32, "drives": [{"file": str(disk), "id": "disk0"}]}
     with VM(**opts, extra_args=["--no-reboot", "--no-bt-cache"]) as vm:
         vm.start()
         vm.console.expect(r"00000002\r?\n", timeout=30)
@@ -344,7 +359,8 @@ def test_pyvmm_run_restore_brings_back_a_hotplugged_disk(tmp_path):
         assert vm.qmp("query-status")["status"] == "running"
 
 
-def test_a_hotplugged_nic_is_plugged_back_on_its_backend_with_its_mac(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_hotplugged_nic_is_plugged_back_on_its_backend_with_its_mac(tmp_path, engine):
     """A snapshot of a VM with nic0 hotplugged on a stream backend, loaded
     by a VM without it: nic0 comes back in its slot with the same MAC,
     connected to the same backend, and device_del / netdev_del work."""
@@ -353,12 +369,10 @@ def test_a_hotplugged_nic_is_plugged_back_on_its_backend_with_its_mac(tmp_path):
     server.bind(str(tmp_path / "net.sock"))
     server.listen(2)
     server.settimeout(10)
-    disks = []
-    for name in ("a", "b"):
-        disks.append(tmp_path / f"{name}.qcow2")
-        create_image(str(disks[-1]), "qcow2", 1 << 20)
-    src = CounterVm("bt", [DriveConfig(file=str(disks[0]), id="disk0")])
-    other = CounterVm("bt", [DriveConfig(file=str(disks[1]), id="disk0")])
+    disks = [tmp_path / "a.qcow2", tmp_path / "b.qcow2"]
+    create_image(str(disks[0]), "qcow2", 1 << 20)
+    src = CounterVm(engine, [DriveConfig(file=str(disks[0]), id="disk0")])
+    other = None
     peers = []
     try:
         src.wait_counts(1)
@@ -371,6 +385,8 @@ def test_a_hotplugged_nic_is_plugged_back_on_its_backend_with_its_mac(tmp_path):
         snap = str(tmp_path / "nic.snap")
         src.qmp("stop")
         src.qmp("x-snapshot-file-save", path=snap)
+        shutil.copy(disks[0], disks[1])         # disk0 with the file's internal snapshot, for a second VM
+        other = CounterVm(engine, [DriveConfig(file=str(disks[1]), id="disk0")])
         other.wait_counts(1)
         other.qmp("stop")
         other.qmp("x-snapshot-file-load", path=snap)
@@ -386,20 +402,22 @@ def test_a_hotplugged_nic_is_plugged_back_on_its_backend_with_its_mac(tmp_path):
         other.wait_counts(2, after=len(other.output))
     finally:
         src.close()
-        other.close()
+        if other is not None:
+            other.close()
         for p in peers:
             p.close()
         server.close()
 
 
-def test_loadvm_plugs_a_hotplugged_disk_back_and_reverts_it_with_the_others(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_loadvm_plugs_a_hotplugged_disk_back_and_reverts_it_with_the_others(tmp_path, engine):
     """HMP savevm with hd1 hotplugged snapshots its disk too; a VM started
     on the same disk0 without hd1 loads the tag: hd1 is plugged back and
     its disk reverted to the tag like disk0's (memory and disks agree)."""
     disk, extra = tmp_path / "disk.qcow2", tmp_path / "extra.qcow2"
     create_image(str(disk), "qcow2", 1 << 20)
     create_image(str(extra), "qcow2", 1 << 20)
-    src = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+    src = CounterVm(engine, [DriveConfig(file=str(disk), id="disk0")])
     other = None
     try:
         src.wait_counts(1)
@@ -409,7 +427,7 @@ def test_loadvm_plugs_a_hotplugged_disk_back_and_reverts_it_with_the_others(tmp_
         src.machine.devices["hd1"].device.image.write(0, b"after the snapshot".ljust(512, b"\0"))
         src.close()
 
-        other = CounterVm("bt", [DriveConfig(file=str(disk), id="disk0")])
+        other = CounterVm(engine, [DriveConfig(file=str(disk), id="disk0")])
         other.wait_counts(1)
         assert "hd1" not in other.machine.devices
         assert other.hmp("loadvm t") == ""

@@ -165,13 +165,14 @@ def test_quit_while_waiting_and_defer_without_qmp(vms, tmp_path):
     assert "--incoming defer needs a --qmp socket" in run.stderr
 
 
-def test_defer_refuses_a_corrupt_stream_in_one_line(vms, tmp_path):
+@pytest.mark.parametrize("exit_on_error", [{}, {"exit-on-error": True}], ids=["default", "exit-on-error"])
+def test_defer_refuses_a_corrupt_stream_in_one_line(vms, tmp_path, exit_on_error):
     dsock = str(tmp_path / "dst.qmp")
     dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
     dst.wait_stderr(b"waiting for migrate-incoming")
     dq = QmpClient(dsock)
     path = str(tmp_path / "junk.sock")
-    dq.execute("migrate-incoming", {"uri": f"unix:{path}"})
+    dq.execute("migrate-incoming", {"uri": f"unix:{path}", **exit_on_error})
     _refuses_an_oversized_record(dst, path)
     err = bytes(dst.err).strip().splitlines()
     assert err[-1].startswith(b"pyvmm: error: ") and b"over its limit" in err[-1], err
