@@ -18,6 +18,7 @@ CPU_MODELS = ("baseline", "v2", "v3", "host")    # engines/bt/cpumodel.py
 
 
 DRIVE_FORMATS = ("raw", "qcow2", "vmdk")
+IDE_POSITIONS = 4        # two channels, master and slave on each
 
 
 @dataclass
@@ -28,6 +29,9 @@ class DriveConfig:
     readonly: bool = False
     id: str | None = None        # also the disk's serial (virtio-blk GET_ID)
     cache: str = "writeback"     # QEMU's host-cache modes (storage/cache.py)
+    # if=ide only: the position, bus * 2 + unit (0 primary master .. 3
+    # secondary slave); None: the first free one (ide_positions).
+    index: int | None = None
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> "DriveConfig":
@@ -35,7 +39,7 @@ class DriveConfig:
         if not isinstance(data, dict) or not isinstance(data.get("file"), str):
             raise ConfigError(f"{where}: drives: {json.dumps(data)} is not a drive (needs a \"file\")")
         kinds = {"file": (str,), "format": (str, type(None)), "readonly": (bool,), "id": (str, type(None)),
-                 "cache": (str,)}
+                 "cache": (str,), "index": (int, type(None))}
         for key, value in data.items():
             if key not in kinds or not isinstance(value, kinds[key]):
                 raise ConfigError(f"{where}: drives: bad key or value {key!r}")
@@ -51,6 +55,9 @@ class DriveConfig:
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"drive {self.file}: unknown cache mode {self.cache!r} "
                               f"(choose from {', '.join(CACHE_MODES)})")
+        if self.index is not None and (isinstance(self.index, bool) or not 0 <= self.index < IDE_POSITIONS):
+            raise ConfigError(f"drive {self.file}: IDE index {self.index} is not 0..{IDE_POSITIONS - 1} "
+                              "(bus 0..1, unit 0..1)")
 
 
 def parse_drive(text: str) -> DriveConfig:
@@ -65,12 +72,51 @@ def parse_drive(text: str) -> DriveConfig:
 
 
 def parse_ide_drives(drives: list[str]) -> list[DriveConfig]:
-    """The `--drive ...,if=ide` disks (devices/ide/): at most one, the
-    primary master. Raises ConfigError."""
+    """The `--drive ...,if=ide[,bus=B,unit=U|,index=I]` disks
+    (devices/ide/), each with its position (index) filled in as QEMU
+    places them: the one asked for, else the first free.  Raises
+    ConfigError for two on one position or more than four."""
     out = [drive for drive, interface in map(_drive_and_interface, drives) if interface == "ide"]
-    if len(out) > 1:
-        raise ConfigError("one if=ide drive (the primary channel's master) is supported")
+    for drive, index in zip(out, ide_positions(out)):
+        drive.index = index
     return out
+
+
+def ide_positions(drives: list[DriveConfig]) -> list[int]:
+    """Each IDE drive's position (bus * 2 + unit), in order as QEMU gives
+    them: its own index, else the first position no drive before it holds.
+    Raises ConfigError for two drives on one position or none left."""
+    taken: dict[int, str] = {}
+    for drive in drives:
+        index = drive.index
+        if index is None:
+            index = next((i for i in range(IDE_POSITIONS) if i not in taken), None)
+            if index is None:
+                raise ConfigError(f"IDE drive {drive.file}: all {IDE_POSITIONS} positions are taken "
+                                  "(two channels, master and slave)")
+        elif index in taken:
+            raise ConfigError(f"IDE drives {taken[index]} and {drive.file} are both at "
+                              f"bus {index // 2}, unit {index % 2}")
+        taken[index] = drive.file
+    return list(taken)
+
+
+def _ide_index(text: str, opts: dict[str, str]) -> int | None:
+    """The position that if=ide's index=, or bus= and unit=, name (None:
+    neither given); pops them from `opts`. Raises ConfigError."""
+    def number(key: str, limit: int) -> int | None:
+        value = opts.pop(key, None)
+        if value is None:
+            return None
+        if not value.isdigit() or int(value) >= limit:
+            raise ConfigError(f"--drive {text!r}: {key}={value} is not 0..{limit - 1}")
+        return int(value)
+    index, bus, unit = number("index", IDE_POSITIONS), number("bus", 2), number("unit", 2)
+    if index is not None and (bus is not None or unit is not None):
+        raise ConfigError(f"--drive {text!r}: index= or bus=/unit=, not both")
+    if bus is None and unit is None:
+        return index
+    return (bus or 0) * 2 + (unit or 0)    # QEMU would seek a free unit for bus= alone; unit 0 here
 
 
 def parse_qemu_drives(drives: list[str], devices: list[str]) -> list[DriveConfig]:
@@ -163,8 +209,10 @@ def _drive_and_interface(text: str) -> tuple[DriveConfig, str]:
         raise ConfigError(f"--drive {text!r}: readonly is on or off")
     if not opts.get("file"):
         raise ConfigError(f"--drive {text!r}: file=PATH is required")
+    index = _ide_index(text, opts) if interface == "ide" else None
     drive = DriveConfig(file=opts.pop("file"), format=opts.pop("format", None),
-                        readonly=readonly == "on", id=opts.pop("id", None), cache=opts.pop("cache", "writeback"))
+                        readonly=readonly == "on", id=opts.pop("id", None), cache=opts.pop("cache", "writeback"),
+                        index=index)
     if opts:
         raise ConfigError(f"--drive {text!r}: unknown option {sorted(opts)[0]!r}")
     drive.validate()
@@ -352,7 +400,8 @@ class VmConfig:
     block_store: str | None = None
     # virtio-blk disks (devices/virtio/block.py) on PCI bus 0, in slot order.
     drives: list[DriveConfig] = field(default_factory=list)
-    # legacy IDE disks (devices/ide/): a PIIX IDE function, the primary master at 0x1F0, IRQ 14.
+    # legacy IDE disks (devices/ide/): a PIIX IDE function; primary channel at 0x1F0, IRQ 14,
+    # secondary at 0x170, IRQ 15; each drive's index says where (ide_positions).
     ide_drives: list[DriveConfig] = field(default_factory=list)
     # virtio-net NICs (devices/virtio/net.py) on PCI bus 0, after the disks.
     nets: list[NetConfig] = field(default_factory=list)
@@ -391,6 +440,10 @@ class VmConfig:
             raise ConfigError(f"unknown cpu model {self.cpu_model!r} (choose from {', '.join(CPU_MODELS)})")
         for drive in self.drives + self.ide_drives:
             drive.validate()
+        for drive in self.drives:
+            if drive.index is not None:
+                raise ConfigError(f"drive {drive.file}: index is for IDE drives only")
+        ide_positions(self.ide_drives)
         if self.qmp:
             from .api.endpoint import parse_endpoint
             for spec in self.qmp:

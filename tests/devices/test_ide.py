@@ -222,12 +222,55 @@ def test_drive_if_ide_is_parsed_apart_from_virtio_and_survives_json():
     ide = parse_ide_drives(texts)
     assert [d.file for d in ide] == ["a.qcow2"]
     assert [d.file for d in parse_qemu_drives(texts, [])] == ["b.raw"]
-    with pytest.raises(ConfigError, match="one if=ide"):
-        parse_ide_drives(["file=a,if=ide", "file=b,if=ide"])
     with pytest.raises(ConfigError, match="if=ide"):
         parse_ide_drives(["file=a,if=scsi"])
     cfg = VmConfig(kernel="k", ide_drives=ide)
     assert VmConfig.from_dict(cfg.to_dict()).ide_drives == ide
+
+
+def test_four_ide_drives_take_their_positions_as_qemu_places_them():
+    """index = bus * 2 + unit; a drive without one takes the first position
+    no earlier drive holds, in command-line order, as QEMU's drive_new does."""
+    from pyvmm.config import VmConfig, parse_ide_drives
+    texts = ["file=d,if=ide,bus=1,unit=1", "file=a,if=ide", "file=b,if=ide,readonly=on", "file=c,if=ide,index=2"]
+    drives = parse_ide_drives(texts)
+    assert [(d.file, d.index) for d in drives] == [("d", 3), ("a", 0), ("b", 1), ("c", 2)]
+    assert [d.index for d in parse_ide_drives(["file=a,if=ide", "file=b,if=ide"])] == [0, 1]
+    assert [d.index for d in parse_ide_drives(["file=a,if=ide,unit=1", "file=b,if=ide", "file=c,if=ide"])] == [1, 0, 2]
+    cfg = VmConfig(kernel="k", ide_drives=drives)
+    assert VmConfig.from_dict(cfg.to_dict()).ide_drives == drives
+
+
+@pytest.mark.parametrize("texts,message", [
+    (["file=a,if=ide", "file=b,if=ide", "file=c,if=ide", "file=d,if=ide", "file=e,if=ide"], "all 4 positions"),
+    (["file=a,if=ide,index=1", "file=b,if=ide,bus=0,unit=1"], "a and b are both at bus 0, unit 1"),
+    (["file=a,if=ide", "file=b,if=ide,index=0"], "a and b are both at bus 0, unit 0"),
+    (["file=a,if=ide,bus=2"], "bus=2 is not 0..1"),
+    (["file=a,if=ide,unit=2"], "unit=2 is not 0..1"),
+    (["file=a,if=ide,index=4"], "index=4 is not 0..3"),
+    (["file=a,if=ide,index=-1"], "index=-1 is not 0..3"),
+    (["file=a,if=ide,index=1,unit=1"], "index= or bus=/unit=, not both"),
+    (["file=a,index=1"], "unknown option 'index'"),               # a virtio disk has no IDE position
+])
+def test_ide_drive_positions_that_cannot_be_are_one_line_config_errors(texts, message):
+    from pyvmm.config import parse_ide_drives, parse_qemu_drives
+    from pyvmm.errors import ConfigError
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_ide_drives(texts)
+        parse_qemu_drives(texts, [])
+    assert "\n" not in str(info.value)
+
+
+def test_ide_positions_from_a_config_file_are_checked_too():
+    from pyvmm.config import DriveConfig, VmConfig
+    from pyvmm.errors import ConfigError
+    two = {"kernel": "k", "ide_drives": [{"file": "a", "index": 2}, {"file": "b", "index": 2}]}
+    with pytest.raises(ConfigError, match="both at bus 1, unit 0"):
+        VmConfig.from_dict(two).validate()
+    with pytest.raises(ConfigError, match="IDE index 7 is not 0..3"):
+        VmConfig.from_dict({"kernel": "k", "ide_drives": [{"file": "a", "index": 7}]}).validate()
+    with pytest.raises(ConfigError, match="index is for IDE drives only"):
+        VmConfig(kernel="k", drives=[DriveConfig("a", index=1)]).validate()
 
 
 # --- a real driver: SeaBIOS's ATA driver boots from the IDE disk --------------------

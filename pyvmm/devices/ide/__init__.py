@@ -1,1 +1,1 @@
-"""Legacy IDE: a PIIX-style controller with an ATA disk on the primary channel."""
+"""Legacy IDE: a PIIX-style controller with up to four ATA disks on its two channels."""

@@ -1,11 +1,22 @@
 """One IDE channel: the ATA task file shared by its two device positions,
-and an ATA disk (a DiskImage) in the master position.
+and an ATA disk (a DiskImage) in either or both of them (master: device 0,
+slave: device 1, chosen by bit 4 of the device register).
 
 Two register windows, each a Registers device that knows only its offsets:
 `channel.command` (8 ports: data, error/features, sector count, LBA
 low/mid/high, device, status/command) and `channel.control` (1 port:
 alternate status / device control). The board puts them at 0x1F0 and 0x3F6
-for the primary channel and wires INTRQ to IRQ 14.
+for the primary channel (INTRQ on IRQ 14), 0x170 and 0x376 for the
+secondary (IRQ 15).
+
+Writes to the task file reach both positions, as on the cable.  With the
+selected position empty and the other one there, the present device
+answers for it as ATA has device 0 do for a missing device 1: Status,
+Alternate Status and Error read 00h, the other registers their shared
+contents, and commands go nowhere, so Linux (status 00h: no device) and
+SeaBIOS see exactly the disks that are there.  Status, error, INTRQ and
+the transfer in progress belong to the device that took the last command;
+the transfer mode SET FEATURES picks is kept per channel.
 
 Commands (ATA/ATAPI-8 ACS): IDENTIFY DEVICE, READ/WRITE SECTORS (LBA28
 and CHS) and their EXT forms (LBA48), READ VERIFY, FLUSH CACHE (EXT), SET
@@ -81,7 +92,7 @@ def _ata_string(text: str, length: int) -> bytes:
 
 
 class AtaDisk:
-    """The disk behind the master position: its image and IDENTIFY data."""
+    """A disk in one position of a channel: its image and IDENTIFY data."""
 
     def __init__(self, image, serial: str = "PYVMM-ATA-0", model: str = "pyvmm ATA disk"):
         self.image = image
@@ -93,10 +104,11 @@ class AtaDisk:
     def __repr__(self) -> str:
         return f"AtaDisk({getattr(self.image, 'path', '?')!r}, {self.sectors} sectors)"
 
-    def identify(self, dma: bool = False, mode: int = DEFAULT_MODE) -> bytes:
+    def identify(self, dma: bool = False, mode: int = DEFAULT_MODE, device: int = 0) -> bytes:
         """The 256 IDENTIFY DEVICE words (ACS: words 0-106 used here).
         With `dma`, the DMA modes offered and the one `mode` (a SET
-        TRANSFER MODE value) selects."""
+        TRANSFER MODE value) selects; `device` (0 or 1) fills the
+        hardware-reset half of word 93 that belongs to it."""
         w = [0] * 256
         lba28 = min(self.sectors, LBA28_LIMIT - 1)
         cylinders = max(1, min(16383, self.sectors // (HEADS * SECTORS_PER_TRACK)))
@@ -115,7 +127,7 @@ class AtaDisk:
             kind, number = mode & 0xF8, mode & 0x07
             w[63] = 0x0007 | (1 << (8 + number) if kind == MWDMA else 0)    # MWDMA 0-2 offered
             w[88] = 0x003F | (1 << (8 + number) if kind == UDMA else 0)     # UDMA 0-5 offered
-            w[93] = 0x6001                             # device 0; 80-conductor cable detected
+            w[93] = 0x6001 if device == 0 else 0x6100  # device 0 / 1 reset result; 80-conductor cable
         w[80] = 0x00F0                                 # ATA/ATAPI-4 to -7
         w[82] = 1 << 14                                # NOP (which always aborts, as here)
         w[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10)   # FLUSH CACHE EXT, FLUSH CACHE, 48-bit
@@ -133,6 +145,10 @@ class AtaDisk:
 class _Window:
     """A register window onto the channel (command block or control block)."""
 
+    # DMA transfers complete on the event loop (busmaster.py): the bus holds
+    # the machine's lock around these registers even with one vCPU.
+    INPUT_FROM_LOOP = True
+
     def __init__(self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]):
         self.read, self.write = read, write
 
@@ -140,25 +156,37 @@ class _Window:
 class IdeChannel:
     """Task file, PIO data transfer and INTRQ of one channel."""
 
-    STATE_VERSION = 2
-    # Version 1 had no DMA: nothing pending, the default mode selected.
-    STATE_UPGRADES = {1: lambda fields: {**fields, "dma_pending": False, "mode": DEFAULT_MODE}}
+    STATE_VERSION = 3
+    # Version 1 had no DMA: nothing pending, the default mode selected;
+    # versions 1 and 2 had only a master, which took every command.
+    STATE_UPGRADES = {1: lambda fields: {**fields, "dma_pending": False, "mode": DEFAULT_MODE},
+                      2: lambda fields: {**fields, "active": 0}}
 
-    def __init__(self, irq: IrqLine, master: AtaDisk | None = None):
+    def __init__(self, irq: IrqLine, master: AtaDisk | None = None, slave: AtaDisk | None = None):
         self.irq = irq
-        self.master = master
+        self.disks: list[AtaDisk | None] = [master, slave]
+        self.active = 0                      # the position that took the last command
         self.command = _Window(self._command_read, self._command_write)
         self.commands: dict[int, int] = {}   # command code -> times executed (diagnostics, --stats)
         # The bus master that carries DMA commands' data (busmaster.py
         # attaches itself); None: DMA commands abort.
         self.dma_engine = None
+        self.dma_pending = False
         self.mode = DEFAULT_MODE             # the transfer mode SET FEATURES selected
         self.control = _Window(self._control_read, self._control_write)
         self.reset()
 
     def __repr__(self) -> str:
         return (f"IdeChannel(status={self.status:#x}, error={self.error:#x}, master={self.master!r}, "
-                f"commands={sum(self.commands.values())})")
+                f"slave={self.slave!r}, commands={sum(self.commands.values())})")
+
+    @property
+    def master(self) -> AtaDisk | None:
+        return self.disks[0]
+
+    @property
+    def slave(self) -> AtaDisk | None:
+        return self.disks[1]
 
     # --- state ---------------------------------------------------------------------
 
@@ -174,6 +202,8 @@ class IdeChannel:
         self._update_irq()
 
     def _idle(self) -> None:
+        if self.dma_pending and self.dma_engine is not None:
+            self.dma_engine.abandon(self)   # a new command or a reset ends the one the bus master carries
         self.buffer = b""               # the DRQ block being transferred
         self.pos = 0
         self.writing = False
@@ -188,14 +218,16 @@ class IdeChannel:
             self.regs[r] = [v, 0]
         self.device &= DEV_SLAVE
         self.error = 0x01
-        self.status = DRDY | DSC if self.master is not None else 0
+        self.status = DRDY | DSC if any(self.disks) else 0
 
     def save(self) -> dict:
+        if self.dma_engine is not None:
+            self.dma_engine.drain()     # a DMA transfer in flight ends before its state is taken
         return saved(self, {"regs": {str(k): v for k, v in self.regs.items()}, "device": self.device,
                             "devctl": self.devctl, "status": self.status, "error": self.error,
                             "pending": self.pending, "buffer": bytes(self.buffer).hex(), "pos": self.pos,
                             "writing": self.writing, "lba": self.lba, "left": self.left,
-                            "dma_pending": self.dma_pending, "mode": self.mode})
+                            "dma_pending": self.dma_pending, "mode": self.mode, "active": self.active})
 
     def restore(self, state: dict) -> None:
         def load(s: dict) -> None:
@@ -211,7 +243,13 @@ class IdeChannel:
             self.mode = int(s["mode"]) & 0xFF
             self.buffer, self.pos = bytearray(as_hex(s["buffer"])), int(s["pos"])
             self.lba, self.left = int(s["lba"]), int(s["left"])
+            active = int(s["active"])
+            if active not in (0, 1):
+                raise ValueError(f"active position {active}")
+            self.active = active
             self._update_irq()
+        if self.dma_engine is not None:
+            self.dma_engine.abandon(self)   # the transfer of the state being replaced
         restore_state(self, state, load)
 
     # --- INTRQ ------------------------------------------------------------------------
@@ -221,22 +259,35 @@ class IdeChannel:
         self._update_irq()
 
     def _update_irq(self) -> None:
-        self.irq.set_level(1 if self.pending and not self.devctl & CTL_NIEN and self._selected() else 0)
+        self.irq.set_level(1 if self.pending and not self.devctl & CTL_NIEN and self._selected_active() else 0)
+
+    def _selected_active(self) -> bool:
+        """Whether the selected position holds the device of the last
+        command, the one INTRQ and the Status read's acknowledgement belong to."""
+        return self._selected() is not None and (1 if self.device & DEV_SLAVE else 0) == self.active
 
     def _selected(self) -> AtaDisk | None:
-        return None if self.device & DEV_SLAVE else self.master
+        return self.disks[1 if self.device & DEV_SLAVE else 0]
+
+    def _current(self) -> AtaDisk | None:
+        """The disk of the command in progress (the driver may select the
+        other position meanwhile)."""
+        return self.disks[self.active]
 
     # --- register windows -------------------------------------------------------------
 
     def _command_read(self, offset: int, size: int) -> int:
         if offset == DATA:
             return self._data_read(size)
-        if self._selected() is None:
-            return 0                    # no device in the selected position: nothing drives the bus
+        if not any(self.disks):
+            return 0                    # no device on the channel: nothing drives the bus
+        if self._selected() is None and offset in (STATUS, ERROR):
+            return 0                    # the present device answers 00h for the missing one
         hob = 1 if self.devctl & CTL_HOB else 0
-        if offset == STATUS:
+        if offset == STATUS and self._selected_active():
             self.pending = False        # reading Status (not Alternate Status) acknowledges INTRQ
             self._update_irq()
+        if offset == STATUS:
             return self.status
         if offset == ERROR:
             return self.error
@@ -281,11 +332,12 @@ class IdeChannel:
         self.commands[cmd] = self.commands.get(cmd, 0) + 1
         self.pending = False
         self._idle()
+        self.active = 1 if self.device & DEV_SLAVE else 0
         self.error = 0
         self.status = DRDY | DSC
         ext = cmd in (READ_SECTORS_EXT, WRITE_SECTORS_EXT, READ_VERIFY_EXT, READ_DMA_EXT, WRITE_DMA_EXT)
         if cmd == IDENTIFY_DEVICE:
-            self._start_data_in(disk.identify(self.dma_engine is not None, self.mode), 0)
+            self._start_data_in(disk.identify(self.dma_engine is not None, self.mode, self.active), 0)
         elif cmd in READ_SECTORS or cmd == READ_SECTORS_EXT:
             self._start_transfer(disk, ext, writing=False)
         elif cmd in WRITE_SECTORS or cmd == WRITE_SECTORS_EXT:
@@ -355,7 +407,7 @@ class IdeChannel:
     def dma_request(self) -> tuple[AtaDisk, int, int, bool] | None:
         """(disk, first LBA, sector count, writing to disk) of the DMA
         command waiting for the bus master, or None."""
-        disk = self._selected()
+        disk = self._current()
         if not self.dma_pending or disk is None:
             return None
         return disk, self.lba, self.left, self.writing
@@ -432,7 +484,7 @@ class IdeChannel:
         chunk = self.buffer[self.pos:self.pos + size]
         self.pos += size
         if self.pos >= len(self.buffer):
-            disk = self._selected()
+            disk = self._current()
             self._idle_keep_status()
             if self.left and disk is not None:
                 self._next_read_block(disk)
@@ -452,7 +504,7 @@ class IdeChannel:
         self.pos += len(chunk)
         if self.pos < SECTOR:
             return
-        disk = self._selected()
+        disk = self._current()
         try:
             disk.image.write(self.lba * SECTOR, bytes(self.buffer))
         except (OSError, VmmError) as e:

@@ -12,25 +12,40 @@ table.  A PRD entry is 8 bytes: a buffer address, a byte count in the low
 buffers being word aligned) and bit 31 of the second dword marking the
 last entry (EOT).
 
-The transfer runs at once, in the thread that completes the second of the
-two things it needs (the ATA command waiting, the start bit set), so a
-snapshot never sees one half done.  It touches guest RAM only: a PRD table
-or buffer outside RAM, a table that ends before the request does, more
-entries than a 64 KiB table holds, a direction that contradicts the ATA
-command: the bus master sets its error bit, the ATA command fails with
-ABRT, nothing is transferred, and the interrupt still comes.  A PRD table
-longer than the request leaves the active bit set, as the datasheet says
-(the driver clears start).  PCI bus mastering (command bit 2) must be on.
+A transfer begins when the second of the two things it needs happens
+(the ATA command waiting, the start bit set): the PRD table is checked
+there and then.  It touches guest RAM only: a PRD table or buffer outside
+RAM, a table that ends before the request does, more entries than a 64
+KiB table holds, a direction that contradicts the ATA command: the bus
+master sets its error bit, the ATA command fails with ABRT, nothing is
+transferred, and the interrupt still comes.  A PRD table longer than the
+request leaves the active bit set, as the datasheet says (the driver
+clears start).  PCI bus mastering (command bit 2) must be on.
+
+Where the board gives the bus master an I/O thread (use_io_thread(), as
+install.py does), the write that starts a transfer returns at once with
+the active bit set: the disk work runs on the I/O thread in 64 KiB pieces,
+and the machine's event loop, under the machine's lock, moves each piece
+between guest RAM and the thread and, after the last, sets the interrupt
+bit, clears active and lets the drive interrupt.  Clearing start, a new
+ATA command or a reset abandons a transfer (pieces already written stay
+written, as on a real disk).  drain() runs one in flight to its end; a
+pause waits on it and save() does it, so a snapshot never sees one half
+done.  Without an I/O thread (unit tests, deterministic runs) the whole
+transfer runs inside the access that begins it.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import struct
+import threading
+import time
 from collections.abc import Callable
 
 from ...device import as_hex, restore_state, saved
-from ...errors import VmmError
+from ...errors import StateError, VmmError
 from .ata import ABRT, SECTOR, UNC
 
 log = logging.getLogger(__name__)
@@ -46,6 +61,22 @@ PRD = struct.Struct("<II")
 EOT = 1 << 31
 MAX_PRD_ENTRIES = 0x10000 // PRD.size     # a table may not cross a 64 KiB boundary
 CHUNK_SECTORS = 128                       # disk I/O in 64 KiB pieces, whatever the request size
+DRAIN_TIMEOUT_S = 60.0
+
+
+class _Transfer:
+    """One DMA command on its way through the I/O thread."""
+
+    def __init__(self, index: int, channel, disk, lba: int, count: int, writing: bool,
+                 segments: list[tuple[int, int]], exact: bool):
+        self.index, self.channel, self.disk = index, channel, disk
+        self.lba, self.count, self.writing, self.exact = lba, count, writing, exact
+        self.cursor = _Cursor(segments)
+        self.done = 0                     # sectors moved so far
+
+    def __repr__(self) -> str:
+        return (f"_Transfer(channel {self.index}, {'write' if self.writing else 'read'} "
+                f"{self.done}/{self.count} sectors from {self.lba})")
 
 
 class IdeBusMaster:
@@ -54,6 +85,9 @@ class IdeBusMaster:
     the PCI function may master the bus."""
 
     STATE_VERSION = 1
+    # Transfers complete on the event loop: the bus holds the machine's
+    # lock around these registers even with one vCPU (bus.py).
+    INPUT_FROM_LOOP = True
 
     def __init__(self, memory=None, mastering: Callable[[], bool] = lambda: True) -> None:
         self.regs = bytearray(PORTS)
@@ -62,6 +96,13 @@ class IdeBusMaster:
         self.channels: list = [None, None]
         self.transfers = 0                # completed DMA commands (diagnostics)
         self.errors = 0                   # transfers refused for a bad PRD table or direction
+        # Set by use_io_thread(); None: a transfer runs inside the access that starts it.
+        self._io = None
+        self._post: Callable[[Callable[[], None]], None] | None = None
+        self._lock: threading.RLock | None = None
+        self._flight: list[_Transfer | None] = [None, None]     # per channel
+        # Pieces the I/O thread finished: (transfer, sectors, RAM pieces, data, error).
+        self._pieces: collections.deque = collections.deque()
 
     def __repr__(self) -> str:
         return f"IdeBusMaster(regs={self.regs.hex()}, transfers={self.transfers}, errors={self.errors})"
@@ -70,6 +111,15 @@ class IdeBusMaster:
         """Makes this block carry `channel`'s DMA commands (index 0: primary)."""
         self.channels[index] = channel
         channel.dma_engine = self
+
+    def use_io_thread(self, io, post: Callable[[Callable[[], None]], None], lock: threading.RLock) -> None:
+        """Does the disk work on IoThread `io` from now on; `post(callback)`
+        runs callback on the machine's event loop under `lock`."""
+        self._io, self._post, self._lock = io, post, lock
+
+    @property
+    def in_flight(self) -> bool:
+        return any(self._flight)
 
     # --- registers --------------------------------------------------------------------
 
@@ -91,6 +141,7 @@ class IdeBusMaster:
                     started.append(base // 8)
                 elif was & START and not byte & START:
                     self.regs[base + STATUS] &= ~ACTIVE    # stopped: the engine lets go
+                    self._flight[base // 8] = None
             elif kind == STATUS:         # error and interrupt: write 1 to clear
                 keep = self.regs[reg] & (ACTIVE | ERROR | INTERRUPT) & ~(byte & (ERROR | INTERRUPT))
                 self.regs[reg] = keep | (byte & DRIVE_CAPABLE)
@@ -100,12 +151,15 @@ class IdeBusMaster:
             self._run(index)
 
     def reset(self) -> None:
+        self._flight = [None, None]
         self.regs[:] = bytes(PORTS)
 
     def save(self) -> dict:
+        self.drain()
         return saved(self, {"regs": self.regs.hex()})
 
     def restore(self, state: dict) -> None:
+        self._flight = [None, None]      # the restored state has none in flight (save() drains)
         def load(s: dict) -> None:
             regs = as_hex(s["regs"])
             if len(regs) != PORTS:
@@ -114,6 +168,31 @@ class IdeBusMaster:
         restore_state(self, state, load)
 
     # --- transfers --------------------------------------------------------------------
+
+    def abandon(self, channel) -> None:
+        """Drops `channel`'s transfer in flight, if any: its command is over."""
+        if channel in self.channels:
+            self._flight[self.channels.index(channel)] = None
+
+    def stop_io(self) -> None:
+        """Runs the disk work submitted and ends the I/O thread (before the
+        images close)."""
+        if self._io is not None:
+            self._io.stop()
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Runs the transfers in flight to their end, interrupt included.
+        Any thread but the I/O thread. Raises StateError when the disk work
+        does not finish within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._io is not None:
+            with self._lock:
+                self._advance()
+                if not self.in_flight:
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._io.wait_idle(left):
+                raise StateError(f"IDE DMA: a transfer did not finish in {timeout:.0f} s")
 
     def device_ready(self, channel) -> None:
         """`channel` has a DMA command waiting: run it if the driver has
@@ -125,7 +204,7 @@ class IdeBusMaster:
         channel, base = self.channels[index], 8 * index
         if channel is None or self.memory is None or not self.mastering():
             return
-        if not self.regs[base] & START or not self.regs[base + STATUS] & ACTIVE:
+        if not self.regs[base] & START or not self.regs[base + STATUS] & ACTIVE or self._flight[index]:
             return
         request = channel.dma_request()
         if request is None:
@@ -141,7 +220,15 @@ class IdeBusMaster:
             channel.dma_done(ABRT)
             return
         segments, exact = plan
+        if self._io is not None:
+            transfer = self._flight[index] = _Transfer(index, channel, disk, lba, count, writing, segments, exact)
+            self._next_piece(transfer)
+            return
         error = self._move(disk, lba, count, segments, writing)
+        self._complete(index, channel, exact, error)
+
+    def _complete(self, index: int, channel, exact: bool, error: int) -> None:
+        base = 8 * index
         self.transfers += 1
         status = self.regs[base + STATUS] | INTERRUPT
         if exact or error:
@@ -172,6 +259,63 @@ class IdeBusMaster:
             if control & EOT:
                 return None
         return None
+
+    # --- a transfer on the I/O thread ----------------------------------------------------
+
+    def _next_piece(self, t: _Transfer) -> None:
+        """Under the machine's lock: hands the next piece's disk work to the
+        I/O thread, a write's data gathered from guest RAM first."""
+        n = min(CHUNK_SECTORS, t.count - t.done)
+        offset = (t.lba + t.done) * SECTOR
+        pieces = t.cursor.take(n * SECTOR)
+        try:                              # checked as RAM when the transfer began; RAM does not shrink
+            data = b"".join(self.memory.read(a, k) for a, k in pieces) if t.writing else None
+        except VmmError as e:
+            log.warning("IDE DMA from guest RAM failed: %s", e)
+            self._flight[t.index] = None
+            self._complete(t.index, t.channel, t.exact, UNC)
+            return
+        self._io.submit(lambda: self._disk_work(t, offset, n, pieces, data))
+
+    def _disk_work(self, t: _Transfer, offset: int, n: int, pieces, data: bytes | None) -> None:
+        """On the I/O thread: one piece's disk read or write, its result
+        handed to the event loop.  Touches the image only."""
+        error = 0
+        try:
+            if t.writing:
+                t.disk.image.write(offset, data)
+            else:
+                data = t.disk.image.read(offset, n * SECTOR)
+        except Exception as e:       # a host error the image did not wrap, too: the guest sees UNC
+            log.warning("IDE DMA %s of %r at sector %d failed: %s", "write" if t.writing else "read",
+                        t.disk, offset // SECTOR, e)
+            error = UNC
+        self._pieces.append((t, n, pieces, data, error))
+        self._post(self._advance)
+
+    def _advance(self) -> None:
+        """On the event loop (or a drain), under the machine's lock: puts
+        the pieces read into guest RAM, then starts the next piece or
+        completes the transfer.  Pieces of an abandoned transfer are dropped."""
+        while self._pieces:
+            t, n, pieces, data, error = self._pieces.popleft()
+            if self._flight[t.index] is not t:
+                continue
+            if not t.writing and not error:
+                at = 0
+                try:                      # checked as RAM when the transfer began; RAM does not shrink
+                    for a, k in pieces:
+                        self.memory.write(a, data[at:at + k])
+                        at += k
+                except VmmError as e:
+                    log.warning("IDE DMA into guest RAM failed: %s", e)
+                    error = UNC
+            t.done += n
+            if error or t.done == t.count:
+                self._flight[t.index] = None
+                self._complete(t.index, t.channel, t.exact, error)
+            else:
+                self._next_piece(t)
 
     def _move(self, disk, lba: int, count: int, segments: list[tuple[int, int]], writing: bool) -> int:
         """Moves `count` sectors from `lba` between the disk and
