@@ -163,6 +163,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--ft-lock", metavar="PATH",
                    help="the FT lock file on shared storage (default: next to the first disk image, "
                         "else next to the channel's socket)")
+    p.add_argument("--ft-seed", action="store_true",
+                   help="with --ft backup: protect a VM that runs live without a backup (after a "
+                        "failover); it dials --ft-channel, sends its state and becomes the primary")
     p.add_argument("--config", metavar="FILE",
                    help="boot the VM a JSON file describes (as written by --print-config); "
                         "it replaces the other VM options")
@@ -190,7 +193,7 @@ def _block_store(args: argparse.Namespace) -> str | None:
 # `pyvmm run` options that are not part of the VM a --config file describes.
 # --qmp sockets may be given beside --config (they add to the file's).
 _NOT_VM_OPTIONS = {"command", "log", "config", "print_config", "stats", "stats_json", "verbose", "qmp", "loadvm",
-                   "incoming", "restore", "ft", "ft_channel", "ft_lock"}
+                   "incoming", "restore", "ft", "ft_channel", "ft_lock", "ft_seed"}
 
 
 def _config_file(args: argparse.Namespace) -> VmConfig:
@@ -288,6 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "ft", None):
         from ..ft.session import run_ft
         return run_ft(args, cfg)
+    if getattr(args, "ft_seed", False):
+        raise ConfigError("--ft-seed is for a new backup (--ft backup): the live VM seeds it")
     incoming = [getattr(args, "incoming", None)]
     restore = [getattr(args, "restore", None)]
     deferred = incoming[0] == "defer"

@@ -11,4 +11,6 @@ until the backup has acknowledged the log that produced them; channel.py
 carries the log and the acknowledgements, which double as heartbeats;
 virtio.py puts disks and NICs under both; failover.py's lock lets exactly one member be live; setup.py hooks a
 machine up; session.py is `pyvmm run --ft` and makes the backup live when
-the primary is gone.  docs/ft.md says what is and is not recorded."""
+the primary is gone; reprotect.py (the live member) and seeded.py (a new
+backup, `--ft-seed`) protect a member left running alone again by sending
+its state as live migration does.  docs/ft.md says what is and is not recorded."""

@@ -97,9 +97,11 @@ def accept(text: str, wait_s: float | None = None) -> socket.socket:
 
 
 def read_hello(sock: socket.socket) -> tuple[dict, int, int]:
-    """Backup: the primary's guest options, wall clock and random seed. Raises LogError."""
+    """Backup: the primary's guest options, wall clock and random seed. Raises LogError, ChannelError."""
     L.read_header(sock.recv)
     kind, payload = L.read_record(sock.recv)
+    if kind == L.SEED:
+        raise ChannelError("--ft backup: a live VM connected to seed a new backup (start this one with --ft-seed)")
     if kind != L.HELLO:
         raise L.LogError(f"FT log starts with a {L.NAMES[kind]} record, not hello")
     return L.parse_hello(payload)

@@ -13,6 +13,11 @@ Primary to backup:
               bytes (and that many frames per NIC, in device order) have
               reached the outside
     END       u64 icount, u64 ns: the primary's guest stopped there
+    SEED      (re-protection, instead of HELLO) JSON {"config", "wall_ns", "seed",
+              "cpus": per vCPU what the migration state leaves out, "console": the
+              console stream's offset}; a migration stream (migration/stream.py)
+              of the live guest follows, then the log goes on from there
+    REFUSE    (instead of SEED) UTF-8 text: why the live VM cannot seed a backup
 Backup to primary:
     ACK       u64 icount, u64 ns, u64 executed icount: the log up to that
               PROGRESS is held by the backup, which has itself run that far
@@ -41,8 +46,9 @@ ACK_BODY = struct.Struct(">QQQ")
 COUNT = struct.Struct(">Q")
 EVENT_HEAD = struct.Struct(">QQBB")
 
-HELLO, EVENT, PROGRESS, END, ACK = 1, 2, 3, 4, 5
-NAMES = {HELLO: "hello", EVENT: "event", PROGRESS: "progress", END: "end", ACK: "ack"}
+HELLO, EVENT, PROGRESS, END, ACK, SEED, REFUSE = 1, 2, 3, 4, 5, 6, 7
+NAMES = {HELLO: "hello", EVENT: "event", PROGRESS: "progress", END: "end", ACK: "ack", SEED: "seed",
+         REFUSE: "refuse"}
 MAX_PAYLOAD = 1 << 20
 
 SERIAL_RX = 1            # event kind: bytes arriving on a UART (name: its device)
@@ -76,6 +82,14 @@ def record(kind: int, payload: bytes) -> bytes:
 
 def hello(config: dict, wall_ns: int, seed: int) -> bytes:
     return record(HELLO, json.dumps({"config": config, "wall_ns": wall_ns, "seed": seed}).encode())
+
+
+def seed(doc: dict) -> bytes:
+    return record(SEED, json.dumps(doc).encode())
+
+
+def refuse(why: str) -> bytes:
+    return record(REFUSE, why.encode()[:4000])
 
 
 def event(ev: Event) -> bytes:
@@ -135,6 +149,20 @@ def parse_hello(payload: bytes) -> tuple[dict, int, int]:
         return doc["config"], int(doc["wall_ns"]), int(doc["seed"])
     except (ValueError, KeyError, TypeError):
         raise LogError("FT log hello record is not valid") from None
+
+
+def parse_seed(payload: bytes) -> dict:
+    """A SEED record's document, its fields checked for type. Raises LogError."""
+    try:
+        doc = json.loads(payload)
+        ok = (isinstance(doc.get("config"), dict) and isinstance(doc.get("cpus"), list)
+              and all(isinstance(doc[k], int) for k in ("wall_ns", "seed", "console"))
+              and all(isinstance(c, dict) for c in doc["cpus"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise LogError("FT log seed record is not valid")
+    return doc
 
 
 def parse_event(payload: bytes) -> Event:

@@ -84,19 +84,23 @@ def pin_wall_clock(machine, wall_ns: int) -> None:
             pv.wall_ns = lambda: wall_ns + clock.now_ns()
 
 
-def _console_commit(machine, writer: Writer, mode: str) -> OutputCommit:
+def _console_commit(machine, writer: Writer, mode: str, offset: int = 0) -> OutputCommit:
+    """`offset`: console bytes already out (a re-protected guest's stream goes on from there)."""
     uart = machine.devices.get(CONSOLE_UART)
     if uart is None:
         raise ConfigError("--ft needs a serial console (COM1)")
     commit = OutputCommit(writer, mode)
+    commit.offset = commit.released = offset
     uart.output = commit.output
     return commit
 
 
-def attach_primary(machine, wall_ns: int, seed: int, send: Callable[[bytes], None], writer: Writer) -> Recorder:
-    """Makes `machine` (built, not yet run) a primary logging through `send`."""
+def attach_primary(machine, wall_ns: int, seed: int, send: Callable[[bytes], None], writer: Writer,
+                   console_offset: int = 0) -> Recorder:
+    """Makes `machine` (built, not yet run; or live, at a round top, when it
+    seeded a new backup) a primary logging through `send`."""
     pin_host_inputs(machine, wall_ns, seed)
-    rec = Recorder(machine, send, _console_commit(machine, writer, HOLD))
+    rec = Recorder(machine, send, _console_commit(machine, writer, HOLD, console_offset))
     for name, dev in V.virtio_devices(machine):
         if isinstance(dev, V.VirtioBlock):
             member = V.PrimaryBlock(name, dev, rec.disk_answered)
@@ -110,10 +114,10 @@ def attach_primary(machine, wall_ns: int, seed: int, send: Callable[[bytes], Non
 
 
 def attach_backup(machine, wall_ns: int, seed: int, writer: Writer,
-                  on_live: Callable[[], None] | None = None) -> Replayer:
+                  on_live: Callable[[], None] | None = None, console_offset: int = 0) -> Replayer:
     """Makes `machine` (built, not yet run) a backup replaying what it is fed."""
     pin_host_inputs(machine, wall_ns, seed)
-    rep = Replayer(machine, _console_commit(machine, writer, REPLAY), on_live)
+    rep = Replayer(machine, _console_commit(machine, writer, REPLAY, console_offset), on_live)
     for name, dev in V.virtio_devices(machine):
         if isinstance(dev, V.VirtioBlock):
             rep.virtio[name] = V.BackupBlock(name, dev)
