@@ -196,9 +196,10 @@ class Mmu:
                 d.pop(vpn, None)
         self.globals.invlpg(vpn, self.spaces.values())
 
-    def protect_code(self, ppn: int) -> None:
-        """Marks a physical page as holding translated code."""
-        self.guard.protect_code(ppn)
+    def protect_code(self, ppn: int, spans: list[tuple[int, int]] | None = None) -> None:
+        """Marks a physical page as holding translated code (the bytes of
+        spans, or all of it)."""
+        self.guard.protect_code(ppn, spans)
 
     def unprotect_code(self, ppn: int) -> None:
         self.guard.unprotect_code(ppn)
@@ -449,7 +450,7 @@ class Mmu:
         ppn = entry[2]
         if ppn in self.memory.write_ignored:
             return                  # read-only shadow RAM: the write goes to ROM, i.e. nowhere
-        if ppn in self.code_pages:
+        if ppn in self.code_pages and self.guard.writes_code(ppn, la & 0xFFF, size):
             if not self.smc_ok:
                 self.on_code_write(ppn)
                 raise SmcRestart()

@@ -56,6 +56,10 @@ class PageGuard:
         self.unsync: set[int] = set()         # tracked table pages written since their last sync
         self.snaps: dict[int, TableSnap] = {}
         self.code_listeners: list[Callable[[int], None]] = []
+        # Which bytes of each code page translations were made from
+        # (protect_code): a page in whole_code counts as code throughout.
+        self.code_bytes: dict[int, bytearray] = {}
+        self.whole_code: set[int] = set()
         self.mmus: list = []
         self.resyncs = 0        # shadow entries dropped because their tables changed
         self.table_writes = 0   # guest writes that hit a guarded page table (page went unsync)
@@ -113,13 +117,39 @@ class PageGuard:
         """Pages get their fast-write mappings back at their next write."""
 
     # -- code -----------------------------------------------------------------
-    def protect_code(self, ppn: int) -> None:
+    def protect_code(self, ppn: int, spans: list[tuple[int, int]] | None = None) -> None:
+        """Page ppn holds translated code: the bytes of `spans` ((page
+        offset, length) pairs), or all of it when spans is None."""
         if ppn not in self.code_pages:
             self.code_pages.add(ppn)
             self._unmap(ppn)
+        if ppn in self.whole_code:
+            return
+        if spans is None:
+            self.whole_code.add(ppn)
+            self.code_bytes.pop(ppn, None)
+            return
+        mask = self.code_bytes.get(ppn)
+        if mask is None:
+            mask = self.code_bytes[ppn] = bytearray(0x1000)
+        for off, n in spans:
+            mask[off:off + n] = b"\x01" * len(mask[off:off + n])
 
     def unprotect_code(self, ppn: int) -> None:
         self.code_pages.discard(ppn)
+        self.whole_code.discard(ppn)
+        self.code_bytes.pop(ppn, None)
+
+    def writes_code(self, ppn: int, off: int, size: int) -> bool:
+        """Does a write of `size` bytes at offset `off` of code page ppn
+        touch bytes that translated code was made from?  Only those
+        writes invalidate: real-mode programs (SYSLINUX, BIOS services)
+        keep variables and stacks on their code pages, and invalidating
+        the page at every such store made them retranslate non-stop."""
+        if ppn in self.whole_code:
+            return True
+        mask = self.code_bytes.get(ppn)
+        return mask is None or mask.find(1, off, off + size) >= 0
 
     def code_written(self, ppn: int) -> None:
         for fn in self.code_listeners:

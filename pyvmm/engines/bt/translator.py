@@ -144,6 +144,7 @@ class Translator:
         self.evictions = 0           # whole-cache drops for space
         self.keep_source = KEEP_SOURCE
         self._last_code = None       # the module code _compile made last (for the block store)
+        self._spans: list[tuple[int, int]] | None = None   # code-page bytes of the block being made
 
     # -- invalidation --------------------------------------------------------
     def invalidate_page(self, ppn: int) -> None:
@@ -157,9 +158,16 @@ class Translator:
                     self.steps.pop(k, None)
 
     def invalidate_range(self, gpa: int, length: int) -> None:
-        for ppn in range(gpa >> 12, (gpa + max(length, 1) - 1 >> 12) + 1):
+        """A write from outside the vCPU (a device's DMA, the VMM) to
+        guest-physical [gpa, gpa + length): pages whose translated bytes
+        it touched lose their blocks."""
+        end = gpa + max(length, 1)
+        writes_code = self.cpu.mmu.guard.writes_code
+        for ppn in range(gpa >> 12, (end - 1 >> 12) + 1):
             if ppn in self.pages:
-                self.invalidate_page(ppn)
+                lo = max(gpa, ppn << 12)
+                if writes_code(ppn, lo & 0xFFF, min(end, (ppn + 1) << 12) - lo):
+                    self.invalidate_page(ppn)
 
     def flush(self) -> None:
         for ppn in list(self.pages):
@@ -190,6 +198,7 @@ class Translator:
         fn = self.cache.get(key)
         if fn is None:
             t0 = time.perf_counter_ns()
+            self._spans = None          # decode() sets them; a block from the store covers its page
             if single and self.hot_after > 0:
                 fn = self._translate_single(la, pa)
             elif self.hot_after > 0:
@@ -200,13 +209,20 @@ class Translator:
             if len(self.cache) >= self.max_blocks:
                 self._make_room()
             self.cache[key] = fn
-            self._register(key, pa, fn.next_frame)
+            self._register(key, pa, fn.next_frame, self._spans)
         return fn
 
-    def _register(self, key: tuple, pa: int, next_frame: int | None) -> None:
-        for p in (pa >> 12, next_frame) if next_frame is not None else (pa >> 12,):
-            self.pages.setdefault(p, set()).add(key)
-            self.cpu.mmu.protect_code(p)
+    def _register(self, key: tuple, pa: int, next_frame: int | None,
+                  spans: list[tuple[int, int]] | None = None) -> None:
+        """Files `key` under its code page(s) and guards them: on pa's page
+        the bytes of `spans` (None: the whole page), on the next page (an
+        instruction crossing into it) the whole page."""
+        mmu = self.cpu.mmu
+        self.pages.setdefault(pa >> 12, set()).add(key)
+        mmu.protect_code(pa >> 12, spans)
+        if next_frame is not None:
+            self.pages.setdefault(next_frame, set()).add(key)
+            mmu.protect_code(next_frame)
 
     def _step(self, ins, la: int, pa: int):
         """The single-instruction function of `ins` (cached per address)."""
@@ -218,7 +234,9 @@ class Translator:
             fn = self.steps[key] = cold.step_function(
                 self._data[off:off + ins.len], c.mode, ins.ip,
                 lambda: self.generate([ins], ins.ip)[0], self.ns)
-            self._register(key, pa, self._next_frame if (pa & 0xFFF) + ins.len > 0x1000 else None)
+            off = pa & 0xFFF
+            self._register(key, pa, self._next_frame if off + ins.len > 0x1000 else None,
+                           [(off, min(ins.len, 0x1000 - off))])
         return fn
 
     def _translate_single(self, la: int, pa: int):
@@ -311,7 +329,14 @@ class Translator:
         out = self._decode(la, pa, single, False)
         if self._near_end:
             out = self._decode(la, pa, single, True)
+        self._spans = self._spans_of(out)
         return out
+
+    def _spans_of(self, insns: list) -> list[tuple[int, int]]:
+        """The code page's (offset, length) ranges that `insns` were decoded
+        from: a translation depends on these bytes and no others."""
+        base = self._base
+        return [(ins.ip + base, min(ins.len, 0x1000 - ins.ip - base)) for ins in insns]
 
     def _decode(self, la: int, pa: int, single: bool, ext: bool) -> list:
         """The instructions of a block, in execution order.  The trace goes
@@ -552,6 +577,8 @@ class Translator:
             out.append(ins)
             if ins.is_jcc_short_or_near or (ins.mnemonic == _M.JMP and ins.op_kind(0) in _NEAR):
                 if ins.near_branch_target == start:
+                    if self._spans is not None:
+                        self._spans += self._spans_of(out)   # copied into the block: its bytes count
                     return out
                 if ins.mnemonic == _M.JMP:
                     return None
