@@ -9,6 +9,14 @@
     device model, disk I/O, used ring), the driver's own descriptor work
     and its look-up of the notify address (done once, as a driver does)
     excluded.  Goal (issue 16): <= 10 µs per request.
+    The disk is a 64 MiB sparse raw file, as in (b): each timed write
+    lands in a hole, so it includes the host file system allocating a
+    block (ext4 here: ~2 µs more than rewriting a cached page).
+    blk_write_prealloc_us is the same write into a file whose blocks were
+    reserved first (posix_fallocate), reported beside it; the goal is
+    judged on the sparse figures.  (A file written in full beforehand was
+    slower to write into on this host's ext4, Linux 6.18: not used.)
+    No QEMU figure here.
 (b) In the guest: the stock Debian kernel with pyvmm's default initramfs
     reads /dev/vda (a 1 GiB sparse raw disk), O_DIRECT so that every block
     is one request: 4 KiB blocks at random offsets (IOPS; bench/randread.c,
@@ -55,45 +63,59 @@ DISK_SIZE = 1 << 30
 RANDOM_READS = 2000                   # 4 KiB reads at random offsets
 SEQ_READS = 128                       # 1 MiB reads in order
 DEVICE_GOAL_US = 10.0
+BENCH_DISK = 64 << 20                 # (a)'s disk
+NOT_IN_GOAL = ("blk_write_prealloc_us",)   # reported beside; the goal is judged on the sparse disk
 SEQ_GOAL = 0.5
 
 
 # --- (a) the device alone ----------------------------------------------------------------
 
 def device_cost(requests: int) -> dict[str, float]:
-    """µs per request of the notify write, for blk read/write and net tx/rx."""
+    """µs per request of the notify write, for blk read/write into a sparse
+    image and write into a preallocated one, and net tx/rx."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sparse = os.path.join(tmp, "sparse.raw")
+        with open(sparse, "wb") as f:
+            f.truncate(BENCH_DISK)
+        out.update(_blk_cost(sparse, requests, (("blk_read_us", 0), ("blk_write_us", 1))))
+        prealloc = os.path.join(tmp, "prealloc.raw")
+        with open(prealloc, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, BENCH_DISK)
+            os.fsync(f.fileno())
+        out.update(_blk_cost(prealloc, requests, (("blk_write_prealloc_us", 1),)))
+    out.update(_net_cost(requests))
+    return out
+
+
+def _blk_cost(path: str, requests: int, figures) -> dict[str, float]:
     from pyvmm.devices.virtio.block import HEADER, VirtioBlock
     from pyvmm.devices.virtio.device import F_VERSION_1
     from pyvmm.storage import open_image
     from tests.devices.virtio_driver import Driver
 
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "d.raw")
-        with open(path, "wb") as f:
-            f.truncate(64 << 20)
-        image = open_image(path, "raw")
-        try:
-            d = Driver(lambda mem: VirtioBlock(mem, image, serial="bench"), 0x018000, mem_mib=64)
-            d.init(features=F_VERSION_1, queue_size=256)
-            notify = d.notify_address(0)             # the driver's, found once: not the device's cost
-            for name, kind in (("blk_read_us", 0), ("blk_write_us", 1)):
-                samples = []
-                for i in range(requests):
-                    d.buf_cursor = 0x100000          # reuse the same guest buffers
-                    payload = 4096 if kind == 0 else b"\x5a" * 4096
-                    d.submit([(HEADER.pack(kind, 0, (i * 8) % (60 << 11)), False), (payload, kind == 0),
-                              (1, True)], notify=False)
-                    t0 = time.perf_counter()
-                    d.mmio.write(notify, 2, 0)
-                    samples.append(time.perf_counter() - t0)
-                out[name] = statistics.median(samples) * 1e6
-        finally:
-            stop = getattr(d.device, "stop_io", None) if "d" in locals() else None
-            if stop is not None:
-                stop()
-            image.close()
-    out.update(_net_cost(requests))
+    image = open_image(path, "raw")
+    try:
+        d = Driver(lambda mem: VirtioBlock(mem, image, serial="bench"), 0x018000, mem_mib=64)
+        d.init(features=F_VERSION_1, queue_size=256)
+        notify = d.notify_address(0)             # the driver's, found once: not the device's cost
+        for name, kind in figures:
+            samples = []
+            for i in range(requests):
+                d.buf_cursor = 0x100000          # reuse the same guest buffers
+                payload = 4096 if kind == 0 else b"\x5a" * 4096
+                d.submit([(HEADER.pack(kind, 0, (i * 8) % ((BENCH_DISK - (4 << 20)) >> 9)), False),
+                          (payload, kind == 0), (1, True)], notify=False)
+                t0 = time.perf_counter()
+                d.mmio.write(notify, 2, 0)
+                samples.append(time.perf_counter() - t0)
+            out[name] = statistics.median(samples) * 1e6
+    finally:
+        stop = getattr(d.device, "stop_io", None) if "d" in locals() else None
+        if stop is not None:
+            stop()
+        image.close()
     return out
 
 
@@ -267,7 +289,8 @@ def main() -> int:
         for k, v in cost.items():
             print(f"(a) {k}: {v:.1f}", flush=True)
             result[k] = f"{v:.1f}"
-        result["goal_device_cost"] = "met" if max(cost.values()) <= DEVICE_GOAL_US else "missed"
+        judged = [v for k, v in cost.items() if k not in NOT_IN_GOAL]
+        result["goal_device_cost"] = "met" if max(judged) <= DEVICE_GOAL_US else "missed"
     if args.device_only or args.only == "a":
         print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
         return 0

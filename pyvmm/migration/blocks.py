@@ -19,6 +19,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Iterator
 
+from ..storage.image import write_vectored
 from .stream import StreamError
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ class DirtyBlocks:
     def write(self, offset: int, data) -> None:
         self.inner.write(offset, data)
         self._mark(offset, len(data))
+
+    def writev(self, offset: int, buffers) -> None:
+        write_vectored(self.inner, offset, buffers)
+        self._mark(offset, sum(len(b) for b in buffers))
 
     def discard(self, offset: int, length: int) -> None:
         self.inner.discard(offset, length)

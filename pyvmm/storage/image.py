@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 from ..errors import ImageError
 
 __all__ = ["ImageError", "CorruptImageError", "UnsupportedImageError", "DiskImage", "Extent", "Status",
-           "open_image", "probe_format", "check_range", "MAX_BACKING_DEPTH"]
+           "open_image", "probe_format", "check_range", "write_vectored", "MAX_BACKING_DEPTH"]
 
 # A chain deeper than this is taken for a loop that realpath() did not catch
 # (e.g. through /proc); qemu stops at a similar depth.
@@ -64,6 +64,7 @@ class DiskImage(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
     def write(self, offset: int, data: bytes) -> None: ...
+    def writev(self, offset: int, buffers: "list[memoryview]") -> None: ...
     def flush(self) -> None: ...
     def discard(self, offset: int, length: int) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
@@ -98,6 +99,12 @@ class ImageBase:
             raise ImageError(f"{self.path}: image is open read-only")
         check_range(self, offset, length)
 
+    def writev(self, offset: int, buffers: "list[memoryview]") -> None:
+        """Writes `buffers` one after the other from `offset` (what write()
+        of their concatenation does); formats without a vectored path join
+        them.  Keeps no reference to them past the call."""
+        self.write(offset, buffers[0] if len(buffers) == 1 else b"".join(buffers))
+
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
         chunk = bytes(min(length, 1 << 20))
@@ -116,6 +123,16 @@ class ImageBase:
             chain.append(image)
             image = image.backing
         return chain
+
+
+def write_vectored(image, offset: int, buffers: "list[memoryview]") -> None:
+    """Writes `buffers` one after the other from `offset`: with writev where
+    the image's own class has it, else (a wrapper that forwards unknown
+    attributes would skip its own write()) one write() of their join."""
+    if hasattr(type(image), "writev"):
+        image.writev(offset, buffers)
+    else:
+        image.write(offset, b"".join(buffers))
 
 
 def check_range(image, offset: int, length: int) -> None:

@@ -12,6 +12,7 @@ from .image import Extent, ImageBase, ImageError, Status, check_range, pread_exa
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)   # the process's own libc; find_library would spawn ldconfig
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -48,8 +49,31 @@ class RawImage(ImageBase):
         return pread_exact(self.fd, length, offset)
 
     def write(self, offset: int, data: bytes) -> None:
-        self._check_write(offset, len(data))
+        if self.readonly or offset < 0 or offset + len(data) > self.size:   # checked inline: once per request
+            self._check_write(offset, len(data))
         os.pwrite(self.fd, data, offset)
+
+    def writev(self, offset: int, buffers: list[memoryview]) -> None:
+        """pwritev straight from `buffers` (bytes-like, one byte per item),
+        IOV_MAX at a time; a short write goes on from where it stopped."""
+        left = sum(map(len, buffers))
+        self._check_write(offset, left)
+        while left:
+            batch = buffers[:IOV_MAX] if len(buffers) > IOV_MAX else buffers
+            done = os.pwritev(self.fd, batch, offset)
+            left -= done
+            if not left:          # the usual end: everything in one call
+                return
+            if not done:
+                raise ImageError(f"{self.path}: the host wrote nothing at offset {offset}")
+            offset += done
+            for i, b in enumerate(batch):
+                if done < len(b):
+                    buffers = [memoryview(b)[done:]] + buffers[i + 1:]
+                    break
+                done -= len(b)
+            else:
+                buffers = buffers[len(batch):]
 
     def flush(self) -> None:
         if not self.readonly:

@@ -13,7 +13,10 @@ device NEEDS_RESET).
 
 Where the board gives the device an I/O thread (use_io_thread(), as
 install.py does), a kick only reads the request from guest memory and
-queues its disk work; the vCPU goes back to the guest at once.  The I/O
+queues its disk work; the vCPU goes back to the guest at once.  A write's
+data goes to the image straight from the guest's buffers (read-only views
+of guest RAM, no copy): the driver may not touch them until the used ring
+returns the chain, which happens only after the disk work.  The I/O
 thread does the disk work in submission order (so a FLUSH covers every
 write before it) and the machine's event loop completes each request
 under the machine's lock: data into guest memory, the status byte, the
@@ -32,7 +35,7 @@ import threading
 from typing import Callable
 
 from ...errors import ImageError, StateError, VmmError
-from ...storage.image import DiskImage
+from ...storage.image import DiskImage, write_vectored
 from ...memory import GuestMemory
 from .device import DEVICE_ID_BLOCK, VirtioDevice
 from .iothread import IoThread
@@ -284,8 +287,14 @@ class VirtioBlock(VirtioDevice):
             raise BadRequest("write to a read-only disk")
         length = chain.readable_len - HEADER.size
         offset = self._range(sector, length)
-        data = chain.read(self.memory, HEADER.size, length)
-        return lambda: self.image.write(offset, data)
+        # Straight from guest RAM, no copy: the driver leaves the buffers
+        # alone until the chain is used, as it would under a disk's DMA.
+        # The views live only as long as the request's work.
+        views = chain.views(self.memory, HEADER.size)
+        if len(views) == 1:
+            view = views[0]
+            return lambda: self.image.write(offset, view)
+        return lambda: write_vectored(self.image, offset, views)
 
     def _segments(self, chain: Chain, kind: int) -> Callable[[], None]:
         data = chain.read(self.memory, HEADER.size, chain.readable_len - HEADER.size)

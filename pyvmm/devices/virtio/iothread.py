@@ -1,11 +1,13 @@
 """A drive's I/O thread: runs the disk work of virtio requests in the order
 they were submitted, off the vCPU thread that kicked the queue.
 
-The jobs touch only the disk image, never guest memory or the queue, and
-take no machine lock: the device posts each result to the machine's event
-loop, which completes the request under the lock (block.py).  One thread
-per drive keeps a FLUSH behind every write submitted before it, which is
-what virtio-blk's flush promises (virtio 1.2, 5.2.6)."""
+The jobs write only the disk image, never guest memory or the queue (a
+write job reads the guest's buffers in place, which the driver leaves
+alone until the request completes), and take no machine lock: the device
+posts each result to the machine's event loop, which completes the
+request under the lock (block.py).  One thread per drive keeps a FLUSH
+behind every write submitted before it, which is what virtio-blk's flush
+promises (virtio 1.2, 5.2.6)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ NEEDS_RESET (transport/pci.py); nothing the guest writes raises anything
 else, loops without bound or reaches outside guest RAM.
 
 Data moves with GuestMemory.read and GuestMemory.write, so the dirty log
-and the translator's code invalidation see every device write.  Reads of
+and the translator's code invalidation see every device write; a disk
+write reads the guest's buffers in place instead (Chain.views), which
+neither needs to see.  Reads of
 the descriptor table and the avail ring, checked to be RAM when the queue
 is built, go straight to the RAM mapping found then (struct unpack_from):
 the per-request cost that bench/virtio.py (a) measures.
@@ -85,6 +87,22 @@ class Chain:
                 break
         return b"".join(out)
 
+    def views(self, memory: GuestMemory, offset: int) -> list[memoryview]:
+        """Read-only views of guest RAM over the readable buffers from
+        `offset` on, in order, without copying (a disk write goes straight
+        from them).  Each view covers exactly its part of one buffer that
+        pop() checked to be RAM.  The guest may not touch the buffers until
+        the chain is used, so the caller may hold them until then, no longer."""
+        out = []
+        for addr, n in self.readable:
+            if offset >= n:
+                offset -= n
+                continue
+            mm, at = memory.locate(addr + offset, n - offset)
+            out.append(memoryview(mm)[at:at + n - offset].toreadonly())
+            offset = 0
+        return out
+
     def write(self, memory: GuestMemory, offset: int, data: bytes | memoryview) -> int:
         """Writes `data` into the writable buffers from `offset` on; returns
         how many bytes fitted."""
@@ -135,6 +153,10 @@ class VirtQueue:
         # RAM mappings of the table and the avail ring (checked just above).
         self._desc_mm, self._desc_off = memory.locate(desc, DESC_SIZE * size)
         self._avail_mm, self._avail_off = memory.locate(avail, ring_sizes(size)[1])
+        # The first RAM region's bounds: most buffers lie there, so _walk
+        # checks them inline before asking is_ram (regions never shrink).
+        low = memory.regions[0]
+        self._low_ram = (low.gpa, low.gpa + low.size)
         self.used_idx = memory.read_u16(used + 2)
         self.signalled_used = self.used_idx   # used idx at the last should_notify()
 
@@ -177,6 +199,7 @@ class VirtQueue:
         seen = 0
         total = chain.readable_len + chain.writable_len
         memory, desc_mm, desc_off = self.memory, self._desc_mm, self._desc_off
+        low_start, low_end = self._low_ram
         while True:
             if index >= count:
                 raise QueueError(f"descriptor index {index} outside a table of {count}")
@@ -200,7 +223,7 @@ class VirtQueue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise QueueError(f"descriptor chain {chain.head} claims more than {MAX_CHAIN_BYTES} bytes")
-            if length and not memory.is_ram(addr, length):
+            if length and not (low_start <= addr and addr + length <= low_end) and not memory.is_ram(addr, length):
                 raise QueueError(f"buffer at {addr:#x}+{length:#x} is not RAM")
             if flags & DESC_F_WRITE:
                 chain.writable.append((addr, length))
