@@ -63,6 +63,24 @@ PROBES = [
     # TF and a data breakpoint on the same instruction: one #DB with BS and B1
     ("T", f"mov eax, {VAR}\nmov dr1, rax\nmov eax, {dr7(1, 1, 4):#x}\nmov dr7, rax\npushfq\nor qword ptr [rsp], 0x100",
      f"popfq\nmov dword ptr [{VAR}], 7", 1, 2 | BS, "end"),
+    # SDM Vol. 3, 6.8.3: a read breakpoint that mov ss itself hits waits for
+    # the end of the next instruction (RIP after it)
+    ("S", f"mov word ptr [{VAR}], 0x10\nmov eax, {VAR}\nmov dr0, rax\nmov eax, {dr7(0, 3, 2):#x}\nmov dr7, rax",
+     f"mov ss, [{VAR}]\nnop", 1, 1, "end"),
+    # ... and one #DB reports it with the write breakpoint the next instruction hits
+    ("s", f"mov word ptr [{VAR}], 0x10\nmov eax, {VAR}\nmov dr0, rax\nadd eax, 8\nmov dr1, rax\n"
+          f"mov eax, {dr7(0, 3, 2) | dr7(1, 1, 4):#x}\nmov dr7, rax",
+     f"mov ss, [{VAR}]\nmov dword ptr [{VAR + 8}], 1", 1, 3, "end"),
+    # ... and with the single step TF asks for, held the same way (popfq sets TF: no step after it)
+    ("Z", f"mov word ptr [{VAR}], 0x10\nmov eax, {VAR}\nmov dr0, rax\nmov eax, {dr7(0, 3, 2):#x}\nmov dr7, rax\n"
+          "pushfq\nor qword ptr [rsp], 0x100",
+     f"popfq\nmov ss, [{VAR}]\nnop", 1, 1 | BS, "end"),
+    # ... after an INT n it comes at the handler's first instruction
+    ("N", f"mov word ptr [{VAR}], 0x10\nmov eax, {VAR}\nmov dr0, rax\nmov eax, {dr7(0, 3, 2):#x}\nmov dr7, rax",
+     f"mov ss, [{VAR}]\nint 0x40", 1, 1, "int"),
+    # ... and a fault of the next instruction drops it (#UD: the handler skips the ud2)
+    ("U", f"mov word ptr [{VAR}], 0x10\nmov eax, {VAR}\nmov dr0, rax\nmov eax, {dr7(0, 3, 2):#x}\nmov dr7, rax",
+     f"mov ss, [{VAR}]\nud2", 0, 0, "none"),
     # general detect: MOV DR faults with BD, before it runs
     ("G", f"mov eax, {dr7(0, 1) | 1 << 13:#x}\nmov dr7, rax", "mov rax, dr0", 1, BD, "at"),
 ]
@@ -72,7 +90,7 @@ def guest() -> str:
     body = ""
     for i, (letter, setup, probe, hits, bits, where) in enumerate(PROBES):
         at, end = f"p{i}_at", f"p{i}_end"
-        want_rip = {"at": at, "end": end, "none": end, "push": f"p{i}_push"}[where]
+        want_rip = {"at": at, "end": end, "none": end, "push": f"p{i}_push", "int": "int_40"}[where]
         if where == "push":
             probe = probe.replace("push rbx\n", f"push rbx\np{i}_push:\n")
         body += f"""
@@ -116,11 +134,17 @@ def guest() -> str:
     and qword ptr [rsp + 24], ~0x100     /* TF off: one step per probe */
     pop rax
     iretq
+.org 0x1a00
+int_40:
+    iretq
+.org 0x1b00
+    add qword ptr [rsp], 2               /* #UD: past the ud2 */
+    iretq
 """
 
 
 def test_breakpoints_and_dr6_as_the_sdm_says():
-    out, reason, stats = run(guest(), {1: (0x1800, 0)})
+    out, reason, stats = run(guest(), {1: (0x1800, 0), 0x40: (0x1a00, 0), 6: (0x1b00, 0)})
     want = "".join(p[0] for p in PROBES)
     assert (out.decode(), reason) == (want, StopReason.HALTED)
 
@@ -147,3 +171,71 @@ def test_arming_and_clearing_dr7_takes_effect_at_the_next_instruction():
 """
     out, reason, _ = run(asm, {1: (0x1800, 0)})
     assert (out, reason) == (b"55", StopReason.HALTED)
+
+
+def test_rf_from_iretq_covers_one_instruction_and_int3_still_traps():
+    # An iretq that loads RF=1 suppresses the execute breakpoint of the one
+    # instruction it returns to (SDM Vol. 3, 18.3.1.1), not of the next:
+    # x1's (DR0) is not reported, x2's (DR1) is.  An int3 under RF is no
+    # instruction breakpoint: it still traps (#BP, RIP after it), while
+    # its own execute breakpoint (DR2) stays suppressed; b2's (DR3), after
+    # a #BP handler that returns with RF clear, is reported.
+    frame = "mov rcx, rsp\npush 0x10\npush rcx\npush 0x10002\npush 0x08\nlea rax, [rip + {0}]\npush rax\niretq\n"
+    asm = f"""
+    xor r8, r8
+    xor r9, r9
+    xor r12, r12
+    mov r13, -1
+    lea rax, [rip + x1]
+    mov dr0, rax
+    lea rax, [rip + x2]
+    mov dr1, rax
+    lea rax, [rip + b1]
+    mov dr2, rax
+    lea rax, [rip + b2]
+    mov dr3, rax
+    mov eax, {dr7(0, 0) | dr7(1, 0) | dr7(2, 0) | dr7(3, 0):#x}
+    mov dr7, rax
+    {frame.format("x1")}
+x1: nop
+x2: nop
+    {frame.format("b1")}
+b1: int3
+b2: nop
+    xor eax, eax
+    mov dr7, rax
+    mov al, '-'
+    cmp r9, 2                 /* two #DBs: x2 and b2 */
+    jne 9f
+    cmp r8, 0xa               /* B1 | B3 */
+    jne 9f
+    lea rcx, [rip + b2]
+    cmp r10, rcx              /* the last #DB faulted at b2 */
+    jne 9f
+    cmp r12, 1                /* one #BP, returning to b2 */
+    jne 9f
+    cmp r13, rcx
+    jne 9f
+    mov al, 'R'
+9:  {PUT}
+    hlt
+.org 0x1800
+    push rax
+    mov rax, dr6
+    and eax, 0xf
+    or r8, rax
+    mov eax, 0xffff0ff0
+    mov dr6, rax
+    inc r9
+    mov r10, [rsp + 8]
+    or qword ptr [rsp + 24], 0x10000     /* RF: the faulting instruction runs on return */
+    pop rax
+    iretq
+.org 0x1900
+    inc r12
+    mov r13, [rsp]
+    and qword ptr [rsp + 16], ~0x10000   /* RF clear: b2's breakpoint counts */
+    iretq
+"""
+    out, reason, _ = run(asm, {1: (0x1800, 0), 3: (0x1900, 0)})
+    assert (out, reason) == (b"R", StopReason.HALTED)

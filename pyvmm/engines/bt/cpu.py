@@ -50,6 +50,8 @@ class VCpu:
         self.shadow_int = False  # interrupt shadow (after sti / mov ss)
         self.shadow_rip = -1     # RIP of the one instruction STI's shadow covers; -1: wherever RIP is
         self.ss_shadow = False   # the last instruction loaded SS (mov/pop ss): it holds #DB off too
+        self.db_held = 0         # DR6.B0-B3 a mov/pop ss matched, held to after the next instruction
+        self.step_owned = False  # syscall/sysret decided their own single-step trap (system.py)
         self.intc = None        # the platform's interrupt controllers (irq_window); None: none
         self.R = [0] * 16
         self.rip = 0

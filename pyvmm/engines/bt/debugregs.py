@@ -11,7 +11,8 @@ the vCPU one instruction at a time through `step()` instead of in blocks
 - data breakpoints (R/W = 01 writes, 11 reads or writes; LEN 1, 2, 4 or 8
   bytes, the address aligned down to LEN as the CPU does) and I/O
   breakpoints (R/W = 10, only with CR4.DE) are traps, taken after the
-  instruction completed, together with a TF single-step (DR6.BS).
+  instruction completed, together with a TF single-step (DR6.BS); after a
+  mov ss they wait for the end of the next instruction (SDM Vol. 3, 6.8.3).
 
 DR6.B0-B3 report the breakpoints that matched (the other DR6 bits are
 sticky: the CPU never clears them).  General detect (DR7.GD) is in
@@ -131,28 +132,56 @@ def data_hits(c, ins) -> int:
     return hits
 
 
+def _entered_by(c, ins) -> bool:
+    """Whether the event just delivered is the INT n, INT3 or INTO that `ins`
+    is.  A #DB a mov/pop ss held survives only those: after them it comes at
+    the handler's first instruction, while a fault (or INT1) of the
+    instruction after the mov/pop ss drops it (SDM Vol. 3, 6.8.3, as the
+    CVE-2018-8897 fixes measured it; SYSCALL and SYSENTER deliver no event,
+    so the held #DB simply follows them, at the kernel's entry)."""
+    if ins is None:
+        return False
+    m = ins.mnemonic
+    want = {X.Mnemonic.INT3: 3, X.Mnemonic.INTO: 4}.get(m)
+    if m == X.Mnemonic.INT:
+        want = ins.immediate(0)
+    return want is not None and c.trail[-1][0] == want
+
+
 def step(c) -> None:
     """One instruction with breakpoints armed (see the module doc); every
     #DB it raises is delivered.  Raises TripleFault."""
     la = (c.sb[1] + c.rip) & c.ipmask
+    held, c.db_held = c.db_held, 0            # a data breakpoint the mov/pop ss before matched
     if c.rip != c.rf_rip:
         hit = exec_hits(c, la)
         if hit:
-            c.dr[6] = (c.dr[6] & ~0xF) | hit
+            c.dr[6] = (c.dr[6] & ~0xF) | hit | held
             c.deliver(GuestFault(DB))         # a fault: RIP stays on the instruction
             return
     ins = _decode(c, la)
     watch = data_hits(c, ins) if ins is not None else 0
     single = c.rf & F.TF
     before, rip = c.deliveries, c.rip
-    c.ss_shadow = False
+    c.ss_shadow = c.step_owned = False
     c.execute_one()
     if c.deliveries != before:
+        if held and _entered_by(c, ins):
+            c.dr[6] = (c.dr[6] & ~0xF) | held     # at the handler's first instruction
+            c.deliver(GuestFault(DB))
         return                                # it faulted or trapped itself
     if c.rf_rip == rip:
         c.rf_rip = -1                         # RF clears when the instruction it covered completes
+    if c.step_owned:
+        single = 0                            # syscall/sysret test TF themselves (system.py)
     if c.ss_shadow:
-        single = 0                            # mov/pop ss: the step traps after the next instruction
+        # SDM Vol. 3, 6.8.3: after a mov/pop ss, debug exceptions wait for the
+        # end of the next instruction, the data breakpoints the mov/pop ss
+        # matched included; DR6 then reports those and the next one's.
+        single = 0                            # the step traps after the next instruction
+        c.db_held, watch = watch | held, 0
+    else:
+        watch |= held
     if watch or single:
         if watch:
             c.dr[6] = (c.dr[6] & ~0xF) | watch

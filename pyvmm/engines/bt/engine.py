@@ -149,11 +149,13 @@ class BtCpu(VCpu):
         single-step #DB trap follows with DR6.BS set, unless the instruction
         delivered an exception or interrupt itself (SDM Vol. 3, 18.3.1.4),
         or loaded SS (mov/pop ss hold the trap until after the next
-        instruction, SDM Vol. 3, 6.8.3).  Raises TripleFault."""
+        instruction, SDM Vol. 3, 6.8.3), or was a syscall/sysret, which
+        test TF after they complete (system._single_step_after).  Raises
+        TripleFault."""
         before = self.deliveries
-        self.ss_shadow = False
+        self.ss_shadow = self.step_owned = False
         self.execute_one()
-        if self.deliveries == before and not self.ss_shadow:
+        if self.deliveries == before and not self.ss_shadow and not self.step_owned:
             self.dr[6] |= DR6_BS
             self.deliver(GuestFault(DB))
 

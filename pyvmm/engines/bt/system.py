@@ -428,6 +428,21 @@ def cmpxchg_wide(c, la: int, size: int) -> None:
         c.lf = (F.RAW * 4, fw & ~F.ZF, 0, 0)
 
 
+def _single_step_after(c) -> None:
+    """SYSCALL and SYSRET test RFLAGS.TF when they complete, not when they
+    start (QEMU's TCG does the same, and Linux's 64-bit entry code returns
+    with IRET, not SYSRET, when the user's RFLAGS has TF, since SYSRET would
+    trap at once in user mode).  So a TF that IA32_FMASK clears
+    gives no #DB at the kernel entry, one it leaves set gives a #DB there
+    (DR6.BS, RIP = the entry), and SYSRET with TF in R11 traps at the user
+    instruction before it runs.  The trap, a single-step trap of SDM Vol. 3,
+    18.3.1.4, is delivered here; the step paths add none (step_owned)."""
+    c.step_owned = True
+    if c.rf & F.TF:
+        c.dr[6] |= 1 << 14              # DR6.BS
+        c.deliver(GuestFault(DB))
+
+
 def syscall(c, next_rip: int) -> None:
     # Intel: only in 64-bit mode (AMD also takes it in compatibility and legacy mode, via CSTAR/STAR).
     if not c.efer & 1 or c.mode[0] != 64:
@@ -444,6 +459,7 @@ def syscall(c, next_rip: int) -> None:
     c.cpl = 0
     c.update_mode()
     c.rip = c.msrs.get(MSR_LSTAR, 0)
+    _single_step_after(c)
 
 
 def sysret(c, size: int) -> None:
@@ -471,6 +487,7 @@ def sysret(c, size: int) -> None:
         c.irq_window()
     if c.rf & F.TF:
         c.pending = True                # single-step from the next instruction on (smp.py)
+    _single_step_after(c)
 
 
 def sysenter(c) -> None:
