@@ -1,15 +1,18 @@
 """Hostile drivers against virtio-net: random descriptor tables and rings
 (tests/devices/test_virtio_fuzz.py's generator) on the transmit and the
-receive queue, half the receive rounds with MRG_RXBUF.  Only a QueueError
-may leave the device model, every frame it passes on is a whole frame of
-sane length, and the time bound catches a hang.  PYVMM_VIRTIO_FUZZ sets the count as there."""
+receive queue, half the receive rounds with MRG_RXBUF, half the transmit
+rounds with CSUM and HOST_TSO4/6 (random virtio_net_hdrs then ask for
+checksums and segmentation; test_virtio_net_tso.py aims nearer).  Only a
+QueueError may leave the device model, every frame it passes on is a whole
+frame of sane length, and the time bound catches a hang.  PYVMM_VIRTIO_FUZZ
+sets the count as there."""
 
 from __future__ import annotations
 
 import random
 import time
 
-from pyvmm.devices.virtio.net import F_MRG_RXBUF, RX_BACKLOG, VirtioNet
+from pyvmm.devices.virtio.net import F_CSUM, F_HOST_TSO4, F_HOST_TSO6, F_MRG_RXBUF, RX_BACKLOG, VirtioNet
 from pyvmm.devices.virtio.queue import QueueError, VirtQueue
 from pyvmm.memory import GuestMemory
 from pyvmm.net.port import MAX_FRAME
@@ -39,6 +42,8 @@ def test_random_queues_only_ever_give_queue_errors():
                     dev.backlog.append(r.randbytes(r.choice((14, 60, 1514, 9000))))
         before = vq.used_idx
         dev.acked = F_MRG_RXBUF if i & 2 else 0      # every other RX round spreads frames over chains
+        if i & 2:
+            dev.acked |= F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
         try:
             dev.process(k, vq)
         except QueueError:

@@ -18,10 +18,18 @@ loop under bt.  MRG_RXBUF (5.1.6.3.1, 5.1.6.4): the driver may post
 buffers smaller than a frame; one frame then fills several receive chains
 in turn, each but the last to the brim, and the header in the first says
 how many (num_buffers).  Without it a frame takes one chain and
-num_buffers is 1.
+num_buffers is 1.  HOST_TSO4/HOST_TSO6 (5.1.6.2): the driver may hand
+over TCP super-frames of up to 64 KiB (gso_type TCPV4/TCPV6, gso_size the
+payload of each segment); the device cuts them into wire-sized frames
+(net_offload.tso_segments) before any backend sees them, so a switch port,
+a TAP device or FT's held output all get ordinary frames.  HOST_ECN is not
+offered, so a gso_type with the ECN bit is the driver's error.
 
 TX: each chain is a header and a frame in device-readable buffers; the
-frame goes to the backend and the chain comes back with 0 bytes written.
+frame (or its segments) goes to the backend and the chain comes back with
+0 bytes written.  A header the device cannot honour (a GSO type not
+negotiated, gso_size 0, offsets outside the frame...) drops the frame and
+counts it in tx_dropped: a hostile guest loses its own frame, nothing more.
 RX: a frame from the backend (on the machine's event loop) fills one
 chain of device-writable buffers (several with MRG_RXBUF).  When the guest
 has posted too few buffers, or the device is not running, frames are HELD,
@@ -46,7 +54,7 @@ from ...device import as_int
 from ...memory import GuestMemory
 from ...net.port import MAX_FRAME, NetPort
 from .device import VirtioDevice
-from .net_offload import complete_checksum, l4_checksum_ok
+from .net_offload import complete_checksum, l4_checksum_ok, tso_segments
 from .queue import QueueError, VirtQueue
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,7 @@ CTRL_QUEUE_SIZE = 64
 RX_BACKLOG = 256
 
 F_CSUM, F_GUEST_CSUM, F_MAC = 1 << 0, 1 << 1, 1 << 5
+F_HOST_TSO4, F_HOST_TSO6 = 1 << 11, 1 << 12
 F_MRG_RXBUF = 1 << 15
 F_STATUS, F_CTRL_VQ, F_GUEST_ANNOUNCE = 1 << 16, 1 << 17, 1 << 21
 S_LINK_UP, S_ANNOUNCE = 1, 2
@@ -66,7 +75,7 @@ S_LINK_UP, S_ANNOUNCE = 1, 2
 NET_HDR = struct.Struct("<BBHHHHH")
 NET_HDR_SIZE = NET_HDR.size                       # 12
 HDR_F_NEEDS_CSUM, HDR_F_DATA_VALID = 1, 2
-GSO_NONE = 0
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 RX_HEADER = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)    # one buffer per frame
 RX_HEADER_VALID = NET_HDR.pack(HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 1)
 
@@ -123,7 +132,7 @@ class VirtioNet(VirtioDevice):
         self.port = port
         self.mac = bytes(mac)
         self.features = (F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE | F_CSUM | F_GUEST_CSUM
-                         | F_MRG_RXBUF)
+                         | F_MRG_RXBUF | F_HOST_TSO4 | F_HOST_TSO6)
         self.announcing = False      # S_ANNOUNCE: set by announce(), cleared by the driver's ack
         self.wake: Callable[[int], None] | None = None
         self.backlog: deque[bytes] = deque()
@@ -210,24 +219,36 @@ class VirtioNet(VirtioDevice):
             if not ETH_MIN <= length - NET_HDR_SIZE <= MAX_FRAME:
                 self.tx_dropped += 1     # a runt or a giant: the guest's loss, not a protocol error
             else:
-                frame = self._outgoing(chain, length)
-                if frame is None:
+                frames = self._outgoing(chain, length)
+                if frames is None:
                     self.tx_dropped += 1
                 else:
-                    self.port.send(frame)
-                    self.tx_frames += 1
+                    for frame in frames:
+                        self.port.send(frame)
+                    self.tx_frames += len(frames)
             queue.add_used(chain.head, 0)
 
-    def _outgoing(self, chain, length: int) -> bytes | None:
-        """The frame of a TX chain, its checksum completed when the driver
-        asked (CSUM); None for a header the device cannot honour."""
-        flags, gso, _, _, start, offset, _ = NET_HDR.unpack(chain.read(self.memory, 0, NET_HDR_SIZE))
+    def _outgoing(self, chain, length: int) -> list[bytes] | None:
+        """The frames of a TX chain for the wire: the one frame, its
+        checksum completed when the driver asked (CSUM), or the segments
+        of a TCP super-frame (HOST_TSO4/6); None for a header the device
+        cannot honour."""
+        flags, gso, hdr_len, gso_size, start, offset, _ = NET_HDR.unpack(chain.read(self.memory, 0,
+                                                                                    NET_HDR_SIZE))
         if gso != GSO_NONE:
-            return None                  # segmentation was never offered
+            if gso == GSO_TCPV4 and self.acked & F_HOST_TSO4:
+                v6 = False
+            elif gso == GSO_TCPV6 and self.acked & F_HOST_TSO6:
+                v6 = True
+            else:
+                return None              # a type not negotiated (the ECN bit among them: no HOST_ECN)
+            frame = chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE)
+            csum = (start, offset) if flags & HDR_F_NEEDS_CSUM else None
+            return tso_segments(frame, v6, gso_size, hdr_len, csum)
         if not (flags & HDR_F_NEEDS_CSUM and self.acked & F_CSUM):
-            return chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE)
+            return [chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE)]
         frame = bytearray(chain.read(self.memory, NET_HDR_SIZE, length - NET_HDR_SIZE))
-        return bytes(frame) if complete_checksum(frame, start, offset) else None
+        return [bytes(frame)] if complete_checksum(frame, start, offset) else None
 
     @staticmethod
     def _rx_chain(queue: VirtQueue):
@@ -323,5 +344,5 @@ class VirtioNet(VirtioDevice):
 
 
 __all__ = ["VirtioNet", "parse_mac", "format_mac", "default_mac", "derived_mac", "DEVICE_ID_NET", "F_MAC", "F_STATUS", "F_CSUM", "F_GUEST_CSUM", "F_CTRL_VQ",
-           "F_GUEST_ANNOUNCE", "F_MRG_RXBUF", "NET_HDR", "CTRL_QUEUE",
+           "F_GUEST_ANNOUNCE", "F_MRG_RXBUF", "F_HOST_TSO4", "F_HOST_TSO6", "NET_HDR", "CTRL_QUEUE",
            "NET_HDR_SIZE", "RX_QUEUE", "TX_QUEUE", "RX_BACKLOG"]

@@ -1,7 +1,11 @@
-"""Checksum work virtio-net does for the guest (virtio 1.2, 5.1.6.2 and
-5.1.6.4): completing a partial checksum the driver left (VIRTIO_NET_F_CSUM)
-and checking received TCP/UDP checksums so that the driver may skip it
-(VIRTIO_NET_F_GUEST_CSUM, flag DATA_VALID).
+"""Checksum and segmentation work virtio-net does for the guest (virtio
+1.2, 5.1.6.2 and 5.1.6.4): completing a partial checksum the driver left
+(VIRTIO_NET_F_CSUM), checking received TCP/UDP checksums so that the
+driver may skip it (VIRTIO_NET_F_GUEST_CSUM, flag DATA_VALID), and cutting
+the TCP super-frames of up to 64 KiB that a driver with HOST_TSO4/6 hands
+over into frames of gso_size payload bytes (tso_segments).  Under bt a
+guest kernel spends some 35,000 instructions on each 1,448-byte segment it
+builds; with TSO it builds one header per 64 KiB and the host does the rest.
 
 Under bt and hybrid the guest kernel's checksum loop runs translated, many
 times slower than one big-integer reduction here: the Internet checksum of
@@ -13,10 +17,17 @@ from __future__ import annotations
 
 import struct
 
+from ...net.gso import segment_tcp, tcp_layout
+
 ETH_HEADER = 14
 ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN = 0x0800, 0x86DD, 0x8100
 PROTO_TCP, PROTO_UDP = 6, 17
 IPV6_HEADER = 40
+TCP_CSUM_FIELD = 16                 # csum_offset of a TCP header's checksum
+# Linux never sends TCP segments of less (net.ipv4.tcp_min_snd_mss); a
+# smaller gso_size would only let a guest turn one 64 KiB frame into
+# thousands on the network.
+MIN_GSO_SIZE = 48
 
 
 def ones_complement_sum(data: bytes | memoryview) -> int:
@@ -67,4 +78,28 @@ def l4_checksum_ok(frame: bytes) -> bool:
     return ones_complement_sum(bytes(pseudo) + bytes(l4)) == 0xFFFF
 
 
-__all__ = ["ones_complement_sum", "complete_checksum", "l4_checksum_ok"]
+def tso_segments(frame: bytes, v6: bool, gso_size: int, hdr_len: int,
+                 csum: tuple[int, int] | None) -> list[bytes] | None:
+    """The wire frames of a TCP super-frame (gso_type TCPV6 if `v6`, else
+    TCPV4), each with at most `gso_size` payload bytes and its checksums
+    complete.  `csum` is (csum_start, csum_offset) when the driver set
+    NEEDS_CSUM.  None for a header that does not describe the frame: not
+    IPv4 (IPv6) TCP with consistent lengths, gso_size below MIN_GSO_SIZE,
+    hdr_len past the frame (without GUEST_HDRLEN it is only a hint, so
+    only its bound is checked), or a checksum position other than the TCP
+    checksum field."""
+    layout = tcp_layout(frame)
+    if layout is None or layout.v4 == v6 or gso_size < MIN_GSO_SIZE or hdr_len > len(frame):
+        return None
+    if csum is not None and csum != (layout.tcp, TCP_CSUM_FIELD):
+        return None
+    if layout.end - layout.payload > gso_size:
+        return segment_tcp(frame, gso_size)
+    if csum is None:
+        return [frame]               # fits one segment: as a frame without GSO
+    whole = bytearray(frame)
+    complete_checksum(whole, *csum)
+    return [bytes(whole)]
+
+
+__all__ = ["ones_complement_sum", "complete_checksum", "l4_checksum_ok", "tso_segments", "MIN_GSO_SIZE"]
