@@ -120,13 +120,15 @@ def test_linux_guest_talks_to_the_host_over_tap_under_bt(tmp_path, netns):  # no
                           "tr -s ' ' '\\n' | sort -u | wc -l\n")
             m = g.expect(r"\n\s*256\r?\n\s*(\d+)\r?\n", timeout=600, after=sent)
             assert int(m.group(1)) > 100, "256 bytes from /dev/hwrng with few distinct values"
-            # The driver took checksum offload both ways, mergeable RX buffers, the control
-            # queue and GUEST_ANNOUNCE (bits 0, 1, 15, 17, 21 of the negotiated features); the
-            # TCP exchange below then carries checksums that pyvmm completed, which the host's
-            # stack verifies, in frames the driver reassembles from several RX buffers.
+            # The driver took checksum offload both ways, TCP segmentation offload (v4, v6),
+            # mergeable RX buffers, the control queue and GUEST_ANNOUNCE (bits 0, 1, 11, 12,
+            # 15, 17, 21 of the negotiated features); the TCP exchange below then carries
+            # checksums that pyvmm completed, which the host's stack verifies, in segments
+            # pyvmm cut from the driver's super-frames and in frames the driver reassembles
+            # from several RX buffers.
             sent = g.send("cat /sys/class/net/eth0/device/features\n")
             bits = g.expect(r"\n([01]{64})\r?\n", timeout=600, after=sent).group(1)
-            assert [bits[i] for i in (0, 1, 15, 17, 21)] == ["1"] * 5, bits
+            assert [bits[i] for i in (0, 1, 11, 12, 15, 17, 21)] == ["1"] * 7, bits
             sent = g.send("cat /sys/class/net/eth0/address\n")
             g.expect(rf"\n{MAC}\r?\n", timeout=600, after=sent)
             sent = g.send("ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && echo NET-UP\n")
