@@ -20,8 +20,9 @@ ticks seen (>= TICKS_WANTED), R15 = user loop count (> 0)."""
 
 from __future__ import annotations
 
-from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, enter_user, idt_setup
+from .modeguests import IDT_STUBS, USTACK, enter_user
 from .rawguest import build_guest
+from .userharness import KERNEL_START, LABELS, LOG, one_vector_handler, store_labels
 
 WINDOW = 0x40000000
 FRAME_A, FRAME_B = 0x300000, 0x301000
@@ -29,7 +30,6 @@ VALUE_A, VALUE_B = 0xA11CE, 0xB0B
 PT = 0x310000          # the window's page table
 TICKS = 0x320000       # timer tick counter (user-readable)
 TICKS_WANTED = 3
-IDT = 0x120000
 
 # Points PD entry 0 of the 1-2 GiB range (the user window at WINDOW) at the
 # page table {pt}, which the guest then fills.
@@ -42,9 +42,7 @@ WINDOW_TABLE = """    /* the window's page table: PD entry 0 of the 1-2 GiB rang
     mov qword ptr [rax], {pt} + 7
 """
 
-SOURCE = """
-.intel_syntax noprefix
-""" + SYSCALL_SETUP + idt_setup(IDT) + WINDOW_TABLE + """    mov qword ptr [{frame_a}], {value_a}
+SOURCE = KERNEL_START + WINDOW_TABLE + """    mov qword ptr [{frame_a}], {value_a}
     mov qword ptr [{frame_b}], {value_b}
     mov qword ptr [{ticks}], 0
     invlpg [{window}]
@@ -176,20 +174,8 @@ def rdtsc_guest() -> bytes:
 # (vector 6) is counted in R9 and its 2-byte ud2 skipped.  The kernel writes
 # the labels' addresses s0..s8 (each the RIP after the instruction before
 # it) at STEP_LABELS, so a test can say which RIPs the SDM wants.
-STEP_LOG, STEP_LABELS, STEPS = 0x330000, 0x331000, 6
-STEP_SOURCE = """
-.intel_syntax noprefix
-""" + SYSCALL_SETUP + idt_setup(IDT) + """    mov edi, {labels}
-    mov qword ptr [rdi], OFFSET s0
-    mov qword ptr [rdi + 8], OFFSET s1
-    mov qword ptr [rdi + 16], OFFSET s2
-    mov qword ptr [rdi + 24], OFFSET s3
-    mov qword ptr [rdi + 32], OFFSET s4
-    mov qword ptr [rdi + 40], OFFSET s5
-    mov qword ptr [rdi + 48], OFFSET s6
-    mov qword ptr [rdi + 56], OFFSET s7
-    mov qword ptr [rdi + 64], OFFSET s8
-    xor r8, r8
+STEP_LOG, STEP_LABELS, STEPS = LOG, LABELS, 6
+STEP_SOURCE = KERNEL_START + store_labels(*(f"s{i}" for i in range(9))) + """    xor r8, r8
     xor r9, r9
     xor rbx, rbx
     xor eax, eax
@@ -199,40 +185,19 @@ STEP_SOURCE = """
 sys_entry:
     cli
     hlt
-
-common:                       /* [rsp] = vector, then error code or 0, then the frame */
-    cmp qword ptr [rsp], 6
-    je ud
-    cmp qword ptr [rsp], 1
-    jne other
-    push rax
-    push rcx
-    mov rcx, r8
-    shl rcx, 4
-    mov rax, [rsp + 32]       /* the pushed RIP */
-    mov [{log} + rcx], rax
-    mov rax, dr6
-    mov [{log} + rcx + 8], rax
+""" + one_vector_handler(1, f"""    mov rax, dr6
+    mov [{LOG + 8:#x} + rcx], rax
     xor eax, eax
     mov dr6, rax
-    inc r8
-    cmp r8, {steps}
+""", dispatch="    cmp qword ptr [rsp], 6\n    je ud\n", after_count="""    cmp r8, {steps}
     jb 1f
     and qword ptr [rsp + 48], ~0x100     /* enough steps: TF off */
-1:  pop rcx
-    pop rax
-    add rsp, 16
-    iretq
-ud: inc r9
+1:
+""", more="""ud: inc r9
     add qword ptr [rsp + 16], 2
     add rsp, 16
     iretq
-other:
-    mov rax, [rsp]
-    cli
-    hlt                       /* anything else: stop with the vector in RAX */
-
-""" + IDT_STUBS + """
+""") + """
 user:
     lea rbp, [rsp - 0x40]
     mov ecx, 1000
@@ -263,5 +228,4 @@ ARM_UNUSED_BREAKPOINT = "mov eax, 0x10; mov dr0, rax; mov eax, 1; mov dr7, rax"
 def single_step_guest(first: str, arm: str = "") -> bytes:
     """The single-step guest with `first` as the first instruction TF covers;
     `arm` runs in the kernel before user mode (ARM_UNUSED_BREAKPOINT)."""
-    return build_guest(STEP_SOURCE.format(labels=STEP_LABELS, log=STEP_LOG, steps=STEPS, ustack=USTACK,
-                                          first=first, arm=arm), "long")
+    return build_guest(STEP_SOURCE.format(steps=STEPS, ustack=USTACK, first=first, arm=arm), "long")

@@ -13,20 +13,15 @@ User half (CPL3): a loop (so that hybrid runs it under KVM), then `{user_tf}`
 
 from __future__ import annotations
 
-from .hybridguest import IDT
-from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, enter_user, idt_setup
+from .modeguests import USTACK, enter_user
 from .rawguest import build_guest
+from .userharness import KERNEL_START, LABELS, LOG, one_vector_handler, store_labels
 
-STEP_LOG, STEP_LABELS = 0x330000, 0x331000
+STEP_LOG, STEP_LABELS = LOG, LABELS
 SET_TF = "pushfq\n    or qword ptr [rsp], 0x100\n    popfq"
 
-SOURCE = """
-.intel_syntax noprefix
-""" + SYSCALL_SETUP + """    mov ecx, 0xc0000084; mov eax, {fmask}; xor edx, edx; wrmsr
-""" + idt_setup(IDT) + """    mov edi, {labels}
-    mov qword ptr [rdi], OFFSET sys_entry
-    mov qword ptr [rdi + 8], OFFSET u_ret
-    xor r8, r8
+SOURCE = KERNEL_START + """    mov ecx, 0xc0000084; mov eax, {fmask}; xor edx, edx; wrmsr
+""" + store_labels("sys_entry", "u_ret") + """    xor r8, r8
     xor eax, eax
     mov dr6, rax
 """ + enter_user() + """
@@ -38,33 +33,13 @@ sys_entry:
 done:
     cli
     hlt
-
-common:                       /* [rsp] = vector, then error code or 0, then the frame */
-    cmp qword ptr [rsp], 1
-    jne other
-    push rax
-    push rcx
-    imul rcx, r8, 24
-    mov rax, [rsp + 32]       /* the pushed RIP */
-    mov [{log} + rcx], rax
-    mov rax, [rsp + 40]       /* CS */
-    mov [{log} + rcx + 8], rax
+""" + one_vector_handler(1, f"""    mov rax, [rsp + 40]       /* CS */
+    mov [{LOG + 8:#x} + rcx], rax
     mov rax, dr6
-    mov [{log} + rcx + 16], rax
+    mov [{LOG + 16:#x} + rcx], rax
     xor eax, eax
     mov dr6, rax
-    inc r8
-    and qword ptr [rsp + 48], ~0x100
-    pop rcx
-    pop rax
-    add rsp, 16
-    iretq
-other:
-    mov rax, [rsp]
-    cli
-    hlt
-
-""" + IDT_STUBS + """
+""", stride=24, after_count="    and qword ptr [rsp + 48], ~0x100\n") + """
 user:
     mov ecx, 1000
 0:  dec ecx
@@ -81,4 +56,4 @@ def syscall_step_guest(fmask: int, r11_or: int, user_tf: bool) -> bytes:
     """The guest with IA32_FMASK `fmask`, `r11_or` ORed into the RFLAGS
     sysretq loads, and TF set by user code before its syscall if `user_tf`."""
     return build_guest(SOURCE.format(fmask=fmask, r11_or=r11_or, user_tf=SET_TF if user_tf else "",
-                                     labels=STEP_LABELS, log=STEP_LOG, ustack=USTACK), "long")
+                                     ustack=USTACK), "long")

@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.config import VmConfig
-from pyvmm.machine import StopReason
+from .modeguests import USTACK, enter_user
+from .rawguest import build_guest, require_kvm
+from .userharness import KERNEL_START, LOG, one_vector_handler, read_labels, read_log, run_to_halt, store_labels
 
-from .hybridguest import IDT
-from .modeguests import IDT_STUBS, SYSCALL_SETUP, USTACK, boot_for, enter_user, idt_setup
-from .rawguest import build_guest, require_kvm, run_machine
-
-VAR, LOG, LABELS = 0x340000, 0x330000, 0x331000
+VAR = 0x340000
 
 
 def dr7(n: int, rw: int, length_code: int) -> int:
     return (1 << (2 * n)) | rw << (16 + 4 * n) | length_code << (18 + 4 * n)
 
 
-SOURCE = """
-.intel_syntax noprefix
-""" + SYSCALL_SETUP + idt_setup(IDT) + """    mov qword ptr [{labels}], OFFSET u_mid
-    mov qword ptr [{labels} + 8], OFFSET u_end
-    mov qword ptr [{var}], 0x1b
+SOURCE = KERNEL_START + store_labels("u_mid", "u_end") + """    mov qword ptr [{var}], 0x1b
     mov eax, {var}
     mov dr0, rax
     add eax, 8
@@ -40,32 +33,12 @@ SOURCE = """
     xor r8, r8
 """ + enter_user() + """
 sys_entry:
-common:                       /* [rsp] = vector, then error code or 0, then the frame */
-    cmp qword ptr [rsp], 1
-    jne other
-    push rax
-    push rcx
-    mov rcx, r8
-    shl rcx, 4
-    mov rax, [rsp + 32]       /* the pushed RIP */
-    mov [{log} + rcx], rax
-    mov rax, dr6
+""" + one_vector_handler(1, f"""    mov rax, dr6
     and eax, 0x400f
-    mov [{log} + rcx + 8], rax
+    mov [{LOG + 8:#x} + rcx], rax
     mov eax, 0xffff0ff0
     mov dr6, rax
-    inc r8
-    or qword ptr [rsp + 48], 0x10000
-    pop rcx
-    pop rax
-    add rsp, 16
-    iretq
-other:
-    mov rax, [rsp]
-    cli
-    hlt
-
-""" + IDT_STUBS + """
+""", after_count="    or qword ptr [rsp + 48], 0x10000\n") + """
 user:
     {first}
 u_mid:
@@ -92,16 +65,11 @@ def test_user_data_breakpoints_around_mov_ss(engine, case):
     if engine != "bt":
         require_kvm()
     dr7_value, first, second, want = CASES[case]
-    cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
 
     def inspect(m):
-        mem = m.memory
-        labels = {"u_mid": mem.read_u64(LABELS), "u_end": mem.read_u64(LABELS + 8)}
-        return labels, [(mem.read_u64(LOG + 16 * i), mem.read_u64(LOG + 16 * i + 8)) for i in range(3)]
-    code = build_guest(SOURCE.format(labels=LABELS, var=VAR, dr7=dr7_value, log=LOG, ustack=USTACK,
-                                     first=first, second=second), "long")
-    m, st = run_machine(cfg, boot_for(code), timeout=60, inspect=inspect)
-    assert m.stop_status.reason is StopReason.HALTED, (engine, m.stop_status, hex(st.rip))
+        return read_labels(m.memory, "u_mid", "u_end"), read_log(m.memory, 3)
+    code = build_guest(SOURCE.format(var=VAR, dr7=dr7_value, ustack=USTACK, first=first, second=second), "long")
+    m, st = run_to_halt(engine, code, inspect)
     labels, log = m.inspected
     assert st.regs["rax"] == 6                       # ended at the ud2, not on another vector
     assert log[:st.regs["r8"]] == [(labels[name], bits) for name, bits in want]

@@ -21,12 +21,9 @@ import sys
 
 import pytest
 
-from pyvmm.config import VmConfig
-from pyvmm.machine import StopReason
-
 from . import hybridguest as hg
-from .modeguests import boot_for
-from .rawguest import require_kvm, run_machine
+from .rawguest import require_kvm
+from .userharness import read_labels, read_log, run_to_halt
 
 DR6_BS = 1 << 14
 TF = 0x100
@@ -49,16 +46,9 @@ FIRSTS = {
 
 
 def _steps(engine: str, first: str, arm: str = ""):
-    cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
-
     def log(m):
-        mem = m.memory
-        got = [(mem.read_u64(hg.STEP_LOG + 16 * i), mem.read_u64(hg.STEP_LOG + 16 * i + 8))
-               for i in range(hg.STEPS + 1)]
-        labels = [mem.read_u64(hg.STEP_LABELS + 8 * i) for i in range(9)]
-        return got, labels
-    m, st = run_machine(cfg, boot_for(hg.single_step_guest(first, arm)), timeout=60, inspect=log)
-    assert m.stop_status.reason is StopReason.HALTED, (engine, m.stop_status, hex(st.rip), st.regs["rax"])
+        return read_log(m.memory, hg.STEPS + 1), list(read_labels(m.memory, *(f"s{i}" for i in range(9))).values())
+    m, st = run_to_halt(engine, hg.single_step_guest(first, arm), log)
     got, labels = m.inspected
     return st, got, labels, m.engine.stats()
 

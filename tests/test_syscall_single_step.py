@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.config import VmConfig
-from pyvmm.machine import StopReason
-
-from .modeguests import CODE, boot_for
-from .rawguest import require_kvm, run_machine
-from .syscallstep import STEP_LABELS, STEP_LOG, syscall_step_guest
+from .modeguests import CODE
+from .rawguest import require_kvm
+from .syscallstep import syscall_step_guest
+from .userharness import read_labels, read_log, run_to_halt
 
 BS, TF, IF = 1 << 14, 0x100, 0x200
 KERNEL_CS, USER_CS = 0x08, 0x23
@@ -34,15 +32,9 @@ CASES = {
 
 
 def _run(engine: str, fmask: int, r11_or: int, user_tf: bool):
-    cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
-
     def inspect(m):
-        mem = m.memory
-        labels = {"sys_entry": mem.read_u64(STEP_LABELS), "u_ret": mem.read_u64(STEP_LABELS + 8)}
-        log = [tuple(mem.read_u64(STEP_LOG + 24 * i + 8 * j) for j in range(3)) for i in range(4)]
-        return labels, log
-    m, st = run_machine(cfg, boot_for(syscall_step_guest(fmask, r11_or, user_tf)), timeout=60, inspect=inspect)
-    assert m.stop_status.reason is StopReason.HALTED, (engine, m.stop_status, hex(st.rip), st.regs["rax"])
+        return read_labels(m.memory, "sys_entry", "u_ret"), read_log(m.memory, 4, fields=3)
+    m, st = run_to_halt(engine, syscall_step_guest(fmask, r11_or, user_tf), inspect)
     labels, log = m.inspected
     return st, labels, log, m.engine.stats()
 
@@ -82,9 +74,7 @@ def test_sysenter_with_tf_traps_at_the_entry(engine, mode):
     cs, label, user = SYSENTER_CASES[mode]
     kernel = vg.wrmsr(0x175, "0x150800") + vg.enter_user(cs, label)
     code = vg.vendor_guest(kernel, **{label: user})
-    cfg = VmConfig(mem_mib=64, engine=engine, irqchip=False, no_reboot=True)
-    m, _ = run_machine(cfg, boot_for(code), timeout=60, inspect=lambda m: m.memory.read(vg.RESULT, vg.RECORD_SIZE))
-    assert m.stop_status.reason is StopReason.HALTED, (engine, m.stop_status)
+    m, _ = run_to_halt(engine, code, lambda m: m.memory.read(vg.RESULT, vg.RECORD_SIZE))
     r = vg.record(m.inspected)
     assert (r["entry"], r["vector"], r["frame_cs"]) == (vg.ENTRY_IDT, 1, KERNEL_CS)
     # SYSENTER_EIP: the entry's first instruction (`mov qword ptr [RESULT], 4`), before it ran

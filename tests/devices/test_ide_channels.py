@@ -452,6 +452,20 @@ def _task(cmd: int, dev: int, lba: int, command: int) -> str:
 """
 
 
+def _pio(cmd: int, dev: int, lba: int, buffer: int, to_memory: bool) -> str:
+    """READ SECTORS (to_memory) or WRITE SECTORS of one sector at `lba`:
+    the task, DRQ awaited, 256 words between the data port and `buffer`."""
+    index, string_op = ("%di", "insw") if to_memory else ("%si", "outsw")
+    return f"""{_task(cmd, dev, lba, 0x20 if to_memory else 0x30)}
+1:  in %dx, %al
+    test $0x08, %al
+    jz 1b
+    mov ${cmd:#x}, %dx
+    mov ${buffer:#x}, {index}
+    mov $256, %cx
+    rep {string_op}"""
+
+
 def _dma(cmd: int, bm: int, dev: int, lba: int, to_memory: bool, prd: int, buffer: int, record: int) -> str:
     """One-sector READ/WRITE DMA through a PRD table at `prd`; the bus-master
     and ATA status at the end stored at `record` and `record + 1`."""
@@ -506,22 +520,8 @@ def four_positions_guest(positions) -> str:
             continue
         pio, dmabuf, record = 0x3000 + 0x200 * i, 0x4000 + 0x200 * i, 0x600 + 8 * i
         code.append(f"""
-{_task(cmd, dev, 0, 0x20)}
-1:  in %dx, %al
-    test $0x08, %al
-    jz 1b
-    mov ${cmd:#x}, %dx
-    mov ${pio:#x}, %di
-    mov $256, %cx
-    rep insw
-{_task(cmd, dev, 2, 0x30)}
-1:  in %dx, %al
-    test $0x08, %al
-    jz 1b
-    mov ${cmd:#x}, %dx
-    mov ${pio:#x}, %si
-    mov $256, %cx
-    rep outsw
+{_pio(cmd, dev, 0, pio, True)}
+{_pio(cmd, dev, 2, pio, False)}
     mov ${cmd + 7:#x}, %dx
 1:  in %dx, %al
     test $0x08, %al

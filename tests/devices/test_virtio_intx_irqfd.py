@@ -15,39 +15,24 @@ MSI-X messages go to the new engine, not into the old VM's eventfds."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 from pyvmm.devices.pci.host import intx_gsi
 from pyvmm.devices.virtio.transport.pci import ISR_OFFSET, ISR_QUEUE
 from pyvmm.engines.kvm import abi
 from pyvmm.migrate import switch_engine
 
-from ..modeguests import CODE, IDT_STUBS, boot_for, idt_setup
-from ..rawguest import build_guest, run_until_stop
+from ..modeguests import CODE, boot_for
+from .ioapicguest import CHECKPOINT, LEVEL, ioapic_guest, run_with_cue
 from .test_virtio_kvm_eventfds import POINTER, USED, Checkpoint, rng_machine, set_up_queue
 
-CHECKPOINT = 0xE0
-IDT = 0x180000
-VECTOR = 0x41
 ISR_POINTER, SEEN_ISR, SETTLED, COUNT, COUNT_SETTLED = 0x200000, 0x200008, 0x200010, 0x200018, 0x200020
 RAISES_BEFORE_READ = 2        # EOIs without an ISR read: each must bring the interrupt back
-SETTLE_LOOPS = 300000         # interrupts-on time after the last EOI for a wrong extra one
 
 
 def guest(gsi: int) -> bytes:
+    """Kicks, waits for the interrupts and the host's word that all is
+    settled (ioapicguest); the handler reads the ISR from the third on."""
     last = RAISES_BEFORE_READ + 1
-    src = ".intel_syntax noprefix\n    cli\n" + idt_setup(IDT) + f"""
-    mov al, 0xff; out 0x21, al; out 0xa1, al     # the PICs masked: only the IOAPIC speaks
-    mov esi, 0xfee00000
-    mov dword ptr [rsi + 0xf0], 0x1ff            # local APIC on
-    mov edi, 0xfec00000
-    mov dword ptr [rdi], {0x10 + 2 * gsi}
-    mov dword ptr [rdi + 0x10], {0x8000 | VECTOR}   # level, active high, unmasked
-    mov dword ptr [rdi], {0x11 + 2 * gsi}
-    mov dword ptr [rdi + 0x10], 0                # to APIC 0
-    xor ebx, ebx
-    sti
+    return ioapic_guest(gsi, LEVEL, f"""
     mov eax, dword ptr [{POINTER}]
     mov word ptr [rax], 0                        # kick queue 0: the ioeventfd
 1:  cmp ebx, {last}
@@ -55,38 +40,14 @@ def guest(gsi: int) -> bytes:
 2:  cmp dword ptr [{SETTLED}], 0                 # the host saw every raise EOI'd, the line low
     je 2b
     mov dword ptr [{COUNT_SETTLED}], ebx
-    mov ecx, {SETTLE_LOOPS}
-3:  dec ecx
-    jnz 3b
-    cli
-    mov dword ptr [{COUNT}], ebx
-    out {CHECKPOINT}, al
-4:  hlt
-    jmp 4b
-common:
-    push rax
-    mov rax, [rsp + 8]
-    cmp eax, {VECTOR}
-    jne 6f
-    inc ebx
-    cmp ebx, {last}
+""", f"""    cmp ebx, {last}
     jb 5f
     mov eax, dword ptr [{ISR_POINTER}]
     movzx eax, byte ptr [rax]                    # reading the ISR lowers the line
     cmp ebx, {last}
     jne 5f
     mov dword ptr [{SEEN_ISR}], eax              # what the first read found
-5:  mov eax, 0xfee000b0
-    mov dword ptr [rax], 0                       # EOI
-    pop rax
-    add rsp, 16
-    iretq
-6:  mov dword ptr [{COUNT}], eax                 # an unexpected vector: report it
-    out {CHECKPOINT}, al
-    cli
-    hlt
-""" + IDT_STUBS
-    return build_guest(src, "long")
+""", COUNT)
 
 
 def test_intx_goes_through_a_resampling_irqfd_and_is_level():
@@ -99,17 +60,9 @@ def test_intx_goes_through_a_resampling_irqfd_and_is_level():
         assert gsi == intx_gsi(next(s for s, f in m.devices["pci_host"].functions.items() if f is fn))
         m.memory.write(CODE, guest(gsi))
         m.memory.write_u32(ISR_POINTER, base + ISR_OFFSET)
-
-        def settle() -> None:   # tell the guest once the ISR was read and every raise EOI'd
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not (
-                    m.memory.read_u32(SEEN_ISR) and intx.line.level == 0 and intx.resamples == intx.raised):
-                time.sleep(0.005)
-            m.memory.write_u32(SETTLED, 1)
-        helper = threading.Thread(target=settle, daemon=True)
-        helper.start()
-        run_until_stop(m, 90)
-        helper.join(5)
+        # tell the guest once the ISR was read and every raise EOI'd
+        run_with_cue(m, lambda: bool(m.memory.read_u32(SEEN_ISR) and intx.line.level == 0
+                                     and intx.resamples == intx.raised), SETTLED, 60, 90)
         assert m.stop_status.detail == "checkpoint", m.stop_status
         assert m.memory.read_u16(USED + 2) == 1                   # the rng request was served
         assert m.memory.read_u32(SEEN_ISR) == 1                   # ISR_QUEUE, still set after two EOIs

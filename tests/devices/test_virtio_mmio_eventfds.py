@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
-import time
 
 import pytest
 
@@ -29,19 +27,16 @@ from pyvmm.devices.virtio.transport.mmio import (INT_USED, R_INTERRUPT_ACK, R_IN
 from pyvmm.engines.kvm import abi
 from pyvmm.migrate import switch_engine
 
-from ..modeguests import CODE, IDT_STUBS, boot_for, idt_setup
-from ..rawguest import build_guest, require_kvm, run_until_stop
+from ..modeguests import CODE, boot_for
+from ..rawguest import require_kvm, run_until_stop
+from .ioapicguest import CHECKPOINT, EDGE, VECTOR, ioapic_guest, run_with_cue
 from .test_virtio_kvm_eventfds import Checkpoint
 
 pytestmark = pytest.mark.kvm
 
-CHECKPOINT = 0xE0
-IDT = 0x180000
-VECTOR = 0x41
 COUNT, STATUS_SEEN, UNMASK = 0x200000, 0x200008, 0x200010
 PULSE_LANDS_S = 0.05           # an irqfd write reaches the IOAPIC from a kernel worker: let it
 DESC, AVAIL, USED, BUF = 0x400000, 0x401000, 0x402000, 0x403000
-SETTLE_LOOPS = 300000          # interrupts-on time after the first for a wrong second one
 
 
 def kicks(irq: int, masked_first: bool) -> str:
@@ -71,52 +66,19 @@ def kicks(irq: int, masked_first: bool) -> str:
 
 
 def guest(irq: int, masked_first: bool = False) -> bytes:
-    src = ".intel_syntax noprefix\n    cli\n" + idt_setup(IDT) + f"""
-    mov al, 0xff; out 0x21, al; out 0xa1, al     # the PICs masked: only the IOAPIC speaks
-    mov esi, 0xfee00000
-    mov dword ptr [rsi + 0xf0], 0x1ff            # local APIC on
-    mov edi, 0xfec00000
-    mov dword ptr [rdi], {0x10 + 2 * irq}
-    mov dword ptr [rdi + 0x10], {VECTOR}         # edge, active high, unmasked
-    mov dword ptr [rdi], {0x11 + 2 * irq}
-    mov dword ptr [rdi + 0x10], 0                # to APIC 0
-    xor ebx, ebx
-    sti
-""" + kicks(irq, masked_first) + f"""
+    """Kicks, waits for the first interrupt, then settles (ioapicguest);
+    the handler reads the interrupt status and ACKs it."""
+    return ioapic_guest(irq, EDGE, kicks(irq, masked_first) + """
 1:  cmp ebx, 1
     jb 1b
-    mov ecx, {SETTLE_LOOPS}
-2:  dec ecx
-    jnz 2b
-    cli
-    mov dword ptr [{COUNT}], ebx
-    out {CHECKPOINT}, al
-3:  hlt
-    jmp 3b
-common:
-    push rax
-    mov rax, [rsp + 8]
-    cmp eax, {VECTOR}
-    jne 6f
-    inc ebx
-    push rdx
+""", f"""    push rdx
     mov edx, {MMIO_BASE + R_INTERRUPT_STATUS}
     mov eax, dword ptr [rdx]
     mov dword ptr [{STATUS_SEEN}], eax
     mov edx, {MMIO_BASE + R_INTERRUPT_ACK}
     mov dword ptr [rdx], eax
     pop rdx
-    mov eax, 0xfee000b0
-    mov dword ptr [rax], 0                       # EOI
-    pop rax
-    add rsp, 16
-    iretq
-6:  mov dword ptr [{COUNT}], eax                 # an unexpected vector: report it
-    out {CHECKPOINT}, al
-    cli
-    hlt
-""" + IDT_STUBS
-    return build_guest(src, "long")
+""", COUNT)
 
 
 def mmio_machine():
@@ -183,17 +145,8 @@ def test_a_pulse_into_a_masked_pin_does_not_silence_the_later_ones():
         set_up_queue(m)
         m.memory.write(CODE, guest(MMIO_IRQS[0], masked_first=True))
         [wire] = m.intx_irqfds
-
-        def unmask_once_pulsed() -> None:
-            deadline = time.monotonic() + 20
-            while wire.raised < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(PULSE_LANDS_S)
-            m.memory.write_u32(UNMASK, 1)
-        helper = threading.Thread(target=unmask_once_pulsed, daemon=True)
-        helper.start()
-        run_until_stop(m, 20)
-        helper.join(5)
+        # unmask once the first pulse went into KVM
+        run_with_cue(m, lambda: wire.raised >= 1, UNMASK, 20, 20, lands_s=PULSE_LANDS_S)
         assert m.stop_status.detail == "checkpoint", m.stop_status
         assert m.memory.read_u16(USED + 2) == 2 and m.memory.read_u32(COUNT) == 1
         assert m.engine.irq_injections == 0 and wire.raised == 2

@@ -29,6 +29,28 @@ def _wait_status(qmp: QmpClient, status: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+async def _drain_events_and_quit(client) -> list[dict]:
+    """The events a qemu.qmp client holds, then quit, the destination
+    closing the connection as it exits."""
+    events = []
+    while not client.events.empty():
+        events.append(await client.events.get())
+    await client.execute("quit")
+    try:
+        await client.disconnect()
+    except EOFError:
+        pass
+    return events
+
+
+def _deferred_destination(vms, tmp_path) -> tuple[object, str]:
+    """A `--incoming defer` destination waiting for migrate-incoming, and its QMP socket."""
+    dsock = str(tmp_path / "dst.qmp")
+    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
+    dst.wait_stderr(b"waiting for migrate-incoming")
+    return dst, dsock
+
+
 def _source(vms, tmp_path) -> tuple[object, QmpClient]:
     qsock = str(tmp_path / "src.qmp")
     src = vms(False, "--qmp", f"unix:{qsock},server,wait=off")
@@ -53,9 +75,7 @@ def test_defer_waits_inmigrate_until_migrate_incoming(vms, tmp_path):
     src, sq = _source(vms, tmp_path)
     with pytest.raises(QmpError, match="'-incoming' was not specified on the command line"):
         sq.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/never.sock"})
-    dsock = str(tmp_path / "dst.qmp")
-    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
-    dst.wait_stderr(b"waiting for migrate-incoming")
+    dst, dsock = _deferred_destination(vms, tmp_path)
     dq = QmpClient(dsock)
     t = time.monotonic()
     assert dq.execute("query-status") == {"status": "inmigrate", "running": False, "singlestep": False}
@@ -101,9 +121,7 @@ def test_defer_with_qemu_qmp_client_and_channels(vms, tmp_path):
     from qemu.qmp import ExecuteError, QMPClient
 
     src, sq = _source(vms, tmp_path)
-    dsock = str(tmp_path / "dst.qmp")
-    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
-    dst.wait_stderr(b"waiting for migrate-incoming")
+    dst, dsock = _deferred_destination(vms, tmp_path)
     port = free_tcp_port()
     events: list[dict] = []
 
@@ -120,13 +138,7 @@ def test_defer_with_qemu_qmp_client_and_channels(vms, tmp_path):
                                                          f"tcp:127.0.0.1:{port}")
         while (await client.execute("query-status"))["status"] != "running":
             await asyncio.sleep(0.05)
-        while not client.events.empty():
-            events.append(await client.events.get())
-        await client.execute("quit")
-        try:
-            await client.disconnect()
-        except EOFError:
-            pass
+        events.extend(await _drain_events_and_quit(client))
 
     asyncio.run(asyncio.wait_for(session(), 300))
     assert [e["data"]["status"] for e in events if e["event"] == "MIGRATION"] == ["setup", "active", "completed"]
@@ -150,9 +162,7 @@ def test_incoming_uri_refuses_migrate_incoming(vms, tmp_path):
 
 
 def test_quit_while_waiting_and_defer_without_qmp(vms, tmp_path):
-    dsock = str(tmp_path / "dst.qmp")
-    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
-    dst.wait_stderr(b"waiting for migrate-incoming")
+    dst, dsock = _deferred_destination(vms, tmp_path)
     dq = QmpClient(dsock)
     dq.execute("quit")
     assert dst.proc.wait(30) == 0
@@ -167,9 +177,7 @@ def test_quit_while_waiting_and_defer_without_qmp(vms, tmp_path):
 
 @pytest.mark.parametrize("exit_on_error", [{}, {"exit-on-error": True}], ids=["default", "exit-on-error"])
 def test_defer_refuses_a_corrupt_stream_in_one_line(vms, tmp_path, exit_on_error):
-    dsock = str(tmp_path / "dst.qmp")
-    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
-    dst.wait_stderr(b"waiting for migrate-incoming")
+    dst, dsock = _deferred_destination(vms, tmp_path)
     dq = QmpClient(dsock)
     path = str(tmp_path / "junk.sock")
     dq.execute("migrate-incoming", {"uri": f"unix:{path}", **exit_on_error})

@@ -24,6 +24,7 @@ from pyvmm.migration import stream
 
 from tests.api.counterguest import counts
 from tests.hostfacts import require_from_setup
+from tests.migration.test_incoming_defer import _deferred_destination, _drain_events_and_quit
 from tests.migration.test_live import _wait_done, vms  # noqa: F401  (fixture)
 
 WAITING = {"status": "inmigrate", "running": False, "singlestep": False}
@@ -49,9 +50,7 @@ def test_exit_on_error_false_keeps_the_destination_up_until_quit(vms, tmp_path):
     require_from_setup(modules=["qemu.qmp"], package="the .[test] extras")
     from qemu.qmp import ExecuteError, QMPClient
 
-    dsock = str(tmp_path / "dst.qmp")
-    dst = vms(False, "--incoming", "defer", "--qmp", f"unix:{dsock},server,wait=off")
-    dst.wait_stderr(b"waiting for migrate-incoming")
+    dst, dsock = _deferred_destination(vms, tmp_path)
     path = str(tmp_path / "junk.sock")
     events: list[dict] = []
 
@@ -85,13 +84,7 @@ def test_exit_on_error_false_keeps_the_destination_up_until_quit(vms, tmp_path):
         assert await hmp_status() == WAITING_HMP
         with pytest.raises(ExecuteError, match="The incoming migration has already been started"):
             await client.execute("migrate-incoming", {"uri": f"unix:{path}.2"})     # QEMU: once only
-        while not client.events.empty():
-            events.append(await client.events.get())
-        await client.execute("quit")
-        try:
-            await client.disconnect()
-        except EOFError:
-            pass
+        events.extend(await _drain_events_and_quit(client))
 
     asyncio.run(asyncio.wait_for(session(), 120))
     assert [e["data"]["status"] for e in events if e["event"] == "MIGRATION"] == ["setup", "active", "failed"]
