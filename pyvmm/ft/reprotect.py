@@ -13,7 +13,9 @@ and failover work as for a pair started together.
 
 Console input always enters through a Recorder (an "alone" one, which logs
 nothing, while unprotected), so no byte reaches the guest between the
-state being taken and the log starting."""
+state being taken and the log starting.  Virtio disks and NICs are first
+brought to a point with nothing in flight (seedpoint.py); the frames held
+meanwhile go to the new Recorder."""
 
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ from ..migration.sender import Migration, Parameters
 from ..migration.uri import MigrationError
 from . import channel as C
 from . import log as L
-from . import virtio as V
 from .commit import Writer
 from .failover import ALONE, PRIMARY, FtLock
 from .record import Recorder, position
+from .seedpoint import SeedPoint
 from .setup import CONSOLE_UART, attach_primary, guest_fields
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ def why_not(machine) -> str | None:
     """Why `machine` cannot seed a backup, or None."""
     if machine.engine.name != "bt" or not machine.config.deterministic:
         return "re-protection needs a guest under --ft (bt, deterministic time)"
-    if V.virtio_devices(machine):
-        return "re-protection of a guest with virtio disks or NICs is not supported yet"
     return None
 
 
@@ -85,8 +85,9 @@ class Reprotector:
     seeds a backup that dialled in. Console input goes through typed()."""
 
     def __init__(self, machine, recorder: Recorder, channel: str, lock: FtLock, writer: Writer, wall_ns: int,
-                 say=lambda text: None):
+                 say=lambda text: None, config=None):
         self.machine = machine
+        self.config = config            # as given: the builder adds to machine.config (mmio cmdline, ...)
         self.recorder = recorder
         self.link: C.PrimaryLink | None = None
         self.old_links: list[C.PrimaryLink] = []
@@ -162,10 +163,19 @@ class Reprotector:
             sock.close()
             self.say(f"a new backup dialled in and was refused: {why}")
             return
+        old = self.recorder
+        point = SeedPoint(m, old)
+        try:
+            point.hold()                # nothing in flight in the state sent
+        except VmmError as e:
+            point.abandon()
+            _send_quietly(sock, L.header() + L.refuse(f"the virtio devices did not settle: {e}"))
+            sock.close()
+            self.say(f"seeding a new backup failed: {e}")
+            return
         pos = position(m.engine)
         seed = random.SystemRandom().getrandbits(63)
-        old = self.recorder
-        doc = {"config": guest_fields(m.config), "wall_ns": self.wall_ns, "seed": seed,
+        doc = {"config": guest_fields(self.config or m.config), "wall_ns": self.wall_ns, "seed": seed,
                "cpus": cpu_extras(m), "console": old.commit.offset}
         self.lock.mark(PRIMARY)         # before the backup can hold a log: it may go live on it
         stopped_at = time.monotonic()
@@ -179,12 +189,16 @@ class Reprotector:
                 raise VmmError(mig.error or mig.status)
         except (OSError, VmmError) as e:
             self.lock.mark(ALONE)
+            point.abandon()
             sock.close()
             self.say(f"seeding a new backup failed: {e}")
             return
         _send_timeout(sock, 0)
         link = C.PrimaryLink(sock)
-        rec = attach_primary(m, self.wall_ns, seed, link.send, self.writer, console_offset=old.commit.offset)
+        with m.lock:                    # no frame from the network between the two
+            rec = attach_primary(m, self.wall_ns, seed, link.send, self.writer, console_offset=old.commit.offset)
+            point.release(rec)          # held frames: delivered and logged at the next round
+        m.engine.ft = self              # attach_primary made the recorder the round top's: it is ours
         rec.executed = pos[0]          # the backup starts here: no lag wait for its first ACK
         rec.on_alone = self.lost
         link.start(rec)

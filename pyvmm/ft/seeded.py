@@ -15,6 +15,7 @@ from ..errors import ConfigError, VmmError
 from ..migration.receiver import load_stream
 from . import channel as C
 from . import log as L
+from . import virtio as V
 from .setup import check_same_guest, guest_fields
 
 
@@ -54,6 +55,7 @@ def receive(sock: socket.socket, cfg: VmConfig, write_console) -> Seed:
         raise ConfigError(f"--ft-seed: the live VM has {len(doc['cpus'])} vCPU(s), this one {cfg.cpus}")
     machine = build_machine(cfg, write_console)
     try:
+        V.mute_nics(machine)        # the live member's guest gets the network's frames, through the log
         f = sock.makefile("rb", buffering=0)    # unbuffered: the FT log follows the stream on this socket
         try:
             load_stream(machine, f, answer=sock.sendall)

@@ -96,7 +96,7 @@ def _primary(cfg: VmConfig, console, link: C.PrimaryLink, lock: FtLock, channel:
         raise
     try:
         rec = attach_primary(machine, wall_ns, seed, link.send, write)
-        guard = Reprotector(machine, rec, channel, lock, write, wall_ns, _say)
+        guard = Reprotector(machine, rec, channel, lock, write, wall_ns, _say, cfg)
         guard.link = link
         rec.on_alone = guard.lost       # fence the backup off, then look for a new one
         link.start(rec)
@@ -151,7 +151,8 @@ def run_backup(cfg: VmConfig, console, channel: str, lock_path: str | None = Non
                 return
             rep.commit.go_live()
             backup_go_live(machine, rep)
-            live = Reprotector(machine, alone_recorder(machine, rep.commit), channel, lock, write, wall_ns, _say)
+            live = Reprotector(machine, alone_recorder(machine, rep.commit), channel, lock, write, wall_ns, _say,
+                              cfg)
             guard.append(live)
             machine.engine.ft = live
             console.start(live.typed, lambda: machine.request_stop(StopReason.USER, "user quit"), machine.loop)

@@ -85,6 +85,8 @@ class PrimaryNet:
         self.name, self.dev = name, dev
         self.commit = ItemCommit(lambda index, frame: self.port.send(frame), HOLD)
         self.port = dev.port
+        while isinstance(self.port, _HeldPort):     # re-protected: the old member let all its frames out
+            self.port = self.port.port
         dev.port = _HeldPort(self.port, self.commit)
         dev.rx_hook = lambda frame: incoming(self, frame)
 
@@ -143,6 +145,14 @@ class BackupNet:
         self.dev.rx_hook = None
 
 
+def mute_nics(machine) -> None:
+    """A new backup, before its log starts: frames from its port stay out of the guest."""
+    with machine.lock:
+        for _, dev in virtio_devices(machine):
+            if isinstance(dev, VirtioNet):
+                dev.rx_hook = lambda frame: None
+
+
 def announce_live(machine) -> None:
     """The new live member tells the switches where the MAC is now."""
     from ..migration.announce import announce_in_background
@@ -154,5 +164,5 @@ def held_item_commits(members) -> list[ItemCommit]:
     return [m.commit for m in members if isinstance(m, (PrimaryNet, BackupNet))]
 
 
-__all__ = ["PrimaryBlock", "PrimaryNet", "BackupBlock", "BackupNet", "virtio_devices", "announce_live",
+__all__ = ["PrimaryBlock", "PrimaryNet", "BackupBlock", "BackupNet", "virtio_devices", "mute_nics", "announce_live",
            "held_item_commits"]
