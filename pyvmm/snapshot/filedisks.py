@@ -100,6 +100,8 @@ def check(machine: "Machine", records: list[dict], path: str) -> list[tuple[Driv
         if fmt != r["format"]:
             raise VmStateError(f"{path}: drive '{r['id']}' was {r['format']} when saved, it is {fmt} now")
         if "tag" in r:
+            if d.readonly:
+                raise VmStateError(f"{path}: drive '{r['id']}' is read-only here and cannot go back to the snapshot")
             if _find(d.image, r["tag"]) is None:
                 raise VmStateError(f"{path}: drive '{r['id']}' has no internal snapshot '{r['tag']}' "
                                    f"(deleted, or another image)")

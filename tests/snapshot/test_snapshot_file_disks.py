@@ -144,3 +144,20 @@ def test_malformed_disk_records_are_refused_in_one_line(tmp_path, vms, monkeypat
     vm.qmp("x-snapshot-file-save", path=snap)
     with pytest.raises(CommandError, match="disk records are malformed"):
         vm.qmp("x-snapshot-file-load", path=snap)
+
+
+def test_a_drive_read_only_at_restore_is_refused_before_anything_changes(tmp_path, vms):
+    from pyvmm.snapshot.vmstate import VmStateError
+    image, snap = str(tmp_path / "d.qcow2"), str(tmp_path / "s.snap")
+    create_image(image, "qcow2", 1 << 20)
+    vm = vms("bt", [DriveConfig(file=image, format="qcow2", id="disk0")])
+    vm.wait_counts(1)
+    vm.qmp("stop")
+    vm.qmp("x-snapshot-file-save", path=snap)
+    vm.close()
+    fresh = vms("bt", [DriveConfig(file=image, format="qcow2", id="disk0", readonly=True)])
+    fresh.qmp("stop")
+    now = fresh.counter()
+    with pytest.raises(VmStateError, match="read-only here"):
+        snapfile.load_file(fresh.machine, snap)
+    assert fresh.counter() == now
