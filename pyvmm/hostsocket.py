@@ -21,10 +21,29 @@ def listen_on(kind: str, address: str, port: int = 0, backlog: int = 1) -> socke
         family, _, _, _, target = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if kind != "unix":
+        try:
+            sock.bind(target)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    # The path appears only once the socket listens: bound at a temporary
+    # name and renamed into place, so a client that waits for the file
+    # (tests, scripts) is never refused between bind() and listen().
+    staging = os.path.join(os.path.dirname(address) or ".", f".{os.path.basename(address)}.{os.getpid()}")
     try:
-        sock.bind(target)
+        if os.path.exists(staging):
+            os.unlink(staging)
+        sock.bind(staging)
         sock.listen(backlog)
+        os.rename(staging, address)
     except OSError:
         sock.close()
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
         raise
     return sock
