@@ -14,7 +14,6 @@ import pytest
 
 from tests.hostfacts import require_from_setup
 
-from .guest import kernel
 from .members import GUEST_OPTS, Pair
 
 require_from_setup(programs=["as"], package="binutils")
@@ -22,16 +21,7 @@ require_from_setup(programs=["as"], package="binutils")
 SEED_WAIT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def guest() -> str:
-    return str(kernel())
-
-
-def _check_console(pair: Pair, typed: bytes) -> None:
-    text = pair.text()
-    assert b"\0" not in text, "a gap in the console stream"
-    assert pair.echoes() == typed + b"q"
-    assert text.endswith(b"N=%08X\n" % (len(typed) + 1))
+from .test_failover import _check_console, guest  # noqa: F401  (guest: the module's fixture)
 
 
 def _cmd(guest: str, pair: Pair, *extra: str) -> list[str]:
