@@ -106,12 +106,18 @@ def test_primary_killed_during_disk_and_network_io(guest, tmp_path, monkeypatch)
     finally:
         pair.close()
         switch.stop()
+    check_echoes_and_disk(echoed, disk)
+    assert announced, "the backup did not announce the MAC (RARP) when it went live"
+    assert failover < 1.0, f"failover took {failover:.2f} s"
+    print(f"killed {delay * 1000:.0f} ms into frame {kill_at}; failover {failover * 1000:.0f} ms; exchanges (ms) {took_ms}; {live}")
+
+
+def check_echoes_and_disk(echoed: dict, disk) -> None:
+    """Every echo read back what its frame wrote after the previous one,
+    and the image holds each acknowledged write."""
     for k, (verdict, before) in echoed.items():
         assert verdict == "G", f"frame {k}: the guest read back something else than it wrote"
         assert before == (k - 1 if k else 0), f"frame {k}: sector {k} holds {before}, not {k - 1}"
     image = disk.read_bytes()
     for k in echoed:      # every echo vouches for its completed write
         assert image[(k + 1) * 512:(k + 2) * 512] == struct.pack("<I", k) * 128, f"sector {k + 1} lost"
-    assert announced, "the backup did not announce the MAC (RARP) when it went live"
-    assert failover < 1.0, f"failover took {failover:.2f} s"
-    print(f"killed {delay * 1000:.0f} ms into frame {kill_at}; failover {failover * 1000:.0f} ms; exchanges (ms) {took_ms}; {live}")

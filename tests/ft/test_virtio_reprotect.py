@@ -21,7 +21,7 @@ from tests.hostfacts import require_from_setup
 from tests.net.switch_helpers import SwitchProcess, eth
 
 from .members import GUEST_OPTS, Pair
-from .test_virtio_failover import CLIENT_MAC, DISK, ETHERTYPE, GUEST_MAC, KILL_WITHIN_S, _exchange, _note_rarp
+from .test_virtio_failover import CLIENT_MAC, check_echoes_and_disk, DISK, ETHERTYPE, GUEST_MAC, KILL_WITHIN_S, _exchange, _note_rarp
 from .virtio_guest import kernel
 
 require_from_setup(programs=["as"], package="binutils")
@@ -154,12 +154,7 @@ def test_reprotected_during_disk_and_network_io_then_killed(guest, tmp_path, mon
     finally:
         pair.close()
         switch.stop()
-    for k, (verdict, before) in echoed.items():
-        assert verdict == "G", f"frame {k}: the guest read back something else than it wrote"
-        assert before == (k - 1 if k else 0), f"frame {k}: sector {k} holds {before}, not {k - 1}"
-    image = disk.read_bytes()
-    for k in echoed:      # every echo vouches for its completed write
-        assert image[(k + 1) * 512:(k + 2) * 512] == struct.pack("<I", k) * 128, f"sector {k + 1} lost"
+    check_echoes_and_disk(echoed, disk)
     assert announced, "the third member did not announce the MAC (RARP) when it went live"
     assert failover < 1.0, f"failover took {failover:.2f} s"
     print(f"seeded by frame {seeded_at}; killed {delay * 1000:.0f} ms later; failover {failover * 1000:.0f} ms; "
