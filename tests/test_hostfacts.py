@@ -135,3 +135,16 @@ def test_short():
     monkeypatch.setenv("PYVMM_TEST_OPT_IN", value)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(**outcomes)
+
+
+def test_the_slow_file_order_names_slow_files_that_exist():
+    """tests/conftest.py's SLOW_FILE_ORDER: a renamed or no longer slow file
+    would silently fall out of the order CI's schedule was measured with."""
+    from pathlib import Path
+
+    from tests.conftest import SLOW_FILE_ORDER
+    repo = Path(__file__).resolve().parent.parent
+    assert len(set(SLOW_FILE_ORDER)) == len(SLOW_FILE_ORDER)
+    for name in SLOW_FILE_ORDER:
+        text = (repo / name).read_text()
+        assert "pytest.mark.slow" in text, f"{name} has no slow test"
