@@ -18,7 +18,7 @@ from ..errors import ConfigError
 def add_cache_parser(sub) -> None:
     p = sub.add_parser("cache", help="show or clear the bt translated-block store",
                        description="Show (the default) or clear the store of translated blocks that bt keeps "
-                                   "between runs. Its cap is $PYVMM_BT_CACHE_MAX (default 256M); the least "
+                                   "between runs. Its cap is $PYVMM_BT_CACHE_MAX (default 1G); the least "
                                    "recently used blocks are evicted past it.")
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
     p.add_argument("--json", action="store_true", help="show: print JSON")

@@ -117,7 +117,7 @@ def _add_run_parser(sub) -> None:
                    help="bt: translate every block afresh, keeping nothing on disk")
     p.add_argument("--bt-cache-max", metavar="SIZE",
                    help="bt: cap of the block store, least recently used blocks evicted past it "
-                        "(default: $PYVMM_BT_CACHE_MAX, else 256M; `pyvmm cache` shows it)")
+                        "(default: $PYVMM_BT_CACHE_MAX, else 1G; `pyvmm cache` shows it)")
     p.add_argument("--drive", "-drive", action="append", default=[],
                    metavar="file=PATH[,format=raw|qcow2|vmdk][,readonly=on][,id=NAME]"
                            "[,cache=writeback|writethrough|none|directsync|unsafe][,if=none]",

@@ -19,7 +19,7 @@ first block wanted from a group fetches them all with one range query;
 the whole key (compared on load) and the marshalled (next-page bytes or
 None, crosses, module code object).
 
-Size: the store is capped (PYVMM_BT_CACHE_MAX, default 256 MiB) and the
+Size: the store is capped (PYVMM_BT_CACHE_MAX, default 1 GiB) and the
 least recently used groups go first.  Last use is kept per group, not per
 row, and written by the writer thread in batches, so a lookup never writes.
 The file is never memory-mapped and never read whole at open: only the
@@ -54,7 +54,11 @@ from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 256 << 20   # the cap when PYVMM_BT_CACHE_MAX is not set
+# The cap when PYVMM_BT_CACHE_MAX is not set.  One boot of Debian's stock
+# kernel to a shell under bt stores ~42k blocks, ~180 MiB (measured); at
+# 256 MiB that kernel, the fitted one and the firmware did not fit together,
+# and each boot of one evicted the other's blocks, to translate them again.
+DEFAULT_MAX_BYTES = 1 << 30
 MAX_ENV = "PYVMM_BT_CACHE_MAX"
 _LOW_WATER = 0.75            # eviction frees down to this share of the cap, so it runs seldom
 _BATCH = 256                 # new blocks written per transaction
