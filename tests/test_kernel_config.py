@@ -53,9 +53,9 @@ def test_render_is_config_syntax():
 
 def test_fitted_fragment_covers_pyvmm_hardware():
     for sym in ("64BIT", "SMP", "SERIAL_8250_CONSOLE", "SERIO_I8042", "RTC_DRV_CMOS",
-                "VIRTIO_MMIO_CMDLINE_DEVICES", "VIRTIO_BLK", "VIRTIO_NET", "VIRTIO_CONSOLE",
+                "VIRTIO_MMIO_CMDLINE_DEVICES", "PCI_MSI", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET", "VIRTIO_CONSOLE",
                 "HW_RANDOM_VIRTIO", "KVM_GUEST", "BLK_DEV_INITRD", "RD_GZIP", "KERNEL_LZ4",
-                "BINFMT_SCRIPT", "DEVTMPFS_MOUNT"):
+                "BINFMT_SCRIPT", "DEVTMPFS_MOUNT", "PROC_SYSCTL", "POSIX_TIMERS"):
         assert FITTED[sym] == "y", sym
     assert not set(FITTED) & set(FORBIDDEN)
 

@@ -29,6 +29,8 @@ CORE: Fragment = {
     "RD_GZIP": "y",                # pyvmm's initramfs is gzip
     "KERNEL_LZ4": "y",             # fastest payload for pyvmm's host decompression
     "PROC_FS": "y",
+    "PROC_SYSCTL": "y",            # /proc/sys (vm.drop_caches, net.*): tinyconfig's EXPERT leaves it out
+    "POSIX_TIMERS": "y",           # alarm() and setitimer(): busybox ping paces its echoes with them
     "SYSFS": "y",
     "DEVTMPFS": "y",
     "DEVTMPFS_MOUNT": "y",
@@ -74,10 +76,13 @@ PARAVIRT: Fragment = {
     "PVH": "y",
 }
 
+# virtio over PCI (pyvmm's default transport: MSI-X per queue) and over
 # virtio-mmio devices declared on the kernel command line
 # (virtio_mmio.device=<size>@<base>:<irq>), and the drivers pyvmm offers.
 VIRTIO: Fragment = {
     "VIRTIO_MENU": "y",
+    "PCI_MSI": "y",
+    "VIRTIO_PCI": "y",
     "VIRTIO_MMIO": "y",
     "VIRTIO_MMIO_CMDLINE_DEVICES": "y",
     "BLOCK": "y",
