@@ -10,19 +10,18 @@ emulates guest kernel mode, where Linux user space cannot run) skips.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from pyvmm.boot.bzimage import parse_bzimage
 from pyvmm.guest.initramfs import READY_MARKER, ensure_default_initramfs
-from pyvmm.kernel.build import IMAGE_PATH, build_kernel
-from pyvmm.kernel.config import ToolchainError, read_config, require_tools
-from pyvmm.kernel.fragment import FITTED, FragmentRequest
+from pyvmm.kernel.build import IMAGE_PATH
+from pyvmm.kernel.config import read_config
+from pyvmm.kernel.fragment import FITTED
 from pyvmm.kernel.pretranslate import pretranslate
-from pyvmm.kernel.source import default_build_dir, resolve_source
 from tests.guest_session import GuestSession
-from tests.hostfacts import missing_from_setup, require_from_setup, require_hardware_assist
+from tests.fitted_kernel import build_fitted
+from tests.hostfacts import require_hardware_assist
 
 pytestmark = pytest.mark.slow
 
@@ -31,18 +30,8 @@ BOOT_TIMEOUT = {"hw": 180.0, "bt": 300.0}
 
 @pytest.fixture(scope="module")
 def built():
-    require_from_setup(paths=["/usr/src/linux-source-*.tar.*"], package="linux-source")
-    try:
-        require_tools()
-    except ToolchainError as e:
-        missing_from_setup(str(e))
-    tree = resolve_source()
-    build_dir = default_build_dir(tree)
     lines: list[str] = []
-    # FragmentRequest(): always the fitted config, even if a user reconfigured
-    # the cached build directory; unchanged options rebuild nothing.
-    result = build_kernel(tree, build_dir, jobs=os.cpu_count() or 2, progress=lines.append,
-                          request=FragmentRequest())
+    result, build_dir = build_fitted(progress=lines.append)    # tests/fitted_kernel.py: one build at a time
     return result, build_dir, lines
 
 

@@ -3,8 +3,10 @@ disk writes across live migrations both ways between bt and hybrid
 (issue 20, part 3) and across snapshot, kill -9 and restore under the same
 engine and under the other one (issue 19, part 5), all on one boot.
 
-The stock kernel boots under bt on a `pyvmm switch` whose TAP uplink sits
-in a network namespace the test makes (tests/linux_echo.py).  The guest
+The fitted kernel (tests/linux_echo.py's kernel_args: the subject here is
+the VM's state, not the stock kernel's boot) boots under bt on a `pyvmm
+switch` whose TAP uplink sits in a network namespace the test makes
+(tests/linux_echo.py).  The guest
 serves TCP echo to a client in that namespace, which streams numbered
 lines and checks every byte that comes back, and counts in a loop that
 writes one record per count to its raw disk.  While all three run:
