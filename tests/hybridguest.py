@@ -134,13 +134,18 @@ def hybrid_guest() -> bytes:
                                      ticks_wanted=TICKS_WANTED), "long")
 
 
+# The TSC the guest kernel writes: one the host's own TSC cannot be near
+# (1 << 60 cycles is ~15 years at 2.5 GHz; 1 << 44, used before, is the
+# host's TSC about 2 hours after it boots, and a CI run met it there).
+GUEST_TSC = 1 << 60
+
 RDTSC_SOURCE = """
 .intel_syntax noprefix
     mov ecx, 0xc0000080; rdmsr; or eax, 1; wrmsr
     mov ecx, 0xc0000081; xor eax, eax; mov edx, 0x00100008; wrmsr
     mov ecx, 0xc0000082; mov eax, OFFSET sys_entry; xor edx, edx; wrmsr
     mov ecx, 0xc0000084; mov eax, 0x200; xor edx, edx; wrmsr
-    mov ecx, 0x10; xor eax, eax; mov edx, 0x1000; wrmsr      /* TSC := 1 << 44 */
+    mov ecx, 0x10; xor eax, eax; mov edx, {tsc_high:#x}; wrmsr      /* TSC := GUEST_TSC */
 """ + enter_user() + """sys_entry:
     cli
     hlt
@@ -162,8 +167,8 @@ user:
 
 def rdtsc_guest() -> bytes:
     """User code reads the TSC twice around a loop, after the kernel set it
-    to 1 << 44 (R12, R13): the values must be the guest's TSC, not the host's."""
-    return build_guest(RDTSC_SOURCE.format(ustack=USTACK), "long")
+    to GUEST_TSC (R12, R13): the values must be the guest's TSC, not the host's."""
+    return build_guest(RDTSC_SOURCE.format(ustack=USTACK, tsc_high=GUEST_TSC >> 32), "long")
 
 
 

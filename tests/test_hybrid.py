@@ -132,7 +132,7 @@ def test_user_rdtsc_reads_the_guest_tsc_where_kvm_honours_tsd():
     assert status.reason is StopReason.HALTED, status
     first, second = st.regs["r12"], st.regs["r13"]
     assert first < second
-    near_guest_tsc = 1 << 44 <= first < (1 << 44) + (1 << 40)
+    near_guest_tsc = hg.GUEST_TSC <= first < hg.GUEST_TSC + (1 << 40)
     if hostfit.kernel_mode_emulated():
         assert not near_guest_tsc and "trap" not in stats["user_exits"]
     else:
