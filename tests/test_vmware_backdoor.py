@@ -8,12 +8,10 @@ docs/vmware-backdoor.md).
   "info-get" on both engines; a CPL3 guest with IOPL 0 reaches the
   backdoor under bt only when it is on (otherwise #GP, as for any port);
 * a Linux guest under bt running Debian's vmware-rpctool from the
-  open-vm-tools package (slow: one boot of the fitted kernel when it is
-  cached, else of the stock kernel): log, info-get, info-set, poweroff."""
+  open-vm-tools package (slow: one boot of the fitted kernel):
+  log, info-get, info-set, poweroff."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -24,7 +22,8 @@ from pyvmm.devices.vmware_backdoor import MAGIC, PORT, VmwareBackdoor
 from pyvmm.errors import ConfigError
 from pyvmm.machine import StopReason
 
-from .hostfacts import require_debian_cloud_kernel, require_from_setup
+from .fitted_kernel import fitted_kernel
+from .hostfacts import require_from_setup
 from .modeguests import USTACK, boot_for
 from .rawguest import build_guest, require_kvm, run_machine
 
@@ -363,22 +362,6 @@ def test_cpuid_says_vmware_and_keeps_kvm_and_pyvmm_leaves(engine, backdoor):
 # -- Linux with Debian's vmware-rpctool (one bt boot) ------------------------------
 
 LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-STOCK_TIMEOUT = float(os.environ.get("PYVMM_BT_BOOT_TIMEOUT", "5400"))
-
-
-def _fitted_kernel() -> str | None:
-    """The cached fitted bzImage (`pyvmm kernel build`) if its config runs
-    a dynamically linked glibc program (ELF loader, no more is needed:
-    rpctool links only libc, and glibc copes without futex/SysV IPC)."""
-    from pyvmm.kernel.source import cache_dir
-    for image in sorted(cache_dir().glob("build-*/arch/x86/boot/bzImage")):
-        config = image.parents[3] / ".config"
-        try:
-            if "CONFIG_BINFMT_ELF=y" in config.read_text().splitlines():
-                return str(image)
-        except OSError:
-            continue
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -394,13 +377,13 @@ def rpctool_initrd():
 @pytest.mark.slow
 def test_linux_vmware_rpctool_under_bt(rpctool_initrd):
     from .guest_session import GuestSession
-    kernel, timeout = _fitted_kernel(), 900.0
-    if kernel is None:    # the stock kernel: minutes more of translated boot
-        kernel, timeout = require_debian_cloud_kernel(), STOCK_TIMEOUT
-    with GuestSession("run", "--engine", "bt", "--kernel", kernel, "--initrd", rpctool_initrd,
+    # The fitted kernel (tests/fitted_kernel.py) runs a dynamically linked
+    # glibc program: rpctool links only libc, which copes without futex and
+    # SysV IPC.
+    with GuestSession("run", "--engine", "bt", "--kernel", fitted_kernel(), "--initrd", rpctool_initrd,
                       "--append", LINUX_CMDLINE, "--mem", "256M", "--no-reboot", "--verbose",
                       "--vmware-backdoor", "--guestinfo", "color=blue") as g:
-        g.expect("PYVMM-INIT-READY", timeout)
+        g.expect("PYVMM-INIT-READY", 900)
         sent = g.send('vmware-rpctool "log hello-from-guest"; echo RC1=$?\n')
         g.expect(r"RC1=0", 300, after=sent)
         sent = g.send('vmware-rpctool "info-get guestinfo.color"; echo RC2=$?\n')
