@@ -23,8 +23,8 @@ boot takes seconds).  They boot the fitted kernel (tests/fitted_kernel.py,
 virtio-net over PCI built in) with pyvmm's default initramfs: the subject
 here is the switch, and the fitted kernel reaches the shell under bt in
 about a sixth of the stock kernel's time.  The stock kernel's virtio-net
-module is tested in tests/devices/test_virtio_net_linux.py. No traffic leaves the switch's Unix sockets and the
-test's namespace. PYVMM_BT_BOOT_TIMEOUT bounds the boot as in
+module is tested in tests/devices/test_virtio_net_linux.py.  No traffic
+leaves the switch's Unix sockets and the test's namespace. PYVMM_BT_BOOT_TIMEOUT bounds the boot as in
 tests/test_linux_bt.py."""
 
 from __future__ import annotations
